@@ -1,0 +1,46 @@
+/* SPDX-License-Identifier: Apache-2.0
+ * Pieces every deetune probe object shares: the stats map and emit helpers. */
+#ifndef __DEETUNE_COMMON_BPF_H__
+#define __DEETUNE_COMMON_BPF_H__
+
+#include "vmlinux.h"
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_core_read.h>
+#include <bpf/bpf_tracing.h>
+#include "deetune.h"
+
+char LICENSE[] SEC("license") = "GPL";
+
+/* Per-CPU counters, read (and summed) by user space: records emitted and
+ * records lost because the ring buffer was full. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DT_STAT_MAX);
+	__type(key, __u32);
+	__type(value, __u64);
+} dt_stats SEC(".maps");
+
+static __always_inline void dt_count(__u32 stat)
+{
+	__u64 *value = bpf_map_lookup_elem(&dt_stats, &stat);
+	if (value)
+		*value += 1;
+}
+
+/* Copy a finished record into the ring buffer, counting it as emitted or lost. */
+static __always_inline void dt_output(void *ringbuf, void *record, __u64 size)
+{
+	if (bpf_ringbuf_output(ringbuf, record, size, 0) == 0)
+		dt_count(DT_STAT_EMITTED);
+	else
+		dt_count(DT_STAT_LOST);
+}
+
+static __always_inline void dt_fill_header(struct dt_header *hdr, __u32 kind, __u32 pid)
+{
+	hdr->kind = kind;
+	hdr->pid = pid;
+	hdr->ts_ns = bpf_ktime_get_ns();
+}
+
+#endif /* __DEETUNE_COMMON_BPF_H__ */

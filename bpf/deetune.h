@@ -1,0 +1,86 @@
+/* SPDX-License-Identifier: Apache-2.0
+ *
+ * The one truth for records that BPF programs write into ring buffers and
+ * Python reads (deetune/_records.py feeds this file, minus preprocessor
+ * lines, to cffi's cdef).  Rules that keep both sides parsing it:
+ *   - fixed-width types only (__u8 … __u64, __s32), no pointers, no bitfields;
+ *   - sizes as enum constants, not macros;
+ *   - every record starts with struct dt_header; fields ordered so that no
+ *     implicit padding is needed (tests compare sizeof on both sides).
+ */
+#ifndef __DEETUNE_RECORDS_H__
+#define __DEETUNE_RECORDS_H__
+
+enum dt_limits {
+	DT_COMM_LEN = 16,
+	DT_CMDLINE_MAX = 4096,
+};
+
+enum dt_record_kind {
+	DT_REC_EXEC = 1,
+	DT_REC_FORK = 2,
+	DT_REC_EXIT = 3,
+	DT_REC_CONN_OPEN = 10,
+	DT_REC_CONN_CLOSE = 11,
+	DT_REC_CONN_FAILED = 12,
+};
+
+enum dt_role {
+	DT_ROLE_UNKNOWN = 0,
+	DT_ROLE_CLIENT = 1,
+	DT_ROLE_SERVER = 2,
+};
+
+/* Bits of dt_conn_record.flags */
+enum dt_conn_flags {
+	DT_CONN_RESET_RECEIVED = 1,
+	DT_CONN_RESET_SENT = 2,
+	/* The kernel saw no open: the connection predates the agent (or the
+	 * connection table was full); user space fills in from its snapshot. */
+	DT_CONN_OPEN_UNSEEN = 4,
+};
+
+/* Indexes of the per-CPU stats array every probe object has. */
+enum dt_stat {
+	DT_STAT_EMITTED = 0,
+	DT_STAT_LOST = 1,
+	DT_STAT_MAX = 2,
+};
+
+struct dt_header {
+	__u32 kind;           /* enum dt_record_kind */
+	__u32 pid;            /* thread-group id (user-space "pid") */
+	__u64 ts_ns;          /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
+};
+
+struct dt_process_record {
+	struct dt_header hdr;
+	__u32 ppid;
+	__s32 exit_code;      /* DT_REC_EXIT: status as wait(2) encodes it */
+	__u64 cgroup_id;
+	__u32 cmdline_len;    /* bytes of cmdline copied (NUL-separated args) */
+	__u32 cmdline_truncated;
+	char comm[DT_COMM_LEN];
+	char cmdline[DT_CMDLINE_MAX];
+};
+
+struct dt_conn_record {
+	struct dt_header hdr;
+	__u64 sock_id;        /* kernel address of struct sock: unique while open */
+	__u64 open_ts_ns;     /* 0 when the open was not seen */
+	__u64 bytes_sent;     /* tcp_sock.bytes_acked: payload acked by the peer */
+	__u64 bytes_received; /* tcp_sock.bytes_received */
+	__u64 cgroup_id;
+	__u32 retransmits;
+	__s32 error;          /* DT_REC_CONN_FAILED: sk_err (ECONNREFUSED, ETIMEDOUT …) */
+	__u16 family;         /* AF_INET or AF_INET6 */
+	__u16 lport;          /* host byte order */
+	__u16 rport;
+	__u8 role;            /* enum dt_role */
+	__u8 flags;           /* enum dt_conn_flags */
+	__u8 laddr[16];       /* IPv4 in the first 4 bytes */
+	__u8 raddr[16];
+	char comm[DT_COMM_LEN];
+};
+
+#endif /* __DEETUNE_RECORDS_H__ */

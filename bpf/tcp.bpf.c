@@ -1,0 +1,287 @@
+// SPDX-License-Identifier: Apache-2.0
+/* TCP connection lifecycle: active and passive opens, closes with byte counts
+ * and retransmits, failed connects, resets.  Built on sock:inet_sock_set_state
+ * (state machine), tp_btf tcp:* (resets, retransmits) and accept(2) exits
+ * (to attribute passive opens to the accepting process). */
+#include "common.bpf.h"
+
+/* Knobs, set by user space between open and load. 0 means "any". */
+const volatile __u32 targ_tgid = 0;
+const volatile __u16 targ_port = 0;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 22);
+} tcp_events SEC(".maps");
+
+/* What we know of a connection between its open and its close. */
+struct conn_info {
+	__u64 open_ts_ns;
+	__u64 cgroup_id;
+	__u32 pid;
+	__u32 retransmits;
+	__u8 role;
+	__u8 flags;
+	__u8 announced; /* the open record has been emitted */
+	__u8 _pad[5];
+	char comm[DT_COMM_LEN];
+};
+
+/* Keyed by struct sock address. LRU so a missed close can never fill it. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct conn_info);
+} conns SEC(".maps");
+
+static __always_inline bool port_wanted(__u16 lport, __u16 rport)
+{
+	return targ_port == 0 || targ_port == lport || targ_port == rport;
+}
+
+static __always_inline bool pid_wanted(__u32 tgid)
+{
+	return targ_tgid == 0 || targ_tgid == tgid;
+}
+
+/* Addresses and ports from the socket itself: for accept(2), where there is
+ * no tracepoint context. */
+static __always_inline void endpoints_from_sock(struct dt_conn_record *rec, struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	rec->family = family;
+	rec->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	rec->rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET6) {
+		/* Not BPF_CORE_READ_INTO: it reads sizeof(*dst), one byte of an array. */
+		bpf_core_read(rec->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(rec->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+	} else {
+		BPF_CORE_READ_INTO((__u32 *)rec->laddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)rec->raddr, sk, __sk_common.skc_daddr);
+	}
+}
+
+/* From the state-change tracepoint: still right at close, when the socket
+ * has already been unhashed (its skc_num is 0 by then). */
+static __always_inline void endpoints_from_ctx(struct dt_conn_record *rec,
+					       struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	rec->family = ctx->family;
+	rec->lport = ctx->sport;
+	rec->rport = ctx->dport;
+	/* The verifier refuses memcpy from a ctx pointer plus an offset. */
+	if (ctx->family == AF_INET6) {
+		bpf_probe_read_kernel(rec->laddr, 16, ctx->saddr_v6);
+		bpf_probe_read_kernel(rec->raddr, 16, ctx->daddr_v6);
+	} else {
+		bpf_probe_read_kernel(rec->laddr, 4, ctx->saddr);
+		bpf_probe_read_kernel(rec->raddr, 4, ctx->daddr);
+	}
+}
+
+/* Did the peer's FIN arrive?  Told by the state the socket closes from: the
+ * FIN takes one sequence number that bytes_received counts but is no payload. */
+static __always_inline bool fin_received(int oldstate, __u8 flags)
+{
+	if (oldstate == TCP_CLOSE_WAIT || oldstate == TCP_LAST_ACK || oldstate == TCP_CLOSING)
+		return true;
+	/* FIN_WAIT2 -> CLOSE is the move to TIME_WAIT, unless a reset ended it. */
+	return oldstate == TCP_FIN_WAIT2 && !(flags & DT_CONN_RESET_RECEIVED);
+}
+
+static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *sk, __u32 kind,
+				      struct conn_info *info, __s32 error, int oldstate)
+{
+	dt_fill_header(&rec->hdr, kind, info ? info->pid : 0);
+	rec->sock_id = (__u64)sk;
+	if (info) {
+		rec->open_ts_ns = info->open_ts_ns;
+		rec->cgroup_id = info->cgroup_id;
+		rec->role = info->role;
+		rec->flags = info->flags;
+		rec->retransmits = info->retransmits;
+		__builtin_memcpy(rec->comm, info->comm, sizeof(rec->comm));
+	} else {
+		rec->flags = DT_CONN_OPEN_UNSEEN;
+	}
+	if (kind == DT_REC_CONN_CLOSE) {
+		struct tcp_sock *tp = (struct tcp_sock *)sk;
+		/* Payload only: bytes_sent counts retransmitted bytes again, and
+		 * bytes_acked would count SYN and FIN sequence numbers. */
+		rec->bytes_sent = BPF_CORE_READ(tp, bytes_sent) - BPF_CORE_READ(tp, bytes_retrans);
+		rec->bytes_received = BPF_CORE_READ(tp, bytes_received);
+		if (rec->bytes_received && fin_received(oldstate, rec->flags))
+			rec->bytes_received -= 1;
+		if (!info)
+			rec->retransmits = BPF_CORE_READ(tp, total_retrans);
+	}
+	rec->error = error;
+	if (!port_wanted(rec->lport, rec->rport))
+		return;
+	dt_output(&tcp_events, rec, sizeof(*rec));
+}
+
+static __always_inline void remember_current(struct sock *sk, __u8 role)
+{
+	struct conn_info info = {};
+	__u64 key = (__u64)sk;
+	info.open_ts_ns = bpf_ktime_get_ns();
+	info.cgroup_id = bpf_get_current_cgroup_id();
+	info.pid = bpf_get_current_pid_tgid() >> 32;
+	info.role = role;
+	bpf_get_current_comm(info.comm, sizeof(info.comm));
+	bpf_map_update_elem(&conns, &key, &info, BPF_ANY);
+}
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int handle_set_state(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	if (ctx->protocol != IPPROTO_TCP)
+		return 0;
+	struct sock *sk = (struct sock *)ctx->skaddr;
+	__u64 key = (__u64)sk;
+	int oldstate = ctx->oldstate, newstate = ctx->newstate;
+
+	if (newstate == TCP_SYN_SENT) {
+		/* connect(2) runs in the caller's context: the pid is right. */
+		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+		if (pid_wanted(tgid))
+			remember_current(sk, DT_ROLE_CLIENT);
+		return 0;
+	}
+	if (oldstate == TCP_SYN_SENT && newstate == TCP_ESTABLISHED) {
+		struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
+		if (!info)
+			return 0;
+		info->announced = 1;
+		struct dt_conn_record rec = {};
+		endpoints_from_ctx(&rec, ctx);
+		emit_conn(&rec, sk, DT_REC_CONN_OPEN, info, 0, oldstate);
+		return 0;
+	}
+	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
+		/* Softirq context: the pid is whoever was interrupted.  Note the
+		 * time; accept(2) fills in the owner and announces the open. */
+		struct conn_info info = {};
+		info.open_ts_ns = bpf_ktime_get_ns();
+		info.role = DT_ROLE_SERVER;
+		bpf_map_update_elem(&conns, &key, &info, BPF_ANY);
+		return 0;
+	}
+	if (newstate != TCP_CLOSE)
+		return 0;
+
+	struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
+	struct dt_conn_record rec = {};
+	endpoints_from_ctx(&rec, ctx);
+	if (oldstate == TCP_SYN_SENT) {
+		if (info)
+			emit_conn(&rec, sk, DT_REC_CONN_FAILED, info, BPF_CORE_READ(sk, sk_err), oldstate);
+	} else if (oldstate != TCP_LISTEN && oldstate != TCP_SYN_RECV) {
+		if (info) {
+			/* Closed before anyone accepted it, or filtered out by pid. */
+			if (info->pid == 0 && targ_tgid != 0)
+				goto out;
+			if (info->pid != 0 && !pid_wanted(info->pid))
+				goto out;
+		}
+		/* No info: the connection predates the agent; user space knows its
+		 * owner from its start-up snapshot and filters by pid itself. */
+		emit_conn(&rec, sk, DT_REC_CONN_CLOSE, info, 0, oldstate);
+	}
+out:
+	bpf_map_delete_elem(&conns, &key);
+	return 0;
+}
+
+/* accept(2)/accept4(2) returned fd: find its struct sock through the fd table. */
+static __always_inline struct sock *sock_from_fd(int fd)
+{
+	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
+	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
+	if (!fdt || fd < 0 || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
+		return 0;
+	struct file **fds = BPF_CORE_READ(fdt, fd);
+	struct file *file = 0;
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	if (!file)
+		return 0;
+	struct socket *sock = BPF_CORE_READ(file, private_data);
+	if (!sock)
+		return 0;
+	return BPF_CORE_READ(sock, sk);
+}
+
+static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	if (ctx->ret < 0)
+		return 0;
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	struct sock *sk = sock_from_fd(ctx->ret);
+	if (!sk)
+		return 0;
+	__u64 key = (__u64)sk;
+	struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
+	if (!info || info->announced)
+		return 0;
+	if (!pid_wanted(tgid)) {
+		bpf_map_delete_elem(&conns, &key);
+		return 0;
+	}
+	info->pid = tgid;
+	info->cgroup_id = bpf_get_current_cgroup_id();
+	bpf_get_current_comm(info->comm, sizeof(info->comm));
+	info->announced = 1;
+	struct dt_conn_record rec = {};
+	endpoints_from_sock(&rec, sk);
+	emit_conn(&rec, sk, DT_REC_CONN_OPEN, info, 0, TCP_SYN_RECV);
+	return 0;
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept4")
+int handle_accept4_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_accept_exit(ctx);
+}
+
+SEC("tracepoint/syscalls/sys_exit_accept")
+int handle_accept_exit(struct trace_event_raw_sys_exit *ctx)
+{
+	return on_accept_exit(ctx);
+}
+
+SEC("tp_btf/tcp_retransmit_skb")
+int BPF_PROG(handle_retransmit, struct sock *sk)
+{
+	__u64 key = (__u64)sk;
+	struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
+	if (info)
+		__sync_fetch_and_add(&info->retransmits, 1);
+	return 0;
+}
+
+static __always_inline void flag_conn(struct sock *sk, __u8 flag)
+{
+	__u64 key = (__u64)sk;
+	struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
+	if (info)
+		info->flags |= flag;
+}
+
+SEC("tp_btf/tcp_receive_reset")
+int BPF_PROG(handle_receive_reset, struct sock *sk)
+{
+	flag_conn(sk, DT_CONN_RESET_RECEIVED);
+	return 0;
+}
+
+SEC("tp_btf/tcp_send_reset")
+int BPF_PROG(handle_send_reset, struct sock *sk)
+{
+	/* Resets answering a segment with no socket have sk == NULL. */
+	if (sk)
+		flag_conn(sk, DT_CONN_RESET_SENT);
+	return 0;
+}

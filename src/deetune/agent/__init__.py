@@ -1,0 +1,170 @@
+"""The reference agent: ``python -m deetune.agent``.
+
+Usage::
+
+    python -m deetune.agent [--probe NAME]... [--sink SPEC]... [--duration SECONDS]
+                            [--pid PID] [--port PORT] [-v]
+    python -m deetune.agent doctor      # preflight checks; non-zero exit when it cannot run
+    python -m deetune.agent plugins     # probes, decoders and sinks, built-in and installed
+
+Exit codes: 0 done, 1 runtime failure (e.g. verifier rejection), 2 bad usage or
+missing privileges/prerequisites.  Errors are one line on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from deetune import doctor
+from deetune.libbpf import LibbpfError
+from deetune.pipeline import Pipeline
+from deetune.plugins import Plugins, UnknownPluginError
+from deetune.probes.base import Clock, ProbeOptions
+from deetune.sinks.base import SinkError, parse_sink_spec
+
+log = logging.getLogger("deetune.agent")
+
+EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad arguments or an environment the agent cannot run in (exit code 2)."""
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise argparse.ArgumentTypeError(f"not a TCP port (1-65535): {text!r}")
+    return int(text)
+
+
+def _pid(text: str) -> int:
+    if not text.isdigit() or int(text) <= 0:
+        raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
+    return int(text)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors in one line with exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="python -m deetune.agent",
+        description="Watch processes and TCP connections on this host through eBPF.",
+        epilog="Subcommands: 'doctor' (preflight checks), 'plugins' (list probes, decoders, sinks).",
+    )
+    parser.add_argument("--probe", action="append", metavar="NAME", help="probe to run (repeatable; default: all)")
+    parser.add_argument(
+        "--sink", action="append", metavar="SPEC", help="where events go: console, jsonl:PATH, jsonl:- (repeatable; default: console)"
+    )
+    parser.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
+    parser.add_argument("--pid", type=_pid, help="only this process")
+    parser.add_argument("--port", type=_port, help="only connections with this local or remote port")
+    parser.add_argument("--ringbuf-size", type=int, metavar="BYTES", help="ring buffer size per probe (power of two)")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
+    return parser
+
+
+def _setup_logging(verbosity: int) -> None:
+    level = logging.WARNING if verbosity == 0 else logging.INFO if verbosity == 1 else logging.DEBUG
+    logging.basicConfig(level=level, stream=sys.stderr, format="deetune: %(levelname)s %(name)s: %(message)s")
+
+
+def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
+    options = ProbeOptions(pid=args.pid, port=args.port, ringbuf_bytes=args.ringbuf_size)
+    if args.ringbuf_size is not None and (args.ringbuf_size < 4096 or args.ringbuf_size & (args.ringbuf_size - 1)):
+        raise UsageError(f"--ringbuf-size must be a power of two of at least 4096, got {args.ringbuf_size}")
+    clock = Clock()
+    names = args.probe or plugins.probes.names()
+    probes = [plugins.probes.get(name)(options, clock) for name in dict.fromkeys(names)]
+    sinks = []
+    for spec in args.sink or ["console"]:
+        name, arg = parse_sink_spec(spec)
+        sinks.append(plugins.sinks.get(name).from_arg(arg))
+    return Pipeline(probes, sinks)
+
+
+def cmd_run(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    plugins = Plugins()
+    # Resolve names before checking privileges: a typo is reported as such.
+    pipeline = build_pipeline(args, plugins)
+    problem = doctor.essential_problem()
+    if problem:
+        for sink in pipeline.sinks:
+            sink.close()
+        raise UsageError(problem)
+    stats = pipeline.run(args.duration)
+    print(f"deetune: {stats.summary()}", file=sys.stderr)
+    return EXIT_OK
+
+
+def cmd_doctor(argv: Sequence[str]) -> int:
+    parser = _Parser(prog="python -m deetune.agent doctor", description="Check that the agent can run here.")
+    parser.add_argument("--no-cache", action="store_true", help="probe attach types again instead of using this boot's cache")
+    args = parser.parse_args(argv)
+    _setup_logging(0)
+    checks = doctor.run_checks(use_cache=not args.no_cache)
+    for check in checks:
+        mark = "ok  " if check.ok else ("FAIL" if check.essential else "no  ")
+        print(f"{mark} {check.name:<22} {check.detail}")
+    failed = [c for c in checks if not c.ok and c.essential]
+    if failed:
+        print(f"deetune: cannot run: {failed[0].name}: {failed[0].detail}", file=sys.stderr)
+        return EXIT_USAGE if failed[0].name == "privileges" else EXIT_FAILURE
+    return EXIT_OK
+
+
+def cmd_plugins(argv: Sequence[str]) -> int:
+    _Parser(prog="python -m deetune.agent plugins", description="List plugins.").parse_args(argv)
+    plugins = Plugins()
+    for title, registry in (("probes", plugins.probes), ("decoders", plugins.decoders), ("sinks", plugins.sinks)):
+        print(f"{title}:")
+        for name in registry.names():
+            cls = registry.get(name)
+            text = getattr(cls, "description", "") or (cls.__doc__ or "").strip().splitlines()[0:1]
+            if isinstance(text, list):
+                text = text[0] if text else ""
+            print(f"  {name:<12} {text}  [{registry.origin(name)}]")
+    print("plugins: " + ", ".join(plugins.plugin_names()))
+    return EXIT_OK
+
+
+COMMANDS = {"doctor": cmd_doctor, "plugins": cmd_plugins}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = COMMANDS.get(argv[0]) if argv else None
+    try:
+        if command:
+            return command(argv[1:])
+        return cmd_run(argv)
+    except UsageError as exc:
+        print(f"deetune: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (UnknownPluginError, SinkError) as exc:
+        print(f"deetune: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except LibbpfError as exc:
+        print(f"deetune: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        return EXIT_OK

@@ -1,0 +1,5 @@
+import sys
+
+from deetune.agent import main
+
+sys.exit(main())

@@ -1,0 +1,115 @@
+"""Typed events that probes produce and sinks consume.
+
+Every event is a frozen attrs record with a ``to_json()`` giving the dict the
+jsonl sink writes.  ``ts`` is wall-clock time as integer nanoseconds since the
+Unix epoch (UTC); ``ts_mono_ns`` is the kernel's CLOCK_MONOTONIC time of the
+same moment, for computing intervals.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from typing import Any, ClassVar
+
+import attrs
+
+
+@attrs.frozen
+class Event:
+    """Base of all events."""
+
+    type: ClassVar[str] = "event"
+    #: Wall-clock time, ns since the Unix epoch.
+    ts: int
+    #: CLOCK_MONOTONIC ns (bpf_ktime_get_ns) of the same moment.
+    ts_mono_ns: int = attrs.field(kw_only=True, default=0)
+
+    def to_json(self) -> dict[str, Any]:
+        data = {"type": self.type}
+        data.update(attrs.asdict(self, recurse=False))
+        return data
+
+
+@attrs.frozen
+class ProcessEvent(Event):
+    """A process started (exec), was forked, or exited."""
+
+    type: ClassVar[str] = "process"
+    #: ``"exec"``, ``"fork"`` or ``"exit"``.
+    phase: str = attrs.field(kw_only=True)
+    pid: int = attrs.field(kw_only=True)
+    ppid: int = attrs.field(kw_only=True)
+    #: Kernel task name (15 characters at most).
+    comm: str = attrs.field(kw_only=True)
+    #: Arguments joined by spaces (exec); "" otherwise.
+    cmdline: str = attrs.field(kw_only=True, default="")
+    #: True when the command line was longer than the capture limit (4 KiB).
+    cmdline_truncated: bool = attrs.field(kw_only=True, default=False)
+    cgroup_id: int = attrs.field(kw_only=True, default=0)
+    #: exit: the process's exit status (``exit(3)`` argument), None when killed by a signal.
+    exit_code: int | None = attrs.field(kw_only=True, default=None)
+    #: exit: the signal that killed the process, None otherwise.
+    signal: int | None = attrs.field(kw_only=True, default=None)
+
+
+@attrs.frozen
+class ConnectionEvent(Event):
+    """A TCP connection opened, closed, or failed to open."""
+
+    type: ClassVar[str] = "connection"
+    #: ``"open"``, ``"close"`` or ``"failed"``.
+    phase: str = attrs.field(kw_only=True)
+    #: ``"client"`` (this side connected) or ``"server"`` (this side accepted); "unknown" for
+    #: connections that predate the agent and could not be classified.
+    role: str = attrs.field(kw_only=True)
+    pid: int = attrs.field(kw_only=True)
+    comm: str = attrs.field(kw_only=True)
+    laddr: str = attrs.field(kw_only=True)
+    lport: int = attrs.field(kw_only=True)
+    raddr: str = attrs.field(kw_only=True)
+    rport: int = attrs.field(kw_only=True)
+    #: 4 or 6.
+    family: int = attrs.field(kw_only=True)
+    #: Kernel socket identity, unique among open connections.
+    sock_id: int = attrs.field(kw_only=True)
+    cgroup_id: int = attrs.field(kw_only=True, default=0)
+    # close only
+    bytes_sent: int | None = attrs.field(kw_only=True, default=None)
+    bytes_received: int | None = attrs.field(kw_only=True, default=None)
+    #: From open to close; None when the open predates the agent.
+    duration_ns: int | None = attrs.field(kw_only=True, default=None)
+    retransmits: int | None = attrs.field(kw_only=True, default=None)
+    #: close: ``"received"``, ``"sent"`` or None: whether the connection ended by a reset.
+    reset: str | None = attrs.field(kw_only=True, default=None)
+    #: close: the connection was open before the agent started.
+    preexisting: bool = attrs.field(kw_only=True, default=False)
+    # failed only
+    #: failed: ``"refused"``, ``"timeout"``, or the errno name.
+    error: str | None = attrs.field(kw_only=True, default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        if self.phase != "close":
+            for key in ("bytes_sent", "bytes_received", "duration_ns", "retransmits", "reset", "preexisting"):
+                del data[key]
+        if self.phase != "failed":
+            del data["error"]
+        return data
+
+
+def failure_reason(err: int) -> str:
+    """Name a failed connect's socket error the way users say it."""
+    if err == errno.ECONNREFUSED:
+        return "refused"
+    if err == errno.ETIMEDOUT:
+        return "timeout"
+    return errno.errorcode.get(err, f"errno {err}").lower() if err else "unknown"
+
+
+def format_address(family: int, raw: bytes) -> str:
+    """Text form of an address from a record (IPv4 in the first 4 bytes)."""
+    if family == 4:
+        return str(ipaddress.IPv4Address(raw[:4]))
+    addr = ipaddress.IPv6Address(raw[:16])
+    return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)

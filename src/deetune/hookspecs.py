@@ -1,0 +1,43 @@
+"""The hooks a deetune plugin can implement.
+
+A plugin is a module or object with functions decorated by
+:data:`hookimpl`; it is found through the ``deetune`` entry-point group (or
+registered by hand with ``PluginManager.register``).  Built-in probes,
+decoders and sinks are registered the same way (:mod:`deetune.builtin`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+
+PROJECT = "deetune"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def deetune_register_probes(register: Callable[[type], None]) -> None:
+    """Called once when the plugin manager is built.  Call ``register(ProbeClass)``
+    for every :class:`deetune.probes.Probe` subclass the plugin offers."""
+
+
+@hookspec
+def deetune_register_decoders(register: Callable[[type], None]) -> None:
+    """Called once when the plugin manager is built.  Call ``register(DecoderClass)``
+    for every :class:`deetune.decoders.Decoder` subclass the plugin offers."""
+
+
+@hookspec
+def deetune_register_sinks(register: Callable[[type], None]) -> None:
+    """Called once when the plugin manager is built.  Call ``register(SinkClass)``
+    for every :class:`deetune.sinks.Sink` subclass the plugin offers."""
+
+
+@hookspec(firstresult=True)
+def deetune_resolve_service(process: Any) -> str | None:
+    """Name the service a process belongs to, or return None to let the next
+    resolver try.  The first non-None answer wins; resolvers registered later
+    are asked first (pluggy's LIFO order), so a third-party resolver overrides
+    the built-in ones."""

@@ -1,0 +1,216 @@
+"""Pipeline: probes → handlers → sinks, until a signal or a deadline.
+
+Data flows one way.  Each probe's ring buffers are drained in batches; every
+record becomes events (``probe.decode``); each handler may turn an event into
+other events (a handler returns the events to pass on, possibly the same one);
+every resulting event goes to every sink.
+
+On stop the rings are drained once more, the kernel's emitted/lost counters
+are read, every probe is detached and unloaded, and the sinks are closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import signal
+import threading
+import time
+from typing import Callable, Iterable, Sequence
+
+import attrs
+
+from deetune.events import Event
+from deetune.probes.base import Probe
+from deetune.sinks.base import Sink
+
+log = logging.getLogger("deetune.pipeline")
+
+#: A handler sees every event and returns the events to pass on.
+Handler = Callable[[Event], Iterable[Event]]
+
+
+@attrs.define
+class ProbeStats:
+    """What one probe did during a run."""
+
+    name: str
+    #: Records decoded in user space.
+    records: int = 0
+    #: Records the kernel wrote to the ring buffer.
+    emitted: int = 0
+    #: Records the kernel dropped because the ring buffer was full.
+    lost: int = 0
+    #: Records user space could not decode (counted, skipped).
+    undecodable: int = 0
+
+
+@attrs.define
+class RunStats:
+    probes: dict[str, ProbeStats] = attrs.field(factory=dict)
+    events: int = 0
+    sink_errors: int = 0
+    seconds: float = 0.0
+
+    @property
+    def lost(self) -> int:
+        return sum(p.lost for p in self.probes.values())
+
+    def summary(self) -> str:
+        parts = [
+            f"{p.name}: {p.records} records, {p.lost} lost" + (f", {p.undecodable} undecodable" if p.undecodable else "")
+            for p in self.probes.values()
+        ]
+        return f"{self.events} events in {self.seconds:.1f}s; " + "; ".join(parts)
+
+
+class Pipeline:
+    def __init__(
+        self,
+        probes: Sequence[Probe],
+        sinks: Sequence[Sink],
+        handlers: Sequence[Handler] = (),
+        *,
+        poll_interval: float = 0.1,
+    ):
+        self.probes = list(probes)
+        self.sinks = list(sinks)
+        self.handlers = list(handlers)
+        self.poll_interval = poll_interval
+        self.stats = RunStats(probes={p.name: ProbeStats(p.name) for p in self.probes})
+        self._stop = threading.Event()
+        self._started: list[Probe] = []
+        self._closed = False
+
+    # -- control -----------------------------------------------------------------
+    def stop(self) -> None:
+        """Ask :meth:`run` to finish (thread- and signal-safe)."""
+        self._stop.set()
+
+    def start(self) -> None:
+        """Attach every probe; if one fails, detach those already attached and re-raise."""
+        try:
+            for probe in self.probes:
+                probe.start()
+                self._started.append(probe)
+        except BaseException:
+            self._stop_probes()
+            raise
+
+    def run(self, duration: float | None = None, *, ready: Callable[[], None] | None = None) -> RunStats:
+        """Start, process events until stopped (signal, :meth:`stop`, or ``duration`` seconds), then close."""
+        restore = self._install_signal_handlers()
+        began = time.monotonic()
+        try:
+            if not self._started:
+                self.start()
+            if ready:
+                ready()
+            deadline = None if duration is None else began + duration
+            epoll = select.epoll()
+            rings = {}
+            try:
+                for probe in self._started:
+                    for ring in probe.ring_buffers():
+                        epoll.register(ring.fd, select.EPOLLIN)
+                        rings[ring.fd] = (probe, ring)
+                while not self._stop.is_set():
+                    timeout = self.poll_interval
+                    if deadline is not None:
+                        remaining = deadline - time.monotonic()
+                        if remaining <= 0:
+                            break
+                        timeout = min(timeout, remaining)
+                    ready_fds = epoll.poll(timeout)
+                    for fd, _ in ready_fds:
+                        probe, ring = rings[fd]
+                        self._dispatch(probe, ring.consume())
+                # Whatever the kernel wrote before we stopped is still ours to deliver.
+                for probe, ring in rings.values():
+                    while batch := ring.consume():
+                        self._dispatch(probe, batch)
+            finally:
+                epoll.close()
+        finally:
+            self.stats.seconds = time.monotonic() - began
+            self.close()
+            restore()
+        return self.stats
+
+    def close(self) -> None:
+        """Read final counters, detach and unload every probe, close every sink (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        for probe in self._started:
+            try:
+                counters = probe.counters()
+            except Exception as exc:  # the object may be half torn down after an error
+                log.warning("cannot read counters of probe %s: %s", probe.name, exc)
+                continue
+            stats = self.stats.probes[probe.name]
+            stats.emitted = counters["emitted"]
+            stats.lost = counters["lost"]
+            if stats.lost:
+                log.warning("probe %s: %d records lost in the kernel (ring buffer full)", probe.name, stats.lost)
+        self._stop_probes()
+        for sink in self.sinks:
+            try:
+                sink.close()
+            except Exception as exc:
+                self.stats.sink_errors += 1
+                log.error("sink %s failed to close: %s", sink.name, exc)
+
+    # -- internals -----------------------------------------------------------------
+    def _stop_probes(self) -> None:
+        for probe in reversed(self._started):
+            try:
+                probe.stop()
+            except Exception as exc:
+                log.error("probe %s failed to stop: %s", probe.name, exc)
+        self._started = []
+
+    def _dispatch(self, probe: Probe, batch: list[bytes]) -> None:
+        stats = self.stats.probes[probe.name]
+        stats.records += len(batch)
+        for raw in batch:
+            try:
+                events = probe.decode(raw)
+            except Exception as exc:
+                stats.undecodable += 1
+                log.debug("probe %s: undecodable record (%d bytes): %s", probe.name, len(raw), exc)
+                continue
+            for event in events:
+                self.emit(event)
+
+    def emit(self, event: Event) -> None:
+        """Pass one event through the handlers to the sinks."""
+        pending = [event]
+        for handler in self.handlers:
+            pending = [out for item in pending for out in handler(item)]
+        for item in pending:
+            self.stats.events += 1
+            for sink in self.sinks:
+                try:
+                    sink.handle(item)
+                except Exception as exc:
+                    self.stats.sink_errors += 1
+                    log.error("sink %s failed on a %s event: %s", sink.name, item.type, exc)
+
+    def _install_signal_handlers(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+        def on_signal(signum, frame):
+            log.info("received %s, stopping", signal.Signals(signum).name)
+            self._stop.set()
+
+        for sig in previous:
+            signal.signal(sig, on_signal)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore

@@ -1,0 +1,109 @@
+"""The plugin manager: built-ins and entry-point plugins in one registry."""
+
+from __future__ import annotations
+
+import logging
+from typing import Generic, Iterable, TypeVar
+
+import pluggy
+
+from deetune import hookspecs
+
+log = logging.getLogger("deetune.plugins")
+
+T = TypeVar("T")
+
+
+class UnknownPluginError(LookupError):
+    """A probe, decoder or sink name that no plugin registered."""
+
+
+class Registry(Generic[T]):
+    """Name → class for one kind of plugin (probes, decoders or sinks)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._classes: dict[str, type] = {}
+        self._origins: dict[str, str] = {}
+
+    def register(self, cls: type, origin: str = "") -> None:
+        name = getattr(cls, "name", None) or getattr(cls, "protocol", None)
+        if not name:
+            raise TypeError(f"{self.kind} plugin {cls!r} has no name")
+        if name in self._classes and self._classes[name] is not cls:
+            raise ValueError(
+                f"{self.kind} {name!r} registered twice: by {self._origins[name]} and by {origin or cls.__module__}"
+            )
+        self._classes[name] = cls
+        self._origins[name] = origin or cls.__module__
+
+    def get(self, name: str) -> type:
+        try:
+            return self._classes[name]
+        except KeyError:
+            known = ", ".join(sorted(self._classes)) or "none"
+            raise UnknownPluginError(f"unknown {self.kind} {name!r}; available: {known}") from None
+
+    def names(self) -> list[str]:
+        return sorted(self._classes)
+
+    def classes(self) -> list[type]:
+        return [self._classes[n] for n in self.names()]
+
+    def origin(self, name: str) -> str:
+        return self._origins[name]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._classes
+
+    def __iter__(self) -> Iterable[str]:
+        return iter(self.names())
+
+
+class Plugins:
+    """The pluggy manager plus the registries its plugins filled."""
+
+    def __init__(self, *, load_entry_points: bool = True, extra: Iterable[object] = ()):
+        self.manager = pluggy.PluginManager(hookspecs.PROJECT)
+        self.manager.add_hookspecs(hookspecs)
+        from deetune import builtin
+
+        self.manager.register(builtin, name="deetune.builtin")
+        for plugin in extra:
+            self.manager.register(plugin)
+        if load_entry_points:
+            self.manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+        # A misspelled hook implementation would otherwise be ignored silently.
+        self.manager.check_pending()
+        self.probes: Registry = Registry("probe")
+        self.decoders: Registry = Registry("decoder")
+        self.sinks: Registry = Registry("sink")
+        self._collect()
+
+    def _collect(self) -> None:
+        hook = self.manager.hook
+        for registry, caller in (
+            (self.probes, hook.deetune_register_probes),
+            (self.decoders, hook.deetune_register_decoders),
+            (self.sinks, hook.deetune_register_sinks),
+        ):
+            for impl in caller.get_hookimpls():
+                origin = self.manager.get_name(impl.plugin) or repr(impl.plugin)
+                impl.function(register=lambda cls, o=origin, r=registry: r.register(cls, o))
+
+    def resolve_service(self, process: object) -> str | None:
+        return self.manager.hook.deetune_resolve_service(process=process)
+
+    def plugin_names(self) -> list[str]:
+        return sorted(name for name, _ in self.manager.list_name_plugin())
+
+
+_default: Plugins | None = None
+
+
+def default_plugins() -> Plugins:
+    """The process-wide manager with built-ins and installed plugins, built once."""
+    global _default
+    if _default is None:
+        _default = Plugins()
+    return _default

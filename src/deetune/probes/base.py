@@ -1,0 +1,131 @@
+"""Probe: one BPF object, its knobs, its ring buffers, and record decoding."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import ClassVar, Iterable
+
+import attrs
+
+from deetune import resources
+from deetune.events import Event
+from deetune.libbpf import BpfObject
+from deetune.ringbuf import RingBuffer
+
+log = logging.getLogger("deetune.probes")
+
+
+@attrs.frozen
+class ProbeOptions:
+    """What the user selected; probes apply it in the kernel where they can."""
+
+    #: Only this process (thread-group id); None: all.
+    pid: int | None = None
+    #: Only connections with this local or remote port; None: all.
+    port: int | None = None
+    #: Ring buffer size in bytes (a power of two, a multiple of the page size); None: the object's default.
+    ringbuf_bytes: int | None = None
+
+
+class Clock:
+    """Turns kernel CLOCK_MONOTONIC nanoseconds into wall-clock nanoseconds."""
+
+    def __init__(self) -> None:
+        self.resync()
+
+    def resync(self) -> None:
+        # Python's monotonic clock is CLOCK_MONOTONIC, the one bpf_ktime_get_ns reads.
+        self.offset_ns = time.time_ns() - time.monotonic_ns()
+
+    def wall(self, mono_ns: int) -> int:
+        return mono_ns + self.offset_ns
+
+
+class Probe:
+    """Base class of probes.
+
+    A subclass names its BPF object (``object_name`` → ``<object_name>.bpf.o``),
+    sets knobs in :meth:`configure`, and turns raw ring-buffer records into
+    events in :meth:`decode`.  The pipeline calls :meth:`start`,
+    :meth:`ring_buffers`, :meth:`decode`, :meth:`counters` and :meth:`stop`.
+    """
+
+    #: Name on the command line (``--probe NAME``).
+    name: ClassVar[str] = ""
+    #: One-line description for ``deetune.agent plugins``.
+    description: ClassVar[str] = ""
+    #: BPF object file name without ``.bpf.o``.
+    object_name: ClassVar[str] = ""
+
+    def __init__(self, options: ProbeOptions | None = None, clock: Clock | None = None):
+        self.options = options or ProbeOptions()
+        self.clock = clock or Clock()
+        self.obj: BpfObject | None = None
+        self._rings: list[RingBuffer] = []
+
+    # -- to override ---------------------------------------------------------
+    def configure(self, obj: BpfObject) -> None:
+        """Set knobs and autoload flags on the opened, not yet loaded object."""
+
+    def after_attach(self) -> None:
+        """Called once attached: e.g. snapshot state that predates the probe."""
+
+    def decode(self, raw: bytes) -> Iterable[Event]:
+        """Events for one ring-buffer record."""
+        raise NotImplementedError
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        """Open, configure, load and attach; on any failure nothing stays loaded."""
+        obj = BpfObject.open(resources.object_path(self.object_name))
+        try:
+            if self.options.ringbuf_bytes:
+                for m in obj.maps.values():
+                    if m.type == 27:
+                        m.max_entries = self.options.ringbuf_bytes
+            self.configure(obj)
+            obj.load()
+            obj.attach_all()
+            self._rings = [RingBuffer(m) for m in obj.maps.values() if m.type == 27]
+        except BaseException:
+            for ring in self._rings:
+                ring.close()
+            self._rings = []
+            obj.close()
+            raise
+        self.obj = obj
+        log.info("probe %s attached: %d programs", self.name, len(obj.links))
+        self.after_attach()
+
+    def ring_buffers(self) -> list[RingBuffer]:
+        return self._rings
+
+    def counters(self) -> dict[str, int]:
+        """Kernel-side counters: ``emitted`` and ``lost`` records (ring full)."""
+        if self.obj is None or "dt_stats" not in self.obj.maps:
+            return {"emitted": 0, "lost": 0}
+        stats = self.obj.maps["dt_stats"]
+        return {
+            "emitted": stats.sum_percpu_u64((0).to_bytes(4, "little")),
+            "lost": stats.sum_percpu_u64((1).to_bytes(4, "little")),
+        }
+
+    def programs(self):
+        return list(self.obj.programs.values()) if self.obj else []
+
+    def stop(self) -> None:
+        """Detach and unload (idempotent)."""
+        for ring in self._rings:
+            ring.close()
+        self._rings = []
+        if self.obj is not None:
+            self.obj.close()
+            self.obj = None
+
+    def __enter__(self) -> "Probe":
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,94 @@
+"""TCP connection probe: opens (client and server), closes, failed connects."""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterable
+
+from deetune import procnet, records
+from deetune.events import ConnectionEvent, failure_reason, format_address
+from deetune.libbpf import BpfObject
+from deetune.probes.base import Probe
+
+log = logging.getLogger("deetune.probes.tcp")
+
+_STRUCT, _FIELDS = records.record_struct("struct dt_conn_record")
+_L = records.lib
+_PHASES = {_L.DT_REC_CONN_OPEN: "open", _L.DT_REC_CONN_CLOSE: "close", _L.DT_REC_CONN_FAILED: "failed"}
+_ROLES = {_L.DT_ROLE_CLIENT: "client", _L.DT_ROLE_SERVER: "server"}
+_AF_INET6 = 10
+
+
+class TcpProbe(Probe):
+    name = "tcp"
+    description = "TCP connections: open, close (bytes, duration, retransmits, resets), failed connects; IPv4 and IPv6"
+    object_name = "tcp"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._preexisting: dict[tuple, procnet.PreexistingConnection] = {}
+
+    def configure(self, obj: BpfObject) -> None:
+        if self.options.pid:
+            obj.set_constant("targ_tgid", self.options.pid)
+        if self.options.port:
+            obj.set_constant("targ_port", self.options.port)
+
+    def after_attach(self) -> None:
+        # Taken after attaching so that no connection falls between the two:
+        # one that closes in between is reported, just without its owner.
+        self._preexisting = procnet.snapshot_connections()
+        log.info("%d connections were open before the probe", len(self._preexisting))
+
+    def decode(self, raw: bytes) -> Iterable[ConnectionEvent]:
+        rec = dict(zip(_FIELDS, _STRUCT.unpack_from(raw)))
+        phase = _PHASES.get(rec["hdr_kind"])
+        if phase is None:
+            return ()
+        family = 6 if rec["family"] == _AF_INET6 else 4
+        laddr = format_address(family, rec["laddr"])
+        raddr = format_address(family, rec["raddr"])
+        pid = rec["hdr_pid"]
+        comm = records.cstr(rec["comm"])
+        role = _ROLES.get(rec["role"], "unknown")
+        flags = rec["flags"]
+        preexisting = bool(flags & _L.DT_CONN_OPEN_UNSEEN)
+        if preexisting:
+            known = self._preexisting.pop((laddr, rec["lport"], raddr, rec["rport"]), None)
+            if known is None:
+                return ()  # opened and closed while we attached, or not ours to report
+            role = known.role
+            if known.owner:
+                pid, comm = known.owner.pid, known.owner.comm
+            if self.options.pid and pid != self.options.pid:
+                return ()
+        reset = None
+        if flags & _L.DT_CONN_RESET_RECEIVED:
+            reset = "received"
+        elif flags & _L.DT_CONN_RESET_SENT:
+            reset = "sent"
+        ts_mono = rec["hdr_ts_ns"]
+        closed = phase == "close"
+        event = ConnectionEvent(
+            ts=self.clock.wall(ts_mono),
+            ts_mono_ns=ts_mono,
+            phase=phase,
+            role=role,
+            pid=pid,
+            comm=comm,
+            laddr=laddr,
+            lport=rec["lport"],
+            raddr=raddr,
+            rport=rec["rport"],
+            family=family,
+            sock_id=rec["sock_id"],
+            cgroup_id=rec["cgroup_id"],
+            bytes_sent=rec["bytes_sent"] if closed else None,
+            bytes_received=rec["bytes_received"] if closed else None,
+            duration_ns=(ts_mono - rec["open_ts_ns"]) if closed and rec["open_ts_ns"] else None,
+            retransmits=rec["retransmits"] if closed else None,
+            reset=reset if closed else None,
+            preexisting=preexisting,
+            error=failure_reason(rec["error"]) if phase == "failed" else None,
+        )
+        return (event,)

@@ -1,0 +1,103 @@
+"""Record layouts shared with the BPF programs, read from ``deetune.h``.
+
+The header is the only definition of the layouts: cffi parses it (less its
+preprocessor lines), and each record gets a :class:`struct.Struct` built from
+cffi's offsets, so decoding a record is one ``unpack_from`` call.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import struct
+from typing import NamedTuple
+
+import cffi
+
+from deetune import resources
+
+_PREAMBLE = """
+typedef unsigned char __u8;
+typedef unsigned short __u16;
+typedef unsigned int __u32;
+typedef int __s32;
+typedef unsigned long long __u64;
+typedef long long __s64;
+"""
+
+
+def header_path() -> pathlib.Path:
+    return resources.bpf_dir() / "deetune.h"
+
+
+def _cdef_source(text: str) -> str:
+    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+
+
+ffi = cffi.FFI()
+ffi.cdef(_PREAMBLE + _cdef_source(header_path().read_text()))
+lib = ffi.dlopen(None)  # only for the enum constants
+
+_SCALAR_FORMATS = {
+    "unsigned char": "B",
+    "unsigned short": "H",
+    "unsigned int": "I",
+    "int": "i",
+    "unsigned long long": "Q",
+    "long long": "q",
+}
+
+
+class FieldLayout(NamedTuple):
+    name: str
+    offset: int
+    fmt: str  # struct format of the field, e.g. "I" or "16s"
+
+
+def flat_fields(ctype_name: str) -> list[FieldLayout]:
+    """Fields of a record, nested structs flattened with ``outer_inner`` names."""
+
+    def walk(ctype, prefix: str, base: int) -> list[FieldLayout]:
+        out = []
+        for name, field in ctype.fields:
+            ftype = field.type
+            full = f"{prefix}{name}"
+            offset = base + field.offset
+            if ftype.kind == "struct":
+                out.extend(walk(ftype, f"{full}_", offset))
+            elif ftype.kind == "array":
+                out.append(FieldLayout(full, offset, f"{ffi.sizeof(ftype)}s"))
+            elif ftype.kind == "primitive" and ftype.cname in _SCALAR_FORMATS:
+                out.append(FieldLayout(full, offset, _SCALAR_FORMATS[ftype.cname]))
+            elif ftype.kind == "enum":
+                out.append(FieldLayout(full, offset, "I"))
+            else:
+                raise TypeError(f"{ctype_name}.{full}: unsupported field type {ftype.cname}")
+        return out
+
+    return walk(ffi.typeof(ctype_name), "", 0)
+
+
+def record_struct(ctype_name: str, *, upto: str | None = None) -> tuple[struct.Struct, tuple[str, ...]]:
+    """A little-endian ``struct.Struct`` for the record (optionally only the fields
+    before ``upto``), and the field names in unpack order."""
+    fmt = ["<"]
+    names = []
+    position = 0
+    for field in flat_fields(ctype_name):
+        if field.name == upto:
+            break
+        if field.offset > position:
+            fmt.append(f"{field.offset - position}x")
+        fmt.append(field.fmt)
+        names.append(field.name)
+        position = field.offset + struct.calcsize("<" + field.fmt)
+    if upto is None:
+        size = ffi.sizeof(ctype_name)
+        if size > position:
+            fmt.append(f"{size - position}x")
+    return struct.Struct("".join(fmt)), tuple(names)
+
+
+def cstr(raw: bytes) -> str:
+    """A NUL-terminated C char array as text."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "replace")

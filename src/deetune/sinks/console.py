@@ -1,0 +1,60 @@
+"""Human console view: one aligned line per event."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import IO
+
+from deetune.events import ConnectionEvent, Event, ProcessEvent
+from deetune.sinks.base import Sink
+
+
+def _clock(ts_ns: int) -> str:
+    seconds, ns = divmod(ts_ns, 1_000_000_000)
+    return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{ns // 1_000_000:03d}"
+
+
+def _endpoint(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
+def format_event(event: Event) -> str:
+    head = f"{_clock(event.ts)} {event.type:<10}"
+    if isinstance(event, ProcessEvent):
+        detail = f"{event.phase:<6} pid={event.pid} ppid={event.ppid} {event.comm}"
+        if event.phase == "exec":
+            detail += f"  {event.cmdline}"
+        elif event.phase == "exit":
+            detail += f"  exit={event.exit_code}" if event.signal is None else f"  signal={event.signal}"
+        return f"{head} {detail}"
+    if isinstance(event, ConnectionEvent):
+        arrow = "->" if event.role == "client" else "<-"
+        detail = (
+            f"{event.phase:<6} {event.role:<6} pid={event.pid} {event.comm:<15} "
+            f"{_endpoint(event.laddr, event.lport)} {arrow} {_endpoint(event.raddr, event.rport)}"
+        )
+        if event.phase == "close":
+            duration = f"{event.duration_ns / 1e6:.1f}ms" if event.duration_ns is not None else "?"
+            detail += f"  sent={event.bytes_sent} recv={event.bytes_received} dur={duration} retrans={event.retransmits}"
+            if event.reset:
+                detail += f" reset={event.reset}"
+        elif event.phase == "failed":
+            detail += f"  error={event.error}"
+        return f"{head} {detail}"
+    fields = " ".join(f"{k}={v}" for k, v in event.to_json().items() if k not in ("type", "ts", "ts_mono_ns"))
+    return f"{head} {fields}"
+
+
+class ConsoleSink(Sink):
+    name = "console"
+    description = "a human-readable line per event on stdout"
+
+    def __init__(self, stream: IO[str] | None = None):
+        self._stream = stream or sys.stdout
+
+    def handle(self, event: Event) -> None:
+        self._stream.write(format_event(event) + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()

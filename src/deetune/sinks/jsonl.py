@@ -1,0 +1,43 @@
+"""JSON Lines sink: one event per line, to a file or stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import IO
+
+from deetune.events import Event
+from deetune.sinks.base import Sink, SinkError
+
+
+class JsonlSink(Sink):
+    name = "jsonl"
+    description = "one JSON object per event per line; jsonl:PATH appends to PATH, jsonl:- writes stdout"
+
+    def __init__(self, stream: IO[str], *, owned: bool):
+        self._stream = stream
+        self._owned = owned
+        self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+
+    @classmethod
+    def from_arg(cls, arg: str | None) -> "JsonlSink":
+        if not arg:
+            raise SinkError("jsonl sink needs a path: --sink jsonl:PATH (or jsonl:- for stdout)")
+        if arg == "-":
+            return cls(sys.stdout, owned=False)
+        try:
+            # Line buffered: a reader tailing the file sees whole events.
+            return cls(open(arg, "a", buffering=1, encoding="utf-8"), owned=True)
+        except OSError as exc:
+            raise SinkError(f"cannot open {arg} for the jsonl sink: {exc.strerror}") from None
+
+    def handle(self, event: Event) -> None:
+        self._stream.write(self._encoder.encode(event.to_json()) + "\n")
+
+    def flush(self) -> None:
+        self._stream.flush()
+
+    def close(self) -> None:
+        self.flush()
+        if self._owned:
+            self._stream.close()

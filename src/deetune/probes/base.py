@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import pathlib
 import time
 from typing import ClassVar, Iterable
 
@@ -65,6 +66,11 @@ class Probe:
         self._rings: list[RingBuffer] = []
 
     # -- to override ---------------------------------------------------------
+    def object_file(self) -> pathlib.Path:
+        """The compiled BPF object.  Built-ins ship theirs in ``deetune/_bpf/<arch>/``;
+        a third-party probe returns the path of its own package data."""
+        return resources.object_path(self.object_name)
+
     def configure(self, obj: BpfObject) -> None:
         """Set knobs and autoload flags on the opened, not yet loaded object."""
 
@@ -78,7 +84,7 @@ class Probe:
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         """Open, configure, load and attach; on any failure nothing stays loaded."""
-        obj = BpfObject.open(resources.object_path(self.object_name))
+        obj = BpfObject.open(self.object_file())
         try:
             if self.options.ringbuf_bytes:
                 for m in obj.maps.values():

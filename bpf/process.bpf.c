@@ -2,6 +2,10 @@
 /* Process lifecycle: exec (with full command line), fork, exit. */
 #include "common.bpf.h"
 
+/* Keeps the record type in the object's BTF, where tests check its layout
+ * against the Python side (the libbpf-bootstrap idiom). */
+const struct dt_process_record *dt_process_record_btf __attribute__((unused));
+
 /* Knobs, set by user space between open and load. */
 const volatile bool emit_forks = true;
 /* Only report processes in this thread group (0: all). */

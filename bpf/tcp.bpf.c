@@ -5,6 +5,10 @@
  * (to attribute passive opens to the accepting process). */
 #include "common.bpf.h"
 
+/* Keeps the record type in the object's BTF, where tests check its layout
+ * against the Python side (the libbpf-bootstrap idiom). */
+const struct dt_conn_record *dt_conn_record_btf __attribute__((unused));
+
 /* Knobs, set by user space between open and load. 0 means "any". */
 const volatile __u32 targ_tgid = 0;
 const volatile __u16 targ_port = 0;
@@ -91,6 +95,20 @@ static __always_inline bool fin_received(int oldstate, __u8 flags)
 	return oldstate == TCP_FIN_WAIT2 && !(flags & DT_CONN_RESET_RECEIVED);
 }
 
+/* An abortive close (SO_LINGER 0, close with unread data, shutdown of a
+ * busy socket) moves the socket to CLOSE *before* tcp_send_active_reset()
+ * fires its tracepoint, so that reset is told by the state left instead:
+ * these states close gracefully only through FIN states, and a timeout
+ * (sk_err ETIMEDOUT) or a received reset are the other ways out. */
+static __always_inline bool aborted_by_us(struct sock *sk, int oldstate, __u8 flags)
+{
+	if (flags & DT_CONN_RESET_RECEIVED)
+		return false;
+	if (oldstate != TCP_ESTABLISHED && oldstate != TCP_CLOSE_WAIT && oldstate != TCP_FIN_WAIT1)
+		return false;
+	return BPF_CORE_READ(sk, sk_err) != ETIMEDOUT;
+}
+
 static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *sk, __u32 kind,
 				      struct conn_info *info, __s32 error, int oldstate)
 {
@@ -117,6 +135,8 @@ static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *s
 		if (!info)
 			rec->retransmits = BPF_CORE_READ(tp, total_retrans);
 	}
+	if (kind == DT_REC_CONN_CLOSE && aborted_by_us(sk, oldstate, rec->flags))
+		rec->flags |= DT_CONN_RESET_SENT;
 	rec->error = error;
 	if (!port_wanted(rec->lport, rec->rport))
 		return;

@@ -63,6 +63,7 @@ enum {
 };
 
 enum { AF_INET = 2, AF_INET6 = 10 };
+enum { ETIMEDOUT = 110, ECONNREFUSED = 111 };
 enum { IPPROTO_TCP = 6 };
 
 struct in6_addr {

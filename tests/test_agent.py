@@ -1,0 +1,180 @@
+"""The reference agent as users run it: a subprocess, its CLI, its exits."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.harness import TcpPeer
+
+AGENT = [sys.executable, "-m", "deetune.agent"]
+
+
+def run_agent(*args: str, timeout: float = 60, user: str | None = None) -> subprocess.CompletedProcess:
+    cmd = [*AGENT, *args]
+    if user:
+        cmd = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups", "--inh-caps=-all", *cmd]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+
+
+def our_bpf_programs() -> int:
+    """Programs of ours loaded in the kernel (names are cut to 15 characters)."""
+    out = subprocess.run(["bpftool", "-j", "prog", "list"], capture_output=True, text=True, check=True).stdout
+    ours = {"handle_set_stat", "handle_exec", "handle_fork", "handle_exit", "handle_accept4_", "handle_retransm"}
+    return sum(1 for p in json.loads(out) if p.get("name") in ours)
+
+
+class AgentProcess:
+    """The agent in the background, ready once every probe has attached."""
+
+    def __init__(self, *args: str):
+        self.proc = subprocess.Popen([*AGENT, "-v", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.stderr: list[str] = []
+        probes = [args[i + 1] for i, a in enumerate(args) if a == "--probe"] or ["process", "tcp"]
+        waiting = set(probes)
+        deadline = time.monotonic() + 30
+        while waiting and time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                break
+            self.stderr.append(line)
+            for name in list(waiting):
+                if f"probe {name} attached" in line:
+                    waiting.discard(name)
+        if waiting:
+            self.proc.kill()
+            raise AssertionError(f"agent did not attach {waiting}: {''.join(self.stderr)}")
+
+    def finish(self, sig: int = signal.SIGTERM, timeout: float = 20) -> tuple[int, str, str]:
+        self.proc.send_signal(sig)
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, "".join(self.stderr) + err
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--probe", "nope"], "deetune: unknown probe 'nope'; available: "),
+        (["--sink", "nope:x"], "deetune: unknown sink 'nope'; available: "),
+        (["--sink", "jsonl"], "deetune: jsonl sink needs a path: --sink jsonl:PATH (or jsonl:- for stdout)"),
+        (["--sink", "jsonl:/nonexistent/dir/x.jsonl"], "deetune: cannot open /nonexistent/dir/x.jsonl for the jsonl sink: No such file or directory"),
+        (["--sink", "console:extra"], "deetune: sink console takes no argument (got 'extra')"),
+        (["--duration", "-3"], "deetune: argument --duration: must be positive: '-3'"),
+        (["--port", "70000"], "deetune: argument --port: not a TCP port (1-65535): '70000'"),
+        (["--pid", "abc"], "deetune: argument --pid: not a process id: 'abc'"),
+        (["--bogus"], "deetune: unrecognized arguments: --bogus"),
+    ],
+)
+def test_bad_arguments_are_one_line_and_exit_2(args, message):
+    result = run_agent(*args)
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith(message)
+    assert "Traceback" not in result.stderr
+
+
+def test_unknown_probe_lists_the_available_ones():
+    result = run_agent("--probe", "nope")
+    available = result.stderr.split("available: ", 1)[1].strip().split(", ")
+    assert {"process", "tcp"} <= set(available)
+
+
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="setpriv (util-linux) missing")
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to drop to another user")
+@pytest.mark.parametrize("command", [[], ["doctor"]])
+def test_not_root_is_a_clear_message_and_exit_2(command):
+    result = run_agent(*command, "--duration", "1", user="65534") if not command else run_agent(*command, user="65534")
+    assert result.returncode == 2, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "deetune: privileges: needs root (or CAP_BPF and CAP_PERFMON): run it with sudo"
+        if not command
+        else "deetune: cannot run: privileges: needs root (or CAP_BPF and CAP_PERFMON): run it with sudo"
+    )
+
+
+def test_plugins_command_lists_builtins():
+    result = run_agent("plugins")
+    assert result.returncode == 0
+    lines = result.stdout.splitlines()
+    assert "probes:" in lines and "decoders:" in lines and "sinks:" in lines
+    assert any(line.split()[0] == "tcp" and line.endswith("[deetune.builtin]") for line in lines if line.startswith("  "))
+    assert any(line.split()[0] == "jsonl" for line in lines if line.startswith("  "))
+
+
+@pytest.mark.bpf
+def test_doctor_reports_what_works():
+    result = run_agent("doctor", "--no-cache")
+    assert result.returncode == 0, result.stdout + result.stderr
+    rows = {line[5:].split()[0] + ("" if not line[5:].startswith("attach") else " " + line[5:].split()[1]): line[:4].strip() for line in result.stdout.splitlines()}
+    assert rows["privileges"] == "ok" and rows["btf"] == "ok" and rows["tracefs"] == "ok"
+    assert rows["attach tracepoint"] == "ok" and rows["attach tp_btf"] == "ok" and rows["attach ringbuf"] == "ok"
+    # On these machines kprobes and fentry are refused; the doctor says so without failing.
+    assert rows["attach kprobe"] in ("ok", "no") and rows["attach fentry"] in ("ok", "no")
+
+
+@pytest.mark.bpf
+def test_jsonl_events_and_clean_stop_on_sigterm(tmp_path):
+    out = tmp_path / "events.jsonl"
+    before = our_bpf_programs()
+    peer = TcpPeer(reply=300)
+    agent = AgentProcess("--probe", "tcp", "--probe", "process", "--sink", f"jsonl:{out}", "--port", str(peer.port))
+    assert our_bpf_programs() > before
+    with socket.create_connection(("127.0.0.1", peer.port)) as client:
+        lport = client.getsockname()[1]
+        client.sendall(b"x" * 200)
+        client.shutdown(socket.SHUT_WR)
+        while client.recv(4096):
+            pass
+    peer.finish()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and out.read_text().count('"phase":"close"') < 2:
+        time.sleep(0.05)
+    code, _, err = agent.finish(signal.SIGTERM)
+    assert code == 0, err
+    assert "records, 0 lost" in err.splitlines()[-1]
+    assert our_bpf_programs() == before
+
+    events = [json.loads(line) for line in out.read_text().splitlines()]
+    conns = [e for e in events if e["type"] == "connection"]
+    assert sorted((e["phase"], e["role"]) for e in conns) == [
+        ("close", "client"), ("close", "server"), ("open", "client"), ("open", "server")
+    ]
+    client_close = next(e for e in conns if e["phase"] == "close" and e["role"] == "client")
+    assert {k: client_close[k] for k in ("pid", "laddr", "lport", "raddr", "rport", "bytes_sent", "bytes_received", "retransmits")} == {
+        "pid": os.getpid(), "laddr": "127.0.0.1", "lport": lport, "raddr": "127.0.0.1", "rport": peer.port,
+        "bytes_sent": 200, "bytes_received": 300, "retransmits": 0,
+    }
+    assert isinstance(client_close["duration_ns"], int) and isinstance(client_close["ts"], int)
+    assert client_close["comm"] == open("/proc/self/comm").read().strip()
+
+
+@pytest.mark.bpf
+def test_duration_and_stdout_sink():
+    result = run_agent("--probe", "process", "--sink", "jsonl:-", "--duration", "1.5")
+    assert result.returncode == 0, result.stderr
+    for line in result.stdout.splitlines():
+        assert json.loads(line)["type"] == "process"
+    assert result.stderr.startswith("deetune: ") and "process:" in result.stderr
+
+
+@pytest.mark.bpf
+def test_kill_9_leaves_nothing_attached():
+    before = our_bpf_programs()
+    agent = AgentProcess("--sink", "jsonl:/dev/null")
+    assert our_bpf_programs() > before
+    agent.finish(signal.SIGKILL)
+    assert agent.proc.returncode == -signal.SIGKILL
+    # The kernel releases programs when the last file descriptor goes; give it a moment.
+    deadline = time.monotonic() + 10
+    while our_bpf_programs() != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert our_bpf_programs() == before

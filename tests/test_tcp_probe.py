@@ -1,0 +1,207 @@
+"""The TCP probe against real loopback connections the tests make."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import time
+
+import pytest
+
+from deetune.events import ConnectionEvent
+from deetune.probes import ProbeOptions
+from deetune.probes.tcp import TcpProbe
+
+from tests.harness import TcpPeer, running_pipeline
+
+pytestmark = pytest.mark.bpf
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def conn_events(collector, port, phase=None):
+    return collector.matching(
+        lambda e: isinstance(e, ConnectionEvent)
+        and port in (e.lport, e.rport)
+        and (phase is None or e.phase == phase)
+    )
+
+
+def exchange(host: str, peer: TcpPeer, payload: int) -> tuple[int, int]:
+    """Send ``payload`` bytes, half-close, read the reply; return (our port, bytes read)."""
+    with socket.create_connection((host, peer.port)) as client:
+        lport = client.getsockname()[1]
+        client.sendall(b"q" * payload)
+        client.shutdown(socket.SHUT_WR)
+        received = 0
+        while chunk := client.recv(65536):
+            received += len(chunk)
+    return lport, received
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_client_and_server_sides_with_exact_bytes(host):
+    with running_pipeline([TcpProbe()]) as collector:
+        peer = TcpPeer(host, reply=70_000)
+        lport, received = exchange(host, peer, 123_456)
+        assert peer.finish() == "123456"
+        assert received == 70_000
+        closes = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "close" and peer.port in (e.lport, e.rport), 2)
+
+    opens = {e.role: e for e in conn_events(collector, peer.port, "open")}
+    closes = {e.role: e for e in closes}
+    assert set(opens) == {"client", "server"} and set(closes) == {"client", "server"}
+
+    client, server = closes["client"], closes["server"]
+    assert (client.pid, server.pid) == (os.getpid(), peer.pid)
+    assert (client.laddr, client.lport, client.raddr, client.rport) == (host, lport, host, peer.port)
+    assert (server.laddr, server.lport, server.raddr, server.rport) == (host, peer.port, host, lport)
+    assert (client.bytes_sent, client.bytes_received) == (123_456, 70_000)
+    assert (server.bytes_sent, server.bytes_received) == (70_000, 123_456)
+    assert client.family == server.family == (6 if ":" in host else 4)
+    assert client.retransmits == server.retransmits == 0
+    assert client.reset is None and server.reset is None
+    assert not client.preexisting and not server.preexisting
+    assert server.comm == "python3" or server.comm.startswith("python")
+    for event in (client, server):
+        assert 0 < event.duration_ns < 10e9
+        assert abs(event.ts - time.time_ns()) < 30e9  # wall clock, ns since the epoch
+
+    assert opens["client"].pid == os.getpid() and opens["server"].pid == peer.pid
+    assert opens["server"].sock_id == server.sock_id and opens["client"].sock_id == client.sock_id
+    assert opens["client"].ts <= client.ts
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1"])
+def test_failed_connect_to_closed_port(host):
+    port = free_port(host)
+    with running_pipeline([TcpProbe()]) as collector:
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, port), timeout=5)
+        (failed,) = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.rport == port)
+    assert failed.phase == "failed"
+    assert failed.error == "refused"
+    assert failed.role == "client"
+    assert failed.pid == os.getpid()
+    assert failed.raddr == host
+    assert not conn_events(collector, port, "open")
+
+
+def test_reset_is_reported_on_both_sides():
+    with running_pipeline([TcpProbe()]) as collector:
+        peer = TcpPeer(reply=0, mode="reset")
+        client = socket.create_connection(("127.0.0.1", peer.port))
+        client.sendall(b"hello")
+        peer.finish()
+        with pytest.raises(ConnectionResetError):
+            while client.recv(10):
+                pass
+        client.close()
+        closes = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "close" and peer.port in (e.lport, e.rport), 2)
+    by_role = {e.role: e for e in closes}
+    assert by_role["server"].reset == "sent"
+    assert by_role["client"].reset == "received"
+    assert by_role["server"].bytes_received == 5 and by_role["client"].bytes_sent == 5
+
+
+def test_connection_opened_before_the_agent_is_reported_on_close():
+    peer = TcpPeer(reply=2_000)
+    client = socket.create_connection(("127.0.0.1", peer.port))
+    client.sendall(b"a" * 1_000)  # before the agent: still counted, the kernel keeps totals
+    time.sleep(0.05)
+    with running_pipeline([TcpProbe()]) as collector:
+        client.sendall(b"b" * 500)
+        client.shutdown(socket.SHUT_WR)
+        received = 0
+        while chunk := client.recv(65536):
+            received += len(chunk)
+        client.close()
+        peer.finish()
+        closes = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "close" and peer.port in (e.lport, e.rport), 2)
+    by_role = {e.role: e for e in closes}
+    assert set(by_role) == {"client", "server"}
+    assert all(e.preexisting and e.duration_ns is None for e in closes)
+    assert by_role["client"].pid == os.getpid()
+    assert by_role["server"].pid == peer.pid
+    assert (by_role["client"].bytes_sent, by_role["client"].bytes_received) == (1_500, 2_000)
+    assert (by_role["server"].bytes_sent, by_role["server"].bytes_received) == (2_000, 1_500)
+    assert not conn_events(collector, peer.port, "open")
+
+
+def test_port_filter_is_applied_in_the_kernel():
+    wanted = TcpPeer(reply=10)
+    other = TcpPeer(reply=10)
+    with running_pipeline([TcpProbe(ProbeOptions(port=wanted.port))]) as collector:
+        exchange("127.0.0.1", other, 10)
+        exchange("127.0.0.1", wanted, 10)
+        wanted.finish(), other.finish()
+        collector.wait_for(lambda e: e.phase == "close", 2)
+        time.sleep(0.2)
+    assert collector.events and all(wanted.port in (e.lport, e.rport) for e in collector.events)
+    probe_stats = collector.stats.probes["tcp"]
+    assert probe_stats.records == len(collector.events) == 4  # 2 opens + 2 closes, nothing else copied
+
+
+def test_pid_filter_keeps_only_that_process():
+    peer = TcpPeer(reply=10)
+    with running_pipeline([TcpProbe(ProbeOptions(pid=peer.pid))]) as collector:
+        exchange("127.0.0.1", peer, 10)
+        peer.finish()
+        collector.wait_for(lambda e: e.phase == "close")
+        time.sleep(0.2)
+    assert {(e.phase, e.role, e.pid) for e in conn_events(collector, peer.port)} == {
+        ("open", "server", peer.pid),
+        ("close", "server", peer.pid),
+    }
+
+
+def test_retransmits_counted_under_packet_loss(tmp_path):
+    """Drop packets with netem inside a network namespace of our own."""
+    import shutil
+    import subprocess
+    import sys
+
+    if not shutil.which("tc") or subprocess.run(["modprobe", "-n", "sch_netem"], capture_output=True).returncode not in (0, 1):
+        pytest.skip("tc/netem not available")
+    ns = f"dtretx{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        qdisc = subprocess.run(
+            ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "loss", "30%"],
+            capture_output=True,
+            text=True,
+        )
+        if qdisc.returncode != 0:
+            pytest.skip(f"netem unavailable: {qdisc.stderr.strip()}")
+        script = (
+            "import socket,threading\n"
+            "s=socket.socket();s.bind(('127.0.0.1',0));s.listen()\n"
+            "def srv():\n"
+            "  c,_=s.accept()\n"
+            "  while c.recv(65536): pass\n"
+            "  c.close()\n"
+            "t=threading.Thread(target=srv);t.start()\n"
+            "c=socket.create_connection(s.getsockname())\n"
+            "for _ in range(200): c.sendall(b'x'*1000)\n"
+            "c.shutdown(socket.SHUT_WR)\n"
+            "c.recv(1)\n"
+            "c.close();t.join();print(s.getsockname()[1])\n"
+        )
+        with running_pipeline([TcpProbe()]) as collector:
+            out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+            assert out.returncode == 0, out.stderr
+            port = int(out.stdout)
+            closes = collector.wait_for(lambda e: e.phase == "close" and port in (e.lport, e.rport), 2, timeout=30)
+        client = next(e for e in closes if e.role == "client")
+        server = next(e for e in closes if e.role == "server")
+        assert client.bytes_sent == server.bytes_received == 200_000
+        assert client.retransmits + server.retransmits > 0
+    finally:
+        subprocess.run(["ip", "netns", "del", ns])

@@ -14,6 +14,9 @@
 enum dt_limits {
 	DT_COMM_LEN = 16,
 	DT_CMDLINE_MAX = 4096,
+	/* Largest payload prefix one data record can carry (a power of two);
+	 * the capture_bytes knob picks the actual size, up to this. */
+	DT_PAYLOAD_MAX = 65536,
 };
 
 enum dt_record_kind {
@@ -23,6 +26,26 @@ enum dt_record_kind {
 	DT_REC_CONN_OPEN = 10,
 	DT_REC_CONN_CLOSE = 11,
 	DT_REC_CONN_FAILED = 12,
+	DT_REC_DATA = 20,
+};
+
+enum dt_direction {
+	DT_EGRESS = 0,   /* written/sent by this process */
+	DT_INGRESS = 1,  /* read/received by this process */
+};
+
+enum dt_syscall {
+	DT_SYS_READ = 1,
+	DT_SYS_WRITE = 2,
+	DT_SYS_READV = 3,
+	DT_SYS_WRITEV = 4,
+	DT_SYS_SENDTO = 5,
+	DT_SYS_RECVFROM = 6,
+	DT_SYS_SENDMSG = 7,
+	DT_SYS_RECVMSG = 8,
+	DT_SYS_SENDMMSG = 9,
+	DT_SYS_RECVMMSG = 10,
+	DT_SYS_SENDFILE = 11,
 };
 
 enum dt_role {
@@ -81,6 +104,28 @@ struct dt_conn_record {
 	__u8 laddr[16];       /* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
 	char comm[DT_COMM_LEN];
+};
+
+/* Bytes one syscall moved on a TCP socket.  Only `captured` bytes of data[]
+ * are sent through the ring buffer; `size` is what the syscall moved. */
+struct dt_data_record {
+	struct dt_header hdr; /* ts_ns: syscall exit */
+	__u64 sock_id;        /* same identity as dt_conn_record.sock_id */
+	__u64 start_ns;       /* syscall entry */
+	__u64 cgroup_id;
+	__u32 tid;
+	__s32 fd;
+	__u32 size;           /* bytes moved (return value, or msg_len for *mmsg) */
+	__u32 captured;       /* bytes of data[] present: min(size, capture_bytes) */
+	__u16 family;
+	__u16 lport;
+	__u16 rport;
+	__u8 direction;       /* enum dt_direction */
+	__u8 syscall;         /* enum dt_syscall */
+	__u8 laddr[16];
+	__u8 raddr[16];
+	char comm[DT_COMM_LEN];
+	__u8 data[DT_PAYLOAD_MAX];
 };
 
 #endif /* __DEETUNE_RECORDS_H__ */

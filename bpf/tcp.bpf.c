@@ -216,30 +216,12 @@ out:
 	return 0;
 }
 
-/* accept(2)/accept4(2) returned fd: find its struct sock through the fd table. */
-static __always_inline struct sock *sock_from_fd(int fd)
-{
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt || fd < 0 || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
-		return 0;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
-	struct file *file = 0;
-	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
-	if (!file)
-		return 0;
-	struct socket *sock = BPF_CORE_READ(file, private_data);
-	if (!sock)
-		return 0;
-	return BPF_CORE_READ(sock, sk);
-}
-
 static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	if (ctx->ret < 0)
 		return 0;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	struct sock *sk = sock_from_fd(ctx->ret);
+	struct sock *sk = dt_sock_from_fd(ctx->ret);
 	if (!sk)
 		return 0;
 	__u64 key = (__u64)sk;

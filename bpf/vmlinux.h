@@ -65,6 +65,8 @@ enum {
 enum { AF_INET = 2, AF_INET6 = 10 };
 enum { ETIMEDOUT = 110, ECONNREFUSED = 111 };
 enum { IPPROTO_TCP = 6 };
+enum { SOCK_STREAM = 1 };
+enum { S_IFMT = 0170000, S_IFSOCK = 0140000 };
 
 struct in6_addr {
 	union {
@@ -88,7 +90,8 @@ struct sock_common {
 struct sock {
 	struct sock_common __sk_common;
 	int sk_err;
-	unsigned short sk_type;
+	__u16 sk_type;
+	__u16 sk_protocol;
 } __attribute__((preserve_access_index));
 
 struct tcp_sock {
@@ -104,7 +107,12 @@ struct socket {
 	struct sock *sk;
 } __attribute__((preserve_access_index));
 
+struct inode {
+	unsigned short i_mode;
+} __attribute__((preserve_access_index));
+
 struct file {
+	struct inode *f_inode;
 	void *private_data;
 } __attribute__((preserve_access_index));
 
@@ -131,6 +139,28 @@ struct task_struct {
 	struct mm_struct *mm;
 	struct files_struct *files;
 } __attribute__((preserve_access_index));
+
+/* User-space ABI structs (LP64: identical on x86_64 and arm64).  Read with
+ * bpf_probe_read_user, never relocated: their layout is the syscall ABI. */
+struct iovec {
+	void *iov_base;
+	unsigned long iov_len;
+};
+
+struct user_msghdr {
+	void *msg_name;
+	int msg_namelen;
+	struct iovec *msg_iov;
+	unsigned long msg_iovlen;
+	void *msg_control;
+	unsigned long msg_controllen;
+	unsigned int msg_flags;
+};
+
+struct mmsghdr {
+	struct user_msghdr msg_hdr;
+	unsigned int msg_len;
+};
 
 /* Tracepoint contexts (the kernel's trace_event_raw_* BTF types). */
 struct trace_entry {

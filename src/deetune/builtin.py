@@ -7,11 +7,13 @@ from deetune.hookspecs import hookimpl
 
 @hookimpl
 def deetune_register_probes(register):
+    from deetune.probes.payload import PayloadProbe
     from deetune.probes.process import ProcessProbe
     from deetune.probes.tcp import TcpProbe
 
     register(ProcessProbe)
     register(TcpProbe)
+    register(PayloadProbe)
 
 
 @hookimpl
@@ -25,12 +27,10 @@ def deetune_register_sinks(register):
 
 @hookimpl
 def deetune_register_decoders(register):
-    import importlib
+    from deetune.decoders.http import HttpDecoder
+    from deetune.decoders.mysql import MysqlDecoder
+    from deetune.decoders.redis import RedisDecoder
 
-    # Decoders land one by one; each module is optional until it exists.
-    for module, cls in (("http", "HttpDecoder"), ("redis", "RedisDecoder"), ("mysql", "MysqlDecoder")):
-        try:
-            mod = importlib.import_module(f"deetune.decoders.{module}")
-        except ModuleNotFoundError:
-            continue
-        register(getattr(mod, cls))
+    register(HttpDecoder)
+    register(RedisDecoder)
+    register(MysqlDecoder)

@@ -113,3 +113,79 @@ def format_address(family: int, raw: bytes) -> str:
         return str(ipaddress.IPv4Address(raw[:4]))
     addr = ipaddress.IPv6Address(raw[:16])
     return str(addr.ipv4_mapped) if addr.ipv4_mapped else str(addr)
+
+
+@attrs.frozen
+class DataEvent(Event):
+    """Bytes one syscall moved on a TCP socket (a prefix of them when ``truncated``)."""
+
+    type: ClassVar[str] = "data"
+    pid: int = attrs.field(kw_only=True)
+    tid: int = attrs.field(kw_only=True)
+    comm: str = attrs.field(kw_only=True)
+    fd: int = attrs.field(kw_only=True)
+    sock_id: int = attrs.field(kw_only=True)
+    #: ``"egress"`` (this process wrote) or ``"ingress"`` (it read).
+    direction: str = attrs.field(kw_only=True)
+    #: The syscall: ``read``, ``write``, ``sendmsg`` …
+    syscall: str = attrs.field(kw_only=True)
+    #: Bytes the syscall moved.
+    size: int = attrs.field(kw_only=True)
+    #: The captured prefix (``len(data) <= size``).
+    data: bytes = attrs.field(kw_only=True, repr=lambda d: f"<{len(d)} bytes>")
+    #: CLOCK_MONOTONIC ns at syscall entry (``ts_mono_ns`` is the exit).
+    start_mono_ns: int = attrs.field(kw_only=True)
+    laddr: str = attrs.field(kw_only=True)
+    lport: int = attrs.field(kw_only=True)
+    raddr: str = attrs.field(kw_only=True)
+    rport: int = attrs.field(kw_only=True)
+    family: int = attrs.field(kw_only=True)
+    cgroup_id: int = attrs.field(kw_only=True, default=0)
+
+    @property
+    def truncated(self) -> bool:
+        return len(self.data) < self.size
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        data["data"] = self.data.hex()
+        data["truncated"] = self.truncated
+        return data
+
+
+@attrs.frozen
+class ExchangeEvent(Event):
+    """A decoded request and its response, seen by one side of a connection.
+
+    ``ts`` is the wall-clock time of the first request byte.  When client and
+    server both run on this host, each side reports the exchange with its own
+    ``role``.
+    """
+
+    type: ClassVar[str] = "request"
+    protocol: str = attrs.field(kw_only=True)
+    pid: int = attrs.field(kw_only=True)
+    comm: str = attrs.field(kw_only=True)
+    role: str = attrs.field(kw_only=True)
+    laddr: str = attrs.field(kw_only=True)
+    lport: int = attrs.field(kw_only=True)
+    raddr: str = attrs.field(kw_only=True)
+    rport: int = attrs.field(kw_only=True)
+    #: HTTP method, Redis command, MySQL command (``QUERY`` …).
+    method: str = attrs.field(kw_only=True)
+    #: HTTP path and query, Redis key, MySQL statement.
+    target: str = attrs.field(kw_only=True)
+    #: HTTP status code, ``"OK"``/``"ERR"`` for Redis and MySQL, None without a response.
+    status: int | str | None = attrs.field(kw_only=True)
+    error: bool = attrs.field(kw_only=True)
+    error_message: str | None = attrs.field(kw_only=True, default=None)
+    #: From the last request byte to the first response byte, as this side saw them.
+    latency_ns: int | None = attrs.field(kw_only=True)
+    #: From the first request byte to the last response byte.
+    duration_ns: int | None = attrs.field(kw_only=True, default=None)
+    request_bytes: int = attrs.field(kw_only=True)
+    response_bytes: int = attrs.field(kw_only=True)
+    sock_id: int = attrs.field(kw_only=True, default=0)
+    cgroup_id: int = attrs.field(kw_only=True, default=0)
+    #: Protocol specifics (``host``, ``version``, ``traceparent``, ``user`` …).
+    attributes: dict[str, Any] = attrs.field(kw_only=True, factory=dict)

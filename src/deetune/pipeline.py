@@ -26,7 +26,8 @@ from deetune.sinks.base import Sink
 
 log = logging.getLogger("deetune.pipeline")
 
-#: A handler sees every event and returns the events to pass on.
+#: A handler sees every event and returns the events to pass on.  A handler
+#: with a ``flush()`` method returning events is flushed once at stop.
 Handler = Callable[[Event], Iterable[Event]]
 
 
@@ -129,6 +130,7 @@ class Pipeline:
                 for probe, ring in rings.values():
                     while batch := ring.consume():
                         self._dispatch(probe, batch)
+                self._flush_handlers()
             finally:
                 epoll.close()
         finally:
@@ -185,8 +187,10 @@ class Pipeline:
 
     def emit(self, event: Event) -> None:
         """Pass one event through the handlers to the sinks."""
-        pending = [event]
-        for handler in self.handlers:
+        self._emit_from(0, [event])
+
+    def _emit_from(self, first_handler: int, pending: list[Event]) -> None:
+        for handler in self.handlers[first_handler:]:
             pending = [out for item in pending for out in handler(item)]
         for item in pending:
             self.stats.events += 1
@@ -196,6 +200,13 @@ class Pipeline:
                 except Exception as exc:
                     self.stats.sink_errors += 1
                     log.error("sink %s failed on a %s event: %s", sink.name, item.type, exc)
+
+    def _flush_handlers(self) -> None:
+        """Handlers holding state (e.g. requests still waiting for a response) hand it over at stop."""
+        for index, handler in enumerate(self.handlers):
+            flush = getattr(handler, "flush", None)
+            if flush is not None:
+                self._emit_from(index + 1, list(flush()))
 
     def _install_signal_handlers(self) -> Callable[[], None]:
         if threading.current_thread() is not threading.main_thread():

@@ -22,7 +22,9 @@ from deetune import doctor
 from deetune.libbpf import LibbpfError
 from deetune.pipeline import Pipeline
 from deetune.plugins import Plugins, UnknownPluginError
+from deetune.l7 import L7Handler
 from deetune.probes.base import Clock, ProbeOptions
+from deetune.probes.payload import DEFAULT_CAPTURE_BYTES, MAX_CAPTURE_BYTES, PayloadProbe
 from deetune.sinks.base import SinkError, parse_sink_spec
 
 log = logging.getLogger("deetune.agent")
@@ -47,6 +49,12 @@ def _positive_float(text: str) -> float:
 def _port(text: str) -> int:
     if not text.isdigit() or not 0 < int(text) < 65536:
         raise argparse.ArgumentTypeError(f"not a TCP port (1-65535): {text!r}")
+    return int(text)
+
+
+def _capture_bytes(text: str) -> int:
+    if not text.isdigit() or int(text) > MAX_CAPTURE_BYTES:
+        raise argparse.ArgumentTypeError(f"must be 0 to {MAX_CAPTURE_BYTES}: {text!r}")
     return int(text)
 
 
@@ -77,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pid", type=_pid, help="only this process")
     parser.add_argument("--port", type=_port, help="only connections with this local or remote port")
     parser.add_argument("--ringbuf-size", type=int, metavar="BYTES", help="ring buffer size per probe (power of two)")
+    parser.add_argument(
+        "--capture-bytes", type=_capture_bytes, default=DEFAULT_CAPTURE_BYTES, metavar="N",
+        help=f"payload prefix copied per syscall (default {DEFAULT_CAPTURE_BYTES}, at most {MAX_CAPTURE_BYTES})",
+    )
+    parser.add_argument("--protocol", action="append", metavar="NAME", help="decode only these protocols (repeatable; default: all)")
+    parser.add_argument("--emit-data", action="store_true", help="also send raw payload events (type data) to the sinks")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     return parser
 
@@ -92,12 +106,23 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
         raise UsageError(f"--ringbuf-size must be a power of two of at least 4096, got {args.ringbuf_size}")
     clock = Clock()
     names = args.probe or plugins.probes.names()
-    probes = [plugins.probes.get(name)(options, clock) for name in dict.fromkeys(names)]
+    probes = []
+    for name in dict.fromkeys(names):
+        cls = plugins.probes.get(name)
+        if issubclass(cls, PayloadProbe):
+            probes.append(cls(options, clock, capture_bytes=args.capture_bytes))
+        else:
+            probes.append(cls(options, clock))
+    decoders = [plugins.decoders.get(name) for name in dict.fromkeys(args.protocol or plugins.decoders.names())]
+    handlers = []
+    payload = next((p for p in probes if isinstance(p, PayloadProbe)), None)
+    if payload is not None:
+        handlers.append(L7Handler(decoders, mute=payload.mute, emit_data=args.emit_data))
     sinks = []
     for spec in args.sink or ["console"]:
         name, arg = parse_sink_spec(spec)
         sinks.append(plugins.sinks.get(name).from_arg(arg))
-    return Pipeline(probes, sinks)
+    return Pipeline(probes, sinks, handlers)
 
 
 def cmd_run(argv: Sequence[str]) -> int:

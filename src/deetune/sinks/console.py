@@ -6,7 +6,7 @@ import sys
 import time
 from typing import IO
 
-from deetune.events import ConnectionEvent, Event, ProcessEvent
+from deetune.events import ConnectionEvent, Event, ExchangeEvent, ProcessEvent
 from deetune.sinks.base import Sink
 
 
@@ -42,6 +42,16 @@ def format_event(event: Event) -> str:
         elif event.phase == "failed":
             detail += f"  error={event.error}"
         return f"{head} {detail}"
+    if isinstance(event, ExchangeEvent):
+        latency = f"{event.latency_ns / 1e6:.2f}ms" if event.latency_ns is not None else "-"
+        arrow = "->" if event.role == "client" else "<-"
+        error = f"  error={event.error_message}" if event.error_message else ""
+        return (
+            f"{head} {event.protocol:<6} {event.role:<6} pid={event.pid} {event.comm:<15} "
+            f"{_endpoint(event.laddr, event.lport)} {arrow} {_endpoint(event.raddr, event.rport)}  "
+            f"{event.method} {event.target[:80]} -> {event.status} {latency} "
+            f"req={event.request_bytes}B resp={event.response_bytes}B{error}"
+        )
     fields = " ".join(f"{k}={v}" for k, v in event.to_json().items() if k not in ("type", "ts", "ts_mono_ns"))
     return f"{head} {fields}"
 

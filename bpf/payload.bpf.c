@@ -1,0 +1,292 @@
+// SPDX-License-Identifier: Apache-2.0
+/* Socket payload capture at the syscall level: every read/write/send/recv
+ * family call on a TCP socket of a selected process becomes one record with
+ * the bytes moved (a prefix of at most capture_bytes) and the full count.
+ *
+ * Entry stores the call's arguments per thread; exit, knowing how many bytes
+ * moved, copies them from user memory.  Selection happens at entry, before
+ * anything is copied: process, cgroup, ports, and connections that user
+ * space has muted (no protocol it decodes).
+ */
+#include "common.bpf.h"
+
+const struct dt_data_record *dt_data_record_btf __attribute__((unused));
+
+/* Knobs, set by user space between open and load. 0 means "any". */
+const volatile __u32 targ_tgid = 0;
+const volatile __u64 targ_cgroup_id = 0;
+/* The agent's own sockets are never captured (its API, its exporters). */
+const volatile __u32 self_tgid = 0;
+/* Prefix copied per call; at most DT_PAYLOAD_MAX. */
+const volatile __u32 capture_bytes = 4096;
+/* When set, only sockets whose local or remote port is in capture_ports. */
+const volatile bool filter_ports = false;
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 24);
+} data_events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u8);
+} capture_ports SEC(".maps");
+
+/* Sockets user space found to carry nothing it decodes: not copied any more.
+ * Entries go when the socket closes (its address may be reused). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, __u8);
+} muted_socks SEC(".maps");
+
+enum buffer_shape {
+	SHAPE_BUF = 0,   /* one contiguous buffer */
+	SHAPE_IOV = 1,   /* struct iovec[] */
+	SHAPE_MSG = 2,   /* struct user_msghdr */
+	SHAPE_MMSG = 3,  /* struct mmsghdr[] */
+	SHAPE_NONE = 4,  /* sendfile: no user buffer, the length only */
+};
+
+/* How many iovecs / messages one call copies from: bounded for the verifier. */
+#define MAX_IOVECS 4
+#define MAX_MMSGS 8
+
+struct pending_call {
+	__u64 start_ns;
+	__u64 sk;
+	__u64 arg;      /* buffer, iovec array, msghdr or mmsghdr array */
+	__u32 vlen;     /* iovec count */
+	__s32 fd;
+	__u8 syscall;
+	__u8 direction;
+	__u8 shape;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 16384);
+	__type(key, __u64);
+	__type(value, struct pending_call);
+} pending_calls SEC(".maps");
+
+/* A record under construction: per CPU, with slack after data[] so that the
+ * verifier can prove every (offset, length) copy stays inside.  An ARRAY map
+ * indexed by CPU because per-CPU maps cap values at 32 KiB; user space sets
+ * max_entries to the number of possible CPUs. */
+struct scratch {
+	struct dt_data_record rec;
+	__u8 slack[DT_PAYLOAD_MAX];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} data_scratch SEC(".maps");
+
+static __always_inline bool port_selected(__u16 port)
+{
+	return bpf_map_lookup_elem(&capture_ports, &port) != 0;
+}
+
+static __always_inline int on_enter(int fd, __u64 arg, __u32 vlen, __u8 syscall, __u8 direction,
+				    __u8 shape)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	__u32 tgid = pid_tgid >> 32;
+	if (tgid == self_tgid || (targ_tgid && tgid != targ_tgid))
+		return 0;
+	if (targ_cgroup_id && bpf_get_current_cgroup_id() != targ_cgroup_id)
+		return 0;
+	struct sock *sk = dt_sock_from_fd(fd);
+	if (!sk)
+		return 0;
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	if ((family != AF_INET && family != AF_INET6) || BPF_CORE_READ(sk, sk_type) != SOCK_STREAM)
+		return 0;
+	__u64 sk_key = (__u64)sk;
+	if (bpf_map_lookup_elem(&muted_socks, &sk_key))
+		return 0;
+	if (filter_ports) {
+		__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+		__u16 rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+		if (!port_selected(lport) && !port_selected(rport))
+			return 0;
+	}
+	struct pending_call call = {
+		.start_ns = bpf_ktime_get_ns(),
+		.sk = sk_key,
+		.arg = arg,
+		.vlen = vlen,
+		.fd = fd,
+		.syscall = syscall,
+		.direction = direction,
+		.shape = shape,
+	};
+	bpf_map_update_elem(&pending_calls, &pid_tgid, &call, BPF_ANY);
+	return 0;
+}
+
+static __always_inline struct scratch *scratch_slot(void)
+{
+	__u32 cpu = bpf_get_smp_processor_id();
+	return bpf_map_lookup_elem(&data_scratch, &cpu);
+}
+
+/* Copy up to `len` bytes from user memory at data[offset]; returns the new offset. */
+static __always_inline __u32 copy_user(struct scratch *s, __u32 offset, const void *src, __u64 len)
+{
+	__u32 limit = capture_bytes;
+	if (limit > DT_PAYLOAD_MAX)
+		limit = DT_PAYLOAD_MAX;
+	if (offset >= limit)
+		return offset;
+	if (len > limit - offset)
+		len = limit - offset;
+	offset &= DT_PAYLOAD_MAX - 1;
+	if (len > DT_PAYLOAD_MAX)
+		len = DT_PAYLOAD_MAX;
+	if (bpf_probe_read_user(&s->rec.data[offset], len, src) != 0)
+		return offset;
+	return offset + len;
+}
+
+/* Copy from an iovec array until `moved` bytes are covered; returns bytes copied. */
+static __always_inline __u32 copy_iovecs(struct scratch *s, const struct iovec *iovs, __u64 vlen,
+					 __u64 moved)
+{
+	__u32 offset = 0;
+	for (int i = 0; i < MAX_IOVECS; i++) {
+		if (i >= vlen || moved == 0)
+			break;
+		struct iovec iov = {};
+		if (bpf_probe_read_user(&iov, sizeof(iov), &iovs[i]) != 0)
+			break;
+		__u64 len = iov.iov_len < moved ? iov.iov_len : moved;
+		offset = copy_user(s, offset, iov.iov_base, len);
+		moved -= len;
+	}
+	return offset;
+}
+
+static __always_inline void fill_socket(struct dt_data_record *rec, struct sock *sk)
+{
+	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	rec->family = family;
+	rec->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	rec->rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (family == AF_INET6) {
+		bpf_core_read(rec->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(rec->raddr, 16, &sk->__sk_common.skc_v6_daddr);
+	} else {
+		__builtin_memset(rec->laddr, 0, 16);
+		__builtin_memset(rec->raddr, 0, 16);
+		BPF_CORE_READ_INTO((__u32 *)rec->laddr, sk, __sk_common.skc_rcv_saddr);
+		BPF_CORE_READ_INTO((__u32 *)rec->raddr, sk, __sk_common.skc_daddr);
+	}
+}
+
+static __always_inline void emit_data(struct scratch *s, struct pending_call *call, __u64 pid_tgid,
+				      __u64 size, __u32 captured)
+{
+	struct dt_data_record *rec = &s->rec;
+	dt_fill_header(&rec->hdr, DT_REC_DATA, pid_tgid >> 32);
+	rec->sock_id = call->sk;
+	rec->start_ns = call->start_ns;
+	rec->cgroup_id = bpf_get_current_cgroup_id();
+	rec->tid = (__u32)pid_tgid;
+	rec->fd = call->fd;
+	rec->size = size;
+	rec->captured = captured;
+	rec->direction = call->direction;
+	rec->syscall = call->syscall;
+	fill_socket(rec, (struct sock *)call->sk);
+	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
+	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (captured & (DT_PAYLOAD_MAX * 2 - 1));
+	if (total > sizeof(*s))
+		return;
+	dt_output(&data_events, rec, total);
+}
+
+static __always_inline int on_exit(long ret)
+{
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	struct pending_call *found = bpf_map_lookup_elem(&pending_calls, &pid_tgid);
+	if (!found)
+		return 0;
+	struct pending_call call = *found;
+	bpf_map_delete_elem(&pending_calls, &pid_tgid);
+	if (ret <= 0)
+		return 0;
+	struct scratch *s = scratch_slot();
+	if (!s)
+		return 0;
+
+	if (call.shape == SHAPE_MMSG) {
+		/* ret counts messages; each has its own length. */
+		const struct mmsghdr *msgs = (const struct mmsghdr *)call.arg;
+		for (int i = 0; i < MAX_MMSGS; i++) {
+			if (i >= ret)
+				break;
+			struct mmsghdr msg = {};
+			if (bpf_probe_read_user(&msg, sizeof(msg), &msgs[i]) != 0)
+				break;
+			__u32 captured = copy_iovecs(s, msg.msg_hdr.msg_iov, msg.msg_hdr.msg_iovlen, msg.msg_len);
+			emit_data(s, &call, pid_tgid, msg.msg_len, captured);
+		}
+		return 0;
+	}
+
+	__u32 captured = 0;
+	if (call.shape == SHAPE_BUF) {
+		captured = copy_user(s, 0, (const void *)call.arg, ret);
+	} else if (call.shape == SHAPE_IOV) {
+		captured = copy_iovecs(s, (const struct iovec *)call.arg, call.vlen, ret);
+	} else if (call.shape == SHAPE_MSG) {
+		struct user_msghdr msg = {};
+		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)call.arg) == 0)
+			captured = copy_iovecs(s, msg.msg_iov, msg.msg_iovlen, ret);
+	}
+	emit_data(s, &call, pid_tgid, ret, captured);
+	return 0;
+}
+
+#define ENTER(name, fd, arg, vlen, syscall, direction, shape)                       \
+	SEC("tracepoint/syscalls/sys_enter_" #name)                                  \
+	int handle_enter_##name(struct trace_event_raw_sys_enter *ctx)               \
+	{                                                                            \
+		return on_enter((int)(fd), (__u64)(arg), (__u32)(vlen), syscall,        \
+				direction, shape);                                       \
+	}                                                                            \
+	SEC("tracepoint/syscalls/sys_exit_" #name)                                   \
+	int handle_exit_##name(struct trace_event_raw_sys_exit *ctx)                 \
+	{                                                                            \
+		return on_exit(ctx->ret);                                            \
+	}
+
+ENTER(read, ctx->args[0], ctx->args[1], 0, DT_SYS_READ, DT_INGRESS, SHAPE_BUF)
+ENTER(write, ctx->args[0], ctx->args[1], 0, DT_SYS_WRITE, DT_EGRESS, SHAPE_BUF)
+ENTER(readv, ctx->args[0], ctx->args[1], ctx->args[2], DT_SYS_READV, DT_INGRESS, SHAPE_IOV)
+ENTER(writev, ctx->args[0], ctx->args[1], ctx->args[2], DT_SYS_WRITEV, DT_EGRESS, SHAPE_IOV)
+ENTER(sendto, ctx->args[0], ctx->args[1], 0, DT_SYS_SENDTO, DT_EGRESS, SHAPE_BUF)
+ENTER(recvfrom, ctx->args[0], ctx->args[1], 0, DT_SYS_RECVFROM, DT_INGRESS, SHAPE_BUF)
+ENTER(sendmsg, ctx->args[0], ctx->args[1], 0, DT_SYS_SENDMSG, DT_EGRESS, SHAPE_MSG)
+ENTER(recvmsg, ctx->args[0], ctx->args[1], 0, DT_SYS_RECVMSG, DT_INGRESS, SHAPE_MSG)
+ENTER(sendmmsg, ctx->args[0], ctx->args[1], 0, DT_SYS_SENDMMSG, DT_EGRESS, SHAPE_MMSG)
+ENTER(recvmmsg, ctx->args[0], ctx->args[1], 0, DT_SYS_RECVMMSG, DT_INGRESS, SHAPE_MMSG)
+ENTER(sendfile64, ctx->args[0], 0, 0, DT_SYS_SENDFILE, DT_EGRESS, SHAPE_NONE)
+
+SEC("tracepoint/sock/inet_sock_set_state")
+int handle_payload_close(struct trace_event_raw_inet_sock_set_state *ctx)
+{
+	if (ctx->newstate == TCP_CLOSE) {
+		__u64 key = (__u64)ctx->skaddr;
+		bpf_map_delete_elem(&muted_socks, &key);
+	}
+	return 0;
+}

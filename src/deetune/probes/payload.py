@@ -1,0 +1,114 @@
+"""Socket payload probe: bytes moved by read/write/send/recv-family syscalls on TCP sockets."""
+
+from __future__ import annotations
+
+import os
+import struct
+from typing import Iterable
+
+from deetune import records
+from deetune.events import DataEvent, format_address
+from deetune.libbpf import BpfObject, num_possible_cpus
+from deetune.probes.base import Probe, ProbeOptions
+
+_L = records.lib
+_FIXED, _FIELDS = records.record_struct("struct dt_data_record", upto="data")
+_DATA_OFFSET = records.ffi.offsetof("struct dt_data_record", "data")
+_SYSCALLS = {
+    _L.DT_SYS_READ: "read",
+    _L.DT_SYS_WRITE: "write",
+    _L.DT_SYS_READV: "readv",
+    _L.DT_SYS_WRITEV: "writev",
+    _L.DT_SYS_SENDTO: "sendto",
+    _L.DT_SYS_RECVFROM: "recvfrom",
+    _L.DT_SYS_SENDMSG: "sendmsg",
+    _L.DT_SYS_RECVMSG: "recvmsg",
+    _L.DT_SYS_SENDMMSG: "sendmmsg",
+    _L.DT_SYS_RECVMMSG: "recvmmsg",
+    _L.DT_SYS_SENDFILE: "sendfile",
+}
+_AF_INET6 = 10
+_U64 = struct.Struct("<Q")
+
+#: Default prefix copied per syscall.
+DEFAULT_CAPTURE_BYTES = 4096
+MAX_CAPTURE_BYTES = _L.DT_PAYLOAD_MAX
+
+
+class PayloadProbe(Probe):
+    name = "payload"
+    description = "bytes moved on TCP sockets by read/write/send/recv/…mmsg/sendfile, with a capped prefix"
+    object_name = "payload"
+
+    def __init__(self, options: ProbeOptions | None = None, clock=None, *, capture_bytes: int = DEFAULT_CAPTURE_BYTES,
+                 cgroup_id: int | None = None, ports: Iterable[int] = (), exclude_self: bool = True):
+        super().__init__(options, clock)
+        if not 0 <= capture_bytes <= MAX_CAPTURE_BYTES:
+            raise ValueError(f"capture_bytes must be between 0 and {MAX_CAPTURE_BYTES}, got {capture_bytes}")
+        self.capture_bytes = capture_bytes
+        self.cgroup_id = cgroup_id
+        self.ports = set(ports)
+        if self.options.port:
+            self.ports.add(self.options.port)
+        #: Skip this process's own sockets (the agent's API, exporters); tests that
+        #: run the pipeline in-process turn it off.
+        self.exclude_self = exclude_self
+        self.muted = 0
+
+    def configure(self, obj: BpfObject) -> None:
+        obj.maps["data_scratch"].max_entries = num_possible_cpus()
+        if self.exclude_self:
+            obj.set_constant("self_tgid", os.getpid())
+        obj.set_constant("capture_bytes", self.capture_bytes)
+        if self.options.pid:
+            obj.set_constant("targ_tgid", self.options.pid)
+        if self.cgroup_id:
+            obj.set_constant("targ_cgroup_id", self.cgroup_id)
+        if self.ports:
+            obj.set_constant("filter_ports", 1)
+
+    def after_attach(self) -> None:
+        # Attached first, then filled: for an instant no port matches, so nothing unselected is copied.
+        ports = self.obj.maps["capture_ports"]
+        for port in self.ports:
+            ports.update(struct.pack("<H", port), b"\x01")
+
+    def mute(self, sock_id: int) -> None:
+        """Stop copying this socket's payload (it carries nothing we decode)."""
+        if self.obj is None:
+            return
+        try:
+            self.obj.maps["muted_socks"].update(_U64.pack(sock_id), b"\x01")
+            self.muted += 1
+        except Exception:  # the map is LRU: it cannot be full; anything else is not worth a crash
+            pass
+
+    def decode(self, raw: bytes) -> Iterable[DataEvent]:
+        rec = dict(zip(_FIELDS, _FIXED.unpack_from(raw)))
+        if rec["hdr_kind"] != _L.DT_REC_DATA:
+            return ()
+        family = 6 if rec["family"] == _AF_INET6 else 4
+        captured = rec["captured"]
+        ts_mono = rec["hdr_ts_ns"]
+        return (
+            DataEvent(
+                ts=self.clock.wall(ts_mono),
+                ts_mono_ns=ts_mono,
+                pid=rec["hdr_pid"],
+                tid=rec["tid"],
+                comm=records.cstr(rec["comm"]),
+                fd=rec["fd"],
+                sock_id=rec["sock_id"],
+                direction="ingress" if rec["direction"] == _L.DT_INGRESS else "egress",
+                syscall=_SYSCALLS.get(rec["syscall"], str(rec["syscall"])),
+                size=rec["size"],
+                data=raw[_DATA_OFFSET : _DATA_OFFSET + captured],
+                start_mono_ns=rec["start_ns"],
+                laddr=format_address(family, rec["laddr"]),
+                lport=rec["lport"],
+                raddr=format_address(family, rec["raddr"]),
+                rport=rec["rport"],
+                family=family,
+                cgroup_id=rec["cgroup_id"],
+            ),
+        )

@@ -1,0 +1,209 @@
+"""The payload probe against real sockets: every syscall family, exact sizes and bytes."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import socket
+import tempfile
+import threading
+import time
+
+import pytest
+
+from deetune.events import DataEvent
+from deetune.probes import ProbeOptions
+from deetune.probes.payload import PayloadProbe
+
+from tests.harness import running_pipeline
+
+pytestmark = pytest.mark.bpf
+
+
+class Pair:
+    """A connected loopback pair in this process: ``client`` and the accepted ``server``."""
+
+    def __init__(self, host: str = "127.0.0.1"):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family) as listener:
+            listener.bind((host, 0))
+            listener.listen(1)
+            self.client = socket.create_connection(listener.getsockname()[:2])
+            self.server, _ = listener.accept()
+        self.port = self.server.getsockname()[1]
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.close()
+
+
+def data_events(collector, port):
+    return collector.matching(lambda e: isinstance(e, DataEvent) and port in (e.lport, e.rport))
+
+
+def wait_data(collector, port, count):
+    return collector.wait_for(lambda e: isinstance(e, DataEvent) and port in (e.lport, e.rport), count)
+
+
+def test_read_write_and_vectored_and_msg_calls():
+    pair = Pair()
+    probe = PayloadProbe(ProbeOptions(port=pair.port), exclude_self=False)
+    with running_pipeline([probe]) as collector:
+        os.write(pair.client.fileno(), b"hello via write")
+        assert os.read(pair.server.fileno(), 100) == b"hello via write"
+        os.writev(pair.server.fileno(), [b"vec-one ", b"vec-two"])
+        buf1, buf2 = bytearray(8), bytearray(100)
+        assert os.readv(pair.client.fileno(), [buf1, buf2]) == 15
+        pair.client.sendmsg([b"msg-a", b"msg-b"])
+        assert pair.server.recvmsg(100)[0] == b"msg-amsg-b"
+        pair.server.send(b"via send")  # libc's send() is the sendto syscall
+        assert pair.client.recv(100) == b"via send"
+        events = wait_data(collector, pair.port, 8)
+    client_fd = pair.client.fileno()
+    pair.close()
+    seen = [(e.syscall, e.direction, e.size, e.data, e.pid) for e in events]
+    me = os.getpid()
+    assert seen == [
+        ("write", "egress", 15, b"hello via write", me),
+        ("read", "ingress", 15, b"hello via write", me),
+        ("writev", "egress", 15, b"vec-one vec-two", me),
+        ("readv", "ingress", 15, b"vec-one vec-two", me),
+        ("sendmsg", "egress", 10, b"msg-amsg-b", me),
+        ("recvmsg", "ingress", 10, b"msg-amsg-b", me),
+        ("sendto", "egress", 8, b"via send", me),
+        ("recvfrom", "ingress", 8, b"via send", me),
+    ]
+    client_side = [e for e in events if e.lport != pair.port]
+    assert all(e.raddr == "127.0.0.1" and e.rport == pair.port and e.fd == client_fd for e in client_side)
+    assert all(e.start_mono_ns <= e.ts_mono_ns for e in events)
+
+
+def test_capture_is_a_prefix_with_the_full_size():
+    pair = Pair("::1")
+    payload = bytes(range(256)) * 40  # 10240 bytes
+    probe = PayloadProbe(ProbeOptions(port=pair.port), capture_bytes=100, exclude_self=False)
+    with running_pipeline([probe]) as collector:
+        pair.client.sendall(payload)
+        received = b""
+        while len(received) < len(payload):
+            received += pair.server.recv(65536)
+        events = wait_data(collector, pair.port, 2)
+        time.sleep(0.1)
+    pair.close()
+    events = data_events(collector, pair.port)
+    sent = [e for e in events if e.direction == "egress"]
+    got = [e for e in events if e.direction == "ingress"]
+    assert sum(e.size for e in sent) == sum(e.size for e in got) == 10240
+    assert all(e.data == payload[:100] for e in sent)
+    assert all(len(e.data) == min(100, e.size) and e.truncated == (e.size > 100) for e in events)
+    assert got[0].data == payload[:100] and got[0].laddr == "::1"
+
+
+def test_sendfile_is_counted_by_length(tmp_path):
+    pair = Pair()
+    source = tmp_path / "blob"
+    source.write_bytes(b"z" * 5000)
+    with running_pipeline([PayloadProbe(ProbeOptions(port=pair.port), exclude_self=False)]) as collector:
+        with open(source, "rb") as f:
+            sent = os.sendfile(pair.client.fileno(), f.fileno(), 0, 5000)
+        received = 0
+        while received < sent:
+            received += len(pair.server.recv(65536))
+        events = wait_data(collector, pair.port, 2)
+    pair.close()
+    sendfile = [e for e in events if e.syscall == "sendfile"]
+    assert [(e.size, e.data) for e in sendfile] == [(5000, b"")]
+    assert sum(e.size for e in events if e.direction == "ingress") == 5000
+
+
+def test_sendmmsg_and_recvmmsg_report_each_message():
+    """Through libc: Python has no binding for the *mmsg calls."""
+    libc = ctypes.CDLL(None, use_errno=True)
+
+    class IoVec(ctypes.Structure):
+        _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+
+    class MsgHdr(ctypes.Structure):
+        _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint), ("iov", ctypes.POINTER(IoVec)),
+                    ("iovlen", ctypes.c_size_t), ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                    ("flags", ctypes.c_int)]
+
+    class MMsgHdr(ctypes.Structure):
+        _fields_ = [("hdr", MsgHdr), ("len", ctypes.c_uint)]
+
+    pair = Pair()
+    messages = [b"first message", b"second"]
+    buffers = [ctypes.create_string_buffer(m, len(m)) for m in messages]
+    iovs = [IoVec(ctypes.cast(b, ctypes.c_void_p), len(m)) for b, m in zip(buffers, messages)]
+    vec = (MMsgHdr * 2)()
+    for i, iov in enumerate(iovs):
+        vec[i].hdr.iov = ctypes.pointer(iov)
+        vec[i].hdr.iovlen = 1
+    with running_pipeline([PayloadProbe(ProbeOptions(port=pair.port), exclude_self=False)]) as collector:
+        assert libc.sendmmsg(pair.client.fileno(), vec, 2, 0) == 2
+        time.sleep(0.05)
+        inbuf = ctypes.create_string_buffer(100)
+        in_iov = IoVec(ctypes.cast(inbuf, ctypes.c_void_p), 100)
+        invec = (MMsgHdr * 1)()
+        invec[0].hdr.iov = ctypes.pointer(in_iov)
+        invec[0].hdr.iovlen = 1
+        assert libc.recvmmsg(pair.server.fileno(), invec, 1, 0, None) == 1
+        events = wait_data(collector, pair.port, 3)
+    pair.close()
+    assert [(e.syscall, e.size, e.data) for e in events] == [
+        ("sendmmsg", 13, b"first message"),
+        ("sendmmsg", 6, b"second"),
+        ("recvmmsg", 19, b"first messagesecond"),
+    ]
+
+
+def test_files_pipes_and_other_ports_are_not_captured():
+    pair, other = Pair(), Pair()
+    with running_pipeline([PayloadProbe(ProbeOptions(port=pair.port), exclude_self=False)]) as collector:
+        read_end, write_end = os.pipe()
+        os.write(write_end, b"pipe bytes")
+        os.read(read_end, 100)
+        with tempfile.TemporaryFile() as f:
+            f.write(b"file bytes")
+            f.flush()
+        other.client.sendall(b"other port")
+        other.server.recv(100)
+        pair.client.sendall(b"selected")
+        pair.server.recv(100)
+        wait_data(collector, pair.port, 2)
+        time.sleep(0.2)
+        os.close(read_end), os.close(write_end)
+    pair.close(), other.close()
+    datas = collector.matching(lambda e: isinstance(e, DataEvent))
+    assert [e.data for e in datas] == [b"selected", b"selected"]
+
+
+def test_muted_socket_is_no_longer_copied():
+    pair = Pair()
+    probe = PayloadProbe(ProbeOptions(port=pair.port), exclude_self=False)
+    with running_pipeline([probe]) as collector:
+        pair.client.sendall(b"before")
+        pair.server.recv(100)
+        (first, _) = wait_data(collector, pair.port, 2)
+        probe.mute(first.sock_id)  # the client's socket
+        pair.client.sendall(b"after")
+        pair.server.recv(100)
+        wait_data(collector, pair.port, 3)
+        time.sleep(0.2)
+    pair.close()
+    assert [(e.direction, e.data) for e in data_events(collector, pair.port)] == [
+        ("egress", b"before"), ("ingress", b"before"), ("ingress", b"after")
+    ]
+
+
+def test_threads_of_a_server_are_attributed_to_their_process():
+    pair = Pair()
+    with running_pipeline([PayloadProbe(ProbeOptions(port=pair.port), exclude_self=False)]) as collector:
+        t = threading.Thread(target=lambda: pair.client.sendall(b"from a thread"))
+        t.start()
+        t.join()
+        pair.server.recv(100)
+        events = wait_data(collector, pair.port, 2)
+    pair.close()
+    assert {e.pid for e in events} == {os.getpid()}
+    assert len({e.tid for e in events}) == 2

@@ -23,14 +23,14 @@ BPF_OBJS := $(foreach a,$(BPF_ARCHES),$(patsubst bpf/%.bpf.c,$(BPF_OUT)/$(a)/%.b
 # -g keeps BTF (needed for CO-RE); llvm-strip -g then drops DWARF only.
 BPF_CFLAGS := -g -O2 -Wall -Werror -target bpf -Ibpf
 
-.PHONY: setup run test bench bpf deps test-deps venv clean
+.PHONY: setup run test bench bpf deps test-deps venv clean examples
 
 setup: deps venv bpf
 
 run: setup
 	$(PY) -m deetune.agent $(ARGS)
 
-test: setup test-deps
+test: setup test-deps examples
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: setup test-deps
@@ -79,6 +79,35 @@ $(BPF_OUT)/arm64/%.bpf.o: bpf/%.bpf.c $(BPF_HDR) | .stamps/deps
 	@mkdir -p $(@D)
 	$(CLANG) $(BPF_CFLAGS) -D__TARGET_ARCH_arm64 -c $< -o $@
 	llvm-strip -g $@
+
+# The example third-party plugin (examples/deetune-signals): its BPF objects,
+# built with the main flags (-Ibpf finds deetune's common.bpf.h, vmlinux.h and
+# deetune.h) into its own package, then an editable install into the venv.
+EX_DIR := examples/deetune-signals
+EX_SRC := $(wildcard $(EX_DIR)/bpf/*.bpf.c)
+EX_HDR := $(wildcard $(EX_DIR)/bpf/*.h)
+EX_OUT := $(EX_DIR)/src/deetune_signals/_bpf
+EX_OBJS := $(foreach a,$(BPF_ARCHES),$(patsubst $(EX_DIR)/bpf/%.bpf.c,$(EX_OUT)/$(a)/%.bpf.o,$(EX_SRC)))
+
+examples: $(EX_OBJS) $(EX_OUT)/signals.h $(VENV)/.examples-installed
+
+$(EX_OUT)/signals.h: $(EX_DIR)/bpf/signals.h
+	@mkdir -p $(@D)
+	cp $< $@
+
+$(EX_OUT)/x86/%.bpf.o: $(EX_DIR)/bpf/%.bpf.c $(EX_HDR) $(BPF_HDR) | .stamps/deps
+	@mkdir -p $(@D)
+	$(CLANG) $(BPF_CFLAGS) -D__TARGET_ARCH_x86 -c $< -o $@
+	llvm-strip -g $@
+
+$(EX_OUT)/arm64/%.bpf.o: $(EX_DIR)/bpf/%.bpf.c $(EX_HDR) $(BPF_HDR) | .stamps/deps
+	@mkdir -p $(@D)
+	$(CLANG) $(BPF_CFLAGS) -D__TARGET_ARCH_arm64 -c $< -o $@
+	llvm-strip -g $@
+
+$(VENV)/.examples-installed: $(EX_DIR)/pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install -q -e $(EX_DIR)
+	@touch $@
 
 clean:
 	rm -rf $(BPF_OUT)/x86 $(BPF_OUT)/arm64 $(BPF_OUT)/deetune.h .stamps

@@ -110,4 +110,4 @@ $(VENV)/.examples-installed: $(EX_DIR)/pyproject.toml $(VENV)/.installed
 	@touch $@
 
 clean:
-	rm -rf $(BPF_OUT)/x86 $(BPF_OUT)/arm64 $(BPF_OUT)/deetune.h .stamps
+	rm -rf $(BPF_OUT)/x86 $(BPF_OUT)/arm64 $(BPF_OUT)/deetune.h .stamps $(EX_OUT) $(VENV)/.examples-installed

@@ -1,7 +1,7 @@
 /* SPDX-License-Identifier: Apache-2.0
  *
  * The one truth for records that BPF programs write into ring buffers and
- * Python reads (deetune/_records.py feeds this file, minus preprocessor
+ * Python reads (deetune/records.py feeds this file, minus preprocessor
  * lines, to cffi's cdef).  Rules that keep both sides parsing it:
  *   - fixed-width types only (__u8 … __u64, __s32), no pointers, no bitfields;
  *   - sizes as enum constants, not macros;

@@ -516,7 +516,7 @@ class BpfObject:
     def open(cls, path: str | os.PathLike) -> "BpfObject":
         path = os.fspath(path)
         if not os.path.exists(path):
-            raise LibbpfError(f"BPF object {path} not found (run `make bpf`)", errno_mod.ENOENT)
+            raise LibbpfError(f"BPF object {path} not found", errno_mod.ENOENT)
         ptr = _check_ptr(lib().bpf_object__open_file(path.encode(), ffi.NULL), f"open {path}")
         return cls(ptr, path)
 

@@ -33,8 +33,20 @@ def _cdef_source(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
-ffi = cffi.FFI()
-ffi.cdef(_PREAMBLE + _cdef_source(header_path().read_text()))
+def load_header(path: pathlib.Path, *, include: cffi.FFI | None = None) -> cffi.FFI:
+    """An FFI holding the record layouts of a BPF header (same rules as
+    ``deetune.h``).  A plugin passes ``include=deetune.records.ffi`` to reuse
+    ``struct dt_header`` and the fixed-width typedefs."""
+    new = cffi.FFI()
+    if include is not None:
+        new.include(include)
+        new.cdef(_cdef_source(path.read_text()))
+    else:
+        new.cdef(_PREAMBLE + _cdef_source(path.read_text()))
+    return new
+
+
+ffi = load_header(header_path())
 lib = ffi.dlopen(None)  # only for the enum constants
 
 _SCALAR_FORMATS = {
@@ -53,7 +65,7 @@ class FieldLayout(NamedTuple):
     fmt: str  # struct format of the field, e.g. "I" or "16s"
 
 
-def flat_fields(ctype_name: str) -> list[FieldLayout]:
+def flat_fields(ctype_name: str, ffi: cffi.FFI = ffi) -> list[FieldLayout]:
     """Fields of a record, nested structs flattened with ``outer_inner`` names."""
 
     def walk(ctype, prefix: str, base: int) -> list[FieldLayout]:
@@ -77,13 +89,15 @@ def flat_fields(ctype_name: str) -> list[FieldLayout]:
     return walk(ffi.typeof(ctype_name), "", 0)
 
 
-def record_struct(ctype_name: str, *, upto: str | None = None) -> tuple[struct.Struct, tuple[str, ...]]:
+def record_struct(
+    ctype_name: str, *, upto: str | None = None, ffi: cffi.FFI = ffi
+) -> tuple[struct.Struct, tuple[str, ...]]:
     """A little-endian ``struct.Struct`` for the record (optionally only the fields
     before ``upto``), and the field names in unpack order."""
     fmt = ["<"]
     names = []
     position = 0
-    for field in flat_fields(ctype_name):
+    for field in flat_fields(ctype_name, ffi):
         if field.name == upto:
             break
         if field.offset > position:

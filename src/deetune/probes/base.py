@@ -11,7 +11,7 @@ import attrs
 
 from deetune import resources
 from deetune.events import Event
-from deetune.libbpf import BpfObject
+from deetune.libbpf import BpfObject, LibbpfError
 from deetune.ringbuf import RingBuffer
 
 log = logging.getLogger("deetune.probes")
@@ -58,6 +58,8 @@ class Probe:
     description: ClassVar[str] = ""
     #: BPF object file name without ``.bpf.o``.
     object_name: ClassVar[str] = ""
+    #: What to tell the user when the object file is missing.
+    build_hint: ClassVar[str] = "build the BPF objects with `make bpf`"
 
     def __init__(self, options: ProbeOptions | None = None, clock: Clock | None = None):
         self.options = options or ProbeOptions()
@@ -84,7 +86,10 @@ class Probe:
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         """Open, configure, load and attach; on any failure nothing stays loaded."""
-        obj = BpfObject.open(self.object_file())
+        path = self.object_file()
+        if not path.exists():
+            raise LibbpfError(f"probe {self.name}: {path} not found: {self.build_hint}")
+        obj = BpfObject.open(path)
         try:
             if self.options.ringbuf_bytes:
                 for m in obj.maps.values():

@@ -10,7 +10,7 @@ from typing import Iterable
 import attrs
 
 from deetune import resources
-from deetune.libbpf import BpfObject, LibbpfError
+from deetune.libbpf import BpfObject
 from deetune.probes.base import Probe, ProbeOptions
 from deetune_signals import records
 from deetune_signals.events import SignalEvent
@@ -61,17 +61,11 @@ class SignalsProbe(Probe):
     name = "signals"
     description = "signals generated (signal/signal_generate): signal, sender, target, result"
     object_name = "signals"
+    build_hint = "run `make examples` in the deetune checkout"
 
     def object_file(self) -> pathlib.Path:
         """Our own object, shipped in this package (not deetune's ``_bpf``)."""
         return PACKAGE_BPF / resources.machine_arch() / f"{self.object_name}.bpf.o"
-
-    def start(self) -> None:
-        path = self.object_file()
-        if not path.exists():
-            # deetune's own message would say `make bpf`, which builds only deetune's objects.
-            raise LibbpfError(f"BPF object {path} not found (run `make examples` in the deetune checkout)", 2)
-        super().start()
 
     def configure(self, obj: BpfObject) -> None:
         # Knobs are `const volatile` globals: set between open and load, after

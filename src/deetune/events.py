@@ -9,6 +9,7 @@ same moment, for computing intervals.
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 from typing import Any, ClassVar
 
@@ -107,8 +108,10 @@ def failure_reason(err: int) -> str:
     return errno.errorcode.get(err, f"errno {err}").lower() if err else "unknown"
 
 
+@functools.lru_cache(maxsize=8192)
 def format_address(family: int, raw: bytes) -> str:
-    """Text form of an address from a record (IPv4 in the first 4 bytes)."""
+    """Text form of an address from a record (IPv4 in the first 4 bytes).
+    Cached: a host talks to few addresses, and every payload record has two."""
     if family == 4:
         return str(ipaddress.IPv4Address(raw[:4]))
     addr = ipaddress.IPv6Address(raw[:16])

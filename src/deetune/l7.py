@@ -26,6 +26,10 @@ log = logging.getLogger("deetune.l7")
 #: Connections tracked at once; the least recently active is dropped beyond.
 MAX_CONNECTIONS = 65536
 
+#: Live chunks are whole syscalls: a write usually ends where a message ends,
+#: so when a capture gap hides HTTP framing the decoder may assume just that.
+LIVE_DECODER_OPTIONS = {"http": {"trust_syscall_boundaries": True}}
+
 
 @attrs.define
 class L7Stats:
@@ -149,7 +153,7 @@ class L7Handler:
         role = self._roles.pop(event.sock_id, None)
         if role is None and event.lport in self.listening:
             role = "server"
-        session = StreamSession(self.decoders, role, ports=(event.rport, event.lport))
+        session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
         conn = _Conn(session, event.pid, event.comm, event.laddr, event.lport, event.raddr, event.rport,
                      event.cgroup_id, event.ts - event.ts_mono_ns)
         self._conns[event.sock_id] = conn

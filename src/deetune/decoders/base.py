@@ -103,7 +103,10 @@ class Decoder:
 
     Subclasses set :attr:`protocol` and implement :meth:`detect` and
     :meth:`feed`.  Register the class from a plugin's
-    ``deetune_register_decoders(register)`` hook.
+    ``deetune_register_decoders(register)`` hook.  The class is instantiated
+    with no arguments, except for options the caller names for its protocol
+    (live capture passes ``trust_syscall_boundaries=True`` to ``http``), so
+    every constructor argument needs a default.
     """
 
     #: Protocol name used in exchanges and on the command line.

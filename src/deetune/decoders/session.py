@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import enum
 import logging
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from deetune.decoders.base import Chunk, Decoder, Direction, Exchange, Undecodable
 
@@ -36,7 +36,14 @@ class State(enum.Enum):
 class StreamSession:
     """Detection then decoding for one connection, from one side's point of view."""
 
-    def __init__(self, decoders: Sequence[type[Decoder]], role: str | None = None, *, ports: Sequence[int] = ()):
+    def __init__(
+        self,
+        decoders: Sequence[type[Decoder]],
+        role: str | None = None,
+        *,
+        ports: Sequence[int] = (),
+        options: Mapping[str, Mapping[str, object]] | None = None,
+    ):
         #: ``"client"``, ``"server"`` or None until known.
         self.role = role
         self.state = State.DETECTING
@@ -45,6 +52,8 @@ class StreamSession:
         #: One line: why the session stopped decoding.
         self.reason: str | None = None
         self._candidates = _order_by_port(decoders, ports)
+        #: Protocol → keyword arguments for that decoder's constructor.
+        self._options = options or {}
         self._undetected_chunks = 0
         # Chunks seen before the protocol was known are replayed into the decoder.
         self._held: list[tuple[bool, bytes, int, int]] = []
@@ -113,7 +122,7 @@ class StreamSession:
         return False
 
     def _start(self, cls: type[Decoder]) -> bool:
-        self.decoder = cls()
+        self.decoder = cls(**self._options.get(cls.protocol, {}))
         self.protocol = cls.protocol
         self.state = State.DECODING
         return True

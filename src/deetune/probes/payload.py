@@ -13,6 +13,11 @@ from deetune.probes.base import Probe, ProbeOptions
 
 _L = records.lib
 _FIXED, _FIELDS = records.record_struct("struct dt_data_record", upto="data")
+# decode() unpacks positionally, in this order; a layout change must update it.
+assert _FIELDS == (
+    "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "start_ns", "cgroup_id", "tid", "fd", "size", "captured",
+    "family", "lport", "rport", "direction", "syscall", "laddr", "raddr", "comm",
+), _FIELDS
 _DATA_OFFSET = records.ffi.offsetof("struct dt_data_record", "data")
 _SYSCALLS = {
     _L.DT_SYS_READ: "read",
@@ -84,31 +89,30 @@ class PayloadProbe(Probe):
             pass
 
     def decode(self, raw: bytes) -> Iterable[DataEvent]:
-        rec = dict(zip(_FIELDS, _FIXED.unpack_from(raw)))
-        if rec["hdr_kind"] != _L.DT_REC_DATA:
+        (kind, pid, ts_mono, sock_id, start_ns, cgroup_id, tid, fd, size, captured, family, lport, rport,
+         direction, syscall, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
+        if kind != _L.DT_REC_DATA:
             return ()
-        family = 6 if rec["family"] == _AF_INET6 else 4
-        captured = rec["captured"]
-        ts_mono = rec["hdr_ts_ns"]
+        family = 6 if family == _AF_INET6 else 4
         return (
             DataEvent(
-                ts=self.clock.wall(ts_mono),
+                ts=ts_mono + self.clock.offset_ns,
                 ts_mono_ns=ts_mono,
-                pid=rec["hdr_pid"],
-                tid=rec["tid"],
-                comm=records.cstr(rec["comm"]),
-                fd=rec["fd"],
-                sock_id=rec["sock_id"],
-                direction="ingress" if rec["direction"] == _L.DT_INGRESS else "egress",
-                syscall=_SYSCALLS.get(rec["syscall"], str(rec["syscall"])),
-                size=rec["size"],
+                pid=pid,
+                tid=tid,
+                comm=records.cstr(comm),
+                fd=fd,
+                sock_id=sock_id,
+                direction="ingress" if direction == _L.DT_INGRESS else "egress",
+                syscall=_SYSCALLS.get(syscall, str(syscall)),
+                size=size,
                 data=raw[_DATA_OFFSET : _DATA_OFFSET + captured],
-                start_mono_ns=rec["start_ns"],
-                laddr=format_address(family, rec["laddr"]),
-                lport=rec["lport"],
-                raddr=format_address(family, rec["raddr"]),
-                rport=rec["rport"],
+                start_mono_ns=start_ns,
+                laddr=format_address(family, laddr),
+                lport=lport,
+                raddr=format_address(family, raddr),
+                rport=rport,
                 family=family,
-                cgroup_id=rec["cgroup_id"],
+                cgroup_id=cgroup_id,
             ),
         )

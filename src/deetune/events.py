@@ -88,6 +88,9 @@ class ConnectionEvent(Event):
     # failed only
     #: failed: ``"refused"``, ``"timeout"``, or the errno name.
     error: str | None = attrs.field(kw_only=True, default=None)
+    #: Service names of both ends, set by the topology aggregator (None before it).
+    client_service: str | None = attrs.field(kw_only=True, default=None)
+    server_service: str | None = attrs.field(kw_only=True, default=None)
 
     def to_json(self) -> dict[str, Any]:
         data = super().to_json()
@@ -96,6 +99,8 @@ class ConnectionEvent(Event):
                 del data[key]
         if self.phase != "failed":
             del data["error"]
+        if self.client_service is None:
+            del data["client_service"], data["server_service"]
         return data
 
 
@@ -192,3 +197,12 @@ class ExchangeEvent(Event):
     cgroup_id: int = attrs.field(kw_only=True, default=0)
     #: Protocol specifics (``host``, ``version``, ``traceparent``, ``user`` …).
     attributes: dict[str, Any] = attrs.field(kw_only=True, factory=dict)
+    #: Service names of both ends, set by the topology aggregator (None before it).
+    client_service: str | None = attrs.field(kw_only=True, default=None)
+    server_service: str | None = attrs.field(kw_only=True, default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        if self.client_service is None:
+            del data["client_service"], data["server_service"]
+        return data

@@ -34,6 +34,15 @@ struct {
 	__type(value, __u8);
 } capture_ports SEC(".maps");
 
+/* Per-port capture sizes that override capture_bytes (larger or smaller):
+ * recording tasks raise it for the connections they record, live. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u32);
+} port_capture_bytes SEC(".maps");
+
 /* Sockets user space found to carry nothing it decodes: not copied any more.
  * Entries go when the socket closes (its address may be reused). */
 struct {
@@ -60,6 +69,7 @@ struct pending_call {
 	__u64 sk;
 	__u64 arg;      /* buffer, iovec array, msghdr or mmsghdr array */
 	__u32 vlen;     /* iovec count */
+	__u32 capture;  /* prefix to copy for this call */
 	__s32 fd;
 	__u8 syscall;
 	__u8 direction;
@@ -110,12 +120,19 @@ static __always_inline int on_enter(int fd, __u64 arg, __u32 vlen, __u8 syscall,
 	if ((family != AF_INET && family != AF_INET6) || BPF_CORE_READ(sk, sk_type) != SOCK_STREAM)
 		return 0;
 	__u64 sk_key = (__u64)sk;
-	if (bpf_map_lookup_elem(&muted_socks, &sk_key))
-		return 0;
-	if (filter_ports) {
-		__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-		__u16 rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
-		if (!port_selected(lport) && !port_selected(rport))
+	__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	__u16 rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	__u32 capture = capture_bytes;
+	__u32 *override = bpf_map_lookup_elem(&port_capture_bytes, &lport);
+	if (!override)
+		override = bpf_map_lookup_elem(&port_capture_bytes, &rport);
+	if (override) {
+		/* A recorded connection is copied even when muted or unselected. */
+		capture = *override;
+	} else {
+		if (bpf_map_lookup_elem(&muted_socks, &sk_key))
+			return 0;
+		if (filter_ports && !port_selected(lport) && !port_selected(rport))
 			return 0;
 	}
 	struct pending_call call = {
@@ -123,6 +140,7 @@ static __always_inline int on_enter(int fd, __u64 arg, __u32 vlen, __u8 syscall,
 		.sk = sk_key,
 		.arg = arg,
 		.vlen = vlen,
+		.capture = capture,
 		.fd = fd,
 		.syscall = syscall,
 		.direction = direction,
@@ -139,9 +157,9 @@ static __always_inline struct scratch *scratch_slot(void)
 }
 
 /* Copy up to `len` bytes from user memory at data[offset]; returns the new offset. */
-static __always_inline __u32 copy_user(struct scratch *s, __u32 offset, const void *src, __u64 len)
+static __always_inline __u32 copy_user(struct scratch *s, __u32 limit, __u32 offset, const void *src,
+				       __u64 len)
 {
-	__u32 limit = capture_bytes;
 	if (limit > DT_PAYLOAD_MAX)
 		limit = DT_PAYLOAD_MAX;
 	if (offset >= limit)
@@ -157,8 +175,8 @@ static __always_inline __u32 copy_user(struct scratch *s, __u32 offset, const vo
 }
 
 /* Copy from an iovec array until `moved` bytes are covered; returns bytes copied. */
-static __always_inline __u32 copy_iovecs(struct scratch *s, const struct iovec *iovs, __u64 vlen,
-					 __u64 moved)
+static __always_inline __u32 copy_iovecs(struct scratch *s, __u32 limit, const struct iovec *iovs,
+					 __u64 vlen, __u64 moved)
 {
 	__u32 offset = 0;
 	for (int i = 0; i < MAX_IOVECS; i++) {
@@ -168,7 +186,7 @@ static __always_inline __u32 copy_iovecs(struct scratch *s, const struct iovec *
 		if (bpf_probe_read_user(&iov, sizeof(iov), &iovs[i]) != 0)
 			break;
 		__u64 len = iov.iov_len < moved ? iov.iov_len : moved;
-		offset = copy_user(s, offset, iov.iov_base, len);
+		offset = copy_user(s, limit, offset, iov.iov_base, len);
 		moved -= len;
 	}
 	return offset;
@@ -236,7 +254,8 @@ static __always_inline int on_exit(long ret)
 			struct mmsghdr msg = {};
 			if (bpf_probe_read_user(&msg, sizeof(msg), &msgs[i]) != 0)
 				break;
-			__u32 captured = copy_iovecs(s, msg.msg_hdr.msg_iov, msg.msg_hdr.msg_iovlen, msg.msg_len);
+			__u32 captured = copy_iovecs(s, call.capture, msg.msg_hdr.msg_iov,
+						     msg.msg_hdr.msg_iovlen, msg.msg_len);
 			emit_data(s, &call, pid_tgid, msg.msg_len, captured);
 		}
 		return 0;
@@ -244,13 +263,13 @@ static __always_inline int on_exit(long ret)
 
 	__u32 captured = 0;
 	if (call.shape == SHAPE_BUF) {
-		captured = copy_user(s, 0, (const void *)call.arg, ret);
+		captured = copy_user(s, call.capture, 0, (const void *)call.arg, ret);
 	} else if (call.shape == SHAPE_IOV) {
-		captured = copy_iovecs(s, (const struct iovec *)call.arg, call.vlen, ret);
+		captured = copy_iovecs(s, call.capture, (const struct iovec *)call.arg, call.vlen, ret);
 	} else if (call.shape == SHAPE_MSG) {
 		struct user_msghdr msg = {};
 		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)call.arg) == 0)
-			captured = copy_iovecs(s, msg.msg_iov, msg.msg_iovlen, ret);
+			captured = copy_iovecs(s, call.capture, msg.msg_iov, msg.msg_iovlen, ret);
 	}
 	emit_data(s, &call, pid_tgid, ret, captured);
 	return 0;

@@ -207,3 +207,29 @@ def test_threads_of_a_server_are_attributed_to_their_process():
     pair.close()
     assert {e.pid for e in events} == {os.getpid()}
     assert len({e.tid for e in events}) == 2
+
+
+def test_port_capture_override_applies_live_even_to_muted_and_unselected_sockets():
+    pair, recorded = Pair(), Pair()
+    probe = PayloadProbe(ProbeOptions(port=pair.port), capture_bytes=8, exclude_self=False)
+    payload = b"0123456789" * 100
+    with running_pipeline([probe]) as collector:
+        recorded.client.sendall(payload)  # not selected: nothing copied
+        recorded.server.recv(4096)
+        pair.client.sendall(payload)
+        pair.server.recv(4096)
+        wait_data(collector, pair.port, 2)
+        probe.set_port_capture(recorded.port, 600)
+        recorded.client.sendall(payload)
+        while len(recorded.server.recv(4096)) < 1:
+            pass
+        events = wait_data(collector, recorded.port, 2)
+        probe.set_port_capture(recorded.port, None)
+        recorded.client.sendall(b"x")
+        recorded.server.recv(10)
+        time.sleep(0.2)
+    pair.close(), recorded.close()
+    assert [len(e.data) for e in data_events(collector, pair.port)] == [8, 8]
+    assert [(e.size, e.data) for e in data_events(collector, recorded.port)] == [
+        (1000, payload[:600]), (1000, payload[:600])
+    ]

@@ -78,6 +78,20 @@ class PayloadProbe(Probe):
         for port in self.ports:
             ports.update(struct.pack("<H", port), b"\x01")
 
+    def set_port_capture(self, port: int, capture_bytes: int | None) -> None:
+        """Copy ``capture_bytes`` per call on connections with this local or remote
+        port, even when muted or not selected (recording); None restores the default.
+        Applied live, in the kernel."""
+        if self.obj is None:
+            raise RuntimeError("probe payload is not started")
+        key = struct.pack("<H", port)
+        if capture_bytes is None:
+            self.obj.maps["port_capture_bytes"].delete(key)
+            return
+        if not 0 <= capture_bytes <= MAX_CAPTURE_BYTES:
+            raise ValueError(f"capture_bytes must be between 0 and {MAX_CAPTURE_BYTES}, got {capture_bytes}")
+        self.obj.maps["port_capture_bytes"].update(key, struct.pack("<I", capture_bytes))
+
     def mute(self, sock_id: int) -> None:
         """Stop copying this socket's payload (it carries nothing we decode)."""
         if self.obj is None:

@@ -2,6 +2,7 @@
 #   make run     install what the agent needs, build, and run it on this host (as root)
 #   make test    install what the tests need (servers too), build, run the whole suite
 #   make bench   run the benchmarks in bench/
+#   make ui      fetch the web UI's JavaScript dependencies (npm) into src/deetune/api/static/vendor/
 
 PYTHON ?= python3
 VENV := .venv
@@ -11,7 +12,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 # Debian packages: to build and run the agent, and to run the tests.
-RUN_DEBS := clang llvm libbpf-dev libbpf1 bpftool make python3-venv python3-dev gcc
+RUN_DEBS := clang llvm libbpf-dev libbpf1 bpftool make python3-venv python3-dev gcc nodejs npm
 TEST_DEBS := nginx redis-server redis-tools mariadb-server mariadb-client prometheus wrk \
              iproute2 chromium procps
 
@@ -23,9 +24,9 @@ BPF_OBJS := $(foreach a,$(BPF_ARCHES),$(patsubst bpf/%.bpf.c,$(BPF_OUT)/$(a)/%.b
 # -g keeps BTF (needed for CO-RE); llvm-strip -g then drops DWARF only.
 BPF_CFLAGS := -g -O2 -Wall -Werror -target bpf -Ibpf
 
-.PHONY: setup run test bench bpf deps test-deps venv clean examples
+.PHONY: setup run test bench bpf deps test-deps venv clean examples ui
 
-setup: deps venv bpf
+setup: deps venv bpf ui
 
 run: setup
 	$(PY) -m deetune.agent $(ARGS)
@@ -37,9 +38,14 @@ bench: setup test-deps
 	$(PY) bench/run_all.py
 
 deps: .stamps/deps
-.stamps/deps:
+# Re-checked when the Makefile changes (e.g. a package added to RUN_DEBS).
+.stamps/deps: Makefile
 	@mkdir -p .stamps
-	@missing=$$(for p in $(RUN_DEBS); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	@# A nodejs from elsewhere (e.g. NodeSource) bundles npm and conflicts with Debian's npm:
+	@# a working node/npm command counts as installed.
+	@missing=$$(for p in $(RUN_DEBS); do \
+	  case $$p in nodejs) command -v node >/dev/null && continue;; npm) command -v npm >/dev/null && continue;; esac; \
+	  dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages: $$missing"; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
@@ -63,6 +69,19 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
+
+# The web UI's JavaScript (cytoscape), pinned in ui/package-lock.json, fetched from npm at
+# build time and served by the agent itself (no CDN at run time).
+UI_VENDOR := src/deetune/api/static/vendor
+ui: $(UI_VENDOR)/cytoscape.min.js
+
+ui/node_modules/.package-lock.json: ui/package.json ui/package-lock.json | .stamps/deps
+	cd ui && npm ci --no-audit --no-fund
+	@touch $@
+
+$(UI_VENDOR)/cytoscape.min.js: ui/node_modules/.package-lock.json
+	@mkdir -p $(@D)
+	cp ui/node_modules/cytoscape/dist/cytoscape.min.js $@
 
 bpf: $(BPF_OBJS) $(BPF_OUT)/deetune.h
 
@@ -110,4 +129,5 @@ $(VENV)/.examples-installed: $(EX_DIR)/pyproject.toml $(VENV)/.installed
 	@touch $@
 
 clean:
-	rm -rf $(BPF_OUT)/x86 $(BPF_OUT)/arm64 $(BPF_OUT)/deetune.h .stamps $(EX_OUT) $(VENV)/.examples-installed
+	rm -rf $(BPF_OUT)/x86 $(BPF_OUT)/arm64 $(BPF_OUT)/deetune.h .stamps $(EX_OUT) $(VENV)/.examples-installed \
+	  ui/node_modules $(UI_VENDOR)

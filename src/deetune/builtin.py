@@ -20,9 +20,13 @@ def deetune_register_probes(register):
 def deetune_register_sinks(register):
     from deetune.sinks.console import ConsoleSink
     from deetune.sinks.jsonl import JsonlSink
+    from deetune.sinks.otlp import OtlpSink
+    from deetune.sinks.prometheus import PrometheusSink
 
     register(ConsoleSink)
     register(JsonlSink)
+    register(OtlpSink)
+    register(PrometheusSink)
 
 
 @hookimpl
@@ -34,3 +38,25 @@ def deetune_register_decoders(register):
     register(HttpDecoder)
     register(RedisDecoder)
     register(MysqlDecoder)
+
+
+@hookimpl(wrapper=True)
+def deetune_resolve_service(process):
+    """The built-in service resolvers, chained in one implementation: the
+    environment (OTEL_SERVICE_NAME, DEETUNE_SERVICE), the container, the
+    systemd unit, the executable or script (deetune.services.BuiltinResolvers).
+
+    One function, because pluggy takes one implementation of a hook per
+    plugin and the four must be asked in this order.  A *wrapper* rather than
+    ``trylast``: it answers only when every other implementation returned None,
+    whatever their ``tryfirst``/``trylast`` marks.  (pluggy calls a
+    ``trylast`` implementation registered later *after* an earlier one, so a
+    plain ``trylast`` built-in, which always answers, would hide a third-party
+    resolver marked ``trylast``.)  Third-party wrappers still wrap this one and
+    may rewrite its answer."""
+    answer = yield
+    if answer is not None:
+        return answer
+    from deetune.services import BUILTIN
+
+    return BUILTIN.resolve(process)

@@ -25,6 +25,10 @@ log = logging.getLogger("deetune.l7")
 
 #: Connections tracked at once; the least recently active is dropped beyond.
 MAX_CONNECTIONS = 65536
+#: How long (ns) a handled close waits for data from before it when no later data comes:
+#: the data comes through another ring buffer, which the pipeline may drain after the one
+#: carrying the close.
+CLOSE_GRACE_NS = 1_000_000_000
 
 #: Live chunks are whole syscalls: a write usually ends where a message ends,
 #: so when a capture gap hides HTTP framing the decoder may assume just that.
@@ -55,6 +59,10 @@ class _Conn:
     cgroup_id: int
     #: wall clock − monotonic clock, from the data events themselves.
     clock_offset: int
+
+
+def _same_ports(conn: _Conn, event: DataEvent | ConnectionEvent) -> bool:
+    return conn.lport == event.lport and conn.rport == event.rport and conn.raddr == event.raddr
 
 
 class ListeningPorts:
@@ -96,46 +104,100 @@ class L7Handler:
         self.listening = listening if listening is not None else ListeningPorts()
         self.stats = L7Stats()
         self._conns: collections.OrderedDict[int, _Conn] = collections.OrderedDict()
-        self._roles: dict[int, str] = {}
+        #: Roles from open events not followed by data yet: sock_id → (role, lport, rport).
+        self._roles: dict[int, tuple[str, int, int]] = {}
+        #: Closed connections whose last data may still be on its way:
+        #: sock_id → (close time, when the close was handled), both monotonic ns.
+        self._closing: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
+        #: Latest data event time seen (monotonic ns).
+        self._data_ns = 0
 
     def __call__(self, event: Event) -> Iterable[Event]:
         if isinstance(event, DataEvent):
-            return self._on_data(event)
-        if isinstance(event, ConnectionEvent):
-            return self._on_connection(event)
-        return (event,)
+            out = self._on_data(event)
+        elif isinstance(event, ConnectionEvent):
+            out = self._on_connection(event)
+        else:
+            return (event,)
+        if self._closing:
+            out.extend(self._finish_closes())
+        return out
 
     # -- connection lifecycle ---------------------------------------------------------------
+    # A sock_id is the kernel's socket address: a new socket may reuse it as soon as the old one
+    # is freed.  Connection events come through another ring buffer than data events, so a close
+    # may be handled after the data of a newer socket at the same address, or be lost when that
+    # ring overflows.  The ports tell the connections apart: state found under a sock_id belongs
+    # to the event only when the ports match.  For the same reason a close may be handled before
+    # the connection's last data: the session is finished only once data events from after the
+    # close have been seen (the data ring is in time order), or CLOSE_GRACE_NS later.
     def _on_connection(self, event: ConnectionEvent) -> list[Event]:
         if event.phase == "open":
+            out: list[Event] = []
             if event.role in ("client", "server"):
                 conn = self._conns.get(event.sock_id)
+                if conn is not None and not _same_ports(conn, event):
+                    out = self._end_conn(event.sock_id, event.ts_mono_ns)
+                    conn = None
                 if conn is not None:
                     conn.session.set_role(event.role)
                 else:
-                    self._roles[event.sock_id] = event.role
+                    self._roles[event.sock_id] = (event.role, event.lport, event.rport)
                     if len(self._roles) > MAX_CONNECTIONS:
                         self._roles.pop(next(iter(self._roles)))
-            return [event]
-        self._roles.pop(event.sock_id, None)
-        conn = self._conns.pop(event.sock_id, None)
-        if conn is None:
-            return [event]
-        out: list[Event] = [self._exchange_event(conn, x, event.sock_id) for x in conn.session.close(event.ts_mono_ns)]
+            out.append(event)
+            return out
+        role = self._roles.get(event.sock_id)
+        if role is not None and role[1:] == (event.lport, event.rport):
+            del self._roles[event.sock_id]
+        conn = self._conns.get(event.sock_id)
+        if conn is None or not _same_ports(conn, event):
+            return [event]  # never decoded, or a newer connection already reuses the sock_id
+        self._closing[event.sock_id] = (event.ts_mono_ns, time.monotonic_ns())
+        return [event]
+
+    def _finish_closes(self) -> list[Event]:
+        """Finish the sessions of closed connections whose data has all been seen."""
+        out: list[Event] = []
+        expired = time.monotonic_ns() - CLOSE_GRACE_NS
+        while self._closing:
+            sock_id, (closed_ns, handled_ns) = next(iter(self._closing.items()))
+            if closed_ns > self._data_ns and handled_ns > expired:
+                break
+            del self._closing[sock_id]
+            out.extend(self._end_conn(sock_id, closed_ns))
+        return out
+
+    def _end_conn(self, sock_id: int, ts_ns: int) -> list[Event]:
+        """Finish the session of the connection under ``sock_id``: it closed, or ended unseen
+        (its close lost, or not handled yet when a new connection reused the sock_id)."""
+        self._closing.pop(sock_id, None)
+        conn = self._conns.pop(sock_id, None)
+        if conn is None:  # evicted meanwhile
+            return []
+        out: list[Event] = [self._exchange_event(conn, x, sock_id) for x in conn.session.close(ts_ns)]
         self.stats.exchanges += len(out)
-        out.append(event)
         return out
 
     # -- payload ----------------------------------------------------------------------------
     def _on_data(self, event: DataEvent) -> list[Event]:
         self.stats.data_events += 1
+        out: list[Event] = []
+        if event.ts_mono_ns > self._data_ns:
+            self._data_ns = event.ts_mono_ns
         conn = self._conns.get(event.sock_id)
+        closing = self._closing.get(event.sock_id)
+        if conn is not None and (not _same_ports(conn, event)
+                                 or (closing is not None and closing[0] < event.start_mono_ns)):
+            out = self._end_conn(event.sock_id, event.start_mono_ns)
+            conn = None
         if conn is None:
             conn = self._new_conn(event)
         else:
             self._conns.move_to_end(event.sock_id)
         session = conn.session
-        out: list[Event] = [event] if self.emit_data else []
+        if self.emit_data:
+            out.append(event)
         if not session.active:
             return out
         egress = event.direction == "egress"
@@ -150,7 +212,8 @@ class L7Handler:
         return out
 
     def _new_conn(self, event: DataEvent) -> _Conn:
-        role = self._roles.pop(event.sock_id, None)
+        known = self._roles.pop(event.sock_id, None)
+        role = known[0] if known is not None and known[1:] == (event.lport, event.rport) else None
         if role is None and event.lport in self.listening:
             role = "server"
         session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
@@ -204,8 +267,10 @@ class L7Handler:
         out: list[Event] = []
         now = time.monotonic_ns()
         for sock_id, conn in self._conns.items():
-            for x in conn.session.close(now):
+            closing = self._closing.get(sock_id)
+            for x in conn.session.close(now if closing is None else closing[0]):
                 out.append(self._exchange_event(conn, x, sock_id))
         self._conns.clear()
+        self._closing.clear()
         self.stats.exchanges += len(out)
         return out

@@ -7,6 +7,12 @@ every resulting event goes to every sink.
 
 On stop the rings are drained once more, the kernel's emitted/lost counters
 are read, every probe is detached and unloaded, and the sinks are closed.
+
+A sink that wants the run's counters while it runs (e.g. to export them as
+metrics) defines ``observe_stats(stats: RunStats)``: the pipeline then reads the
+kernel's emitted/lost counters of every probe about once per ``stats_interval``
+seconds and calls it from its own thread, and once more at stop with the final
+counters, before the sinks are closed.  Sinks without the method cost nothing.
 """
 
 from __future__ import annotations
@@ -73,11 +79,14 @@ class Pipeline:
         handlers: Sequence[Handler] = (),
         *,
         poll_interval: float = 0.1,
+        stats_interval: float = 1.0,
     ):
         self.probes = list(probes)
         self.sinks = list(sinks)
         self.handlers = list(handlers)
         self.poll_interval = poll_interval
+        #: Seconds between two ``observe_stats`` calls to the sinks that have it.
+        self.stats_interval = stats_interval
         self.stats = RunStats(probes={p.name: ProbeStats(p.name) for p in self.probes})
         self._stop = threading.Event()
         self._started: list[Probe] = []
@@ -115,6 +124,7 @@ class Pipeline:
                     for ring in probe.ring_buffers():
                         epoll.register(ring.fd, select.EPOLLIN)
                         rings[ring.fd] = (probe, ring)
+                next_stats = time.monotonic() + self.stats_interval
                 while not self._stop.is_set():
                     timeout = self.poll_interval
                     if deadline is not None:
@@ -126,6 +136,11 @@ class Pipeline:
                     for fd, _ in ready_fds:
                         probe, ring = rings[fd]
                         self._dispatch(probe, ring.consume())
+                    if time.monotonic() >= next_stats:
+                        next_stats = time.monotonic() + self.stats_interval
+                        if self._stats_observers():
+                            self._read_counters()
+                            self._publish_stats()
                 # Whatever the kernel wrote before we stopped is still ours to deliver.
                 for probe, ring in rings.values():
                     while batch := ring.consume():
@@ -144,18 +159,12 @@ class Pipeline:
         if self._closed:
             return
         self._closed = True
-        for probe in self._started:
-            try:
-                counters = probe.counters()
-            except Exception as exc:  # the object may be half torn down after an error
-                log.warning("cannot read counters of probe %s: %s", probe.name, exc)
-                continue
+        for probe in self._read_counters(final=True):
             stats = self.stats.probes[probe.name]
-            stats.emitted = counters["emitted"]
-            stats.lost = counters["lost"]
             if stats.lost:
                 log.warning("probe %s: %d records lost in the kernel (ring buffer full)", probe.name, stats.lost)
         self._stop_probes()
+        self._publish_stats()
         for sink in self.sinks:
             try:
                 sink.close()
@@ -164,6 +173,36 @@ class Pipeline:
                 log.error("sink %s failed to close: %s", sink.name, exc)
 
     # -- internals -----------------------------------------------------------------
+    def _read_counters(self, final: bool = False) -> list[Probe]:
+        """Copy every started probe's kernel counters into :attr:`stats`; return the probes read."""
+        read = []
+        for probe in self._started:
+            try:
+                counters = probe.counters()
+            except Exception as exc:  # the object may be half torn down after an error
+                if final:
+                    log.warning("cannot read counters of probe %s: %s", probe.name, exc)
+                else:
+                    log.debug("cannot read counters of probe %s: %s", probe.name, exc)
+                continue
+            stats = self.stats.probes[probe.name]
+            stats.emitted = counters["emitted"]
+            stats.lost = counters["lost"]
+            read.append(probe)
+        return read
+
+    def _stats_observers(self) -> list[Sink]:
+        return [s for s in self.sinks if callable(getattr(s, "observe_stats", None))]
+
+    def _publish_stats(self) -> None:
+        """Hand the run's counters to the sinks that observe them."""
+        for sink in self._stats_observers():
+            try:
+                sink.observe_stats(self.stats)
+            except Exception as exc:
+                self.stats.sink_errors += 1
+                log.error("sink %s failed to observe stats: %s", sink.name, exc)
+
     def _stop_probes(self) -> None:
         for probe in reversed(self._started):
             try:

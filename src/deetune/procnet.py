@@ -114,4 +114,56 @@ def listening_ports(proc: str = "/proc") -> set[int]:
     return {s.lport for s in read_tcp_sockets(proc) if s.state == TCP_LISTEN}
 
 
-__all__ = ["snapshot_connections", "read_tcp_sockets", "socket_owners", "listening_ports"]
+def read_listening_sockets(proc: str = "/proc") -> list[SocketEntry]:
+    """Only the LISTEN sockets of /proc/net/tcp{,6}: the state is checked before
+    the addresses are parsed, which matters on hosts with many connections."""
+    entries = []
+    for name, family in (("tcp", 4), ("tcp6", 6)):
+        try:
+            with open(f"{proc}/net/{name}") as table:
+                next(table)
+                for line in table:
+                    fields = line.split()
+                    if int(fields[3], 16) != TCP_LISTEN:
+                        continue
+                    laddr, lport = _parse_addr(fields[1], family)
+                    entries.append(SocketEntry(family, laddr, lport, "", 0, TCP_LISTEN, int(fields[9])))
+        except FileNotFoundError:  # no IPv6 in this kernel
+            continue
+    return entries
+
+
+def socket_inode_owners(inodes: set[int] | frozenset[int], proc: str = "/proc") -> dict[int, int]:
+    """Socket inode → pid of the first process (in /proc order) holding it, for
+    the given inodes only; stops scanning once all of them are found."""
+    wanted = set(inodes)
+    owners: dict[int, int] = {}
+    if not wanted:
+        return owners
+    for entry in os.scandir(proc):
+        if not entry.name.isdigit():
+            continue
+        pid = int(entry.name)
+        try:
+            with os.scandir(f"{proc}/{pid}/fd") as fds:
+                for fd in fds:
+                    try:
+                        target = os.readlink(fd.path)
+                    except OSError:
+                        continue
+                    if target.startswith("socket:["):
+                        inode = int(target[8:-1])
+                        if inode in wanted:
+                            owners[inode] = pid
+                            wanted.discard(inode)
+        except OSError:  # the process exited meanwhile, or no permission
+            continue
+        if not wanted:
+            break
+    return owners
+
+
+__all__ = [
+    "listening_ports", "read_listening_sockets", "read_tcp_sockets", "snapshot_connections",
+    "socket_inode_owners", "socket_owners",
+]

@@ -37,7 +37,9 @@ def deetune_register_sinks(register: Callable[[type], None]) -> None:
 
 @hookspec(firstresult=True)
 def deetune_resolve_service(process: Any) -> str | None:
-    """Name the service a process belongs to, or return None to let the next
-    resolver try.  The first non-None answer wins; resolvers registered later
-    are asked first (pluggy's LIFO order), so a third-party resolver overrides
-    the built-in ones."""
+    """Name the service a process (a :class:`deetune.services.ProcessInfo`)
+    belongs to, or return None to let the next resolver try.  The first
+    non-None answer wins.  The built-in resolvers (environment, container,
+    systemd unit, executable) are a hook wrapper that answers only when every
+    other resolver returned None, so a third-party resolver always comes first
+    (see docs/services.md)."""

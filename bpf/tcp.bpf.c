@@ -12,6 +12,8 @@ const struct dt_conn_record *dt_conn_record_btf __attribute__((unused));
 /* Knobs, set by user space between open and load. 0 means "any". */
 const volatile __u32 targ_tgid = 0;
 const volatile __u16 targ_port = 0;
+/* The agent's own connections (its API, its exporters) are not reported. */
+const volatile __u32 self_tgid = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -46,6 +48,8 @@ static __always_inline bool port_wanted(__u16 lport, __u16 rport)
 
 static __always_inline bool pid_wanted(__u32 tgid)
 {
+	if (self_tgid && tgid == self_tgid)
+		return false;
 	return targ_tgid == 0 || targ_tgid == tgid;
 }
 

@@ -204,3 +204,14 @@ def test_retransmits_counted_under_packet_loss(tmp_path):
         assert client.retransmits + server.retransmits > 0
     finally:
         subprocess.run(["ip", "netns", "del", ns])
+
+
+def test_exclude_self_drops_only_our_own_side():
+    with running_pipeline([TcpProbe(ProbeOptions(exclude_self=True))]) as collector:
+        peer = TcpPeer(reply=5)
+        exchange("127.0.0.1", peer, 5)
+        peer.finish()
+        collector.wait_for(lambda e: e.phase == "close" and peer.port in (e.lport, e.rport))
+        time.sleep(0.2)
+    sides = {(e.phase, e.role, e.pid) for e in conn_events(collector, peer.port)}
+    assert sides == {("open", "server", peer.pid), ("close", "server", peer.pid)}

@@ -101,7 +101,7 @@ def _setup_logging(verbosity: int) -> None:
 
 
 def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
-    options = ProbeOptions(pid=args.pid, port=args.port, ringbuf_bytes=args.ringbuf_size)
+    options = ProbeOptions(pid=args.pid, port=args.port, ringbuf_bytes=args.ringbuf_size, exclude_self=True)
     if args.ringbuf_size is not None and (args.ringbuf_size < 4096 or args.ringbuf_size & (args.ringbuf_size - 1)):
         raise UsageError(f"--ringbuf-size must be a power of two of at least 4096, got {args.ringbuf_size}")
     clock = Clock()

@@ -27,6 +27,9 @@ class ProbeOptions:
     port: int | None = None
     #: Ring buffer size in bytes (a power of two, a multiple of the page size); None: the object's default.
     ringbuf_bytes: int | None = None
+    #: Ignore this process's own sockets (the agent's API and exporters).  The
+    #: agent sets it; a tool that observes its own traffic leaves it off.
+    exclude_self: bool = False
 
 
 class Clock:

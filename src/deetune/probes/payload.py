@@ -46,7 +46,7 @@ class PayloadProbe(Probe):
     object_name = "payload"
 
     def __init__(self, options: ProbeOptions | None = None, clock=None, *, capture_bytes: int = DEFAULT_CAPTURE_BYTES,
-                 cgroup_id: int | None = None, ports: Iterable[int] = (), exclude_self: bool = True):
+                 cgroup_id: int | None = None, ports: Iterable[int] = (), exclude_self: bool | None = None):
         super().__init__(options, clock)
         if not 0 <= capture_bytes <= MAX_CAPTURE_BYTES:
             raise ValueError(f"capture_bytes must be between 0 and {MAX_CAPTURE_BYTES}, got {capture_bytes}")
@@ -55,9 +55,8 @@ class PayloadProbe(Probe):
         self.ports = set(ports)
         if self.options.port:
             self.ports.add(self.options.port)
-        #: Skip this process's own sockets (the agent's API, exporters); tests that
-        #: run the pipeline in-process turn it off.
-        self.exclude_self = exclude_self
+        #: Skip this process's own sockets (default: ``options.exclude_self``).
+        self.exclude_self = self.options.exclude_self if exclude_self is None else exclude_self
         self.muted = 0
 
     def configure(self, obj: BpfObject) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from typing import Iterable
 
 from deetune import procnet, records
@@ -29,6 +30,8 @@ class TcpProbe(Probe):
         self._preexisting: dict[tuple, procnet.PreexistingConnection] = {}
 
     def configure(self, obj: BpfObject) -> None:
+        if self.options.exclude_self:
+            obj.set_constant("self_tgid", os.getpid())
         if self.options.pid:
             obj.set_constant("targ_tgid", self.options.pid)
         if self.options.port:

@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # Debian packages: to build and run the agent, and to run the tests.
 RUN_DEBS := clang llvm libbpf-dev libbpf1 bpftool make python3-venv python3-dev gcc nodejs npm
 TEST_DEBS := nginx redis-server redis-tools mariadb-server mariadb-client prometheus wrk \
-             iproute2 chromium procps
+             iproute2 chromium procps curl
 
 BPF_SRC := $(wildcard bpf/*.bpf.c)
 BPF_HDR := bpf/deetune.h bpf/vmlinux.h bpf/common.bpf.h

@@ -22,11 +22,13 @@ def deetune_register_sinks(register):
     from deetune.sinks.jsonl import JsonlSink
     from deetune.sinks.otlp import OtlpSink
     from deetune.sinks.prometheus import PrometheusSink
+    from deetune.topology.store import StoreSink
 
     register(ConsoleSink)
     register(JsonlSink)
     register(OtlpSink)
     register(PrometheusSink)
+    register(StoreSink)
 
 
 @hookimpl

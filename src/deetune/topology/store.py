@@ -1,0 +1,874 @@
+"""Topology store: edges, instances and recent exchanges in SQLite, and the queries the API asks.
+
+- :class:`TopologyStore` opens (creating and migrating) a database file, writes
+  batches of aggregator events (:meth:`~TopologyStore.write`), expires old data
+  (:meth:`~TopologyStore.maintain`) and implements
+  :class:`~deetune.topology.model.TopologyQueries`.
+- :class:`StoreSink` (``--sink store:PATH``) feeds it from the pipeline without
+  slowing it: ``handle()`` only queues; a writer thread commits a batch about
+  every second; ``close()`` drains the queue and commits everything.
+
+Layout
+    WAL journal, so readers (pooled read-only connections, one per query) never
+    wait for the writer.  ``PRAGMA user_version`` is the schema version;
+    :data:`MIGRATIONS` are applied in order on open.
+
+Edge windows as running totals
+    ``edge_windows`` has one row per edge and aggregator window holding the
+    edge's counters (and latency histogram, a cumulative ``le`` column per bucket) summed over
+    all its windows up to this one, in (window_start, rowid) order.  A range's
+    metrics are then one subtraction per edge, ``total(last window starting
+    before until) − total(last window ending by since)``: the same cost for five
+    minutes as for a week.  (Summing the range's windows instead costs ~5 µs per
+    edge and window: a 15-minute graph of 10,000 edges would take seconds.)
+    Windows overlapping [since, until) count whole.  A window arriving out of
+    order adds itself to the later totals.  Retention deletes an edge's expired
+    windows but keeps the last one as a *floor* at window 0..0, so that the
+    totals after it still subtract to the right numbers.
+
+Answers (beyond the shapes :class:`~deetune.topology.model.TopologyQueries` fixes)
+    Instances are :class:`~deetune.topology.model.Instance` fields plus ``id``,
+    ``first_seen`` and ``last_seen``; a node is ``external`` when its service
+    never had an instance here.  Edges come sorted by (client, server, protocol,
+    port).  ``dependencies`` nodes are ``{"name", "hops", "external"}``, nearest
+    first; ``both`` is the union of the downstream and the upstream walks.
+    ``errors_only`` keeps edges with failed requests or failed connections.
+
+Exchanges
+    The most recent exchanges, at most ``max_exchanges`` and none older than
+    the retention.  When both ends run on the host each reports the exchange;
+    the client's copy is held ``exchange_hold_seconds`` and dropped if the
+    server's copy of it (same connection, method and target) arrives: the same
+    rule as the aggregator's, the server side counts.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import heapq
+import itertools
+import json
+import logging
+import os
+import sqlite3
+import threading
+import time
+from typing import Any, Callable, ClassVar, Iterable, Sequence
+
+import attrs
+
+from deetune.events import Event, ExchangeEvent
+from deetune.sinks.base import Sink, SinkError
+from deetune.topology.model import LATENCY_BUCKETS_NS, EdgeKey, EdgeWindowEvent, InstanceEvent
+
+log = logging.getLogger("deetune.topology.store")
+
+SEC = 1_000_000_000
+#: Latency histogram, cumulative like Prometheus's ``le`` buckets: column ``le{i}`` counts the
+#: samples up to LATENCY_BUCKETS_NS[i] (the last one: all of them), so readers need no running sum.
+BUCKET_COLUMNS: tuple[str, ...] = tuple(f"le{i}" for i in range(len(LATENCY_BUCKETS_NS) + 1))
+#: EdgeStats counters in their order in the table (and in EdgeStats.to_json).
+STAT_COLUMNS: tuple[str, ...] = (
+    "requests", "errors", "latency_sum_ns", "bytes_sent", "bytes_received",
+    "connections_opened", "connections_failed", "retransmits", "resets",
+)
+#: The running totals of edge_windows: the number of windows, the counters, the histogram.
+TOTAL_COLUMNS: tuple[str, ...] = ("windows", *STAT_COLUMNS, *BUCKET_COLUMNS)
+INSTANCE_FIELDS = ("id", "service", "host", "pid", "comm", "container_id", "container_name", "pod", "namespace")
+DIRECTIONS = ("downstream", "upstream", "both")
+
+_TOTALS_DDL = ", ".join(f"{c} INTEGER NOT NULL" for c in TOTAL_COLUMNS)
+
+#: Schema migrations: version N+1 is MIGRATIONS[N] applied to version N.
+MIGRATIONS: list[tuple[str, ...]] = [
+    # 1: services, instances, edges and their windows.
+    (
+        "CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)",
+        "CREATE TABLE services (name TEXT PRIMARY KEY, first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL)",
+        "CREATE TABLE instances (id TEXT PRIMARY KEY, service TEXT NOT NULL, host TEXT NOT NULL, pid INTEGER NOT NULL,"
+        " comm TEXT NOT NULL, container_id TEXT, container_name TEXT, pod TEXT, namespace TEXT,"
+        " first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL)",
+        "CREATE INDEX instances_last_seen ON instances (last_seen)",
+        "CREATE TABLE edges (id INTEGER PRIMARY KEY AUTOINCREMENT, client TEXT NOT NULL, server TEXT NOT NULL,"
+        " protocol TEXT NOT NULL, port INTEGER NOT NULL, first_seen INTEGER NOT NULL, last_seen INTEGER NOT NULL,"
+        " UNIQUE (client, server, protocol, port))",
+        f"CREATE TABLE edge_windows (edge_id INTEGER NOT NULL, window_start INTEGER NOT NULL,"
+        f" window_end INTEGER NOT NULL, {_TOTALS_DDL})",
+        "CREATE INDEX edges_server ON edges (server)",
+        "CREATE INDEX edge_windows_start ON edge_windows (edge_id, window_start)",
+        "CREATE INDEX edge_windows_end ON edge_windows (edge_id, window_end)",
+    ),
+    # 2: recent exchanges.
+    (
+        "CREATE TABLE exchanges (id INTEGER PRIMARY KEY, ts INTEGER NOT NULL, client TEXT, server TEXT,"
+        " data TEXT NOT NULL)",
+        "CREATE INDEX exchanges_ts ON exchanges (ts)",
+        "CREATE INDEX exchanges_client ON exchanges (client, ts)",
+        "CREATE INDEX exchanges_server ON exchanges (server, ts)",
+    ),
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class StoreError(RuntimeError):
+    """The database cannot be used (one-line message)."""
+
+
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Bring a database to schema ``target``, one transaction per version; returns the version found."""
+    found = conn.execute("PRAGMA user_version").fetchone()[0]
+    if found > SCHEMA_VERSION:
+        raise StoreError(f"database schema version {found} is newer than this deetune's ({SCHEMA_VERSION})")
+    for version in range(found, target):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            if version == 0:
+                conn.execute("INSERT INTO meta VALUES ('latency_buckets_ns', ?)", (json.dumps(LATENCY_BUCKETS_NS),))
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+    return found
+
+
+# -- metrics from running totals ---------------------------------------------------------------
+_UPPER = (*LATENCY_BUCKETS_NS, LATENCY_BUCKETS_NS[-1] * 2)
+_LOWER = (0, *LATENCY_BUCKETS_NS)
+
+
+def _edge_json(client: str, server: str, protocol: str, port: int, totals: Sequence[int]) -> dict[str, Any]:
+    """``{"client", "server", "protocol", "port", **EdgeStats.to_json()}`` from the STAT and (cumulative)
+    BUCKET columns."""
+    return _edges_json([(0, 1, *totals)], {0: (client, server, protocol, port)})[0]
+
+
+def _edges_json(rows: Iterable[Sequence[Any]], names: dict[int, tuple[str, str, str, int]]) -> list[dict[str, Any]]:
+    """Edge dicts from rows (edge id, windows, STAT_COLUMNS…, BUCKET_COLUMNS…), skipping those
+    without windows.  One loop with everything inlined: a graph has 10,000s of edges, and this
+    is half of its cost."""
+    out = []
+    append = out.append
+    bisect_left, lower_of, upper_of = bisect.bisect_left, _LOWER, _UPPER
+    for (edge_id, windows, requests, errors, latency_sum, sent, received, opened, failed,
+         retransmits, resets, *cumulative) in rows:
+        if windows <= 0:
+            continue
+        client, server, protocol, port = names[edge_id]
+        total = cumulative[-1]
+        if total:  # EdgeStats.quantile_ns, same arithmetic: the first bucket reaching the rank
+            rank = 0.5 * total
+            i = bisect_left(cumulative, rank)
+            seen = cumulative[i - 1] if i else 0
+            low = lower_of[i]
+            p50 = int(low + (upper_of[i] - low) * ((rank - seen) / (cumulative[i] - seen)))
+            rank = 0.9 * total
+            i = bisect_left(cumulative, rank)
+            seen = cumulative[i - 1] if i else 0
+            low = lower_of[i]
+            p90 = int(low + (upper_of[i] - low) * ((rank - seen) / (cumulative[i] - seen)))
+            rank = 0.99 * total
+            i = bisect_left(cumulative, rank)
+            seen = cumulative[i - 1] if i else 0
+            low = lower_of[i]
+            p99 = int(low + (upper_of[i] - low) * ((rank - seen) / (cumulative[i] - seen)))
+        else:
+            p50 = p90 = p99 = None
+        append({
+            "client": client, "server": server, "protocol": protocol, "port": port,
+            "requests": requests, "errors": errors,
+            "latency_p50_ns": p50, "latency_p90_ns": p90, "latency_p99_ns": p99,
+            "latency_avg_ns": latency_sum // requests if requests else None,
+            "bytes_sent": sent, "bytes_received": received, "connections_opened": opened,
+            "connections_failed": failed, "retransmits": retransmits, "resets": resets,
+        })
+    return out
+
+
+def _edge_sort_key(edge: dict[str, Any]) -> tuple:
+    return edge["client"], edge["server"], edge["protocol"], edge["port"]
+
+
+# -- holding client copies of exchanges ---------------------------------------------------------
+class _ExchangePairs:
+    """Drops the client's copy of an exchange whose server also reported it.
+
+    Key: the connection seen from the client, method and target; copies pair
+    first-in first-out.  A client copy waits ``hold_ns`` for its server copy; a
+    server copy is remembered as long for a client copy arriving after it.
+    """
+
+    def __init__(self, hold_ns: int):
+        self.hold_ns = hold_ns
+        self._clients: dict[tuple, collections.deque[list]] = {}
+        self._servers: dict[tuple, collections.deque[list]] = {}
+        #: [arrival, event or None, role] in arrival order, for expiry.
+        self._order: collections.deque[list] = collections.deque()
+        self.duplicates = 0
+
+    @staticmethod
+    def _key(e: ExchangeEvent) -> tuple | None:
+        if e.role == "client":
+            return e.laddr, e.lport, e.raddr, e.rport, e.method, e.target
+        if e.role == "server":
+            return e.raddr, e.rport, e.laddr, e.lport, e.method, e.target
+        return None
+
+    def add(self, event: ExchangeEvent, now: int) -> bool:
+        """True: store the event now; False: it was held or dropped."""
+        key = self._key(event)
+        if key is None:
+            return True
+        mine, theirs = (self._clients, self._servers) if event.role == "client" else (self._servers, self._clients)
+        waiting = theirs.get(key)
+        if waiting:
+            other = waiting.popleft()
+            other[1] = None  # matched: expiry skips it
+            if not waiting:
+                del theirs[key]
+            self.duplicates += 1
+            # The server's copy is the one kept: a held client copy is simply forgotten.
+            return event.role == "server"
+        entry = [now, event, key]
+        mine.setdefault(key, collections.deque()).append(entry)
+        self._order.append(entry)
+        return event.role == "server"
+
+    def release(self, now: int | None = None) -> list[ExchangeEvent]:
+        """Client copies held long enough (all of them with None), in arrival order."""
+        ready = []
+        order = self._order
+        while order and (now is None or order[0][0] <= now - self.hold_ns):
+            entry = order.popleft()
+            arrival, event, key = entry
+            if event is None:
+                continue
+            table = self._clients if event.role == "client" else self._servers
+            waiting = table.get(key)
+            if waiting and waiting[0] is entry:
+                waiting.popleft()
+                if not waiting:
+                    del table[key]
+            if event.role == "client":
+                ready.append(event)
+        return ready
+
+
+# -- the store ----------------------------------------------------------------------------------
+@attrs.define
+class WriteStats:
+    windows: int = 0
+    #: Windows older than the retention when they arrived (not stored).
+    expired_windows: int = 0
+    #: Windows that arrived after a later one of the same edge (stored, later totals updated).
+    late_windows: int = 0
+    instances: int = 0
+    exchanges: int = 0
+    #: Client copies of exchanges dropped because the server reported them too.
+    duplicate_exchanges: int = 0
+
+
+class TopologyStore:
+    """The topology in one SQLite file (see the module doc).  Thread-safe: writes are
+    serialised; each query runs on a pooled read-only connection, on one snapshot.  One writing
+    store per file: the latest totals of each edge are cached."""
+
+    #: A floor's latency sum above this is subtracted from all of its edge's totals (int64 headroom).
+    REBASE_ABOVE = 1 << 61
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        retention_seconds: float = 7 * 86400,
+        max_exchanges: int = 100_000,
+        exchange_hold_seconds: float = 2.0,
+        clock: Callable[[], int] = time.time_ns,
+    ):
+        self.path = os.fspath(path)
+        self.retention_ns = int(retention_seconds * SEC)
+        self.max_exchanges = max_exchanges
+        self.clock = clock
+        self.stats = WriteStats()
+        self._write_lock = threading.Lock()
+        #: Idle read connections (a pool, not one per thread: the API may start a thread per request).
+        self._idle_readers: list[sqlite3.Connection] = []
+        self._readers_lock = threading.Lock()
+        #: Edge id → (client, server, protocol, port) for readers; ids are never reused.
+        self._names: dict[int, tuple[str, str, str, int]] = {}
+        self._pairs = _ExchangePairs(int(exchange_hold_seconds * SEC))
+        #: EdgeKey fields → edges.id, and edge id → (window_start, totals) of its latest window.
+        self._edge_ids: dict[tuple[str, str, str, int], int] = {}
+        self._latest: dict[int, tuple[int, list[int]]] = {}
+        self._since_prune = 0
+        self._closed = False
+        try:
+            self._writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
+            self._writer.execute("PRAGMA journal_mode = WAL")
+            # WAL + NORMAL never corrupts; a power cut may lose the last second of telemetry.
+            self._writer.execute("PRAGMA synchronous = NORMAL")
+            migrate(self._writer)
+            self._check_buckets()
+        except sqlite3.Error as exc:
+            raise StoreError(f"{self.path}: {exc}") from None
+
+    def _check_buckets(self) -> None:
+        row = self._writer.execute("SELECT value FROM meta WHERE key = 'latency_buckets_ns'").fetchone()
+        if row is None or tuple(json.loads(row[0])) != LATENCY_BUCKETS_NS:
+            raise StoreError(f"{self.path}: latency buckets differ from this deetune's; the schema needs a migration")
+
+    def close(self) -> None:
+        """Store the exchanges still held, close every connection (idempotent)."""
+        with self._write_lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._write([], self.clock(), final=True)
+            self._writer.close()
+        with self._readers_lock:
+            for conn in self._idle_readers:
+                conn.close()
+            self._idle_readers.clear()
+
+    # -- writing -----------------------------------------------------------------------------
+    def write(self, events: Iterable[Event]) -> None:
+        """Store a batch of EdgeWindowEvent, InstanceEvent and ExchangeEvent (others are
+        ignored) in one transaction."""
+        with self._write_lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: store is closed")
+            now = self.clock()
+            batch = [*events]
+            self._write(batch, now)
+
+    @property
+    def holding(self) -> bool:
+        """Client copies of exchanges wait for their server copy (a later write stores them)."""
+        return bool(self._pairs._order)
+
+    def _write(self, events: list[Event], now: int, final: bool = False) -> None:
+        conn = self._writer
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            instances, windows, exchanges = [], [], []
+            for event in events:
+                if isinstance(event, EdgeWindowEvent):
+                    windows.append(event)
+                elif isinstance(event, InstanceEvent):
+                    instances.append(event)
+                elif isinstance(event, ExchangeEvent):
+                    exchanges.append(event)
+            services: dict[str, list[int]] = {}
+            self._write_instances(instances, services)
+            self._write_windows(windows, services, now)
+            self._write_exchanges(exchanges, now, final)
+            conn.executemany(
+                "INSERT INTO services VALUES (?, ?, ?) ON CONFLICT (name) DO UPDATE SET"
+                " first_seen = min(first_seen, excluded.first_seen), last_seen = max(last_seen, excluded.last_seen)",
+                [(name, first, last) for name, (first, last) in services.items()],
+            )
+            if self._since_prune > self.max_exchanges // 10:
+                self._prune_exchanges()
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            # The caches may describe rows that were just rolled back.
+            self._edge_ids.clear()
+            self._latest.clear()
+            raise
+
+    @staticmethod
+    def _seen(services: dict[str, list[int]], name: str, first: int, last: int) -> None:
+        span = services.get(name)
+        if span is None:
+            services[name] = [first, last]
+        else:
+            span[0] = min(span[0], first)
+            span[1] = max(span[1], last)
+
+    def _write_instances(self, events: list[InstanceEvent], services: dict[str, list[int]]) -> None:
+        rows = []
+        for event in events:
+            inst = event.instance
+            rows.append((inst.id, inst.service, inst.host, inst.pid, inst.comm, inst.container_id, inst.container_name,
+                         inst.pod, inst.namespace, event.ts, event.ts))
+            self._seen(services, inst.service, event.ts, event.ts)
+        self._writer.executemany(
+            "INSERT INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET"
+            " service = excluded.service, host = excluded.host, pid = excluded.pid, comm = excluded.comm,"
+            " container_id = excluded.container_id, container_name = excluded.container_name, pod = excluded.pod,"
+            " namespace = excluded.namespace, first_seen = min(first_seen, excluded.first_seen),"
+            " last_seen = max(last_seen, excluded.last_seen)",
+            rows,
+        )
+        self.stats.instances += len(rows)
+
+    def _write_windows(self, events: list[EdgeWindowEvent], services: dict[str, list[int]], now: int) -> None:
+        conn = self._writer
+        cutoff = now - self.retention_ns
+        rows: list[tuple] = []
+        spans: dict[int, list[int]] = {}
+        instance_seen: dict[str, int] = {}
+        for event in sorted(events, key=lambda e: e.window_start):
+            start, end = event.window_start, event.window_start + event.window_ns
+            if end <= cutoff:
+                self.stats.expired_windows += 1
+                continue
+            key = event.key
+            edge_id = self._edge_id(key, start, end)
+            s = event.stats
+            delta = (1, s.requests, s.errors, s.latency_sum_ns, s.bytes_sent, s.bytes_received, s.connections_opened,
+                     s.connections_failed, s.retransmits, s.resets, *itertools.accumulate(s.latency_buckets))
+            if len(delta) != len(TOTAL_COLUMNS):
+                raise StoreError(f"edge window with {len(s.latency_buckets)} latency buckets")
+            latest = self._latest.get(edge_id) or self._load_latest(edge_id)
+            if latest is None or start >= latest[0]:
+                totals = [a + b for a, b in zip(latest[1], delta)] if latest else list(delta)
+                rows.append((edge_id, start, end, *totals))
+                self._latest[edge_id] = (start, totals)
+            else:
+                # Late: rows queued so far must be in the table before it is read and updated.
+                conn.executemany(_INSERT_WINDOW, rows)
+                rows = []
+                self._insert_late(edge_id, start, end, delta, latest)
+            span = spans.get(edge_id)
+            spans[edge_id] = [min(span[0], start), max(span[1], end)] if span else [start, end]
+            self._seen(services, key.client, start, end)
+            self._seen(services, key.server, start, end)
+            for instance_id in itertools.chain(event.client_instances, event.server_instances):
+                instance_seen[instance_id] = max(end, instance_seen.get(instance_id, end))
+            self.stats.windows += 1
+        conn.executemany(_INSERT_WINDOW, rows)
+        conn.executemany("UPDATE edges SET first_seen = min(first_seen, ?), last_seen = max(last_seen, ?) WHERE id = ?",
+                         [(first, last, edge_id) for edge_id, (first, last) in spans.items()])
+        conn.executemany("UPDATE instances SET last_seen = max(last_seen, ?) WHERE id = ?",
+                         [(last, instance_id) for instance_id, last in instance_seen.items()])
+
+    def _edge_id(self, key: EdgeKey, start: int, end: int) -> int:
+        fields = (key.client, key.server, key.protocol, key.port)
+        edge_id = self._edge_ids.get(fields)
+        if edge_id is None:
+            conn = self._writer
+            row = conn.execute("SELECT id FROM edges WHERE client = ? AND server = ? AND protocol = ? AND port = ?",
+                               fields).fetchone()
+            if row is None:
+                edge_id = conn.execute("INSERT INTO edges (client, server, protocol, port, first_seen, last_seen)"
+                                       " VALUES (?, ?, ?, ?, ?, ?)", (*fields, start, end)).lastrowid
+            else:
+                edge_id = row[0]
+            self._edge_ids[fields] = edge_id
+        return edge_id
+
+    def _load_latest(self, edge_id: int) -> tuple[int, list[int]] | None:
+        row = self._writer.execute(
+            f"SELECT window_start, {', '.join(TOTAL_COLUMNS)} FROM edge_windows WHERE edge_id = ?"
+            " ORDER BY window_start DESC, rowid DESC LIMIT 1", (edge_id,)).fetchone()
+        if row is None:
+            return None
+        latest = self._latest[edge_id] = (row[0], list(row[1:]))
+        return latest
+
+    def _insert_late(self, edge_id: int, start: int, end: int, delta: tuple[int, ...],
+                     latest: tuple[int, list[int]]) -> None:
+        conn = self._writer
+        base = conn.execute(
+            f"SELECT {', '.join(TOTAL_COLUMNS)} FROM edge_windows WHERE edge_id = ? AND window_start <= ?"
+            " ORDER BY window_start DESC, rowid DESC LIMIT 1", (edge_id, start)).fetchone()
+        totals = [a + b for a, b in zip(base, delta)] if base else list(delta)
+        conn.execute(_INSERT_WINDOW, (edge_id, start, end, *totals))
+        conn.execute(f"UPDATE edge_windows SET {', '.join(f'{c} = {c} + ?' for c in TOTAL_COLUMNS)}"
+                     " WHERE edge_id = ? AND window_start > ?", (*delta, edge_id, start))
+        self._latest[edge_id] = (latest[0], [a + b for a, b in zip(latest[1], delta)])
+        self.stats.late_windows += 1
+
+    def _write_exchanges(self, events: list[ExchangeEvent], now: int, final: bool) -> None:
+        pairs = self._pairs
+        duplicates = pairs.duplicates
+        keep = [e for e in events if pairs.add(e, now)]
+        keep.extend(pairs.release(None if final else now))
+        self.stats.duplicate_exchanges += pairs.duplicates - duplicates
+        encode = _JSON.encode
+        self._writer.executemany(
+            "INSERT INTO exchanges (ts, client, server, data) VALUES (?, ?, ?, ?)",
+            [(e.ts, e.client_service, e.server_service, encode(e.to_json())) for e in keep],
+        )
+        self.stats.exchanges += len(keep)
+        self._since_prune += len(keep)
+
+    def _prune_exchanges(self) -> None:
+        # ids grow with insertion: the newest max_exchanges rows are the highest ids.
+        self._writer.execute("DELETE FROM exchanges WHERE id <= (SELECT max(id) FROM exchanges) - ?",
+                             (self.max_exchanges,))
+        self._since_prune = 0
+
+    # -- retention -----------------------------------------------------------------------------
+    def maintain(self) -> None:
+        """Delete what is older than the retention (run it periodically: it costs an indexed
+        lookup per edge).  An edge's expired windows fold into its floor row."""
+        with self._write_lock:
+            now = self.clock()
+            cutoff = now - self.retention_ns
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                gone = [row[0] for row in conn.execute("SELECT id FROM edges WHERE last_seen <= ?", (cutoff,))]
+                conn.executemany("DELETE FROM edge_windows WHERE edge_id = ?", [(i,) for i in gone])
+                conn.executemany("DELETE FROM edges WHERE id = ?", [(i,) for i in gone])
+                old = [row[0] for row in conn.execute("SELECT id FROM edges WHERE first_seen <= ?", (cutoff,))]
+                for edge_id in old:
+                    self._fold_expired(edge_id, cutoff)
+                conn.execute("DELETE FROM instances WHERE last_seen <= ?", (cutoff,))
+                conn.execute("DELETE FROM services WHERE last_seen <= ?", (cutoff,))
+                conn.execute("DELETE FROM exchanges WHERE ts < ?", (cutoff,))
+                self._prune_exchanges()
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                self._edge_ids.clear()
+                self._latest.clear()
+                raise
+            if gone:
+                gone_ids = set(gone)
+                self._edge_ids = {k: v for k, v in self._edge_ids.items() if v not in gone_ids}
+                for edge_id in gone_ids:
+                    self._latest.pop(edge_id, None)
+
+    def _fold_expired(self, edge_id: int, cutoff: int) -> None:
+        conn = self._writer
+        newest = conn.execute(
+            f"SELECT rowid, {', '.join(TOTAL_COLUMNS)} FROM edge_windows WHERE edge_id = ? AND window_end > 0"
+            " AND window_end <= ? ORDER BY window_end DESC, rowid DESC LIMIT 1", (edge_id, cutoff)).fetchone()
+        if newest is None:
+            return
+        conn.execute("DELETE FROM edge_windows WHERE edge_id = ? AND window_end <= ? AND rowid != ?",
+                     (edge_id, cutoff, newest[0]))
+        conn.execute("UPDATE edge_windows SET window_start = 0, window_end = 0 WHERE rowid = ?", (newest[0],))
+        floor = newest[1:]
+        if floor[TOTAL_COLUMNS.index("latency_sum_ns")] > self.REBASE_ABOVE:
+            conn.execute(f"UPDATE edge_windows SET {', '.join(f'{c} = {c} - ?' for c in TOTAL_COLUMNS)}"
+                         " WHERE edge_id = ?", (*floor, edge_id))
+            self._latest.pop(edge_id, None)
+        # The floor is older than any window: the cached latest (its start) stays right.
+
+    # -- reading -------------------------------------------------------------------------------
+    #: Idle read connections kept open; more may be open during a burst of concurrent queries.
+    MAX_IDLE_READERS = 4
+
+    def _read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run several SELECTs on one snapshot, on a pooled read-only connection."""
+        with self._readers_lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: store is closed")
+            conn = self._idle_readers.pop() if self._idle_readers else None
+        if conn is None:
+            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
+                                   check_same_thread=False, timeout=10)
+        try:
+            conn.execute("BEGIN")
+            try:
+                return work(conn)
+            finally:
+                conn.execute("COMMIT")
+        finally:
+            with self._readers_lock:
+                keep = not self._closed and len(self._idle_readers) < self.MAX_IDLE_READERS
+                if keep:
+                    self._idle_readers.append(conn)
+            if not keep:
+                conn.close()
+
+    def _edges(self, conn: sqlite3.Connection, since: int, until: int, *, service: str | None = None,
+               clients: Iterable[str] | None = None, servers: Iterable[str] | None = None,
+               errors_only: bool = False) -> list[dict]:
+        """Edges with windows in the range, ordered; only those of ``service``, from ``clients``,
+        to ``servers``, with errors: filters run in SQL, so only the edges returned cost a conversion."""
+        if since >= until:
+            return []
+        where = ["e.first_seen < :until", "e.last_seen > :since"]
+        params: dict[str, Any] = {"since": since, "until": until}
+        if service is not None:
+            where.append("(e.client = :service OR e.server = :service)")
+            params["service"] = service
+        for end, names in (("client", clients), ("server", servers)):
+            if names is not None:
+                where.append(f"e.{end} IN (SELECT value FROM json_each(:{end}s))")
+                params[f"{end}s"] = json.dumps(sorted(names))
+        if errors_only:
+            where.append("(a.errors > coalesce(b.errors, 0)"
+                         " OR a.connections_failed > coalesce(b.connections_failed, 0))")
+        rows = conn.execute(_EDGES_SQL.format(where=" AND ".join(where)), params).fetchall()
+        return _edges_json(rows, self._edge_names(conn, rows))
+
+    def _edge_names(self, conn: sqlite3.Connection, rows: list[tuple]) -> dict[int, tuple[str, str, str, int]]:
+        """Edge id → (client, server, protocol, port), cached: decoding three strings per edge per
+        query is a tenth of a graph's cost.  Reloaded whole when a new id shows up (replaced, never
+        changed in place, so concurrent readers need no lock)."""
+        names = self._names
+        if any(row[0] not in names for row in rows):
+            names = self._names = {
+                row[0]: row[1:] for row in conn.execute("SELECT id, client, server, protocol, port FROM edges")}
+        return names
+
+    def _instances(self, conn: sqlite3.Connection, since: int, until: int) -> dict[str, list[dict[str, Any]]]:
+        """Service → its instances seen in the range."""
+        found: dict[str, list[dict[str, Any]]] = {}
+        for row in conn.execute(f"SELECT {', '.join(INSTANCE_FIELDS)}, first_seen, last_seen FROM instances"
+                                " WHERE first_seen < ? AND last_seen >= ? ORDER BY id", (until, since)):
+            data = dict(zip((*INSTANCE_FIELDS, "first_seen", "last_seen"), row))
+            found.setdefault(data["service"], []).append(data)
+        return found
+
+    @staticmethod
+    def _local_services(conn: sqlite3.Connection) -> set[str]:
+        """Services with an instance on a watched host (the others are external)."""
+        return {row[0] for row in conn.execute("SELECT DISTINCT service FROM instances")}
+
+    def graph(self, since: int, until: int, service: str | None = None) -> dict[str, Any]:
+        def work(conn: sqlite3.Connection) -> dict[str, Any]:
+            edges = self._edges(conn, since, until, service=service)
+            instances = self._instances(conn, since, until)
+            local = self._local_services(conn)
+            names = {e["client"] for e in edges} | {e["server"] for e in edges}
+            if service is None:
+                names |= instances.keys()
+            elif edges or service in instances:
+                names.add(service)
+            nodes = [{"name": n, "instances": instances.get(n, []), "external": n not in local} for n in sorted(names)]
+            return {"nodes": nodes, "edges": edges, "since": since, "until": until}
+
+        return self._read(work)
+
+    def services(self, since: int, until: int) -> list[dict[str, Any]]:
+        def work(conn: sqlite3.Connection) -> list[dict[str, Any]]:
+            edges = self._edges(conn, since, until)
+            instances = self._instances(conn, since, until)
+            local = self._local_services(conn)
+            requests_in: collections.Counter[str] = collections.Counter()
+            requests_out: collections.Counter[str] = collections.Counter()
+            for edge in edges:
+                requests_out[edge["client"]] += edge["requests"]
+                requests_in[edge["server"]] += edge["requests"]
+            names = set(requests_in) | set(requests_out) | instances.keys()
+            seen = {row[0]: row[1:] for row in conn.execute("SELECT name, first_seen, last_seen FROM services")}
+            return [
+                {"name": name, "external": name not in local, "instances": instances.get(name, []),
+                 "first_seen": seen.get(name, (None, None))[0], "last_seen": seen.get(name, (None, None))[1],
+                 "requests_in": requests_in[name], "requests_out": requests_out[name]}
+                for name in sorted(names)
+            ]
+
+        return self._read(work)
+
+    def dependencies(self, service: str, depth: int, direction: str, since: int, until: int) -> dict[str, Any]:
+        """Breadth-first from ``service``.  ``both`` is the union of the downstream and
+        the upstream walks (callers' callers and callees' callees, not callers of callees)."""
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
+
+        walks = [("client", "server"), ("server", "client")]
+        if direction == "downstream":
+            walks = walks[:1]
+        elif direction == "upstream":
+            walks = walks[1:]
+        hops: dict[str, int] = {service: 0}
+        used: dict[tuple, dict[str, Any]] = {}
+
+        def work(conn: sqlite3.Connection) -> set[str]:
+            # One query per hop for the frontier's edges: a neighbourhood costs what it holds,
+            # not what the whole graph does.
+            for near, far in walks:
+                distance = {service: 0}
+                frontier = {service}
+                for hop in range(1, depth + 1):
+                    if not frontier:
+                        break
+                    following = set()
+                    for edge in self._edges(conn, since, until, **{f"{near}s": frontier}):
+                        used[_edge_sort_key(edge)] = edge
+                        other = edge[far]
+                        if other not in distance:
+                            distance[other] = hop
+                            following.add(other)
+                    frontier = following
+                for name, hop in distance.items():
+                    hops[name] = min(hop, hops.get(name, hop))
+            return self._local_services(conn)
+
+        local = self._read(work)
+        nodes = [{"name": n, "hops": h, "external": n not in local}
+                 for n, h in sorted(hops.items(), key=lambda item: (item[1], item[0]))]
+        return {"service": service, "depth": depth, "direction": direction, "nodes": nodes,
+                "edges": [used[k] for k in sorted(used)]}
+
+    def edges(self, since: int, until: int, *, errors_only: bool = False,
+              service: str | None = None) -> list[dict[str, Any]]:
+        """``errors_only``: edges with failed requests or failed connections."""
+        return self._read(lambda conn: self._edges(conn, since, until, service=service, errors_only=errors_only))
+
+    def exchanges(self, *, service: str | None = None, limit: int = 100,
+                  since: int | None = None) -> list[dict[str, Any]]:
+        """Most recent first."""
+        since = since if since is not None else -(1 << 63)
+
+        def work(conn: sqlite3.Connection) -> list[tuple]:
+            if service is None:
+                return conn.execute("SELECT id, ts, client, server, data FROM exchanges WHERE ts >= ?"
+                                    " ORDER BY ts DESC, id DESC LIMIT ?", (since, limit)).fetchall()
+            # One indexed walk per end, merged: an OR would read all the service's rows to sort them.
+            sides = [conn.execute(f"SELECT id, ts, client, server, data FROM exchanges WHERE {end} = ? AND ts >= ?"
+                                  " ORDER BY ts DESC, id DESC LIMIT ?", (service, since, limit)).fetchall()
+                     for end in ("client", "server")]
+            merged, ids = [], set()
+            for row in heapq.merge(*sides, key=lambda r: (r[1], r[0]), reverse=True):
+                if row[0] not in ids:
+                    ids.add(row[0])
+                    merged.append(row)
+            return merged[:limit]
+
+        return [{**json.loads(data), "client": client, "server": server}
+                for _, _, client, server, data in self._read(work)]
+
+
+_INSERT_WINDOW = (f"INSERT INTO edge_windows (edge_id, window_start, window_end, {', '.join(TOTAL_COLUMNS)})"
+                  f" VALUES ({', '.join('?' * (3 + len(TOTAL_COLUMNS)))})")
+# For each edge: totals of its last window starting before :until minus those of its last
+# window ending by :since (none: zero); `windows` tells whether any window overlaps.
+_EDGES_SQL = (
+    "SELECT e.id, "
+    + ", ".join(f"a.{c} - coalesce(b.{c}, 0)" for c in TOTAL_COLUMNS)
+    + " FROM edges e"
+    " JOIN edge_windows a ON a.rowid = (SELECT rowid FROM edge_windows WHERE edge_id = e.id"
+    " AND window_start < :until ORDER BY window_start DESC, rowid DESC LIMIT 1)"
+    " LEFT JOIN edge_windows b ON b.rowid = (SELECT rowid FROM edge_windows WHERE edge_id = e.id"
+    " AND window_end <= :since ORDER BY window_end DESC, rowid DESC LIMIT 1)"
+    " WHERE {where}"
+    " ORDER BY e.client, e.server, e.protocol, e.port"  # the UNIQUE index's order: no sort
+)
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
+
+
+# -- the sink -----------------------------------------------------------------------------------
+@attrs.define
+class StoreSinkStats:
+    queued: int = 0
+    #: Events not queued because the queue was full (the writer fell behind).
+    dropped: int = 0
+    written: int = 0
+    batches: int = 0
+    #: Batches that failed to commit (logged; their events are lost).
+    failed_batches: int = 0
+
+
+class StoreSink(Sink):
+    """Queues topology events for a writer thread committing them to a :class:`TopologyStore`."""
+
+    name: ClassVar[str] = "store"
+    description: ClassVar[str] = "service topology (edges, instances, recent exchanges) into SQLite; store:PATH"
+    #: The events stored; the others are ignored.
+    STORED = (EdgeWindowEvent, InstanceEvent, ExchangeEvent)
+
+    def __init__(
+        self,
+        store: TopologyStore | str | os.PathLike,
+        *,
+        max_queue: int = 100_000,
+        batch_size: int = 10_000,
+        interval: float = 1.0,
+        maintenance_interval: float = 60.0,
+    ):
+        self.store = store if isinstance(store, TopologyStore) else TopologyStore(store)
+        self.max_queue = max_queue
+        self.batch_size = batch_size
+        self.interval = interval
+        self.maintenance_interval = maintenance_interval
+        self.stats = StoreSinkStats()
+        # deque append/popleft are atomic: handle() takes no lock.
+        self._queue: collections.deque[Event] = collections.deque()
+        self._wake = threading.Event()
+        self._done = threading.Condition()
+        self._stopping = False
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="deetune-store-writer", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_arg(cls, arg: str | None) -> "StoreSink":
+        if not arg:
+            raise SinkError("store sink needs a database path: --sink store:PATH")
+        try:
+            return cls(arg)
+        except StoreError as exc:
+            raise SinkError(str(exc)) from None
+
+    def handle(self, event: Event) -> None:
+        if not isinstance(event, self.STORED):
+            return
+        queue = self._queue
+        if len(queue) >= self.max_queue or self._stopping:
+            self.stats.dropped += 1
+            return
+        queue.append(event)
+        self.stats.queued += 1
+        if len(queue) >= self.batch_size:
+            self._wake.set()
+
+    def flush(self, timeout: float | None = 30.0) -> None:
+        """Wait until everything queued so far is committed."""
+        target = self.stats.queued
+        self._wake.set()
+        with self._done:
+            self._done.wait_for(lambda: self.stats.written >= target or not self._thread.is_alive(), timeout)
+
+    def close(self) -> None:
+        """Commit everything queued, the held exchanges too, and close the store."""
+        if self._closed:
+            return
+        self._closed = True
+        self._stopping = True
+        self._wake.set()
+        self._thread.join()
+        self.store.close()
+
+    def _run(self) -> None:
+        next_maintenance = time.monotonic()
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            stopping = self._stopping
+            while self._queue:
+                self._commit_batch()
+            if time.monotonic() >= next_maintenance and not stopping:
+                next_maintenance = time.monotonic() + self.maintenance_interval
+                try:
+                    self.store.maintain()
+                except Exception:
+                    log.exception("topology store maintenance failed")
+            elif not stopping and self.store.holding:
+                self._commit([])  # releases exchanges held past their time
+            if stopping and not self._queue:
+                return
+
+    def _commit_batch(self) -> None:
+        queue = self._queue
+        batch = []
+        for _ in range(min(len(queue), self.batch_size)):
+            batch.append(queue.popleft())
+        self._commit(batch)
+
+    def _commit(self, batch: list[Event]) -> None:
+        try:
+            self.store.write(batch)
+            if batch:
+                self.stats.batches += 1
+        except Exception:
+            self.stats.failed_batches += 1
+            log.exception("topology store: a batch of %d events could not be written", len(batch))
+        with self._done:
+            self.stats.written += len(batch)
+            self._done.notify_all()
+
+
+__all__ = ["TopologyStore", "StoreSink", "StoreError", "migrate", "MIGRATIONS", "SCHEMA_VERSION"]

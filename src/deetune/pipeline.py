@@ -22,7 +22,7 @@ import select
 import signal
 import threading
 import time
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import attrs
 
@@ -71,6 +71,15 @@ class RunStats:
         return f"{self.events} events in {self.seconds:.1f}s; " + "; ".join(parts)
 
 
+class Service(Protocol):
+    """Something running beside the pipeline (the HTTP API): started after the
+    probes attach, stopped before the sinks close."""
+
+    def start(self) -> object: ...
+
+    def stop(self) -> None: ...
+
+
 def _mono_time(event: Event) -> int:
     return event.ts_mono_ns
 
@@ -84,8 +93,13 @@ class Pipeline:
         *,
         poll_interval: float = 0.1,
         stats_interval: float = 1.0,
+        services: Sequence[Service] = (),
     ):
         self.probes = list(probes)
+        #: Started once the probes are attached, stopped before the sinks close
+        #: (the HTTP API reads what a sink writes).
+        self.services = list(services)
+        self._running_services: list[Service] = []
         self.sinks = list(sinks)
         self.handlers = list(handlers)
         self.poll_interval = poll_interval
@@ -107,7 +121,11 @@ class Pipeline:
             for probe in self.probes:
                 probe.start()
                 self._started.append(probe)
+            for service in self.services:
+                service.start()
+                self._running_services.append(service)
         except BaseException:
+            self._stop_services()
             self._stop_probes()
             raise
 
@@ -140,6 +158,7 @@ class Pipeline:
                         self._drain_round(rings.values())
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + self.stats_interval
+                        self._tick_handlers()
                         if self._stats_observers():
                             self._read_counters()
                             self._publish_stats()
@@ -167,6 +186,7 @@ class Pipeline:
             if stats.lost:
                 log.warning("probe %s: %d records lost in the kernel (ring buffer full)", probe.name, stats.lost)
         self._stop_probes()
+        self._stop_services()
         self._publish_stats()
         for sink in self.sinks:
             try:
@@ -176,6 +196,14 @@ class Pipeline:
                 log.error("sink %s failed to close: %s", sink.name, exc)
 
     # -- internals -----------------------------------------------------------------
+    def _stop_services(self) -> None:
+        for service in reversed(self._running_services):
+            try:
+                service.stop()
+            except Exception as exc:
+                log.error("%s failed to stop: %s", type(service).__name__, exc)
+        self._running_services = []
+
     def _read_counters(self, final: bool = False) -> list[Probe]:
         """Copy every started probe's kernel counters into :attr:`stats`; return the probes read."""
         read = []
@@ -259,6 +287,13 @@ class Pipeline:
                 except Exception as exc:
                     self.stats.sink_errors += 1
                     log.error("sink %s failed on a %s event: %s", sink.name, item.type, exc)
+
+    def _tick_handlers(self) -> None:
+        """Handlers with a ``tick()`` (time-based work: closing windows) run once a second."""
+        for index, handler in enumerate(self.handlers):
+            tick = getattr(handler, "tick", None)
+            if tick is not None:
+                self._emit_from(index + 1, list(tick()))
 
     def _flush_handlers(self) -> None:
         """Handlers holding state (e.g. requests still waiting for a response) hand it over at stop."""

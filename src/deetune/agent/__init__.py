@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from typing import Sequence
 
@@ -22,14 +23,21 @@ from deetune import doctor
 from deetune.libbpf import LibbpfError
 from deetune.pipeline import Pipeline
 from deetune.plugins import Plugins, UnknownPluginError
+from deetune.api.server import ApiServer
 from deetune.l7 import L7Handler
 from deetune.probes.base import Clock, ProbeOptions
 from deetune.probes.payload import DEFAULT_CAPTURE_BYTES, MAX_CAPTURE_BYTES, PayloadProbe
+from deetune.services import EndpointMapping, MappingError, ServiceResolver
 from deetune.sinks.base import SinkError, parse_sink_spec
+from deetune.topology.aggregator import TopologyAggregator
+from deetune.topology.store import StoreError, StoreSink, TopologyStore
 
 log = logging.getLogger("deetune.agent")
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+
+#: Where the agent keeps its topology history unless told otherwise.
+DEFAULT_STORE = "/var/lib/deetune/deetune.db"
 
 
 class UsageError(Exception):
@@ -58,6 +66,30 @@ def _capture_bytes(text: str) -> int:
     return int(text)
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def _duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``15m``, ``12h`` or ``7d``."""
+    unit = text[-1:] if text[-1:] in _UNITS else "s"
+    number = text[:-1] if text[-1:] in _UNITS else text
+    try:
+        value = float(number) * _UNITS[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration (like 90m, 12h, 7d): {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return value
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
 def _pid(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
@@ -79,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--probe", action="append", metavar="NAME", help="probe to run (repeatable; default: all)")
     parser.add_argument(
-        "--sink", action="append", metavar="SPEC", help="where events go: console, jsonl:PATH, jsonl:- (repeatable; default: console)"
+        "--sink", action="append", metavar="SPEC",
+        help="where events go: console, jsonl:PATH, jsonl:-, prometheus[:HOST:PORT], otlp[:URL], store:PATH (repeatable; default: console)"
     )
     parser.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
     parser.add_argument("--pid", type=_pid, help="only this process")
@@ -91,6 +124,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--protocol", action="append", metavar="NAME", help="decode only these protocols (repeatable; default: all)")
     parser.add_argument("--emit-data", action="store_true", help="also send raw payload events (type data) to the sinks")
+    parser.add_argument(
+        "--store", default=DEFAULT_STORE, metavar="PATH",
+        help=f"SQLite file keeping the topology and recent exchanges (default {DEFAULT_STORE})",
+    )
+    parser.add_argument("--no-store", action="store_true", help="keep no topology history (and serve no API)")
+    parser.add_argument("--retention", type=_duration, default=7 * 86400, metavar="DURATION",
+                        help="drop history older than this: 90m, 12h, 7d (default 7d)")
+    parser.add_argument("--window", type=_positive_float, default=10.0, metavar="SECONDS",
+                        help="topology aggregation window (default 10)")
+    parser.add_argument("--mapping", metavar="FILE", help="TOML file naming remote endpoints (docs/services.md)")
+    parser.add_argument("--api", type=_host_port, metavar="HOST:PORT",
+                        help="serve the HTTP API and web UI here (e.g. 127.0.0.1:9477)")
+    parser.add_argument("--api-token", metavar="TOKEN", default=os.environ.get("DEETUNE_API_TOKEN"),
+                        help="bearer token for the API (required off loopback; default $DEETUNE_API_TOKEN)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     return parser
 
@@ -114,15 +161,44 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
         else:
             probes.append(cls(options, clock))
     decoders = [plugins.decoders.get(name) for name in dict.fromkeys(args.protocol or plugins.decoders.names())]
-    handlers = []
+    handlers: list = []
     payload = next((p for p in probes if isinstance(p, PayloadProbe)), None)
     if payload is not None:
         handlers.append(L7Handler(decoders, mute=payload.mute, emit_data=args.emit_data))
+    mapping = None
+    if args.mapping:
+        try:
+            mapping = EndpointMapping.load(args.mapping)
+        except MappingError as exc:
+            raise UsageError(str(exc)) from None
+    handlers.append(TopologyAggregator(ServiceResolver(plugins, mapping=mapping), window_seconds=args.window))
+    if args.no_store and args.api:
+        raise UsageError("--api serves the store: it cannot go with --no-store")
     sinks = []
     for spec in args.sink or ["console"]:
         name, arg = parse_sink_spec(spec)
         sinks.append(plugins.sinks.get(name).from_arg(arg))
-    return Pipeline(probes, sinks, handlers)
+    services = []
+    if not args.no_store:
+        store = open_store(args.store, args.retention)
+        if args.api:
+            host, port = args.api
+            try:
+                services.append(ApiServer(store, host, port, token=args.api_token))
+            except ValueError as exc:
+                store.close()
+                raise UsageError(f"--api: {exc}") from None
+        sinks.append(StoreSink(store))
+    return Pipeline(probes, sinks, handlers, services=services)
+
+
+def open_store(path: str, retention: float) -> TopologyStore:
+    """The topology store, its directory created when missing; errors as one line."""
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        return TopologyStore(path, retention_seconds=retention)
+    except (OSError, StoreError) as exc:
+        raise UsageError(f"--store {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
 def cmd_run(argv: Sequence[str]) -> int:

@@ -234,6 +234,14 @@ class TopologyAggregator:
             self.resolver.forget(event.pid)
         return (event,)
 
+    def tick(self) -> list[Event]:
+        """Called by the pipeline about once a second: closes a window that has
+        ended even when no event arrives to do it (a quiet host)."""
+        now = self.clock()
+        if not self._window_end or now < self._window_end:
+            return []
+        return self._roll(now)
+
     def flush(self) -> list[Event]:
         """At stop: the current window so far (stamped now)."""
         if not self._window_end:

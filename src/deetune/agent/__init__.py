@@ -147,6 +147,16 @@ def _setup_logging(verbosity: int) -> None:
     logging.basicConfig(level=level, stream=sys.stderr, format="deetune: %(levelname)s %(name)s: %(message)s")
 
 
+def check_names(args: argparse.Namespace, plugins: Plugins) -> None:
+    """Every probe, protocol and sink named exists (raises UnknownPluginError)."""
+    for name in args.probe or ():
+        plugins.probes.get(name)
+    for name in args.protocol or ():
+        plugins.decoders.get(name)
+    for spec in args.sink or ():
+        plugins.sinks.get(parse_sink_spec(spec)[0])
+
+
 def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
     options = ProbeOptions(pid=args.pid, port=args.port, ringbuf_bytes=args.ringbuf_size, exclude_self=True)
     if args.ringbuf_size is not None and (args.ringbuf_size < 4096 or args.ringbuf_size & (args.ringbuf_size - 1)):
@@ -205,13 +215,13 @@ def cmd_run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     plugins = Plugins()
-    # Resolve names before checking privileges: a typo is reported as such.
-    pipeline = build_pipeline(args, plugins)
+    # Names first (a typo is reported as such), then what the host lacks,
+    # then what opens files and ports.
+    check_names(args, plugins)
     problem = doctor.essential_problem()
     if problem:
-        for sink in pipeline.sinks:
-            sink.close()
         raise UsageError(problem)
+    pipeline = build_pipeline(args, plugins)
     stats = pipeline.run(args.duration)
     print(f"deetune: {stats.summary()}", file=sys.stderr)
     return EXIT_OK

@@ -990,8 +990,11 @@ def test_agent_serves_metrics():
                     break
                 time.sleep(0.2)
             assert (opened, sent) == (3, 300)
-            me = pathlib.Path("/proc/self/comm").read_text().strip()
-            assert series(got, "deetune_connections_opened_total") == {labels(client="127.0.0.1", server=me): 3}
+            # The agent's topology aggregator names both ends: this process, on both sides.
+            from deetune.services import ServiceResolver
+
+            me = ServiceResolver().instance(os.getpid()).service
+            assert series(got, "deetune_connections_opened_total") == {labels(client=me, server=me): 3}
             assert kernel == 12  # 3 connections × 2 sides × open and close
             assert series(got, "deetune_kernel_events_lost_total") == {labels(probe="tcp"): 0}
         finally:

@@ -8,7 +8,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 CLANG ?= clang
-ARGS ?=
+ARGS ?= --api 127.0.0.1:9477
 PYTEST_ARGS ?=
 
 # Debian packages: to build and run the agent, and to run the tests.

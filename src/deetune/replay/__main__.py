@@ -1,0 +1,5 @@
+import sys
+
+from deetune.replay.cli import main
+
+sys.exit(main())

@@ -64,4 +64,24 @@ static __always_inline struct sock *dt_sock_from_fd(int fd)
 	return BPF_CORE_READ(sock, sk);
 }
 
+/* A socket's family, ports (host order) and addresses (IPv4 in the first 4
+ * bytes, the rest zero), read from the socket itself. */
+static __always_inline void dt_sock_endpoints(struct sock *sk, __u16 *family, __u16 *lport, __u16 *rport,
+					      __u8 laddr[16], __u8 raddr[16])
+{
+	*family = BPF_CORE_READ(sk, __sk_common.skc_family);
+	*lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	*rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	if (*family == AF_INET6) {
+		/* Not BPF_CORE_READ_INTO: it reads sizeof(*dst), one byte of an array. */
+		bpf_core_read(laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
+		bpf_core_read(raddr, 16, &sk->__sk_common.skc_v6_daddr);
+	} else {
+		__builtin_memset(laddr, 0, 16);
+		__builtin_memset(raddr, 0, 16);
+		bpf_core_read(laddr, 4, &sk->__sk_common.skc_rcv_saddr);
+		bpf_core_read(raddr, 4, &sk->__sk_common.skc_daddr);
+	}
+}
+
 #endif /* __DEETUNE_COMMON_BPF_H__ */

@@ -192,23 +192,6 @@ static __always_inline __u32 copy_iovecs(struct scratch *s, __u32 limit, const s
 	return offset;
 }
 
-static __always_inline void fill_socket(struct dt_data_record *rec, struct sock *sk)
-{
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	rec->family = family;
-	rec->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	rec->rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	if (family == AF_INET6) {
-		bpf_core_read(rec->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
-		bpf_core_read(rec->raddr, 16, &sk->__sk_common.skc_v6_daddr);
-	} else {
-		__builtin_memset(rec->laddr, 0, 16);
-		__builtin_memset(rec->raddr, 0, 16);
-		BPF_CORE_READ_INTO((__u32 *)rec->laddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__u32 *)rec->raddr, sk, __sk_common.skc_daddr);
-	}
-}
-
 static __always_inline void emit_data(struct scratch *s, struct pending_call *call, __u64 pid_tgid,
 				      __u64 size, __u32 captured)
 {
@@ -223,7 +206,8 @@ static __always_inline void emit_data(struct scratch *s, struct pending_call *ca
 	rec->captured = captured;
 	rec->direction = call->direction;
 	rec->syscall = call->syscall;
-	fill_socket(rec, (struct sock *)call->sk);
+	dt_sock_endpoints((struct sock *)call->sk, &rec->family, &rec->lport, &rec->rport, rec->laddr,
+			  rec->raddr);
 	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
 	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (captured & (DT_PAYLOAD_MAX * 2 - 1));
 	if (total > sizeof(*s))

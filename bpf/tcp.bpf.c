@@ -57,18 +57,7 @@ static __always_inline bool pid_wanted(__u32 tgid)
  * no tracepoint context. */
 static __always_inline void endpoints_from_sock(struct dt_conn_record *rec, struct sock *sk)
 {
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	rec->family = family;
-	rec->lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	rec->rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	if (family == AF_INET6) {
-		/* Not BPF_CORE_READ_INTO: it reads sizeof(*dst), one byte of an array. */
-		bpf_core_read(rec->laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
-		bpf_core_read(rec->raddr, 16, &sk->__sk_common.skc_v6_daddr);
-	} else {
-		BPF_CORE_READ_INTO((__u32 *)rec->laddr, sk, __sk_common.skc_rcv_saddr);
-		BPF_CORE_READ_INTO((__u32 *)rec->raddr, sk, __sk_common.skc_daddr);
-	}
+	dt_sock_endpoints(sk, &rec->family, &rec->lport, &rec->rport, rec->laddr, rec->raddr);
 }
 
 /* From the state-change tracepoint: still right at close, when the socket

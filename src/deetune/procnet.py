@@ -123,11 +123,10 @@ def read_tcp_sockets(proc: str = "/proc", states: frozenset[int] | set[int] | No
             return diag_tcp_sockets(ALL_STATES if states is None else states)
         except OSError as exc:  # netlink refused (seccomp, old kernel): the slow way
             log.debug("sock_diag unavailable (%s); reading /proc/net/tcp", exc)
-    entries = [e for e in _read_proc_tcp(proc) if states is None or e.state in states]
-    return entries
+    return _read_proc_tcp(proc, states)
 
 
-def _read_proc_tcp(proc: str) -> list[SocketEntry]:
+def _read_proc_tcp(proc: str, states: frozenset[int] | set[int] | None) -> list[SocketEntry]:
     entries = []
     for name, family in (("tcp", 4), ("tcp6", 6)):
         try:
@@ -135,9 +134,14 @@ def _read_proc_tcp(proc: str) -> list[SocketEntry]:
                 next(table)
                 for line in table:
                     fields = line.split()
+                    state = int(fields[3], 16)
+                    # The state is checked before the addresses are parsed: that
+                    # matters on hosts with many connections.
+                    if states is not None and state not in states:
+                        continue
                     laddr, lport = _parse_addr(fields[1], family)
                     raddr, rport = _parse_addr(fields[2], family)
-                    entries.append(SocketEntry(family, laddr, lport, raddr, rport, int(fields[3], 16), int(fields[9])))
+                    entries.append(SocketEntry(family, laddr, lport, raddr, rport, state, int(fields[9])))
         except FileNotFoundError:  # no IPv6 in this kernel
             continue
     return entries
@@ -199,27 +203,8 @@ def listening_ports(proc: str = "/proc") -> set[int]:
 
 
 def read_listening_sockets(proc: str = "/proc") -> list[SocketEntry]:
-    """Only the LISTEN sockets: the state is checked before the addresses are
-    parsed, which matters on hosts with many connections."""
-    if proc == "/proc":
-        try:
-            return diag_tcp_sockets({TCP_LISTEN})
-        except OSError as exc:
-            log.debug("sock_diag unavailable (%s); reading /proc/net/tcp", exc)
-    entries = []
-    for name, family in (("tcp", 4), ("tcp6", 6)):
-        try:
-            with open(f"{proc}/net/{name}") as table:
-                next(table)
-                for line in table:
-                    fields = line.split()
-                    if int(fields[3], 16) != TCP_LISTEN:
-                        continue
-                    laddr, lport = _parse_addr(fields[1], family)
-                    entries.append(SocketEntry(family, laddr, lport, "", 0, TCP_LISTEN, int(fields[9])))
-        except FileNotFoundError:  # no IPv6 in this kernel
-            continue
-    return entries
+    """Only the LISTEN sockets."""
+    return read_tcp_sockets(proc, {TCP_LISTEN})
 
 
 def socket_inode_owners(inodes: set[int] | frozenset[int], proc: str = "/proc") -> dict[int, int]:

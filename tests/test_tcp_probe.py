@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -161,49 +163,51 @@ def test_pid_filter_keeps_only_that_process():
 
 
 def test_retransmits_counted_under_packet_loss(tmp_path):
-    """Drop packets with netem inside a network namespace of our own."""
-    import shutil
-    import subprocess
-    import sys
+    """A cgroup_skb program drops every 4th data packet arriving at a server
+    process in a cgroup of our own: the client must retransmit them (a drop on
+    the sending side would only be a failed send, sent again as new data)."""
+    from deetune.doctor import cgroup2_root
+    from deetune.libbpf import BpfObject
+    from tests.harness import PEER
+    from tests.test_libbpf import compile_object
 
-    if not shutil.which("tc") or subprocess.run(["modprobe", "-n", "sch_netem"], capture_output=True).returncode not in (0, 1):
-        pytest.skip("tc/netem not available")
-    ns = f"dtretx{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
+    root = cgroup2_root()
+    if root is None:
+        pytest.fail("no cgroup v2 hierarchy mounted")
+    lossy = compile_object("lossy", tmp_path)
+    cgroup = os.path.join(root, f"deetune-test-{os.getpid()}")
+    os.mkdir(cgroup)
+    obj = BpfObject.open(lossy)
+    server = None
     try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
-        qdisc = subprocess.run(
-            ["ip", "netns", "exec", ns, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "loss", "30%"],
-            capture_output=True,
-            text=True,
-        )
-        if qdisc.returncode != 0:
-            pytest.skip(f"netem unavailable: {qdisc.stderr.strip()}")
-        script = (
-            "import socket,threading\n"
-            "s=socket.socket();s.bind(('127.0.0.1',0));s.listen()\n"
-            "def srv():\n"
-            "  c,_=s.accept()\n"
-            "  while c.recv(65536): pass\n"
-            "  c.close()\n"
-            "t=threading.Thread(target=srv);t.start()\n"
-            "c=socket.create_connection(s.getsockname())\n"
-            "for _ in range(200): c.sendall(b'x'*1000)\n"
-            "c.shutdown(socket.SHUT_WR)\n"
-            "c.recv(1)\n"
-            "c.close();t.join();print(s.getsockname()[1])\n"
-        )
-        with running_pipeline([TcpProbe()]) as collector:
-            out = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-            assert out.returncode == 0, out.stderr
-            port = int(out.stdout)
-            closes = collector.wait_for(lambda e: e.phase == "close" and port in (e.lport, e.rport), 2, timeout=30)
-        client = next(e for e in closes if e.role == "client")
-        server = next(e for e in closes if e.role == "server")
-        assert client.bytes_sent == server.bytes_received == 200_000
-        assert client.retransmits + server.retransmits > 0
+        obj.load()
+        obj.programs["drop_some"].attach_cgroup(cgroup)
+        # Into the cgroup before the listening socket exists: sockets keep the cgroup they were made in.
+        join = f"open('{cgroup}/cgroup.procs', 'w').write(str(__import__('os').getpid()))\n"
+        server = subprocess.Popen([sys.executable, "-c", join + PEER, "127.0.0.1", "count", "0"],
+                                  stdout=subprocess.PIPE, text=True)
+        port = int(server.stdout.readline())
+        with running_pipeline([TcpProbe(ProbeOptions(port=port))]) as collector:
+            with socket.create_connection(("127.0.0.1", port)) as client:
+                client.sendall(b"x" * 300_000)
+                client.shutdown(socket.SHUT_WR)
+                client.recv(1)
+            out, _ = server.communicate(timeout=60)
+            assert out.strip() == "300000"
+            closes = collector.wait_for(lambda e: e.phase == "close", 2, timeout=30)
+        dropped = int.from_bytes(obj.maps["lossy_counts"].lookup((1).to_bytes(4, "little")), "little")
     finally:
-        subprocess.run(["ip", "netns", "del", ns])
+        if server is not None and server.poll() is None:
+            server.kill()
+        obj.close()
+        os.rmdir(cgroup)
+    client_side = next(e for e in closes if e.role == "client")
+    server_side = next(e for e in closes if e.role == "server")
+    assert dropped > 0
+    assert client_side.retransmits >= 1, (dropped, client_side)
+    assert server_side.retransmits == 0
+    # Retransmitted bytes are counted once.
+    assert client_side.bytes_sent == server_side.bytes_received == 300_000
 
 
 def test_exclude_self_drops_only_our_own_side():

@@ -138,6 +138,10 @@ def test_doctor_reports_what_works():
     rows = {line[5:].split()[0] + ("" if not line[5:].startswith("attach") else " " + line[5:].split()[1]): line[:4].strip() for line in result.stdout.splitlines()}
     assert rows["privileges"] == "ok" and rows["btf"] == "ok" and rows["tracefs"] == "ok"
     assert rows["attach tracepoint"] == "ok" and rows["attach tp_btf"] == "ok" and rows["attach ringbuf"] == "ok"
+    # What these machines allow, each loaded and attached for real (uprobe on libc's getpid,
+    # cgroup programs on an empty cgroup of the doctor's own).
+    for kind in ("raw_tracepoint", "uprobe", "socket_filter", "cgroup_skb", "sockops"):
+        assert rows[f"attach {kind}"] == "ok", kind
     # On these machines kprobes and fentry are refused; the doctor says so without failing.
     assert rows["attach kprobe"] in ("ok", "no") and rows["attach fentry"] in ("ok", "no")
 

@@ -8,12 +8,19 @@ same moment, for computing intervals.
 
 from __future__ import annotations
 
+import base64
 import errno
 import functools
 import ipaddress
 from typing import Any, ClassVar
 
 import attrs
+
+
+@functools.cache
+def _field_names(cls: type) -> tuple[str, ...]:
+    # attrs.asdict walks the fields' metadata on every call; per event that shows.
+    return tuple(field.name for field in attrs.fields(cls))
 
 
 @attrs.frozen
@@ -28,7 +35,8 @@ class Event:
 
     def to_json(self) -> dict[str, Any]:
         data = {"type": self.type}
-        data.update(attrs.asdict(self, recurse=False))
+        for name in _field_names(type(self)):
+            data[name] = getattr(self, name)
         return data
 
 
@@ -200,9 +208,23 @@ class ExchangeEvent(Event):
     #: Service names of both ends, set by the topology aggregator (None before it).
     client_service: str | None = attrs.field(kw_only=True, default=None)
     server_service: str | None = attrs.field(kw_only=True, default=None)
+    #: The request's and the response's bytes as they crossed the socket, only on connections a
+    #: recording task records (None otherwise, and not in the JSON): a prefix of at most the task's
+    #: limit, shorter than ``request_bytes``/``response_bytes`` when cut by the limit or a capture
+    #: gap.  The recorder takes them off the event before it reaches the sinks.
+    request_payload: bytes | None = attrs.field(
+        kw_only=True, default=None, repr=lambda b: "None" if b is None else f"<{len(b)} bytes>")
+    response_payload: bytes | None = attrs.field(
+        kw_only=True, default=None, repr=lambda b: "None" if b is None else f"<{len(b)} bytes>")
 
     def to_json(self) -> dict[str, Any]:
         data = super().to_json()
         if self.client_service is None:
             del data["client_service"], data["server_service"]
+        for key in ("request_payload", "response_payload"):
+            value = data[key]
+            if value is None:
+                del data[key]
+            else:
+                data[key] = base64.b64encode(value).decode()
         return data

@@ -91,7 +91,7 @@ class Pipeline:
         sinks: Sequence[Sink],
         handlers: Sequence[Handler] = (),
         *,
-        poll_interval: float = 0.1,
+        poll_interval: float = 0.05,
         stats_interval: float = 1.0,
         services: Sequence[Service] = (),
     ):
@@ -105,6 +105,8 @@ class Pipeline:
         self.poll_interval = poll_interval
         #: Seconds between two ``observe_stats`` calls to the sinks that have it.
         self.stats_interval = stats_interval
+        #: At stop, how long to keep reading what the kernel wrote before the stop.
+        self.final_drain_seconds = 5.0
         self.stats = RunStats(probes={p.name: ProbeStats(p.name) for p in self.probes})
         self._stop = threading.Event()
         self._started: list[Probe] = []
@@ -154,8 +156,10 @@ class Pipeline:
                         if remaining <= 0:
                             break
                         timeout = min(timeout, remaining)
-                    if epoll.poll(timeout):
-                        self._drain_round(rings.values())
+                    # Probes wake us only when a ring fills up (see dt_output in
+                    # bpf/common.bpf.h); otherwise the timeout is the drain clock.
+                    epoll.poll(timeout)
+                    self._drain_round(rings.values())
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + self.stats_interval
                         self._tick_handlers()
@@ -163,10 +167,10 @@ class Pipeline:
                             self._read_counters()
                             self._publish_stats()
                 # Whatever the kernel wrote before we stopped is still ours to deliver
-                # (bounded: on a busy host the rings never stay empty).
-                for _ in range(16):
-                    if not self._drain_round(rings.values()):
-                        break
+                # (bounded in time: on a busy host the rings never stay empty).
+                drain_until = time.monotonic() + self.final_drain_seconds
+                while self._drain_round(rings.values()) and time.monotonic() < drain_until:
+                    pass
                 self._flush_handlers()
             finally:
                 epoll.close()

@@ -43,8 +43,9 @@ class RingBuffer:
         self._epoll = select.epoll()
         self._epoll.register(self.fd, select.EPOLLIN)
 
-    def consume(self, limit: int = 1 << 16) -> list[bytes]:
-        """Every record ready now (at most ``limit``), without waiting."""
+    def consume(self, limit: int = 4096) -> list[bytes]:
+        """Every record ready now (at most ``limit``: a bounded batch keeps the
+        reader's memory flat when it falls behind), without waiting."""
         records: list[bytes] = []
         consumer = _U64.unpack_from(self._consumer, 0)[0]
         producer = _U64.unpack_from(self._producer, 0)[0]

@@ -14,6 +14,11 @@ from deetune.probes.base import Probe
 log = logging.getLogger("deetune.probes.tcp")
 
 _STRUCT, _FIELDS = records.record_struct("struct dt_conn_record")
+# decode() unpacks positionally, in this order; a layout change must update it.
+assert _FIELDS == (
+    "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "open_ts_ns", "bytes_sent", "bytes_received", "cgroup_id",
+    "retransmits", "error", "family", "lport", "rport", "role", "flags", "laddr", "raddr", "comm",
+), _FIELDS
 _L = records.lib
 _PHASES = {_L.DT_REC_CONN_OPEN: "open", _L.DT_REC_CONN_CLOSE: "close", _L.DT_REC_CONN_FAILED: "failed"}
 _ROLES = {_L.DT_ROLE_CLIENT: "client", _L.DT_ROLE_SERVER: "server"}
@@ -44,20 +49,19 @@ class TcpProbe(Probe):
         log.info("%d connections were open before the probe", len(self._preexisting))
 
     def decode(self, raw: bytes) -> Iterable[ConnectionEvent]:
-        rec = dict(zip(_FIELDS, _STRUCT.unpack_from(raw)))
-        phase = _PHASES.get(rec["hdr_kind"])
+        (kind, pid, ts_mono, sock_id, open_ts, bytes_sent, bytes_received, cgroup_id, retransmits, error,
+         family, lport, rport, role, flags, laddr, raddr, comm) = _STRUCT.unpack_from(raw)  # fmt: skip
+        phase = _PHASES.get(kind)
         if phase is None:
             return ()
-        family = 6 if rec["family"] == _AF_INET6 else 4
-        laddr = format_address(family, rec["laddr"])
-        raddr = format_address(family, rec["raddr"])
-        pid = rec["hdr_pid"]
-        comm = records.cstr(rec["comm"])
-        role = _ROLES.get(rec["role"], "unknown")
-        flags = rec["flags"]
+        family = 6 if family == _AF_INET6 else 4
+        laddr = format_address(family, laddr)
+        raddr = format_address(family, raddr)
+        comm = records.cstr(comm)
+        role = _ROLES.get(role, "unknown")
         preexisting = bool(flags & _L.DT_CONN_OPEN_UNSEEN)
         if preexisting:
-            known = self._preexisting.pop((laddr, rec["lport"], raddr, rec["rport"]), None)
+            known = self._preexisting.pop((laddr, lport, raddr, rport), None)
             if known is None:
                 return ()  # opened and closed while we attached, or not ours to report
             role = known.role
@@ -70,28 +74,27 @@ class TcpProbe(Probe):
             reset = "received"
         elif flags & _L.DT_CONN_RESET_SENT:
             reset = "sent"
-        ts_mono = rec["hdr_ts_ns"]
         closed = phase == "close"
         event = ConnectionEvent(
-            ts=self.clock.wall(ts_mono),
+            ts=ts_mono + self.clock.offset_ns,
             ts_mono_ns=ts_mono,
             phase=phase,
             role=role,
             pid=pid,
             comm=comm,
             laddr=laddr,
-            lport=rec["lport"],
+            lport=lport,
             raddr=raddr,
-            rport=rec["rport"],
+            rport=rport,
             family=family,
-            sock_id=rec["sock_id"],
-            cgroup_id=rec["cgroup_id"],
-            bytes_sent=rec["bytes_sent"] if closed else None,
-            bytes_received=rec["bytes_received"] if closed else None,
-            duration_ns=(ts_mono - rec["open_ts_ns"]) if closed and rec["open_ts_ns"] else None,
-            retransmits=rec["retransmits"] if closed else None,
+            sock_id=sock_id,
+            cgroup_id=cgroup_id,
+            bytes_sent=bytes_sent if closed else None,
+            bytes_received=bytes_received if closed else None,
+            duration_ns=(ts_mono - open_ts) if closed and open_ts else None,
+            retransmits=retransmits if closed else None,
             reset=reset if closed else None,
             preexisting=preexisting,
-            error=failure_reason(rec["error"]) if phase == "failed" else None,
+            error=failure_reason(error) if phase == "failed" else None,
         )
         return (event,)

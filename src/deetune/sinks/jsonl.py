@@ -2,12 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from typing import IO
 
+import orjson
+
 from deetune.events import Event
 from deetune.sinks.base import Sink, SinkError
+
+
+_OPTIONS = orjson.OPT_NON_STR_KEYS
+
+
+def _fallback(value):
+    """What orjson cannot encode natively (bytes from plugins' events) becomes text."""
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if isinstance(value, (set, frozenset, tuple)):
+        return list(value)
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
 
 
 class JsonlSink(Sink):
@@ -17,7 +30,6 @@ class JsonlSink(Sink):
     def __init__(self, stream: IO[str], *, owned: bool):
         self._stream = stream
         self._owned = owned
-        self._encoder = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 
     @classmethod
     def from_arg(cls, arg: str | None) -> "JsonlSink":
@@ -32,7 +44,8 @@ class JsonlSink(Sink):
             raise SinkError(f"cannot open {arg} for the jsonl sink: {exc.strerror}") from None
 
     def handle(self, event: Event) -> None:
-        self._stream.write(self._encoder.encode(event.to_json()) + "\n")
+        # orjson: several times faster than json per event; bytes → text for the stream.
+        self._stream.write(orjson.dumps(event.to_json(), option=_OPTIONS, default=_fallback).decode() + "\n")
 
     def flush(self) -> None:
         self._stream.flush()

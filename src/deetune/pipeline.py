@@ -293,11 +293,20 @@ class Pipeline:
                     log.error("sink %s failed on a %s event: %s", sink.name, item.type, exc)
 
     def _tick_handlers(self) -> None:
-        """Handlers with a ``tick()`` (time-based work: closing windows) run once a second."""
+        """Handlers and sinks with a ``tick()`` (time-based work: closing windows,
+        flushing buffers on a quiet host) run once a second."""
         for index, handler in enumerate(self.handlers):
             tick = getattr(handler, "tick", None)
             if tick is not None:
                 self._emit_from(index + 1, list(tick()))
+        for sink in self.sinks:
+            tick = getattr(sink, "tick", None)
+            if tick is not None:
+                try:
+                    tick()
+                except Exception as exc:
+                    self.stats.sink_errors += 1
+                    log.error("sink %s failed on tick: %s", sink.name, exc)
 
     def _flush_handlers(self) -> None:
         """Handlers holding state (e.g. requests still waiting for a response) hand it over at stop."""

@@ -182,9 +182,11 @@ class Upstream:
         return self.proc.pid
 
     @classmethod
-    def start(cls) -> Upstream:
-        proc = subprocess.Popen([sys.executable, "-c", UPSTREAM], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL,
-                                text=True)
+    def start(cls, args: Sequence[str] | None = None, *, env: dict[str, str] | None = None) -> Upstream:
+        """The built-in upstream (:data:`UPSTREAM`), or any server started by ``args`` that binds a port of
+        127.0.0.1 and prints it as its first line on stdout (``env``: its whole environment)."""
+        args = [sys.executable, "-c", UPSTREAM] if args is None else list(args)
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, env=env)
         line = proc.stdout.readline()
         if not line.strip().isdigit():
             stop_process(proc)
@@ -257,10 +259,12 @@ class Nginx:
         return f"http://{HOST}:{self.port}{path}"
 
     @classmethod
-    def start(cls, directory: pathlib.Path) -> Nginx:
+    def start(cls, directory: pathlib.Path, upstream: Upstream | None = None) -> Nginx:
+        """nginx proxying ``/api/`` to ``upstream`` (default: a new :data:`UPSTREAM`); it owns the
+        upstream from then on (:meth:`stop` stops both)."""
         binary = require_binary("nginx", "nginx")
         directory.mkdir(parents=True, exist_ok=True)
-        upstream = Upstream.start()
+        upstream = upstream if upstream is not None else Upstream.start()
         try:
             html = directory / "html"
             (html / "nosendfile").mkdir(parents=True)

@@ -551,6 +551,7 @@ def test_openapi_document_validates() -> None:
     assert set(document["paths"]) == {
         "/api/topology", "/api/services", "/api/services/{name}", "/api/services/{name}/dependencies",
         "/api/edges", "/api/exchanges", "/openapi.json", "/healthz",
+        "/api/recordings", "/api/recordings/{id}", "/api/recordings/{id}/stop", "/api/recordings/{id}/exchanges",
     }
 
 

@@ -409,7 +409,7 @@ def test_migration_from_version_1_to_2(path, clock) -> None:
     store = TopologyStore(path, clock=clock)
     try:
         conn = sqlite3.connect(path)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3  # 3: recording tasks
         conn.close()
         [edge] = store.edges(T0, T0 + W)
         assert (edge["requests"], edge["errors"], edge["latency_avg_ns"]) == (4, 1, 300_000)

@@ -17,9 +17,10 @@ from typing import Callable, Iterable, Sequence
 import attrs
 
 from deetune import procnet
-from deetune.decoders.base import Decoder, Exchange
+from deetune.decoders.base import Decoder, Direction, Exchange
 from deetune.decoders.session import State, StreamSession
 from deetune.events import ConnectionEvent, DataEvent, Event, ExchangeEvent
+from deetune.recording.capture import ConnLog, RecordingPorts
 
 log = logging.getLogger("deetune.l7")
 
@@ -45,6 +46,12 @@ class L7Stats:
     #: Connections dropped from the table to stay within MAX_CONNECTIONS.
     evicted: int = 0
     data_events: int = 0
+    #: Recorded connections whose byte log stopped matching the decoder's exchanges (restarted
+    #: at the next message boundary; the exchanges in between carry no payload).
+    payload_misaligned: int = 0
+    #: Recorded connections decoded again from a request after their decoder gave up (e.g. when
+    #: the kernel lost a record of theirs).
+    resynced: int = 0
 
 
 @attrs.define
@@ -59,6 +66,14 @@ class _Conn:
     cgroup_id: int
     #: wall clock − monotonic clock, from the data events themselves.
     clock_offset: int
+    #: Stream positions: bytes this side wrote and read, and the request and response bytes of
+    #: the exchanges reported so far (where a recording may start: see deetune.recording.capture).
+    fed_out: int = 0
+    fed_in: int = 0
+    rep_req: int = 0
+    rep_resp: int = 0
+    #: The raw bytes, while a recording task records this connection's port.
+    log: ConnLog | None = None
 
 
 def _same_ports(conn: _Conn, event: DataEvent | ConnectionEvent) -> bool:
@@ -97,8 +112,11 @@ class L7Handler:
         mute: Callable[[int], None] | None = None,
         emit_data: bool = False,
         listening: ListeningPorts | None = None,
+        recording: RecordingPorts | None = None,
     ):
         self.decoders = list(decoders)
+        #: Ports recording tasks record (their connections' bytes are kept for the exchanges).
+        self.recording = recording
         self.mute = mute
         self.emit_data = emit_data
         self.listening = listening if listening is not None else ListeningPorts()
@@ -199,8 +217,17 @@ class L7Handler:
         if self.emit_data:
             out.append(event)
         if not session.active:
-            return out
+            if self.recording is None or not self._resync(conn, event):
+                return out
+            session = conn.session
         egress = event.direction == "egress"
+        recording = self.recording
+        if recording is not None and (recording.ports or conn.log is not None):
+            self._record(conn, egress, event, recording.ports)
+        if egress:
+            conn.fed_out += event.size
+        else:
+            conn.fed_in += event.size
         # A write starts when the call does; a read completes when the call returns.
         ts = event.start_mono_ns if egress else event.ts_mono_ns
         exchanges = session.feed(egress, event.data, event.size, ts)
@@ -208,8 +235,60 @@ class L7Handler:
             out.append(self._exchange_event(conn, exchange, event.sock_id))
         self.stats.exchanges += len(exchanges)
         if not session.active:
+            conn.log = None
             self._on_gave_up(session, event.sock_id)
         return out
+
+    def _resync(self, conn: _Conn, event: DataEvent) -> bool:
+        """On a recorded port, a connection whose decoder gave up (a lost record broke its framing)
+        starts again with a fresh session at its next chunk that its protocol's decoder recognises
+        as the start of a request: the kernel copies it anyway while the port is recorded."""
+        session = conn.session
+        ports = self.recording.ports
+        if (session.state is not State.UNDECODABLE or session.protocol is None or session.role is None
+                or not (ports.get(conn.lport) or ports.get(conn.rport))):
+            return False
+        client = session.role == "client"
+        if (event.direction == "egress") != client or not event.data:
+            return False
+        cls = next((d for d in self.decoders if d.protocol == session.protocol), None)
+        try:
+            if cls is None or not cls.detect(Direction.REQUEST, event.data):
+                return False
+        except Exception:  # detect must not raise; a plugin's that does is not resynced
+            return False
+        conn.session = StreamSession([cls], session.role, ports=(conn.rport, conn.lport), options=LIVE_DECODER_OPTIONS)
+        # Everything before this chunk is behind us: a recording starts here (see _record).
+        conn.rep_req = conn.fed_out if client else conn.fed_in
+        conn.rep_resp = conn.fed_in if client else conn.fed_out
+        conn.log = None
+        self.stats.resynced += 1
+        return True
+
+    def _record(self, conn: _Conn, egress: bool, event: DataEvent, ports) -> None:
+        """Keep the bytes of a connection on a recorded port (see deetune.recording.capture)."""
+        limit = ports.get(conn.lport) or ports.get(conn.rport)
+        log = conn.log
+        if log is None:
+            if limit is None:
+                return
+            if conn.lport not in ports and conn.rport in self.listening:
+                return  # the client side of a local server: the server's side is the one recorded
+            if conn.fed_out or conn.fed_in:
+                # Already open: start at a request chunk with no request in flight.
+                session = conn.session
+                if not session.active or session.role is None:
+                    return
+                client = session.role == "client"
+                if egress != client or (conn.fed_out if client else conn.fed_in) != conn.rep_req:
+                    return
+            log = conn.log = ConnLog(conn.fed_out, conn.fed_in, limit)
+        elif limit is None:
+            conn.log = None  # no task records this port any more
+            return
+        elif limit != log.limit:
+            log.set_limit(limit)
+        log.feed(egress, event.data, event.size)
 
     def _new_conn(self, event: DataEvent) -> _Conn:
         known = self._roles.pop(event.sock_id, None)
@@ -237,6 +316,18 @@ class L7Handler:
 
     def _exchange_event(self, conn: _Conn, x: Exchange, sock_id: int) -> ExchangeEvent:
         duration = None if x.response_end_ns is None else x.response_end_ns - x.request_start_ns
+        conn.rep_req += x.request_bytes
+        conn.rep_resp += x.response_bytes
+        request_payload = response_payload = None
+        log = conn.log
+        if log is not None:
+            taken = log.take(conn.session.role == "client", x.protocol, x.method, x.request_bytes,
+                             x.response_bytes)
+            if taken is None:
+                conn.log = None
+                self.stats.payload_misaligned += 1
+            else:
+                request_payload, response_payload = taken
         return ExchangeEvent(
             ts=x.request_start_ns + conn.clock_offset,
             ts_mono_ns=x.request_start_ns,
@@ -260,6 +351,8 @@ class L7Handler:
             sock_id=sock_id,
             cgroup_id=conn.cgroup_id,
             attributes=dict(x.attributes),
+            request_payload=request_payload,
+            response_payload=response_payload,
         )
 
     def flush(self) -> list[Event]:

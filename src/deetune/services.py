@@ -946,6 +946,33 @@ class ServiceResolver:
         ip = _parse_ip(addr)
         return ip is not None and self._lookup(ip, port)[1] is not None
 
+    def listening_ports(self, service: str) -> set[int]:
+        """The TCP ports the local instances of ``service`` listen on (recording tasks raise their
+        capture).  Re-reads the listeners when the snapshot is older than the refresh interval."""
+        listeners = self._snapshot(missed=True)
+        ports = self._ports_of(listeners, service)
+        if not ports and self.clock() - self._listeners_at >= 0.1:
+            # A server that just started (or a task created just after it did): read them again now.
+            listeners = self.refresh_listeners()
+            ports = self._ports_of(listeners, service)
+        return ports
+
+    def refresh_listeners(self) -> _Listeners:
+        """Read this host's listening sockets again now (a recording task was just created)."""
+        with self._lock:
+            self._listeners = listeners = _Listeners(self.proc)
+            self._listeners_at = self.clock()
+            self._listeners_stale = False
+        return listeners
+
+    def _ports_of(self, listeners: _Listeners, service: str) -> set[int]:
+        ports = set()
+        for (_, port), inode in listeners.inodes.items():
+            pid = listeners.owners.get(inode)
+            if pid is not None and self.instance(pid).service == service:
+                ports.add(port)
+        return ports
+
     def _snapshot(self, *, missed: bool) -> _Listeners:
         now = self.clock()
         listeners = self._listeners

@@ -3,7 +3,7 @@
 Usage::
 
     python -m deetune.agent [--probe NAME]... [--sink SPEC]... [--duration SECONDS]
-                            [--pid PID] [--port PORT] [-v]
+                            [--pid PID] [--port PORT] [--api [HOST:PORT]] [-v]
     python -m deetune.agent doctor      # preflight checks; non-zero exit when it cannot run
     python -m deetune.agent plugins     # probes, decoders and sinks, built-in and installed
 
@@ -23,8 +23,10 @@ from deetune import doctor
 from deetune.libbpf import LibbpfError
 from deetune.pipeline import Pipeline
 from deetune.plugins import Plugins, UnknownPluginError
-from deetune.api.server import ApiServer
+from deetune.api.server import DEFAULT_API_HOST, DEFAULT_API_PORT, ApiServer
 from deetune.l7 import L7Handler
+from deetune.recording.capture import RecordingPorts
+from deetune.recording.recorder import Recorder, RecordingManager
 from deetune.probes.base import Clock, ProbeOptions
 from deetune.probes.payload import DEFAULT_CAPTURE_BYTES, MAX_CAPTURE_BYTES, PayloadProbe
 from deetune.services import EndpointMapping, MappingError, ServiceResolver
@@ -134,8 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--window", type=_positive_float, default=10.0, metavar="SECONDS",
                         help="topology aggregation window (default 10)")
     parser.add_argument("--mapping", metavar="FILE", help="TOML file naming remote endpoints (docs/services.md)")
-    parser.add_argument("--api", type=_host_port, metavar="HOST:PORT",
-                        help="serve the HTTP API and web UI here (e.g. 127.0.0.1:9477)")
+    parser.add_argument("--api", type=_host_port, metavar="HOST:PORT", nargs="?",
+                        const=(DEFAULT_API_HOST, DEFAULT_API_PORT),
+                        help=f"serve the HTTP API (topology, recording tasks) and web UI here; --api alone: "
+                             f"{DEFAULT_API_HOST}:{DEFAULT_API_PORT} (default: no API)")
     parser.add_argument("--api-token", metavar="TOKEN", default=os.environ.get("DEETUNE_API_TOKEN"),
                         help="bearer token for the API (required off loopback; default $DEETUNE_API_TOKEN)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
@@ -173,28 +177,40 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
     decoders = [plugins.decoders.get(name) for name in dict.fromkeys(args.protocol or plugins.decoders.names())]
     handlers: list = []
     payload = next((p for p in probes if isinstance(p, PayloadProbe)), None)
+    # Recording tasks need the payload (their bytes) and the store (where they go).
+    recording_ports = RecordingPorts() if payload is not None and not args.no_store else None
     if payload is not None:
-        handlers.append(L7Handler(decoders, mute=payload.mute, emit_data=args.emit_data))
+        handlers.append(L7Handler(decoders, mute=payload.mute, emit_data=args.emit_data, recording=recording_ports))
     mapping = None
     if args.mapping:
         try:
             mapping = EndpointMapping.load(args.mapping)
         except MappingError as exc:
             raise UsageError(str(exc)) from None
-    handlers.append(TopologyAggregator(ServiceResolver(plugins, mapping=mapping), window_seconds=args.window))
+    resolver = ServiceResolver(plugins, mapping=mapping)
+    aggregator = TopologyAggregator(resolver, window_seconds=args.window)
+    handlers.append(aggregator)
     if args.no_store and args.api:
         raise UsageError("--api serves the store: it cannot go with --no-store")
     sinks = []
     for spec in args.sink or ["console"]:
         name, arg = parse_sink_spec(spec)
         sinks.append(plugins.sinks.get(name).from_arg(arg))
-    services = []
+    services: list = []
     if not args.no_store:
         store = open_store(args.store, args.retention)
+        manager = None
+        if recording_ports is not None:
+            # Started (as a service) once the probes are attached: resumes the tasks left running.
+            manager = RecordingManager(store, set_port_capture=payload.set_port_capture,
+                                       ports_of=resolver.listening_ports, refresh_ports=resolver.refresh_listeners,
+                                       recording_ports=recording_ports)
+            handlers.append(Recorder(manager, counted=aggregator.is_counted))
+            services.append(manager)
         if args.api:
             host, port = args.api
             try:
-                services.append(ApiServer(store, host, port, token=args.api_token))
+                services.append(ApiServer(store, host, port, token=args.api_token, recordings=manager))
             except ValueError as exc:
                 store.close()
                 raise UsageError(f"--api: {exc}") from None

@@ -32,6 +32,11 @@ _ERRORS = {
     "500": {"$ref": "#/components/responses/InternalError"},
 }
 _NOT_FOUND = {"404": {"$ref": "#/components/responses/NotFound"}}
+_RECORDING_ERRORS = {
+    **_ERRORS,
+    "404": {"$ref": "#/components/responses/NoRecording"},
+    "405": {"$ref": "#/components/responses/NotAllowed"},
+}
 _RANGE = [_param("since"), _param("until"), _param("window")]
 #: /api/* needs the bearer token when the agent was given one; without one, nothing.
 _SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {}]
@@ -210,6 +215,155 @@ _SCHEMAS: dict[str, Any] = {
         "required": ["status", "version"],
         "properties": {"status": {"const": "ok"}, "version": {"type": "string"}},
     },
+    "RecordingTask": {
+        "type": "object",
+        "description": "What a recording task records (docs/recording.md). Only `server` is required. An endpoint "
+                       "filter implies its protocol: `method`/`path` http, `command` redis, `statement` mysql.",
+        "required": ["server"],
+        "additionalProperties": False,
+        "properties": {
+            "server": {"type": "string", "minLength": 1, "maxLength": 256, "pattern": "\\S",
+                       "description": "the server service, as the topology names it"},
+            "client": {"type": ["string", "null"], "minLength": 1, "maxLength": 256, "pattern": "\\S",
+                       "description": "only exchanges from this client service"},
+            "protocol": {"type": ["string", "null"], "pattern": "^[a-z][a-z0-9_.-]{0,31}$",
+                         "description": "http, redis, mysql, or a plugin's protocol"},
+            "method": {"type": ["string", "null"], "pattern": "^[A-Za-z][A-Za-z_-]{0,31}$",
+                       "description": "HTTP method"},
+            "path": {"type": ["string", "null"], "minLength": 1, "maxLength": 1024,
+                     "description": "HTTP path glob (fnmatch, the path without its query)"},
+            "command": {"type": ["string", "null"], "pattern": "^[A-Za-z][A-Za-z0-9_.|-]{0,63}$",
+                        "description": "Redis command"},
+            "statement": {"type": ["string", "null"], "minLength": 0, "maxLength": 1024,
+                          "description": "MySQL statement: a regular expression searched in the statement text"},
+            "duration": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 2592000,
+                         "description": "stop after this many seconds running"},
+            "count": {"type": ["integer", "null"], "minimum": 1, "maximum": 10000000,
+                      "description": "stop after this many exchanges recorded"},
+            "limit": {"type": ["integer", "null"], "minimum": 1, "maximum": 65536, "default": 65536,
+                      "description": "bytes kept per message (request, response)"},
+            "sample": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 1,
+                       "description": "fraction of the matching exchanges recorded (deterministic)"},
+            "webhook": {"type": ["string", "null"], "format": "uri", "pattern": "^https?://[^/?#]+",
+                        "maxLength": 2048, "description": "POSTed the task's status when it ends"},
+            "redact": {
+                "type": ["object", "null"],
+                "additionalProperties": False,
+                "properties": {
+                    "defaults": {"type": "boolean", "default": True,
+                                 "description": "the built-in rules (Authorization, Cookie, Set-Cookie, MySQL and "
+                                                "Redis authentication)"},
+                    "headers": {"type": "array", "maxItems": 32,
+                                "items": {"type": "string", "pattern": "^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$"}},
+                    "json": {"type": "array", "maxItems": 32,
+                             "items": {"type": "string", "pattern": "^(\\*\\*\\.)?[^.\\s]+(\\.[^.\\s]+)*$",
+                                       "maxLength": 512}},
+                    "patterns": {"type": "array", "maxItems": 32,
+                                 "items": {"type": "string", "minLength": 1, "maxLength": 512}},
+                },
+            },
+        },
+    },
+    "Recording": {
+        "type": "object",
+        "description": "A recording task's status.",
+        "required": ["id", "state", "spec", "created", "started", "ended", "matched", "recorded", "dropped",
+                     "dropped_by", "bytes", "ports", "error", "webhook_status"],
+        "properties": {
+            "id": {"type": "string", "pattern": "^rec-[0-9a-f]{12}$"},
+            "state": {"enum": ["pending", "running", "completed", "stopped", "failed"]},
+            "spec": {"type": "object", "description": "the task as given, with defaults filled in"},
+            "created": _NS_INT,
+            "started": {"type": ["integer", "null"], "description": _NS},
+            "ended": {"type": ["integer", "null"], "description": _NS},
+            "matched": {"type": "integer", "minimum": 0},
+            "recorded": {"type": "integer", "minimum": 0},
+            "dropped": {"type": "integer", "minimum": 0},
+            "dropped_by": {
+                "type": "object",
+                "required": ["sampling", "capture", "queue"],
+                "properties": {"sampling": {"type": "integer"}, "capture": {"type": "integer"},
+                               "queue": {"type": "integer"}},
+            },
+            "bytes": {"type": "integer", "minimum": 0, "description": "payload bytes recorded"},
+            "ports": {"type": "array", "items": {"type": "integer"}, "description": "server ports recorded"},
+            "error": {"type": ["string", "null"]},
+            "webhook_status": {"type": ["string", "null"]},
+        },
+    },
+    "RecordingList": {
+        "type": "object",
+        "required": ["recordings"],
+        "properties": {"recordings": {"type": "array", "items": _ref("Recording")}},
+    },
+    "RecordedExchange": {
+        "type": "object",
+        "description": "A recorded exchange (deetune.recording.model.RecordedExchange.to_json): bytes in base64.",
+        "required": ["task_id", "seq", "ts", "protocol", "client", "server", "method", "target", "status", "error",
+                     "request", "response", "request_size", "response_size", "request_truncated",
+                     "response_truncated", "redactions"],
+        "properties": {
+            "task_id": {"type": "string"},
+            "seq": {"type": "integer", "minimum": 0},
+            "ts": _NS_INT,
+            "protocol": {"type": "string"},
+            "client": {"type": "string"},
+            "server": {"type": "string"},
+            "method": {"type": "string"},
+            "target": {"type": "string"},
+            "status": {"type": ["integer", "string", "null"]},
+            "error": {"type": "boolean"},
+            "request": {"type": "string", "contentEncoding": "base64"},
+            "response": {"type": "string", "contentEncoding": "base64"},
+            "request_size": {"type": "integer"},
+            "response_size": {"type": "integer"},
+            "request_truncated": {"type": "boolean"},
+            "response_truncated": {"type": "boolean"},
+            "latency_ns": _INT_OR_NULL,
+            "duration_ns": _INT_OR_NULL,
+            "error_message": {"type": ["string", "null"]},
+            "server_address": {"type": "string"},
+            "server_port": {"type": "integer"},
+            "attributes": {"type": "object"},
+            "redactions": {"type": "array", "items": {"type": "string"}},
+        },
+    },
+    "RecordedExchangePage": {
+        "type": "object",
+        "required": ["task", "state", "total", "offset", "limit", "exchanges"],
+        "properties": {
+            "task": {"type": "string"},
+            "state": {"type": "string"},
+            "total": {"type": "integer", "minimum": 0},
+            "offset": {"type": "integer", "minimum": 0},
+            "limit": {"type": "integer", "minimum": 1},
+            "exchanges": {"type": "array", "items": _ref("RecordedExchange")},
+        },
+    },
+    "Har": {
+        "type": "object",
+        "description": "HAR 1.2 (http://www.softwareishard.com/blog/har-12-spec/)",
+        "required": ["log"],
+        "properties": {
+            "log": {
+                "type": "object",
+                "required": ["version", "creator", "entries"],
+                "properties": {
+                    "version": {"const": "1.2"},
+                    "creator": {"type": "object", "required": ["name", "version"]},
+                    "entries": {"type": "array", "items": {
+                        "type": "object",
+                        "required": ["startedDateTime", "time", "request", "response", "cache", "timings"],
+                    }},
+                },
+            },
+        },
+    },
+    "Deleted": {
+        "type": "object",
+        "required": ["deleted"],
+        "properties": {"deleted": {"type": "string"}},
+    },
 }
 
 _TIME_DESCRIPTION = f"{_NS} (an integer), or an RFC 3339 time with its UTC offset (e.g. 2025-01-31T12:00:00Z)"
@@ -242,6 +396,11 @@ _PARAMETERS: dict[str, Any] = {
         "description": "Service name (percent-encoded).",
         "schema": {"type": "string", "minLength": 1},
     },
+    "task": {
+        "name": "id", "in": "path", "required": True,
+        "description": "Recording task id (`rec-` and 12 hex digits).",
+        "schema": {"type": "string", "minLength": 1},
+    },
 }
 
 _RESPONSES: dict[str, Any] = {
@@ -251,6 +410,12 @@ _RESPONSES: dict[str, Any] = {
         "headers": {"WWW-Authenticate": {"schema": {"type": "string"}}},
     },
     "NotFound": _json(_ref("Error"), "No such endpoint, or no such service in the time range."),
+    "NoRecording": _json(_ref("Error"), "No such recording task, or recording is not available on this agent "
+                                        "(it runs without the payload probe or without a store)."),
+    "NotAllowed": {
+        **_json(_ref("Error"), "The method is not one this path takes."),
+        "headers": {"Allow": {"schema": {"type": "string"}}},
+    },
     "InternalError": _json(_ref("Error"), "The store failed (details in the agent's log)."),
 }
 
@@ -343,6 +508,84 @@ _PATHS: dict[str, Any] = {
             "responses": {"200": _json(_ref("ExchangeList"), "The exchanges, most recent first."), **_ERRORS},
         }
     },
+    "/api/recordings": {
+        "get": {
+            "operationId": "listRecordings",
+            "summary": "Every recording task with its status",
+            "security": _SECURITY,
+            "responses": {"200": _json(_ref("RecordingList"), "The tasks, oldest first."), **_RECORDING_ERRORS},
+        },
+        "post": {
+            "operationId": "createRecording",
+            "summary": "Start a recording task (it takes effect at once, without restarting the agent)",
+            "security": _SECURITY,
+            "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("RecordingTask")}}},
+            "responses": {
+                "201": {**_json(_ref("Recording"), "The task, pending until the pipeline picks it up (at once)."),
+                        "headers": {"Location": {"schema": {"type": "string"}}}},
+                "403": _json(_ref("Error"), "A browser's cross-origin request."),
+                "413": _json(_ref("Error"), "The body is larger than 64 KiB."),
+                "415": _json(_ref("Error"), "The body is not application/json."),
+                **_RECORDING_ERRORS,
+            },
+        },
+    },
+    "/api/recordings/{id}": {
+        "get": {
+            "operationId": "getRecording",
+            "summary": "A recording task's status: state, counters, ports",
+            "parameters": [_param("task")],
+            "security": _SECURITY,
+            "responses": {"200": _json(_ref("Recording"), "The task."), **_RECORDING_ERRORS},
+        },
+        "delete": {
+            "operationId": "deleteRecording",
+            "summary": "Delete a task and its exchanges (a running task stops first)",
+            "parameters": [_param("task")],
+            "security": _SECURITY,
+            "responses": {"200": _json(_ref("Deleted"), "Deleted."),
+                          "403": _json(_ref("Error"), "A browser's cross-origin request."),
+                          **_RECORDING_ERRORS},
+        },
+    },
+    "/api/recordings/{id}/stop": {
+        "post": {
+            "operationId": "stopRecording",
+            "summary": "Stop a pending or running task (its exchanges stay)",
+            "parameters": [_param("task")],
+            "security": _SECURITY,
+            "responses": {"200": _json(_ref("Recording"), "The task, stopped."),
+                          "403": _json(_ref("Error"), "A browser's cross-origin request."),
+                          "409": _json(_ref("Error"), "The task has ended already."),
+                          **_RECORDING_ERRORS},
+        },
+    },
+    "/api/recordings/{id}/exchanges": {
+        "get": {
+            "operationId": "listRecordedExchanges",
+            "summary": "A task's recorded exchanges: a JSON page, JSON Lines (what replay reads) or HAR 1.2",
+            "parameters": [
+                _param("task"),
+                {"name": "format", "in": "query", "required": False,
+                 "description": "`json` (a page), `jsonl` (one RecordedExchange a line, streamed), `har` (HTTP).",
+                 "schema": {"enum": ["json", "jsonl", "har"], "default": "json"}},
+                {"name": "limit", "in": "query", "required": False,
+                 "description": "Exchanges at most: json 1–1000 (default 100); jsonl and har 1–10000000 "
+                                "(default: all).",
+                 "schema": {"type": "integer", "minimum": 1, "maximum": 10000000}},
+                {"name": "offset", "in": "query", "required": False, "description": "Exchanges skipped first.",
+                 "schema": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807, "default": 0}},
+            ],
+            "security": _SECURITY,
+            "responses": {
+                "200": {"description": "The exchanges in sequence order.", "content": {
+                    "application/json": {"schema": {"oneOf": [_ref("RecordedExchangePage"), _ref("Har")]}},
+                    "application/x-ndjson": {"schema": {"type": "string"}},
+                }},
+                **_RECORDING_ERRORS,
+            },
+        },
+    },
     "/openapi.json": {
         "get": {
             "operationId": "getOpenApi",
@@ -364,9 +607,10 @@ _DOCUMENT: dict[str, Any] = {
     "info": {
         "title": "deetune agent API",
         "version": __version__,
-        "description": "Service topology seen by the deetune eBPF agent. Times are nanoseconds since the "
-                       "Unix epoch (UTC). Errors are `{\"error\": \"one line\"}`. When the agent is given a "
-                       "token, every /api/* request needs `Authorization: Bearer <token>`.",
+        "description": "Service topology seen by the deetune eBPF agent, and its traffic recording tasks. "
+                       "Times are nanoseconds since the Unix epoch (UTC). Errors are "
+                       "`{\"error\": \"one line\"}`. When the agent is given a token, every /api/* request "
+                       "needs `Authorization: Bearer <token>`.",
         "license": {"name": "Apache-2.0", "identifier": "Apache-2.0"},
     },
     "paths": _PATHS,

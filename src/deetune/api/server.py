@@ -14,7 +14,11 @@ Rules:
 - with a token, every ``/api/*`` request needs ``Authorization: Bearer <token>`` (401 otherwise);
   ``/``, ``/static/*``, ``/openapi.json`` and ``/healthz`` stay public (they hold no data);
 - every error is JSON ``{"error": "one line"}``: 400 bad parameters, 401, 404, 405, and 500
-  when the store fails (logged with its traceback here, never sent to the client).
+  when the store fails (logged with its traceback here, never sent to the client);
+- recording tasks (``/api/recordings``, given a
+  :class:`~deetune.recording.recorder.RecordingManager`) also take ``POST`` and ``DELETE``;
+  those need a JSON body where they take one, and are refused (403) when a browser sends
+  them from another origin.
 
 Endpoints and parameters: :mod:`deetune.api.openapi` and docs/api.md.
 """
@@ -34,7 +38,7 @@ import urllib.parse
 from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Self
+from typing import Any, Iterator, Self
 
 from deetune import __version__
 from deetune.topology.model import TopologyQueries
@@ -52,6 +56,13 @@ MAX_TIME_NS = 2**63 - 1
 MAX_DEPTH = 10
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 DIRECTIONS = ("downstream", "upstream", "both")
+#: The agent's default API address (``--api`` without a value) and the recording CLI's default.
+DEFAULT_API_HOST, DEFAULT_API_PORT = "127.0.0.1", 9477
+#: Largest request body read (a recording task's description).
+MAX_BODY = 64 * 1024
+#: Exchanges per request of a streamed export (jsonl, har) at most; a page of JSON at most MAX_LIMIT.
+MAX_EXPORT = 10_000_000
+EXPORT_FORMATS = ("json", "jsonl", "har")
 
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -176,6 +187,29 @@ class _Params:
 _TIME_PARAMS = ("since", "until", "window")
 
 
+class Stream:
+    """An answer streamed to the client (no Content-Length; the connection closes after it)."""
+
+    def __init__(self, content_type: str, chunks: Iterator[bytes], status: int = HTTPStatus.OK,
+                 headers: dict[str, str] | None = None) -> None:
+        self.content_type = content_type
+        self.chunks = chunks
+        self.status = status
+        self.headers = headers or {}
+
+
+class Created:
+    """A 201 answer with its JSON and the new resource's address."""
+
+    def __init__(self, data: Any, location: str) -> None:
+        self.data = data
+        self.location = location
+
+
+def _methods_text(methods: tuple[str, ...]) -> str:
+    return methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " and " + methods[-1]
+
+
 class ApiServer:
     """Serves ``queries`` over HTTP from a background thread (see the module doc)."""
 
@@ -187,6 +221,7 @@ class ApiServer:
         token: str | None = None,
         *,
         clock: Callable[[], int] = time.time_ns,
+        recordings: Any = None,
     ) -> None:
         if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
             raise ValueError("the API token must be non-empty printable ASCII without spaces")
@@ -201,6 +236,8 @@ class ApiServer:
         self.port = port
         self.token = token
         self.clock = clock
+        #: The recording tasks' manager (deetune.recording.recorder.RecordingManager), or None.
+        self.recordings = recordings
         self._httpd: _HttpServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -311,6 +348,100 @@ class ApiServer:
             return {"exchanges": q.exchanges(service=params.service(), limit=limit, since=since)}
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
 
+    # -- recording tasks ---------------------------------------------------------------------
+
+    @staticmethod
+    def recording_methods(path: str) -> tuple[str, ...] | None:
+        """The methods a /api/recordings path takes; None when the path is not one of them."""
+        parts = path.split("/")[3:]  # after "", "api", "recordings"
+        if path.split("/")[:3] != ["", "api", "recordings"]:
+            return None
+        if parts in ([], [""]):
+            return ("GET", "HEAD", "POST")
+        if len(parts) == 1 and parts[0]:
+            return ("GET", "HEAD", "DELETE")
+        if len(parts) == 2 and parts[0] and parts[1] == "stop":
+            return ("POST",)
+        if len(parts) == 2 and parts[0] and parts[1] == "exchanges":
+            return ("GET", "HEAD")
+        return None
+
+    def handle_recordings(self, method: str, path: str, query: str, body: bytes | None) -> Any:
+        """The answer (JSON data, :class:`Created` or :class:`Stream`) for a /api/recordings request."""
+        from deetune.recording.recorder import RecordingUnavailable, TaskConflict, TaskNotFound
+        from deetune.recording.tasks import TaskError, valid_task_id
+
+        manager = self.recordings
+        if manager is None:
+            raise HttpError(HTTPStatus.NOT_FOUND,
+                            "recording is not available: the agent runs without the payload probe or the store")
+        parts = [urllib.parse.unquote(p) for p in path.split("/")[3:]]
+        if parts == [""]:
+            parts = []
+        if parts:
+            task_id = parts[0]
+            if not valid_task_id(task_id):
+                raise HttpError(HTTPStatus.NOT_FOUND, f"no recording task {task_id!r}")
+        try:
+            if not parts:
+                if method == "POST":
+                    _Params(query, ())
+                    try:
+                        data = json.loads(body or b"null")
+                    except (ValueError, UnicodeDecodeError) as exc:
+                        raise _bad(f"the body is not JSON: {exc}") from None
+                    status = manager.create(data)
+                    return Created(status, f"/api/recordings/{status['id']}")
+                _Params(query, ())
+                return {"recordings": manager.list()}
+            if len(parts) == 1:
+                _Params(query, ())
+                if method == "DELETE":
+                    manager.delete(task_id)
+                    return {"deleted": task_id}
+                return manager.status(task_id)
+            if parts[1] == "stop":
+                _Params(query, ())
+                return manager.stop_task(task_id)
+            return self._recorded_exchanges(manager, task_id, query)
+        except TaskError as exc:
+            raise _bad(str(exc)) from None
+        except TaskNotFound:
+            raise HttpError(HTTPStatus.NOT_FOUND, f"no recording task {task_id!r}") from None
+        except TaskConflict as exc:
+            raise HttpError(HTTPStatus.CONFLICT, str(exc)) from None
+        except RecordingUnavailable as exc:
+            raise HttpError(HTTPStatus.NOT_FOUND, str(exc)) from None
+
+    def _recorded_exchanges(self, manager: Any, task_id: str, query: str) -> Any:
+        from deetune.recording import export
+
+        params = _Params(query, ("format", "limit", "offset"))
+        fmt = params.get("format", "json")
+        if fmt not in EXPORT_FORMATS:
+            raise _bad(f"format must be one of {', '.join(EXPORT_FORMATS)}, got {fmt!r}")
+        offset = _parse_int(params.get("offset", "0") or "", "offset", 0, MAX_TIME_NS)
+        task = manager.get(task_id)
+        if fmt == "json":
+            limit = _parse_int(params.get("limit", str(DEFAULT_LIMIT)) or "", "limit", 1, MAX_LIMIT)
+            total = manager.count_exchanges(task_id)
+            exchanges = [x.to_json() for x in manager.exchanges(task_id, limit=limit, offset=offset)]
+            return {"task": task_id, "state": task.state, "total": total, "offset": offset, "limit": limit,
+                    "exchanges": exchanges}
+        limit = None
+        if params.get("limit") is not None:
+            limit = _parse_int(params.get("limit") or "", "limit", 1, MAX_EXPORT)
+        if fmt == "jsonl":
+            return Stream("application/x-ndjson",
+                          export.jsonl_lines(manager.exchanges(task_id, limit=limit, offset=offset)))
+        protocol = task.spec.effective_protocol
+        if protocol not in (None, "http"):
+            raise _bad(f"HAR is for HTTP exchanges; task {task_id} records {protocol}")
+        exchanges = manager.exchanges(task_id, limit=limit, offset=offset, protocol="http")
+        document = export.har_document(exchanges, comment=f"deetune recording task {task_id} ({task.spec.server})")
+        return Stream("application/json", iter([json.dumps(document, ensure_ascii=False).encode("utf-8")]),
+                      headers={"Content-Disposition": f'attachment; filename="{task_id}.har"'})
+
     def _service(self, name: str, since: int, until: int) -> dict[str, Any]:
         for entry in self.queries.services(since, until):
             if entry.get("name") == name:
@@ -372,9 +503,43 @@ class _Handler(BaseHTTPRequestHandler):
     def do_HEAD(self) -> None:
         self._dispatch()
 
+    def do_POST(self) -> None:
+        self._dispatch_write()
+
+    def do_DELETE(self) -> None:
+        self._dispatch_write()
+
+    def _dispatch_write(self) -> None:
+        """POST and DELETE: only recording paths take them."""
+        path = urllib.parse.urlsplit(self.path).path or "/"
+        if ApiServer.recording_methods(path) is None:
+            try:
+                self._drain_body()
+            except HttpError:
+                pass  # too large or malformed: the connection closes after the 405
+            self._not_allowed()
+            return
+        self._dispatch()
+
+    def _drain_body(self) -> bytes | None:
+        """The request body (at most MAX_BODY; a longer one is an HttpError)."""
+        length = self.headers.get("Content-Length")
+        if length is None:
+            return None
+        if not length.isdigit():
+            self.close_connection = True
+            raise HttpError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
+        size = int(length)
+        if size > MAX_BODY:
+            self.close_connection = True
+            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is larger than {MAX_BODY} bytes")
+        return self.rfile.read(size) if size else b""
+
     def _not_allowed(self) -> None:
-        self._send_error_json(HTTPStatus.METHOD_NOT_ALLOWED, f"method {self.command} not allowed (GET and HEAD only)",
-                              {"Allow": "GET, HEAD"})
+        methods = ApiServer.recording_methods(urllib.parse.urlsplit(self.path).path or "/") or ("GET", "HEAD")
+        self._send_error_json(HTTPStatus.METHOD_NOT_ALLOWED,
+                              f"method {self.command} not allowed ({_methods_text(methods)} only)",
+                              {"Allow": ", ".join(methods)})
 
     def __getattr__(self, name: str) -> Any:
         # Every other method, standard or not (POST, TRACE, QUERY …): 405 rather than the stdlib's 501.
@@ -387,10 +552,15 @@ class _Handler(BaseHTTPRequestHandler):
         split = urllib.parse.urlsplit(self.path)
         path = split.path or "/"
         try:
+            recording = ApiServer.recording_methods(path)
+            body = self._drain_body() if self.command in ("POST", "DELETE") else None
             if path == "/api" or path.startswith("/api/"):
                 if not api.authorized(self.headers.get("Authorization")):
                     self._send_error_json(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token",
                                           {"WWW-Authenticate": 'Bearer realm="deetune"'})
+                    return
+                if recording is not None:
+                    self._recording(api, recording, path, split.query, body)
                     return
                 self._send_json(HTTPStatus.OK, api.handle_api(path, split.query))
             elif path == "/healthz":
@@ -413,6 +583,51 @@ class _Handler(BaseHTTPRequestHandler):
             log.exception("%s %s failed", self.command, path)
             self._send_error_json(HTTPStatus.INTERNAL_SERVER_ERROR,
                                   f"internal error: {type(exc).__name__}: {exc}")
+
+    def _recording(self, api: ApiServer, methods: tuple[str, ...], path: str, query: str, body: bytes | None) -> None:
+        if self.command not in methods:
+            self._send_error_json(HTTPStatus.METHOD_NOT_ALLOWED,
+                                  f"method {self.command} not allowed ({_methods_text(methods)} only)",
+                                  {"Allow": ", ".join(methods)})
+            return
+        if self.command in ("POST", "DELETE"):
+            origin = self.headers.get("Origin")
+            if origin is not None and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host"):
+                raise HttpError(HTTPStatus.FORBIDDEN, f"cross-origin {self.command} refused (Origin {origin})")
+            if body and self.command == "POST" and path.rstrip("/") == "/api/recordings":  # a task: JSON only
+                content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+                if content_type != "application/json":
+                    raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the body must be application/json")
+        answer = api.handle_recordings(self.command, path, query, body)
+        if isinstance(answer, Created):
+            self._send_json(HTTPStatus.CREATED, answer.data, {"Location": answer.location})
+        elif isinstance(answer, Stream):
+            self._send_stream(answer)
+        else:
+            self._send_json(HTTPStatus.OK, answer)
+
+    def _send_stream(self, answer: Stream) -> None:
+        chunks = iter(answer.chunks)
+        first = next(chunks, b"")  # errors before anything is sent still get a JSON error
+        self.close_connection = True
+        self.send_response(answer.status)
+        self.send_header("Content-Type", answer.content_type)
+        self.send_header("Cache-Control", "no-store")
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Connection", "close")
+        for name, value in answer.headers.items():
+            self.send_header(name, value)
+        self.end_headers()
+        if self.command == "HEAD":
+            return
+        try:
+            self.wfile.write(first)
+            for chunk in chunks:
+                self.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+        except Exception:
+            log.exception("%s %s failed while streaming", self.command, self.path)
 
     def _static(self, relative: str) -> None:
         parts = relative.split("/")

@@ -27,7 +27,11 @@ Counting once
     on the client side only when ``resolver.is_local_listener(raddr, rport)``
     says the server is not local.  Failed connections are always counted on
     the client side (the server never saw them).  Every event is enriched,
-    counted or not.
+    counted or not.  Instances are reported where their traffic counts: the
+    counting end's and, on the server side, its local client's (the peer).  A
+    client of a local server is not reported from its own uncounted events:
+    when that server is the agent itself (whose sockets the probes ignore),
+    its API clients and scrapers would otherwise be nodes without edges.
 
 Connections and protocols
     Connection counters (opened, bytes, retransmits, resets) go to the edge of
@@ -250,6 +254,17 @@ class TopologyAggregator:
         self._count_pending()
         return self._emit(now)
 
+    def is_counted(self, event: ExchangeEvent) -> bool:
+        """Whether this side's report of an exchange the aggregator just handled is the one it
+        counted (see "Counting once"): what a later stage that must count each exchange once
+        (the recorder) asks."""
+        sock = self._socks.get(event.sock_id)
+        if sock is not None and sock.lport == event.lport and sock.rport == event.rport:
+            return sock.counted
+        if event.role == "server":
+            return True
+        return not self.resolver.is_local_listener(event.raddr, event.rport)
+
     # -- exchanges -----------------------------------------------------------------------------
     def _on_exchange(self, event: ExchangeEvent) -> Iterable[Event]:
         now = self.clock()
@@ -267,13 +282,13 @@ class TopologyAggregator:
             self._remember_protocol(sock, protocol)
             if sock.pending:
                 self._count_open(sock, protocol)
-        seen = self._seen
-        if id(inst) not in seen:
-            seen[id(inst)] = (inst, now)
-        peer = sock.peer
-        if peer is not None and id(peer) not in seen:
-            seen[id(peer)] = (peer, now)
         if sock.counted:
+            seen = self._seen
+            if id(inst) not in seen:
+                seen[id(inst)] = (inst, now)
+            peer = sock.peer
+            if peer is not None and id(peer) not in seen:
+                seen[id(peer)] = (peer, now)
             edge = sock.edge
             if edge is None or sock.edge_gen != self._gen or sock.edge_protocol != protocol:
                 edge = self._bind(sock, protocol)
@@ -304,10 +319,10 @@ class TopologyAggregator:
         self.stats.connections += 1
         inst = self.resolver.instance(event.pid, event.comm)
         seen = self._seen
-        if id(inst) not in seen:
-            seen[id(inst)] = (inst, now)
         phase = event.phase
         if phase == "failed":
+            if id(inst) not in seen:
+                seen[id(inst)] = (inst, now)
             client, server = self._count_failed(event, inst)
         else:
             if phase == "open":
@@ -327,8 +342,11 @@ class TopologyAggregator:
                     self._count_close(sock, event)
                 else:
                     self.stats.duplicates += 1
-            if sock.peer is not None and id(sock.peer) not in seen:
-                seen[id(sock.peer)] = (sock.peer, now)
+            if sock.counted:
+                if id(inst) not in seen:
+                    seen[id(inst)] = (inst, now)
+                if sock.peer is not None and id(sock.peer) not in seen:
+                    seen[id(sock.peer)] = (sock.peer, now)
             client, server = sock.client, sock.server
         out.append(_enricher(type(event))(event, client, server))
         return out

@@ -59,6 +59,8 @@ from typing import Any, Callable, ClassVar, Iterable, Sequence
 import attrs
 
 from deetune.events import Event, ExchangeEvent
+from deetune.recording import storage as recording_storage
+from deetune.recording.events import RecordedEvent, RecordingStatusEvent
 from deetune.sinks.base import Sink, SinkError
 from deetune.topology.model import LATENCY_BUCKETS_NS, EdgeKey, EdgeWindowEvent, InstanceEvent
 
@@ -107,6 +109,8 @@ MIGRATIONS: list[tuple[str, ...]] = [
         "CREATE INDEX exchanges_client ON exchanges (client, ts)",
         "CREATE INDEX exchanges_server ON exchanges (server, ts)",
     ),
+    # 3: recording tasks and their exchanges (deetune.recording.storage).
+    recording_storage.MIGRATION,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -267,6 +271,8 @@ class WriteStats:
     late_windows: int = 0
     instances: int = 0
     exchanges: int = 0
+    #: Exchanges of recording tasks stored (those of tasks deleted meanwhile are not).
+    recorded: int = 0
     #: Client copies of exchanges dropped because the server reported them too.
     duplicate_exchanges: int = 0
 
@@ -353,7 +359,7 @@ class TopologyStore:
         conn = self._writer
         conn.execute("BEGIN IMMEDIATE")
         try:
-            instances, windows, exchanges = [], [], []
+            instances, windows, exchanges, recorded, statuses = [], [], [], [], []
             for event in events:
                 if isinstance(event, EdgeWindowEvent):
                     windows.append(event)
@@ -361,6 +367,12 @@ class TopologyStore:
                     instances.append(event)
                 elif isinstance(event, ExchangeEvent):
                     exchanges.append(event)
+                elif isinstance(event, RecordedEvent):
+                    recorded.append(event)
+                elif isinstance(event, RecordingStatusEvent):
+                    statuses.append(event)
+            if recorded or statuses:
+                self.stats.recorded += recording_storage.write_events(conn, recorded, statuses)
             services: dict[str, list[int]] = {}
             self._write_instances(instances, services)
             self._write_windows(windows, services, now)
@@ -552,6 +564,26 @@ class TopologyStore:
                          " WHERE edge_id = ?", (*floor, edge_id))
             self._latest.pop(edge_id, None)
         # The floor is older than any window: the cached latest (its start) stays right.
+
+    def transaction(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``work(connection)`` in a write transaction of its own (between the sink's
+        batches); returns what it returns.  For rare writes outside the pipeline (the API's)."""
+        with self._write_lock:
+            if self._closed:
+                raise StoreError(f"{self.path}: store is closed")
+            conn = self._writer
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            return result
+
+    def read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
+        """Run ``work(connection)`` on a read-only snapshot (pooled connection)."""
+        return self._read(work)
 
     # -- reading -------------------------------------------------------------------------------
     #: Idle read connections kept open; more may be open during a burst of concurrent queries.
@@ -768,7 +800,7 @@ class StoreSink(Sink):
     name: ClassVar[str] = "store"
     description: ClassVar[str] = "service topology (edges, instances, recent exchanges) into SQLite; store:PATH"
     #: The events stored; the others are ignored.
-    STORED = (EdgeWindowEvent, InstanceEvent, ExchangeEvent)
+    STORED = (EdgeWindowEvent, InstanceEvent, ExchangeEvent, RecordedEvent, RecordingStatusEvent)
 
     def __init__(
         self,
@@ -809,6 +841,9 @@ class StoreSink(Sink):
         queue = self._queue
         if len(queue) >= self.max_queue or self._stopping:
             self.stats.dropped += 1
+            on_drop = getattr(event, "on_drop", None)
+            if on_drop is not None:
+                on_drop(event)  # a recorded exchange: its task counts it as dropped
             return
         queue.append(event)
         self.stats.queued += 1

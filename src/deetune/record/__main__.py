@@ -1,0 +1,5 @@
+import sys
+
+from deetune.recording.cli import main
+
+sys.exit(main())

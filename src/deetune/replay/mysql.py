@@ -71,22 +71,28 @@ _U32 = struct.Struct("<I")
 # -- encoding helpers ---------------------------------------------------------------------------
 
 
+#: Bytes after the first one of a length-encoded integer, by its first byte.
+_LENENC_WIDTH = {0xFC: 2, 0xFD: 3, 0xFE: 8}
+
+
 def lenenc(p: bytes, pos: int) -> tuple[int, int]:
+    if pos >= len(p):
+        raise ProtocolError("mysql: length-encoded integer past the end of its packet")
     b = p[pos]
     if b < 0xFB:
         return b, pos + 1
-    if b == 0xFC:
-        return _U16.unpack_from(p, pos + 1)[0], pos + 3
-    if b == 0xFD:
-        return int.from_bytes(p[pos + 1 : pos + 4], "little"), pos + 4
-    if b == 0xFE:
-        return struct.unpack_from("<Q", p, pos + 1)[0], pos + 9
-    raise ProtocolError(f"mysql: bad length-encoded integer 0x{b:02x}")
+    width = _LENENC_WIDTH.get(b)
+    if width is None:
+        raise ProtocolError(f"mysql: bad length-encoded integer 0x{b:02x}")
+    end = pos + 1 + width
+    if end > len(p):
+        raise ProtocolError("mysql: length-encoded integer past the end of its packet")
+    return int.from_bytes(p[pos + 1 : end], "little"), end
 
 
 def lenenc_bytes(p: bytes, pos: int) -> tuple[bytes | None, int]:
     """A length-encoded string (``None`` for the 0xFB NULL marker)."""
-    if p[pos] == 0xFB:
+    if pos < len(p) and p[pos] == 0xFB:
         return None, pos + 1
     size, pos = lenenc(p, pos)
     if pos + size > len(p):

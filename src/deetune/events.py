@@ -228,3 +228,33 @@ class ExchangeEvent(Event):
             else:
                 data[key] = base64.b64encode(value).decode()
         return data
+
+    @classmethod
+    def from_exchange(cls, x: Any, *, clock_offset: int, pid: int, comm: str, role: str, laddr: str, lport: int,
+                      raddr: str, rport: int, **extra: Any) -> "ExchangeEvent":
+        """The event for a decoder's :class:`~deetune.decoders.base.Exchange`, seen by one side
+        (``clock_offset``: wall clock minus the exchange's clock)."""
+        duration = None if x.response_end_ns is None else x.response_end_ns - x.request_start_ns
+        return cls(
+            ts=x.request_start_ns + clock_offset,
+            ts_mono_ns=x.request_start_ns,
+            protocol=x.protocol,
+            pid=pid,
+            comm=comm,
+            role=role,
+            laddr=laddr,
+            lport=lport,
+            raddr=raddr,
+            rport=rport,
+            method=x.method,
+            target=x.target,
+            status=x.status,
+            error=x.error,
+            error_message=x.error_message,
+            latency_ns=x.latency_ns,
+            duration_ns=duration,
+            request_bytes=x.request_bytes,
+            response_bytes=x.response_bytes,
+            attributes=dict(x.attributes),
+            **extra,
+        )

@@ -315,7 +315,6 @@ class L7Handler:
             self.mute(sock_id)
 
     def _exchange_event(self, conn: _Conn, x: Exchange, sock_id: int) -> ExchangeEvent:
-        duration = None if x.response_end_ns is None else x.response_end_ns - x.request_start_ns
         conn.rep_req += x.request_bytes
         conn.rep_resp += x.response_bytes
         request_payload = response_payload = None
@@ -328,10 +327,9 @@ class L7Handler:
                 self.stats.payload_misaligned += 1
             else:
                 request_payload, response_payload = taken
-        return ExchangeEvent(
-            ts=x.request_start_ns + conn.clock_offset,
-            ts_mono_ns=x.request_start_ns,
-            protocol=x.protocol,
+        return ExchangeEvent.from_exchange(
+            x,
+            clock_offset=conn.clock_offset,
             pid=conn.pid,
             comm=conn.comm,
             role=conn.session.role or "unknown",
@@ -339,18 +337,8 @@ class L7Handler:
             lport=conn.lport,
             raddr=conn.raddr,
             rport=conn.rport,
-            method=x.method,
-            target=x.target,
-            status=x.status,
-            error=x.error,
-            error_message=x.error_message,
-            latency_ns=x.latency_ns,
-            duration_ns=duration,
-            request_bytes=x.request_bytes,
-            response_bytes=x.response_bytes,
             sock_id=sock_id,
             cgroup_id=conn.cgroup_id,
-            attributes=dict(x.attributes),
             request_payload=request_payload,
             response_payload=response_payload,
         )

@@ -579,29 +579,9 @@ class OfflineDecoder:
 
 
 def _exchange_event(x: Exchange, client: tuple[str, int], server: tuple[str, int]) -> ExchangeEvent:
-    duration = None if x.response_end_ns is None else x.response_end_ns - x.request_start_ns
-    return ExchangeEvent(
-        ts=x.request_start_ns,
-        ts_mono_ns=x.request_start_ns,
-        protocol=x.protocol,
-        pid=0,
-        comm="",
-        role="client",
-        laddr=client[0],
-        lport=client[1],
-        raddr=server[0],
-        rport=server[1],
-        method=x.method,
-        target=x.target,
-        status=x.status,
-        error=x.error,
-        error_message=x.error_message,
-        latency_ns=x.latency_ns,
-        duration_ns=duration,
-        request_bytes=x.request_bytes,
-        response_bytes=x.response_bytes,
-        attributes=dict(x.attributes),
-    )
+    # Capture timestamps are wall clock already: no offset.
+    return ExchangeEvent.from_exchange(x, clock_offset=0, pid=0, comm="", role="client", laddr=client[0],
+                                       lport=client[1], raddr=server[0], rport=server[1])
 
 
 def decode_capture(capture: Capture, decoders: Sequence[type[Decoder]],

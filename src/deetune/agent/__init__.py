@@ -20,15 +20,20 @@ import sys
 from typing import Sequence
 
 from deetune import doctor
+from deetune.api.server import DEFAULT_API_HOST, DEFAULT_API_PORT, ApiServer
+from deetune.cli_types import parse_duration
+from deetune.l7 import L7Handler
 from deetune.libbpf import LibbpfError
 from deetune.pipeline import Pipeline
 from deetune.plugins import Plugins, UnknownPluginError
-from deetune.api.server import DEFAULT_API_HOST, DEFAULT_API_PORT, ApiServer
-from deetune.l7 import L7Handler
+from deetune.probes.base import Clock, ProbeOptions
+from deetune.probes.payload import (
+    DEFAULT_CAPTURE_BYTES,
+    MAX_CAPTURE_BYTES,
+    PayloadProbe,
+)
 from deetune.recording.capture import RecordingPorts
 from deetune.recording.recorder import Recorder, RecordingManager
-from deetune.probes.base import Clock, ProbeOptions
-from deetune.probes.payload import DEFAULT_CAPTURE_BYTES, MAX_CAPTURE_BYTES, PayloadProbe
 from deetune.services import EndpointMapping, MappingError, ServiceResolver
 from deetune.sinks.base import SinkError, parse_sink_spec
 from deetune.topology.aggregator import TopologyAggregator
@@ -66,22 +71,6 @@ def _capture_bytes(text: str) -> int:
     if not text.isdigit() or int(text) > MAX_CAPTURE_BYTES:
         raise argparse.ArgumentTypeError(f"must be 0 to {MAX_CAPTURE_BYTES}: {text!r}")
     return int(text)
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _duration(text: str) -> float:
-    """Seconds from ``90``, ``90s``, ``15m``, ``12h`` or ``7d``."""
-    unit = text[-1:] if text[-1:] in _UNITS else "s"
-    number = text[:-1] if text[-1:] in _UNITS else text
-    try:
-        value = float(number) * _UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration (like 90m, 12h, 7d): {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
 
 
 def _host_port(text: str) -> tuple[str, int]:
@@ -131,7 +120,7 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"SQLite file keeping the topology and recent exchanges (default {DEFAULT_STORE})",
     )
     parser.add_argument("--no-store", action="store_true", help="keep no topology history (and serve no API)")
-    parser.add_argument("--retention", type=_duration, default=7 * 86400, metavar="DURATION",
+    parser.add_argument("--retention", type=parse_duration, default=7 * 86400, metavar="DURATION",
                         help="drop history older than this: 90m, 12h, 7d (default 7d)")
     parser.add_argument("--window", type=_positive_float, default=10.0, metavar="SECONDS",
                         help="topology aggregation window (default 10)")

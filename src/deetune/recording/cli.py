@@ -30,6 +30,7 @@ import urllib.request
 from typing import Any, Sequence
 
 from deetune.api.server import DEFAULT_API_HOST, DEFAULT_API_PORT
+from deetune.cli_types import parse_duration
 from deetune.recording.tasks import MAX_LIMIT
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
@@ -48,21 +49,6 @@ class Failure(Exception):
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # type: ignore[override]
         raise UsageError(message)
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _duration(text: str) -> float:
-    unit = text[-1:] if text[-1:] in _UNITS else "s"
-    number = text[:-1] if text[-1:] in _UNITS else text
-    try:
-        value = float(number) * _UNITS[unit]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a duration (like 90, 90s, 15m, 2h): {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
 
 
 def _positive_int(text: str) -> int:
@@ -110,7 +96,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--path", metavar="GLOB", help="HTTP path glob (without the query)")
     create.add_argument("--command", dest="redis_command", metavar="CMD", help="Redis command")
     create.add_argument("--statement", metavar="REGEX", help="MySQL statement regular expression")
-    create.add_argument("--duration", type=_duration, metavar="S", help="stop after this long (90, 15m, 2h)")
+    create.add_argument("--duration", type=parse_duration, metavar="S", help="stop after this long (90, 15m, 2h)")
     create.add_argument("--count", type=_positive_int, metavar="N", help="stop after N exchanges recorded")
     create.add_argument("--limit", type=_limit, metavar="BYTES", help=f"bytes kept per message (default {MAX_LIMIT})")
     create.add_argument("--sample", type=_ratio, metavar="R", help="record this fraction of the matches (0<R<=1)")

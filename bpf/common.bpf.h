@@ -29,15 +29,17 @@ static __always_inline void dt_count(__u32 stat)
 
 /* Copy a finished record into the ring buffer, counting it as emitted or lost.
  *
- * The reader is woken only once the ring is 1/16 full: user space drains on
- * its own timer anyway (every 50-100 ms), and a wake-up per record (the
- * default adaptive policy, when the reader keeps up) costs more in the kernel
- * than the record itself and makes the reader drain one record at a time. */
+ * The reader is woken only by the record that takes the ring past 1/16 full:
+ * user space drains on its own timer anyway (every 50 ms), and keeps draining
+ * without sleeping while the ring stays above that mark.  A wake-up costs an
+ * irq_work (a self-IPI, several microseconds in a VM), so waking on every
+ * record (libbpf's adaptive default when the reader keeps up, or every record
+ * past the mark while the reader is busy) cost far more than the record. */
 static __always_inline void dt_output(void *ringbuf, void *record, __u64 size)
 {
 	__u64 pending = bpf_ringbuf_query(ringbuf, BPF_RB_AVAIL_DATA);
-	__u64 ring_size = bpf_ringbuf_query(ringbuf, BPF_RB_RING_SIZE);
-	__u64 flags = pending > ring_size / 16 ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+	__u64 mark = bpf_ringbuf_query(ringbuf, BPF_RB_RING_SIZE) / DT_RING_WAKE_FRACTION;
+	__u64 flags = pending <= mark && pending + size > mark ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
 	if (bpf_ringbuf_output(ringbuf, record, size, flags) == 0)
 		dt_count(DT_STAT_EMITTED);
 	else

@@ -70,6 +70,12 @@ enum dt_stat {
 	DT_STAT_MAX = 2,
 };
 
+/* A probe wakes its reader when its ring passes 1/DT_RING_WAKE_FRACTION full;
+ * the reader keeps draining without sleeping while it stays above that. */
+enum dt_ring {
+	DT_RING_WAKE_FRACTION = 16,
+};
+
 struct dt_header {
 	__u32 kind;           /* enum dt_record_kind */
 	__u32 pid;            /* thread-group id (user-space "pid") */

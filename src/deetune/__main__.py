@@ -89,10 +89,10 @@ def cmd_decode(args: argparse.Namespace) -> int:
 
 def _open_output(path: str) -> JsonlSink:
     if path == "-":
-        return JsonlSink(sys.stdout, owned=False)
+        return JsonlSink(sys.stdout.buffer, owned=False)
     try:
         # The jsonl sink's format, but a fresh file: a decode is a result, not a log.
-        return JsonlSink(open(path, "w", encoding="utf-8"), owned=True)
+        return JsonlSink(open(path, "wb"), owned=True)
     except OSError as exc:
         raise UsageError(f"{path}: {exc.strerror or exc}") from None
 

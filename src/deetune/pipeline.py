@@ -26,9 +26,12 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import attrs
 
+from deetune import records
 from deetune.events import Event
 from deetune.probes.base import Probe
 from deetune.sinks.base import Sink
+
+_WAKE_FRACTION = records.lib.DT_RING_WAKE_FRACTION
 
 log = logging.getLogger("deetune.pipeline")
 
@@ -149,6 +152,7 @@ class Pipeline:
                         epoll.register(ring.fd, select.EPOLLIN)
                         rings[ring.fd] = (probe, ring)
                 next_stats = time.monotonic() + self.stats_interval
+                behind = False
                 while not self._stop.is_set():
                     timeout = self.poll_interval
                     if deadline is not None:
@@ -156,10 +160,13 @@ class Pipeline:
                         if remaining <= 0:
                             break
                         timeout = min(timeout, remaining)
-                    # Probes wake us only when a ring fills up (see dt_output in
-                    # bpf/common.bpf.h); otherwise the timeout is the drain clock.
-                    epoll.poll(timeout)
+                    # Probes wake us only when a ring passes its wake-up mark (see
+                    # dt_output in bpf/common.bpf.h); otherwise the timeout is the drain
+                    # clock.  A ring still above the mark will not wake us again: no sleep.
+                    if not behind:
+                        epoll.poll(timeout)
                     self._drain_round(rings.values())
+                    behind = any(ring.pending_bytes() > ring.size // _WAKE_FRACTION for _, ring in rings.values())
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + self.stats_interval
                         self._tick_handlers()

@@ -836,6 +836,10 @@ class _Listeners:
         self.owners = procnet.socket_inode_owners(set(self.inodes.values()), proc)
         self.owner_pids = set(self.owners.values())
         self.addresses, self.networks = local_addresses(proc)
+        #: (addr, port) as events spell them → (listening inode or None, name when nobody here
+        #: listens): settled answers only, so that a connection's endpoints are parsed once
+        #: per snapshot rather than once per event.
+        self.settled: dict[tuple[str, int], tuple[int | None, str]] = {}
 
     def is_local(self, ip: IPAddress) -> bool:
         return ip in self.addresses or any(ip.version == n.version and ip in n for n in self.networks)
@@ -930,21 +934,37 @@ class ServiceResolver:
         """The service behind a remote endpoint: the local process listening on addr:port (any
         address of this host, 127.0.0.0/8, ::1, 0.0.0.0/::) → its service; else the mapping file's
         name (by address, CIDR, port, or address+port); else "ip:port" (IPv6 as "[ip]:port")."""
-        ip = _parse_ip(addr)
-        if ip is None:
-            name = self.mapping.lookup(addr, port) if self.mapping else None
-            return name or format_endpoint(addr.strip("[]"), port)
-        listeners, inode = self._lookup(ip, port)
+        listeners, inode, fallback = self._resolve(addr, port)
         owner = listeners.owners.get(inode) if inode is not None else None
         if owner is not None:
             return self.instance(owner).service
-        name = self.mapping.lookup(ip, port) if self.mapping else None
-        return name or format_endpoint(str(ip), port)
+        return fallback
 
     def is_local_listener(self, addr: str, port: int) -> bool:
         """Whether a process on this host listens on addr:port (so it reports its own side)."""
+        return self._resolve(addr, port)[1] is not None
+
+    def _resolve(self, addr: str, port: int) -> tuple[_Listeners, int | None, str]:
+        """The listeners snapshot, the inode listening on addr:port (None when not this host's
+        or nobody listens), and the name to use when no local process owns it."""
+        listeners = self._snapshot(missed=False)
+        settled = listeners.settled.get((addr, port))
+        if settled is not None:
+            return listeners, settled[0], settled[1]
         ip = _parse_ip(addr)
-        return ip is not None and self._lookup(ip, port)[1] is not None
+        if ip is None:
+            name = self.mapping.lookup(addr, port) if self.mapping else None
+            return listeners, None, name or format_endpoint(addr.strip("[]"), port)
+        listeners, inode = self._lookup(ip, port)
+        name = (self.mapping.lookup(ip, port) if self.mapping else None) or format_endpoint(str(ip), port)
+        if inode is None and port and listeners.is_local(ip):
+            return listeners, inode, name  # a local miss: looked up again (a server may start)
+        if inode is not None and inode not in listeners.owners:
+            return listeners, inode, name  # owner unknown yet
+        if len(listeners.settled) >= self.max_instances:
+            listeners.settled.clear()
+        listeners.settled[(addr, port)] = (inode, name)
+        return listeners, inode, name
 
     def listening_ports(self, service: str) -> set[int]:
         """The TCP ports the local instances of ``service`` listen on (recording tasks raise their

@@ -45,6 +45,8 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 
 #: Where the agent keeps its topology history unless told otherwise.
 DEFAULT_STORE = "/var/lib/deetune/deetune.db"
+#: How much the agent lowers its own CPU priority by default (see --nice).
+DEFAULT_NICE = 0
 
 
 class UsageError(Exception):
@@ -79,6 +81,16 @@ def _host_port(text: str) -> tuple[str, int]:
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
     return host, int(port)
+
+
+def _nice(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= 19:
+        raise argparse.ArgumentTypeError(f"must be 0 to 19: {text!r}")
+    return value
 
 
 def _pid(text: str) -> int:
@@ -131,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
                              f"{DEFAULT_API_HOST}:{DEFAULT_API_PORT} (default: no API)")
     parser.add_argument("--api-token", metavar="TOKEN", default=os.environ.get("DEETUNE_API_TOKEN"),
                         help="bearer token for the API (required off loopback; default $DEETUNE_API_TOKEN)")
+    parser.add_argument("--nice", type=_nice, default=DEFAULT_NICE, metavar="N",
+                        help="lower the agent's CPU priority by N (0-19; default %(default)s): on a saturated "
+                             "host the applications keep their CPU and the agent drops records (counted)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     return parser
 
@@ -226,6 +241,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     problem = doctor.essential_problem()
     if problem:
         raise UsageError(problem)
+    if args.nice:
+        os.nice(args.nice)  # the BPF programs run in the applications' context; only user space yields
     pipeline = build_pipeline(args, plugins)
     stats = pipeline.run(args.duration)
     print(f"deetune: {stats.summary()}", file=sys.stderr)

@@ -96,7 +96,9 @@ class SocketOwners:
     def __init__(
         self,
         *,
-        read_sockets: Callable[[], list[procnet.SocketEntry]] = procnet.read_tcp_sockets,
+        # Open states only: a TIME_WAIT socket has no owner, and a busy host has 100,000s of them.
+        read_sockets: Callable[[], list[procnet.SocketEntry]] = functools.partial(
+            procnet.read_tcp_sockets, states=procnet.OPEN_STATES),
         read_owners: Callable[[], dict[int, procnet.Owner]] = procnet.socket_owners,
         min_interval: float = 1.0,
         capacity: int = 65536,
@@ -119,6 +121,11 @@ class SocketOwners:
 
     def known(self, key: FourTuple) -> tuple[int, str] | None:
         return self._owners.get(key)
+
+    def forget(self, key: FourTuple) -> None:
+        """The socket closed: its entry would only hold memory (a new connection on the
+        same 4-tuple is learned again at its connect)."""
+        self._owners.pop(key, None)
 
     def owner(self, key: FourTuple) -> tuple[int, str] | None:
         """The owner, scanning /proc on a miss when the last scan is old enough."""
@@ -342,6 +349,8 @@ class TopologyAggregator:
                     self._count_close(sock, event)
                 else:
                     self.stats.duplicates += 1
+                if event.role == "client":
+                    self.owners.forget((event.laddr, event.lport, event.raddr, event.rport))
             if sock.counted:
                 if id(inst) not in seen:
                     seen[id(inst)] = (inst, now)
@@ -512,29 +521,26 @@ _BOUNDS = LATENCY_BUCKETS_NS
 
 @functools.cache
 def _enricher(cls: type) -> Callable[[Any, str, str], Any]:
-    """``f(event, client, server)`` equal to ``attrs.evolve(event, client_service=client,
-    server_service=server)``, about 4× faster (evolve alone costs ~5 µs, the whole
-    per-event budget): a generated function copies each field through its slot's
-    descriptor, skipping ``__init__``.  Falls back to evolve for classes where that
-    would skip work (validators, converters, post-init, fields without slots)."""
-    fields = attrs.fields(cls)
-    setters: dict[str, Any] = {}
-    for field in fields:
-        descriptor = next((k.__dict__[field.name] for k in cls.__mro__ if field.name in k.__dict__), None)
-        if type(descriptor).__name__ != "member_descriptor" or field.validator or field.converter:
-            setters = {}
-            break
-        setters[field.name] = descriptor.__set__
-    if not setters or hasattr(cls, "__attrs_post_init__"):
-        return lambda event, client, server: attrs.evolve(event, client_service=client, server_service=server)
-    lines = ["def enrich(event, client, server):", "    new = _new(_cls)"]
-    for name in setters:
-        value = {"client_service": "client", "server_service": "server"}.get(name, f"event.{name}")
-        lines.append(f"    _set_{name}(new, {value})")
-    lines.append("    return new")
-    namespace: dict[str, Any] = {"_new": object.__new__, "_cls": cls, **{f"_set_{n}": s for n, s in setters.items()}}
-    exec("\n".join(lines), namespace)  # noqa: S102 - generated from the class's own field names
-    return namespace["enrich"]
+    """``f(event, client, server)``: the event with its ``client_service`` and
+    ``server_service`` set.  The aggregator owns these two fields, and the event is
+    fresh from a probe or the L7 handler, so they are written in place through the
+    slots' descriptors (the events are frozen to everyone else): a copy through
+    ``attrs.evolve`` costs ~5 µs, a copy by slots ~2 µs, this ~0.1 µs.  Falls back
+    to evolve for a class without those slots."""
+    setters = []
+    for name in ("client_service", "server_service"):
+        descriptor = next((k.__dict__[name] for k in cls.__mro__ if name in k.__dict__), None)
+        if type(descriptor).__name__ != "member_descriptor":
+            return lambda event, client, server: attrs.evolve(event, client_service=client, server_service=server)
+        setters.append(descriptor.__set__)
+    set_client, set_server = setters
+
+    def enrich(event: Any, client: str, server: str) -> Any:
+        set_client(event, client)
+        set_server(event, server)
+        return event
+
+    return enrich
 
 
 __all__ = ["TopologyAggregator", "SocketOwners", "AggregatorStats", "Resolver"]

@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import statistics
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -417,6 +418,8 @@ class Agent:
         for probe in self.probes:
             self.argv += ["--probe", probe]
         self.argv += list(extra)
+        # e.g. DEETUNE_BENCH_AGENT_ARGS="--nice 10": compare agent settings without editing a benchmark.
+        self.argv += shlex.split(os.environ.get("DEETUNE_BENCH_AGENT_ARGS", ""))
         self.store = None
         if agent_supports("--store") and "--store" not in extra and "--no-store" not in extra:
             self.store = self.jsonl + ".store.db"

@@ -61,6 +61,10 @@ class RunStats:
     events: int = 0
     sink_errors: int = 0
     seconds: float = 0.0
+    #: Longest time between two drains of the rings: how long the kernel had to hold records
+    #: alone (a ring that fills meanwhile loses them), from the epoll timeout and the agent's
+    #: own stalls (processing a big batch, waiting for a CPU).
+    longest_unread: float = 0.0
 
     @property
     def lost(self) -> int:
@@ -71,7 +75,8 @@ class RunStats:
             f"{p.name}: {p.records} records, {p.lost} lost" + (f", {p.undecodable} undecodable" if p.undecodable else "")
             for p in self.probes.values()
         ]
-        return f"{self.events} events in {self.seconds:.1f}s; " + "; ".join(parts)
+        return (f"{self.events} events in {self.seconds:.1f}s; " + "; ".join(parts)
+                + f"; rings unread for at most {self.longest_unread:.2f}s")
 
 
 class Service(Protocol):
@@ -112,6 +117,7 @@ class Pipeline:
         self.final_drain_seconds = 5.0
         self.stats = RunStats(probes={p.name: ProbeStats(p.name) for p in self.probes})
         self._stop = threading.Event()
+        self._last_drain = 0.0
         self._started: list[Probe] = []
         self._closed = False
 
@@ -258,6 +264,10 @@ class Pipeline:
 
         Probes report through separate rings, so a connection's close (TCP ring)
         could otherwise be handled before its last payload (payload ring)."""
+        now = time.monotonic()
+        if self._last_drain and now - self._last_drain > self.stats.longest_unread:
+            self.stats.longest_unread = now - self._last_drain
+        self._last_drain = now
         events: list[Event] = []
         sources = 0
         for probe, ring in rings:

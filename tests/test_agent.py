@@ -91,6 +91,8 @@ class AgentProcess:
         (["--duration", "-3"], "deetune: argument --duration: must be positive: '-3'"),
         (["--port", "70000"], "deetune: argument --port: not a TCP port (1-65535): '70000'"),
         (["--pid", "abc"], "deetune: argument --pid: not a process id: 'abc'"),
+        (["--nice", "20"], "deetune: argument --nice: must be 0 to 19: '20'"),
+        (["--nice", "low"], "deetune: argument --nice: must be 0 to 19: 'low'"),
         (["--bogus"], "deetune: unrecognized arguments: --bogus"),
     ],
 )
@@ -190,6 +192,16 @@ def test_duration_and_stdout_sink(tmp_path):
     for line in result.stdout.splitlines():
         assert json.loads(line)["type"] == "process"
     assert result.stderr.startswith("deetune: ") and "process:" in result.stderr
+
+
+@pytest.mark.bpf
+def test_nice_lowers_the_agents_priority_only(tmp_path):
+    agent = AgentProcess("--probe", "process", "--sink", "jsonl:/dev/null", "--no-store", "--nice", "7")
+    # /proc/PID/stat field 19 is the nice value; comm (field 2) may hold spaces, so split after it.
+    fields = open(f"/proc/{agent.proc.pid}/stat").read().rpartition(")")[2].split()
+    assert int(fields[16]) == os.nice(0) + 7
+    code, _, err = agent.finish()
+    assert code == 0, err
 
 
 @pytest.mark.bpf

@@ -46,7 +46,7 @@ EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
 #: Where the agent keeps its topology history unless told otherwise.
 DEFAULT_STORE = "/var/lib/deetune/deetune.db"
 #: How much the agent lowers its own CPU priority by default (see --nice).
-DEFAULT_NICE = 0
+DEFAULT_NICE = 10
 
 
 class UsageError(Exception):

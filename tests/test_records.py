@@ -146,3 +146,10 @@ def test_ipv4_mapped_addresses_read_as_ipv4():
 def test_truncated_record_is_an_error_the_pipeline_counts():
     with pytest.raises(struct.error):
         list(TcpProbe().decode(b"\x0b\0\0\0"))
+
+
+def test_comm_is_text_up_to_the_nul_and_cached():
+    raw = b"nginx\0\0\0\0\0\0\0\0\0\0\0"
+    assert records.comm(raw) == "nginx"
+    assert records.comm(raw) is records.comm(bytes(raw))  # one str per distinct comm
+    assert records.comm(b"\xffbad\0" + bytes(11)) == "\ufffdbad"

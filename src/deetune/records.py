@@ -115,3 +115,17 @@ def record_struct(
 def cstr(raw: bytes) -> str:
     """A NUL-terminated C char array as text."""
     return raw.split(b"\0", 1)[0].decode("utf-8", "replace")
+
+
+_COMMS: dict[bytes, str] = {}
+
+
+def comm(raw: bytes) -> str:
+    """A task's comm (16 bytes, NUL-padded) as text; cached, since a host runs few distinct
+    ones and every record carries one."""
+    text = _COMMS.get(raw)
+    if text is None:
+        if len(_COMMS) >= 4096:
+            _COMMS.clear()
+        text = _COMMS[raw] = cstr(raw)
+    return text

@@ -113,7 +113,7 @@ class PayloadProbe(Probe):
                 ts_mono_ns=ts_mono,
                 pid=pid,
                 tid=tid,
-                comm=records.cstr(comm),
+                comm=records.comm(comm),
                 fd=fd,
                 sock_id=sock_id,
                 direction="ingress" if direction == _L.DT_INGRESS else "egress",

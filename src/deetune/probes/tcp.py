@@ -57,7 +57,7 @@ class TcpProbe(Probe):
         family = 6 if family == _AF_INET6 else 4
         laddr = format_address(family, laddr)
         raddr = format_address(family, raddr)
-        comm = records.cstr(comm)
+        comm = records.comm(comm)
         role = _ROLES.get(role, "unknown")
         preexisting = bool(flags & _L.DT_CONN_OPEN_UNSEEN)
         if preexisting:

@@ -869,7 +869,24 @@ def test_l7_decodes_a_recorded_connection_again_after_its_decoder_gave_up():
     [x] = exchanges_of(out)
     assert (x.target, x.request_payload, x.response_payload) == ("/a", req, resp)
     assert handler.stats.resynced == 1
-    # not on ports no task records
+    # on ports no task records too (decoding resumes; nothing is recorded)
     recording.ports = {}
     handler._conns[9].session._give_up(handler._conns[9].session.state.UNDECODABLE, "test")
-    assert exchanges_of([*handler(data_event(9, False, req)), *handler(data_event(9, True, resp))]) == []
+    [x] = exchanges_of([*handler(data_event(9, False, req)), *handler(data_event(9, True, resp))])
+    assert (x.target, x.status, x.request_payload, x.response_payload) == ("/a", 200, None, None)
+    assert handler.stats.resynced == 2
+
+
+def test_l7_mutes_only_streams_with_no_protocol():
+    muted: list[int] = []
+    handler = L7Handler([HttpDecoder, RedisDecoder, MysqlDecoder], listening=ListeningPorts(reader=lambda: {8080}),
+                        mute=muted.append)
+    req = b"GET /a HTTP/1.1\r\n\r\n"
+    resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    handler(data_event(9, False, req))
+    handler(data_event(9, True, resp))
+    handler(data_event(9, True, resp))  # a response without its request: a record was lost
+    assert not handler._conns[9].session.active and muted == []  # kept: it resyncs at the next request
+    for i in range(20):  # never a protocol: given up and muted in the kernel
+        handler(data_event(11, False, b"\x00\x01garbage%d" % i, rport=40001))
+    assert muted == [11]

@@ -217,7 +217,7 @@ class L7Handler:
         if self.emit_data:
             out.append(event)
         if not session.active:
-            if self.recording is None or not self._resync(conn, event):
+            if not self._resync(conn, event):
                 return out
             session = conn.session
         egress = event.direction == "egress"
@@ -240,13 +240,12 @@ class L7Handler:
         return out
 
     def _resync(self, conn: _Conn, event: DataEvent) -> bool:
-        """On a recorded port, a connection whose decoder gave up (a lost record broke its framing)
-        starts again with a fresh session at its next chunk that its protocol's decoder recognises
-        as the start of a request: the kernel copies it anyway while the port is recorded."""
+        """A connection whose decoder gave up (a lost record broke its framing: one record lost on
+        a keep-alive connection would otherwise hide every later request on it) starts again with
+        a fresh session at its next chunk that its protocol's decoder recognises as the start of a
+        request.  The kernel keeps copying such a connection (see _on_gave_up)."""
         session = conn.session
-        ports = self.recording.ports
-        if (session.state is not State.UNDECODABLE or session.protocol is None or session.role is None
-                or not (ports.get(conn.lport) or ports.get(conn.rport))):
+        if session.state is not State.UNDECODABLE or session.protocol is None or session.role is None:
             return False
         client = session.role == "client"
         if (event.direction == "egress") != client or not event.data:
@@ -311,7 +310,10 @@ class L7Handler:
             protocol = session.protocol or "?"
             self.stats.undecodable[protocol] = self.stats.undecodable.get(protocol, 0) + 1
             log.info("connection %x: %s stream undecodable: %s", sock_id, protocol, session.reason)
-        if self.mute is not None:
+        # Muted in the kernel only when no protocol was ever recognised: a stream that was
+        # decodable until a gap is resynced at its next request (see _resync).
+        if self.mute is not None and (session.state is State.UNKNOWN or session.protocol is None
+                                      or session.role is None):
             self.mute(sock_id)
 
     def _exchange_event(self, conn: _Conn, x: Exchange, sock_id: int) -> ExchangeEvent:

@@ -198,10 +198,18 @@ def smaps_breakdown(pid: int, top: int = 8) -> dict[str, float]:
 
 
 def schedstat(pid: int) -> tuple[float, float]:
-    """(seconds on a CPU, seconds waiting on a run queue) of a process's main thread."""
-    with open(f"/proc/{pid}/schedstat") as f:
-        on_cpu, waiting, _ = f.read().split()
-    return int(on_cpu) / 1e9, int(waiting) / 1e9
+    """(seconds on a CPU, seconds waiting on a run queue) of all of a process's threads
+    (/proc/PID/schedstat alone is the main thread's; the store and sinks have threads of their own)."""
+    on_cpu = waiting = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/schedstat") as f:
+                fields = f.read().split()
+        except FileNotFoundError:  # a thread that just ended
+            continue
+        on_cpu += int(fields[0])
+        waiting += int(fields[1])
+    return on_cpu / 1e9, waiting / 1e9
 
 
 def tcp_table_size() -> int:

@@ -197,11 +197,11 @@ def smaps_breakdown(pid: int, top: int = 8) -> dict[str, float]:
     return {k: round(v / 1024, 1) for k, v in ordered[:top]} | {"total": round(sum(sizes.values()) / 1024, 1)}
 
 
-def schedstat(pid: int) -> tuple[float, float]:
+def schedstat(pid: int, *, main_thread: bool = False) -> tuple[float, float]:
     """(seconds on a CPU, seconds waiting on a run queue) of all of a process's threads
     (/proc/PID/schedstat alone is the main thread's; the store and sinks have threads of their own)."""
     on_cpu = waiting = 0
-    for task in os.listdir(f"/proc/{pid}/task"):
+    for task in [str(pid)] if main_thread else os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as f:
                 fields = f.read().split()
@@ -485,7 +485,8 @@ class Agent:
     def begin_window(self) -> None:
         """Mark the start of the measured workload (CPU time is counted from here)."""
         on_cpu, waiting = schedstat(self.pid)
-        self._window = {"cpu": cpu_seconds(self.pid), "t": time.monotonic(), "on_cpu": on_cpu, "runq": waiting}
+        self._window = {"cpu": cpu_seconds(self.pid), "t": time.monotonic(), "on_cpu": on_cpu, "runq": waiting,
+                        "main": schedstat(self.pid, main_thread=True)[0]}
 
     def end_window(self) -> dict[str, Any]:
         """CPU (in cores), memory and BPF counters over the workload, read while the agent still runs."""
@@ -496,6 +497,8 @@ class Agent:
             "window_s": round(wall, 3),
             # from schedstat (ns resolution) rather than ticks: time on a CPU, and waiting for one
             "oncpu_cores": round((on_cpu - self._window["on_cpu"]) / wall, 3) if wall > 0 else None,
+            "main_oncpu_cores": round((schedstat(self.pid, main_thread=True)[0] - self._window["main"]) / wall, 3)
+            if wall > 0 else None,
             "runq_wait_s": round(waiting - self._window["runq"], 3),
             "cpu_s": round(cpu - self._window["cpu"], 3),
             "cpu_cores": round((cpu - self._window["cpu"]) / wall, 3) if wall > 0 else None,

@@ -442,7 +442,7 @@ def sinks_tables(runs: dict[str, list[dict]], modes: list[str], args) -> tuple[s
                          fmt(x["window"]["hwm_mb"], 1), fmt(x["agent"].get("stop_s"), 1)])
     text += ("\n\nPer run:\n"
              + table(["mode", "pair", "requests sent", "achieved req/s", "load p99 µs", "server-side seen (no response)",
-                      "client-side seen (no response)", "records lost", "records read", "main thread run-queue wait s",
+                      "client-side seen (no response)", "records lost", "records read", "run-queue wait s (all threads)",
                       "RSS MB", "peak RSS MB", "stop s"], rows))
     rows = []
     for mode in others:

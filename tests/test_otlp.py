@@ -405,6 +405,108 @@ def test_resources_are_bounded(receiver, make_sink):
     assert sink.stats.resources_evicted == 2  # 1 evicted by 3, then 2 by 1's return
 
 
+# ---------------------------------------------------------------------------------- span encoding
+def built_spans(events) -> list:
+    """The ReadableSpans the sink builds for ``events`` (taken before the batch processor)."""
+    sink = OtlpSink(endpoint="http://127.0.0.1:9", metric_interval=3600, schedule_delay=3600, timeout=0.1,
+                    close_timeout=0.1)
+    spans = []
+    sink._span_processor.on_end = spans.append
+    try:
+        for event in events:
+            sink._on_exchange(event)
+    finally:
+        sink.close()
+    return spans
+
+
+def test_span_encoding_matches_the_sdk():
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import ReadableSpan
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+    from opentelemetry.trace import (
+        SpanContext,
+        SpanKind,
+        StatusCode,
+        TraceFlags,
+        TraceState,
+    )
+    from opentelemetry.trace import Status as SdkStatus
+
+    from deetune.sinks.otlp import encode_span_request
+
+    events = [
+        exchange(server_service="api"),  # traceparent: a remote parent
+        exchange(role="client", status=503, error=True, client_service="web", server_service="api", pid=7, ts=T0 + 1),
+        exchange(method="BREW", target="/é?q=ü", status=None, latency_ns=None, duration_ns=None, attributes={}, ts=T0 + 2),
+        exchange(protocol="redis", method="GET", target="user:7", status="ERR", error=True,
+                 error_message="WRONGTYPE Operation against a key", attributes={}, comm="redis-server", ts=T0 + 3),
+        exchange(protocol="mysql", method="QUERY", target="SELECT 1", status="OK", attributes={"database": "shop"},
+                 comm="mysqld", lport=3306, ts=T0 + 4),
+        exchange(protocol="amqp", role="unknown", method="basic.publish", target="orders", status="ERR", error=True,
+                 error_message="NOT_FOUND", attributes={}, ts=T0 + 5),
+    ]
+    spans = built_spans(events)
+    scope = InstrumentationScope("other-scope", "1.2", "https://schema/1", {"scope.attr": "x"})
+    resource = Resource({"service.name": "odd", "float": 0.25, "negative": -5, "big": 2**63 - 1, "flag": False,
+                         "empty": ""}, schema_url="https://schema/resource")
+    spans.append(ReadableSpan(
+        "odd", context=SpanContext(2**128 - 1, 1, is_remote=False, trace_flags=TraceFlags(1),
+                                   trace_state=TraceState([("vendor", "v1"), ("other", "x")])),
+        parent=SpanContext(5, 6, is_remote=False), resource=resource, attributes={"f": 1.5, "b": True, "i": -1, "s": ""},
+        kind=SpanKind.PRODUCER, status=SdkStatus(StatusCode.OK), start_time=1, end_time=2, instrumentation_scope=scope))
+    spans.append(ReadableSpan("", context=SpanContext(3, 4, is_remote=False), resource=Resource({}),
+                              kind=SpanKind.CONSUMER, start_time=0, end_time=0, instrumentation_scope=None))
+    for batch in (spans, spans[:1], spans[::-1]):
+        ours = ExportTraceServiceRequest.FromString(encode_span_request(batch))
+        assert ours == encode_spans(batch)
+    assert encode_span_request([]) == b""
+
+
+def test_spans_go_through_the_sinks_encoder(receiver, make_sink, monkeypatch):
+    from deetune.sinks import otlp
+
+    encoded = []
+    original = otlp.encode_span_request
+    monkeypatch.setattr(otlp, "encode_span_request", lambda spans: encoded.append(len(spans)) or original(spans))
+    sink = make_sink(receiver.url)
+    if sink._span_exporter._send is None:
+        pytest.skip("this opentelemetry-exporter-otlp-proto-http has no HTTP client of its own to send through")
+    sink.handle(exchange())
+    sink.handle(exchange(role="client", ts=T0 + 1))
+    assert sink.flush(10)
+    assert sum(encoded) == 2 and len(receiver.wait_spans(2)) == 2
+    assert sink.stats.spans_exported == 2 and ("/v1/traces", "gzip", 200) in receiver.requests
+
+
+def test_spans_the_encoder_cannot_write_go_through_the_sdk(receiver, make_sink):
+    from opentelemetry.sdk.trace import Event, ReadableSpan
+    from opentelemetry.trace import SpanContext, TraceFlags
+
+    from deetune.sinks.otlp import _Unencodable, encode_span_request
+
+    sink = make_sink(receiver.url)
+    resource = sink._resource("odd", 1)
+    odd = [
+        ReadableSpan("tuple", context=SpanContext(1, 1, is_remote=False, trace_flags=TraceFlags(1)), resource=resource,
+                     attributes={"list": ("a", "b")}, start_time=T0, end_time=T0),
+        ReadableSpan("event", context=SpanContext(2, 2, is_remote=False, trace_flags=TraceFlags(1)), resource=resource,
+                     events=(Event("e", {"k": "v"}, timestamp=T0),), start_time=T0, end_time=T0),
+    ]
+    for span in odd:
+        with pytest.raises(_Unencodable):
+            encode_span_request([span])
+        sink._span_processor.on_end(span)
+    sink.handle(exchange())
+    assert sink.flush(10)
+    spans = {span.name: span for _, span in receiver.wait_spans(3)}
+    assert attributes(spans["tuple"].attributes)["list"].values[1].string_value == "b"
+    assert spans["event"].events[0].name == "e"
+    assert spans["GET"].kind == Span.SPAN_KIND_SERVER
+    assert sink.stats.spans_exported == 3 and sink.stats.spans_failed == 0
+
+
 # ---------------------------------------------------------------------------------- metrics
 def bucket_counts(bounds, values):
     counts = [0] * (len(bounds) + 1)

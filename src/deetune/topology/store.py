@@ -24,7 +24,10 @@ Edge windows as running totals
     Windows overlapping [since, until) count whole.  A window arriving out of
     order adds itself to the later totals.  Retention deletes an edge's expired
     windows but keeps the last one as a *floor* at window 0..0, so that the
-    totals after it still subtract to the right numbers.
+    totals after it still subtract to the right numbers.  The subtraction,
+    the percentiles and the average are computed in the query (see
+    :func:`_metric_sql`): an edge crosses into Python as 13 numbers, all the
+    edges as one JSON text (see _EDGES_SQL).
 
 Answers (beyond the shapes :class:`~deetune.topology.model.TopologyQueries` fixes)
     Instances are :class:`~deetune.topology.model.Instance` fields plus ``id``,
@@ -39,12 +42,22 @@ Exchanges
     the retention.  When both ends run on the host each reports the exchange;
     the client's copy is held ``exchange_hold_seconds`` and dropped if the
     server's copy of it (same connection, method and target) arrives: the same
-    rule as the aggregator's, the server side counts.
+    rule as the aggregator's, the server side counts.  Then, per edge (client,
+    server, protocol, server port) and window of ``exchange_window_seconds``
+    (aligned on multiples of it since the epoch), every exchange with an error
+    is kept, and of the others the ``max_exchanges_per_edge_window`` most recent
+    (in the order they reach the store; None: all): a busy edge keeps a sample
+    rather than flooding the table, and the writer thread does not insert (and
+    later prune) a row per exchange.  The others are counted, never silently
+    lost: ``stats.exchanges_not_kept`` and ``exchange_counts()["not_kept"]``
+    (kept in ``meta`` across restarts).  The bound lives in memory for the
+    newest two windows seen (up to the clock's): an exchange arriving later than
+    that starts a count of its own, and after a restart the current window may
+    keep up to twice as many.
 """
 
 from __future__ import annotations
 
-import bisect
 import collections
 import heapq
 import itertools
@@ -57,6 +70,7 @@ import time
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import attrs
+import orjson
 
 from deetune.events import Event, ExchangeEvent
 from deetune.recording import storage as recording_storage
@@ -142,53 +156,89 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
 # -- metrics from running totals ---------------------------------------------------------------
 _UPPER = (*LATENCY_BUCKETS_NS, LATENCY_BUCKETS_NS[-1] * 2)
 _LOWER = (0, *LATENCY_BUCKETS_NS)
+#: The quantiles of an edge, bound as parameters (Python's doubles, not SQLite's reading of a literal).
+_QUANTILES = {"q50": 0.5, "q90": 0.9, "q99": 0.99}
+#: What each edge row of a query holds after its id, in this order (the keys of EdgeStats.to_json).
+METRIC_KEYS: tuple[str, ...] = (
+    "requests", "errors", "latency_p50_ns", "latency_p90_ns", "latency_p99_ns", "latency_avg_ns",
+    "bytes_sent", "bytes_received", "connections_opened", "connections_failed", "retransmits", "resets",
+)
+
+
+def _metric_sql(total: Callable[[str], str]) -> str:
+    """The SELECT list of METRIC_KEYS, where ``total(column)`` is the SQL of a column's total over
+    the range.  The arithmetic is EdgeStats.quantile_ns's, operation for operation in doubles
+    (a binary search as ``bisect_left``'s, then linear inside the bucket), and Python's floor
+    division for the average: the same numbers as computing them in Python, which cost half of a
+    graph's time (20 values per edge crossing into Python, then the loops)."""
+    cumulative = [total(c) for c in BUCKET_COLUMNS]
+    count = cumulative[-1]
+
+    def quantile(param: str) -> str:
+        rank = f"(:{param} * {count})"
+
+        def leaf(i: int) -> str:
+            if i == len(cumulative):  # past the last bucket: impossible, the last one holds every sample
+                return "NULL"
+            seen = cumulative[i - 1] if i else "0"
+            return (f"CAST({_LOWER[i]} + {_UPPER[i] - _LOWER[i]} * (({rank} - {seen}) / ({cumulative[i]} - {seen}))"
+                    " AS INTEGER)")
+
+        def search(lo: int, hi: int) -> str:  # bisect_left(cumulative, rank, lo, hi), unrolled
+            if lo == hi:
+                return leaf(lo)
+            mid = (lo + hi) // 2
+            return f"CASE WHEN {cumulative[mid]} < {rank} THEN {search(mid + 1, hi)} ELSE {search(lo, mid)} END"
+
+        return f"CASE WHEN {count} THEN {search(0, len(cumulative))} END"
+
+    requests, latency_sum = total("requests"), total("latency_sum_ns")
+    python_mod = f"((({latency_sum} % {requests}) + {requests}) % {requests})"  # SQLite's % truncates
+    columns = {
+        "latency_p50_ns": quantile("q50"), "latency_p90_ns": quantile("q90"), "latency_p99_ns": quantile("q99"),
+        "latency_avg_ns": f"CASE WHEN {requests} THEN ({latency_sum} - {python_mod}) / {requests} END",
+    }
+    return ", ".join(columns.get(key) or total(key) for key in METRIC_KEYS)
+
+
+_TOTAL_ROW_SQL = ("SELECT 0, " + _metric_sql(lambda c: f"t.{c}")
+                  + " FROM (SELECT " + ", ".join(f":{c} AS {c}" for c in TOTAL_COLUMNS) + ") t")
 
 
 def _edge_json(client: str, server: str, protocol: str, port: int, totals: Sequence[int]) -> dict[str, Any]:
     """``{"client", "server", "protocol", "port", **EdgeStats.to_json()}`` from the STAT and (cumulative)
-    BUCKET columns."""
-    return _edges_json([(0, 1, *totals)], {0: (client, server, protocol, port)})[0]
+    BUCKET columns, through the SQL the queries run."""
+    conn = sqlite3.connect(":memory:")
+    try:
+        rows = conn.execute(_TOTAL_ROW_SQL, {**dict(zip(TOTAL_COLUMNS, (1, *totals))), **_QUANTILES}).fetchall()
+    finally:
+        conn.close()
+    return _edges_json(rows, {0: (client, server, protocol, port)})[0]
 
 
 def _edges_json(rows: Iterable[Sequence[Any]], names: dict[int, tuple[str, str, str, int]]) -> list[dict[str, Any]]:
-    """Edge dicts from rows (edge id, windows, STAT_COLUMNS…, BUCKET_COLUMNS…), skipping those
-    without windows.  One loop with everything inlined: a graph has 10,000s of edges, and this
-    is half of its cost."""
+    """Edge dicts from rows (edge id, METRIC_KEYS…), sorted by (client, server, protocol, port).
+    The rows come in that order (an aggregate takes its subquery's rows in their order, though
+    SQL does not promise it): checked as they go, sorted only if not."""
     out = []
     append = out.append
-    bisect_left, lower_of, upper_of = bisect.bisect_left, _LOWER, _UPPER
-    for (edge_id, windows, requests, errors, latency_sum, sent, received, opened, failed,
-         retransmits, resets, *cumulative) in rows:
-        if windows <= 0:
-            continue
-        client, server, protocol, port = names[edge_id]
-        total = cumulative[-1]
-        if total:  # EdgeStats.quantile_ns, same arithmetic: the first bucket reaching the rank
-            rank = 0.5 * total
-            i = bisect_left(cumulative, rank)
-            seen = cumulative[i - 1] if i else 0
-            low = lower_of[i]
-            p50 = int(low + (upper_of[i] - low) * ((rank - seen) / (cumulative[i] - seen)))
-            rank = 0.9 * total
-            i = bisect_left(cumulative, rank)
-            seen = cumulative[i - 1] if i else 0
-            low = lower_of[i]
-            p90 = int(low + (upper_of[i] - low) * ((rank - seen) / (cumulative[i] - seen)))
-            rank = 0.99 * total
-            i = bisect_left(cumulative, rank)
-            seen = cumulative[i - 1] if i else 0
-            low = lower_of[i]
-            p99 = int(low + (upper_of[i] - low) * ((rank - seen) / (cumulative[i] - seen)))
-        else:
-            p50 = p90 = p99 = None
+    last: tuple = ()
+    ordered = True
+    for (edge_id, requests, errors, p50, p90, p99, avg, sent, received, opened, failed, retransmits, resets) in rows:
+        name = names[edge_id]
+        if name < last:
+            ordered = False
+        last = name
+        client, server, protocol, port = name
         append({
             "client": client, "server": server, "protocol": protocol, "port": port,
             "requests": requests, "errors": errors,
-            "latency_p50_ns": p50, "latency_p90_ns": p90, "latency_p99_ns": p99,
-            "latency_avg_ns": latency_sum // requests if requests else None,
+            "latency_p50_ns": p50, "latency_p90_ns": p90, "latency_p99_ns": p99, "latency_avg_ns": avg,
             "bytes_sent": sent, "bytes_received": received, "connections_opened": opened,
             "connections_failed": failed, "retransmits": retransmits, "resets": resets,
         })
+    if not ordered:
+        out.sort(key=_edge_sort_key)
     return out
 
 
@@ -197,67 +247,120 @@ def _edge_sort_key(edge: dict[str, Any]) -> tuple:
 
 
 # -- holding client copies of exchanges ---------------------------------------------------------
+#: A server's copy waiting for its client's.
+_SERVER = "server"
+
 class _ExchangePairs:
     """Drops the client's copy of an exchange whose server also reported it.
 
     Key: the connection seen from the client, method and target; copies pair
     first-in first-out.  A client copy waits ``hold_ns`` for its server copy; a
     server copy is remembered as long for a client copy arriving after it.
+
+    Copies wait in parallel lists in arrival order (a position each), and each side's table
+    maps a key to the position, or the positions in order, of its unmatched copies: no
+    container per exchange, so that the writer thread (which shares the GIL with the pipeline)
+    leaves the garbage collector little to do.  It cost more than the rest of the pairing.
     """
 
     def __init__(self, hold_ns: int):
         self.hold_ns = hold_ns
-        self._clients: dict[tuple, collections.deque[list]] = {}
-        self._servers: dict[tuple, collections.deque[list]] = {}
-        #: [arrival, event or None, role] in arrival order, for expiry.
-        self._order: collections.deque[list] = collections.deque()
+        #: Key → position (or positions, oldest first) of the unmatched copies of each side.
+        self._clients: dict[tuple, int | list[int]] = {}
+        self._servers: dict[tuple, int | list[int]] = {}
+        #: The copies from position ``_base`` on, in arrival order: arrival time, key, and the
+        #: event of a client copy or SERVER for a server copy (whose event is not kept alive:
+        #: it was stored already), None once matched or expired; those before index ``_head``
+        #: have expired.
+        self._arrivals: list[int] = []
+        self._keys: list[tuple] = []
+        self._events: list[ExchangeEvent | str | None] = []
+        self._base = 0
+        self._head = 0
         self.duplicates = 0
 
-    @staticmethod
-    def _key(e: ExchangeEvent) -> tuple | None:
-        if e.role == "client":
-            return e.laddr, e.lport, e.raddr, e.rport, e.method, e.target
-        if e.role == "server":
-            return e.raddr, e.rport, e.laddr, e.lport, e.method, e.target
-        return None
+    @property
+    def holding(self) -> bool:
+        """Copies wait for their expiry."""
+        return self._head < len(self._arrivals)
 
     def add(self, event: ExchangeEvent, now: int) -> bool:
         """True: store the event now; False: it was held or dropped."""
-        key = self._key(event)
-        if key is None:
-            return True
-        mine, theirs = (self._clients, self._servers) if event.role == "client" else (self._servers, self._clients)
-        waiting = theirs.get(key)
-        if waiting:
-            other = waiting.popleft()
-            other[1] = None  # matched: expiry skips it
-            if not waiting:
-                del theirs[key]
-            self.duplicates += 1
-            # The server's copy is the one kept: a held client copy is simply forgotten.
-            return event.role == "server"
-        entry = [now, event, key]
-        mine.setdefault(key, collections.deque()).append(entry)
-        self._order.append(entry)
-        return event.role == "server"
+        return bool(self.add_all((event,), now))
+
+    def add_all(self, events: Iterable[ExchangeEvent], now: int) -> list[ExchangeEvent]:
+        """The events to store now, in order (the others were held or dropped)."""
+        keep = []
+        append = keep.append
+        clients, servers = self._clients, self._servers
+        arrivals, keys, held = self._arrivals, self._keys, self._events
+        base = self._base
+        duplicates = 0
+        for e in events:
+            role = e.role
+            if role == "server":
+                key = (e.raddr, e.rport, e.laddr, e.lport, e.method, e.target)
+                mine, theirs, copy = servers, clients, _SERVER
+                append(e)  # the server's copy is the one kept
+            elif role == "client":
+                key = (e.laddr, e.lport, e.raddr, e.rport, e.method, e.target)
+                mine, theirs, copy = clients, servers, e
+            else:
+                append(e)
+                continue
+            waiting = theirs.get(key) if theirs else None
+            if waiting is not None:  # the other side's oldest unmatched copy: a pair
+                if type(waiting) is int:
+                    position = waiting
+                    del theirs[key]
+                else:
+                    position = waiting.pop(0)
+                    if not waiting:
+                        del theirs[key]
+                held[position - base] = None  # a held client copy is simply forgotten
+                duplicates += 1
+                continue
+            position = base + len(arrivals)
+            arrivals.append(now)
+            keys.append(key)
+            held.append(copy)
+            waiting = mine.get(key)
+            if waiting is None:
+                mine[key] = position
+            elif type(waiting) is int:
+                mine[key] = [waiting, position]
+            else:
+                waiting.append(position)
+        self.duplicates += duplicates
+        return keep
 
     def release(self, now: int | None = None) -> list[ExchangeEvent]:
         """Client copies held long enough (all of them with None), in arrival order."""
         ready = []
-        order = self._order
-        while order and (now is None or order[0][0] <= now - self.hold_ns):
-            entry = order.popleft()
-            arrival, event, key = entry
-            if event is None:
-                continue
-            table = self._clients if event.role == "client" else self._servers
-            waiting = table.get(key)
-            if waiting and waiting[0] is entry:
-                waiting.popleft()
-                if not waiting:
+        arrivals, keys, held = self._arrivals, self._keys, self._events
+        head, base, end = self._head, self._base, len(arrivals)
+        limit = None if now is None else now - self.hold_ns
+        while head < end and (limit is None or arrivals[head] <= limit):
+            copy = held[head]
+            if copy is not None:
+                held[head] = None
+                key = keys[head]
+                table = self._servers if copy is _SERVER else self._clients
+                waiting = table.get(key)
+                if waiting == base + head:
                     del table[key]
-            if event.role == "client":
-                ready.append(event)
+                elif type(waiting) is list and waiting[0] == base + head:
+                    waiting.pop(0)
+                    if not waiting:
+                        del table[key]
+                if copy is not _SERVER:
+                    ready.append(copy)
+            head += 1
+        if head == end or head > 4096 and head * 2 > end:  # drop the expired part of the lists
+            del arrivals[:head], keys[:head], held[:head]
+            base += head
+            head = 0
+        self._head, self._base = head, base
         return ready
 
 
@@ -270,17 +373,27 @@ class WriteStats:
     #: Windows that arrived after a later one of the same edge (stored, later totals updated).
     late_windows: int = 0
     instances: int = 0
+    #: Exchanges stored (those replaced since, see exchanges_not_kept, not counted).
     exchanges: int = 0
     #: Exchanges of recording tasks stored (those of tasks deleted meanwhile are not).
     recorded: int = 0
     #: Client copies of exchanges dropped because the server reported them too.
     duplicate_exchanges: int = 0
+    #: Exchanges not kept (not stored, or stored and then replaced) because their edge had
+    #: ``max_exchanges_per_edge_window`` more recent ones without errors in the same window.
+    exchanges_not_kept: int = 0
 
 
 class TopologyStore:
     """The topology in one SQLite file (see the module doc).  Thread-safe: writes are
     serialised; each query runs on a pooled read-only connection, on one snapshot.  One writing
-    store per file: the latest totals of each edge are cached."""
+    store per file: the latest totals of each edge are cached.
+
+    ``retention_seconds``: data older than this is deleted by :meth:`maintain`;
+    ``max_exchanges``: exchanges kept at most, the most recent; ``max_exchanges_per_edge_window``
+    (default 100, None: no bound) and ``exchange_window_seconds`` (default 10): exchanges without
+    errors kept per edge and window, the most recent (see "Exchanges" in the module doc);
+    ``exchange_hold_seconds``: how long a client's copy of an exchange waits for the server's."""
 
     #: A floor's latency sum above this is subtracted from all of its edge's totals (int64 headroom).
     REBASE_ABOVE = 1 << 61
@@ -291,6 +404,8 @@ class TopologyStore:
         *,
         retention_seconds: float = 7 * 86400,
         max_exchanges: int = 100_000,
+        max_exchanges_per_edge_window: int | None = 100,
+        exchange_window_seconds: float = 10.0,
         exchange_hold_seconds: float = 2.0,
         clock: Callable[[], int] = time.time_ns,
     ):
@@ -299,13 +414,23 @@ class TopologyStore:
         self.max_exchanges = max_exchanges
         self.clock = clock
         self.stats = WriteStats()
-        self._write_lock = threading.Lock()
         #: Idle read connections (a pool, not one per thread: the API may start a thread per request).
         self._idle_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         #: Edge id → (client, server, protocol, port) for readers; ids are never reused.
         self._names: dict[int, tuple[str, str, str, int]] = {}
         self._pairs = _ExchangePairs(int(exchange_hold_seconds * SEC))
+        #: (client, server, protocol, port, window index) → ids of the exchanges without errors
+        #: kept in that edge's window, oldest first; only for the newest two windows seen.
+        self._kept: dict[tuple, collections.deque[int]] = {}
+        self._newest_window = -(1 << 63)
+        #: Ids are never reused in a session, even when the newest rows were deleted.
+        self._next_exchange_id = 1
+        #: Exchanges without errors kept per edge and window (the most recent ones); None: all.
+        self.max_exchanges_per_edge_window: int | None = None
+        self.exchange_window_ns = 0
+        self._write_lock = threading.Lock()
+        self.bound_exchanges(max_exchanges_per_edge_window, exchange_window_seconds)
         #: EdgeKey fields → edges.id, and edge id → (window_start, totals) of its latest window.
         self._edge_ids: dict[tuple[str, str, str, int], int] = {}
         self._latest: dict[int, tuple[int, list[int]]] = {}
@@ -320,6 +445,20 @@ class TopologyStore:
             self._check_buckets()
         except sqlite3.Error as exc:
             raise StoreError(f"{self.path}: {exc}") from None
+
+    def bound_exchanges(self, per_edge_window: int | None, window_seconds: float | None = None) -> None:
+        """Keep at most ``per_edge_window`` exchanges without errors per edge and window of
+        ``window_seconds`` (unchanged when None), the most recent ones; None: keep them all."""
+        if per_edge_window is not None and (not isinstance(per_edge_window, int) or per_edge_window < 0):
+            raise ValueError(f"exchanges per edge and window must be None or an integer >= 0, got {per_edge_window!r}")
+        if window_seconds is not None and not int(window_seconds * SEC) > 0:
+            raise ValueError(f"the exchange window must be positive, got {window_seconds!r} s")
+        with self._write_lock:
+            self.max_exchanges_per_edge_window = per_edge_window
+            if window_seconds is not None and int(window_seconds * SEC) != self.exchange_window_ns:
+                self.exchange_window_ns = int(window_seconds * SEC)
+                self._kept = {}  # counted in other windows
+                self._newest_window = -(1 << 63)
 
     def _check_buckets(self) -> None:
         row = self._writer.execute("SELECT value FROM meta WHERE key = 'latency_buckets_ns'").fetchone()
@@ -353,7 +492,7 @@ class TopologyStore:
     @property
     def holding(self) -> bool:
         """Client copies of exchanges wait for their server copy (a later write stores them)."""
-        return bool(self._pairs._order)
+        return self._pairs.holding
 
     def _write(self, events: list[Event], now: int, final: bool = False) -> None:
         conn = self._writer
@@ -361,12 +500,12 @@ class TopologyStore:
         try:
             instances, windows, exchanges, recorded, statuses = [], [], [], [], []
             for event in events:
-                if isinstance(event, EdgeWindowEvent):
+                if isinstance(event, ExchangeEvent):  # the most frequent first
+                    exchanges.append(event)
+                elif isinstance(event, EdgeWindowEvent):
                     windows.append(event)
                 elif isinstance(event, InstanceEvent):
                     instances.append(event)
-                elif isinstance(event, ExchangeEvent):
-                    exchanges.append(event)
                 elif isinstance(event, RecordedEvent):
                     recorded.append(event)
                 elif isinstance(event, RecordingStatusEvent):
@@ -390,6 +529,7 @@ class TopologyStore:
             # The caches may describe rows that were just rolled back.
             self._edge_ids.clear()
             self._latest.clear()
+            self._kept.clear()
             raise
 
     @staticmethod
@@ -499,16 +639,66 @@ class TopologyStore:
     def _write_exchanges(self, events: list[ExchangeEvent], now: int, final: bool) -> None:
         pairs = self._pairs
         duplicates = pairs.duplicates
-        keep = [e for e in events if pairs.add(e, now)]
+        keep = pairs.add_all(events, now)
         keep.extend(pairs.release(None if final else now))
         self.stats.duplicate_exchanges += pairs.duplicates - duplicates
-        encode = _JSON.encode
-        self._writer.executemany(
-            "INSERT INTO exchanges (ts, client, server, data) VALUES (?, ?, ?, ?)",
-            [(e.ts, e.client_service, e.server_service, encode(e.to_json())) for e in keep],
+        if not keep:
+            return
+        conn = self._writer
+        # Ids given here (one writer): the bound below knows which rows it replaces.
+        first_id = max(self._next_exchange_id,
+                       conn.execute("SELECT coalesce(max(id), 0) + 1 FROM exchanges").fetchone()[0])
+        self._next_exchange_id = first_id + len(keep)
+        ids = range(first_id, first_id + len(keep))
+        replaced: set[int] = set()
+        stored_before: list[tuple[int]] = []
+        if self.max_exchanges_per_edge_window is not None:
+            for old in self._bound(zip(ids, keep), now):
+                if old >= first_id:
+                    replaced.add(old)
+                else:
+                    stored_before.append((old,))
+        encode = _encode
+        conn.executemany(
+            "INSERT INTO exchanges (id, ts, client, server, data) VALUES (?, ?, ?, ?, ?)",
+            [(i, e.ts, e.client_service, e.server_service, encode(e.to_json()))
+             for i, e in zip(ids, keep) if i not in replaced],
         )
-        self.stats.exchanges += len(keep)
-        self._since_prune += len(keep)
+        conn.executemany("DELETE FROM exchanges WHERE id = ?", stored_before)
+        not_kept = len(replaced) + len(stored_before)
+        if not_kept:
+            conn.execute("INSERT INTO meta VALUES ('exchanges_not_kept', ?) ON CONFLICT (key) DO UPDATE SET"
+                         " value = CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER)", (str(not_kept),))
+        self.stats.exchanges += len(keep) - not_kept
+        self.stats.exchanges_not_kept += not_kept
+        self._since_prune += len(keep) - not_kept
+
+    def _bound(self, exchanges: Iterable[tuple[int, ExchangeEvent]], now: int) -> list[int]:
+        """Count (id, exchange) in their edge's window; returns the ids past the bound (the
+        oldest of their edge and window), of these exchanges or of earlier ones."""
+        limit, window_ns, kept = self.max_exchanges_per_edge_window, self.exchange_window_ns, self._kept
+        newest, current = self._newest_window, now // window_ns
+        over = []
+        for exchange_id, e in exchanges:
+            if e.error:
+                continue
+            window = e.ts // window_ns
+            if newest < window <= current:  # (a time ahead of the clock moves nothing)
+                newest = self._newest_window = window
+                # Older windows are done: forget them (a straggler starts a count of its own).
+                for key in [k for k in kept if k[4] < window - 1]:
+                    del kept[key]
+            key = (e.client_service, e.server_service, e.protocol, e.lport if e.role == "server" else e.rport,
+                   window)
+            ids = kept.get(key)
+            if ids is None:
+                kept[key] = ids = collections.deque()
+            ids.append(exchange_id)
+            if len(ids) > limit:
+                over.append(ids.popleft())
+                while len(ids) > limit:  # the limit was lowered
+                    over.append(ids.popleft())
+        return over
 
     def _prune_exchanges(self) -> None:
         # ids grow with insertion: the newest max_exchanges rows are the highest ids.
@@ -629,34 +819,39 @@ class TopologyStore:
                 where.append(f"e.{end} IN (SELECT value FROM json_each(:{end}s))")
                 params[f"{end}s"] = json.dumps(sorted(names))
         if errors_only:
+            # The first test needs only this edge's last window (totals never decrease): the
+            # other edges cost no lookup of their window at :since.
+            where.append("(a.errors > 0 OR a.connections_failed > 0)")
             where.append("(a.errors > coalesce(b.errors, 0)"
                          " OR a.connections_failed > coalesce(b.connections_failed, 0))")
-        rows = conn.execute(_EDGES_SQL.format(where=" AND ".join(where)), params).fetchall()
-        return _edges_json(rows, self._edge_names(conn, rows))
+        params.update(_QUANTILES)
+        values = orjson.loads(conn.execute(_EDGES_SQL.format(where=" AND ".join(where)), params).fetchone()[0])
+        names = self._edge_names(conn, values[::_EDGE_COLUMNS])
+        return _edges_json(zip(*[iter(values)] * _EDGE_COLUMNS), names)
 
-    def _edge_names(self, conn: sqlite3.Connection, rows: list[tuple]) -> dict[int, tuple[str, str, str, int]]:
+    def _edge_names(self, conn: sqlite3.Connection, ids: list[int]) -> dict[int, tuple[str, str, str, int]]:
         """Edge id → (client, server, protocol, port), cached: decoding three strings per edge per
         query is a tenth of a graph's cost.  Reloaded whole when a new id shows up (replaced, never
         changed in place, so concurrent readers need no lock)."""
         names = self._names
-        if any(row[0] not in names for row in rows):
+        if not names.keys() >= set(ids):
             names = self._names = {
                 row[0]: row[1:] for row in conn.execute("SELECT id, client, server, protocol, port FROM edges")}
         return names
 
     def _instances(self, conn: sqlite3.Connection, since: int, until: int) -> dict[str, list[dict[str, Any]]]:
-        """Service → its instances seen in the range."""
+        """Service → its instances seen in the range, by id (one JSON text, as _EDGES_SQL)."""
         found: dict[str, list[dict[str, Any]]] = {}
-        for row in conn.execute(f"SELECT {', '.join(INSTANCE_FIELDS)}, first_seen, last_seen FROM instances"
-                                " WHERE first_seen < ? AND last_seen >= ? ORDER BY id", (until, since)):
-            data = dict(zip((*INSTANCE_FIELDS, "first_seen", "last_seen"), row))
+        instances = orjson.loads(conn.execute(_INSTANCES_SQL, (until, since)).fetchone()[0])
+        instances.sort(key=lambda data: data["id"])
+        for data in instances:
             found.setdefault(data["service"], []).append(data)
         return found
 
     @staticmethod
     def _local_services(conn: sqlite3.Connection) -> set[str]:
         """Services with an instance on a watched host (the others are external)."""
-        return {row[0] for row in conn.execute("SELECT DISTINCT service FROM instances")}
+        return set(orjson.loads(conn.execute("SELECT json_group_array(DISTINCT service) FROM instances").fetchone()[0]))
 
     def graph(self, since: int, until: int, service: str | None = None) -> dict[str, Any]:
         def work(conn: sqlite3.Connection) -> dict[str, Any]:
@@ -763,26 +958,60 @@ class TopologyStore:
         return [{**json.loads(data), "client": client, "server": server}
                 for _, _, client, server, data in self._read(work)]
 
+    def exchange_counts(self) -> dict[str, int]:
+        """``{"stored": exchanges in the store now, "not_kept": exchanges not kept (never stored, or
+        replaced) because of ``max_exchanges_per_edge_window``, since the database was created}``."""
+
+        def work(conn: sqlite3.Connection) -> dict[str, int]:
+            stored = conn.execute("SELECT count(*) FROM exchanges").fetchone()[0]
+            row = conn.execute("SELECT value FROM meta WHERE key = 'exchanges_not_kept'").fetchone()
+            return {"stored": stored, "not_kept": int(row[0]) if row else 0}
+
+        return self._read(work)
+
 
 _INSERT_WINDOW = (f"INSERT INTO edge_windows (edge_id, window_start, window_end, {', '.join(TOTAL_COLUMNS)})"
                   f" VALUES ({', '.join('?' * (3 + len(TOTAL_COLUMNS)))})")
 # For each edge: totals of its last window starting before :until minus those of its last
-# window ending by :since (none: zero); `windows` tells whether any window overlaps.
+# window ending by :since (none: zero), as edge id, METRIC_KEYS…; only edges with a window
+# overlapping the range.  Terms of ``{where}`` naming only ``e`` and ``a`` are tested before ``b``
+# is looked up.  All the edges come as one flat JSON array of numbers, in one step of the
+# statement, for less CPU time than 10,000 rows: the sqlite3 module releases the GIL around
+# every step, and each time the query's thread must take it back from a busy thread (the
+# pipeline), which can take up to the switch interval (5 ms).  Flat: a list per edge would
+# live through the conversion and feed the garbage collector's oldest generation.
+_EDGE_COLUMNS = 1 + len(METRIC_KEYS)
 _EDGES_SQL = (
-    "SELECT e.id, "
-    + ", ".join(f"a.{c} - coalesce(b.{c}, 0)" for c in TOTAL_COLUMNS)
-    + " FROM edges e"
+    "SELECT '[' || coalesce(group_concat(substr(edge, 2, length(edge) - 2), ','), '') || ']'"
+    " FROM (SELECT json_array(e.id, " + _metric_sql(lambda c: f"(a.{c} - coalesce(b.{c}, 0))") + ") AS edge"
+    " FROM edges e"
     " JOIN edge_windows a ON a.rowid = (SELECT rowid FROM edge_windows WHERE edge_id = e.id"
     " AND window_start < :until ORDER BY window_start DESC, rowid DESC LIMIT 1)"
     " LEFT JOIN edge_windows b ON b.rowid = (SELECT rowid FROM edge_windows WHERE edge_id = e.id"
     " AND window_end <= :since ORDER BY window_end DESC, rowid DESC LIMIT 1)"
-    " WHERE {where}"
-    " ORDER BY e.client, e.server, e.protocol, e.port"  # the UNIQUE index's order: no sort
+    " WHERE {where} AND a.windows > coalesce(b.windows, 0)"
+    " ORDER BY e.client, e.server, e.protocol, e.port)"  # the UNIQUE index's order: no sort
 )
+_INSTANCES_SQL = ("SELECT json_group_array(json_object("
+                  + ", ".join(f"'{c}', {c}" for c in (*INSTANCE_FIELDS, "first_seen", "last_seen"))
+                  + ")) FROM instances WHERE first_seen < ? AND last_seen >= ?")
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False, default=str)
 
 
+def _encode(data: dict[str, Any]) -> str:
+    """An exchange's JSON: orjson (a quarter of json's cost), json for what orjson refuses
+    (integers beyond 64 bits, strings that are not UTF-8)."""
+    try:
+        return orjson.dumps(data, default=str, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:  # orjson.JSONEncodeError included
+        return _JSON.encode(data)
+
+
 # -- the sink -----------------------------------------------------------------------------------
+#: A StoreSink option left to the store.
+_STORE_DEFAULT: Any = object()
+
+
 @attrs.define
 class StoreSinkStats:
     queued: int = 0
@@ -810,8 +1039,17 @@ class StoreSink(Sink):
         batch_size: int = 10_000,
         interval: float = 1.0,
         maintenance_interval: float = 60.0,
+        max_exchanges_per_edge_window: int | None | object = _STORE_DEFAULT,
+        exchange_window_seconds: float | object = _STORE_DEFAULT,
     ):
+        """``max_exchanges_per_edge_window``, ``exchange_window_seconds``: see
+        :class:`TopologyStore` (left out: the store's own settings, 100 per 10 s by default)."""
         self.store = store if isinstance(store, TopologyStore) else TopologyStore(store)
+        if max_exchanges_per_edge_window is not _STORE_DEFAULT or exchange_window_seconds is not _STORE_DEFAULT:
+            self.store.bound_exchanges(
+                self.store.max_exchanges_per_edge_window if max_exchanges_per_edge_window is _STORE_DEFAULT
+                else max_exchanges_per_edge_window,  # type: ignore[arg-type]
+                None if exchange_window_seconds is _STORE_DEFAULT else exchange_window_seconds)  # type: ignore[arg-type]
         self.max_queue = max_queue
         self.batch_size = batch_size
         self.interval = interval

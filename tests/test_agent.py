@@ -91,6 +91,7 @@ class AgentProcess:
         (["--duration", "-3"], "deetune: argument --duration: must be positive: '-3'"),
         (["--port", "70000"], "deetune: argument --port: not a TCP port (1-65535): '70000'"),
         (["--pid", "abc"], "deetune: argument --pid: not a process id: 'abc'"),
+        (["--exchanges-per-edge", "-1"], "deetune: argument --exchanges-per-edge: expected a count or 'all': '-1'"),
         (["--nice", "20"], "deetune: argument --nice: must be 0 to 19: '20'"),
         (["--nice", "low"], "deetune: argument --nice: must be 0 to 19: 'low'"),
         (["--bogus"], "deetune: unrecognized arguments: --bogus"),
@@ -213,3 +214,16 @@ def test_kill_9_leaves_nothing_attached(tmp_path):
     agent.finish(signal.SIGKILL)
     assert agent.proc.returncode == -signal.SIGKILL
     assert wait_unloaded(programs) == set()
+
+
+@pytest.mark.parametrize(("value", "kept"), [("0", 0), ("25", 25), ("all", None)])
+def test_exchanges_per_edge_reaches_the_store(tmp_path, value, kept):
+    from deetune.agent import build_parser, open_store
+
+    args = build_parser().parse_args(["--exchanges-per-edge", value, "--window", "5"])
+    store = open_store(str(tmp_path / "d" / "t.db"), 3600, exchanges_per_edge=args.exchanges_per_edge,
+                       window=args.window)
+    try:
+        assert (store.max_exchanges_per_edge_window, store.exchange_window_ns) == (kept, 5_000_000_000)
+    finally:
+        store.close()

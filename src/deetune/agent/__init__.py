@@ -83,6 +83,14 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _exchanges_per_edge(text: str) -> int | None:
+    if text == "all":
+        return None
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a count or 'all': {text!r}")
+    return int(text)
+
+
 def _nice(text: str) -> int:
     try:
         value = int(text)
@@ -136,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="drop history older than this: 90m, 12h, 7d (default 7d)")
     parser.add_argument("--window", type=_positive_float, default=10.0, metavar="SECONDS",
                         help="topology aggregation window (default 10)")
+    parser.add_argument("--exchanges-per-edge", type=_exchanges_per_edge, default=100, metavar="N",
+                        help="exchanges the store keeps per edge and window besides every error (default "
+                             "%(default)s; 0: errors only; all: every exchange); the rest are counted")
     parser.add_argument("--mapping", metavar="FILE", help="TOML file naming remote endpoints (docs/services.md)")
     parser.add_argument("--api", type=_host_port, metavar="HOST:PORT", nargs="?",
                         const=(DEFAULT_API_HOST, DEFAULT_API_PORT),
@@ -202,7 +213,8 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
         sinks.append(plugins.sinks.get(name).from_arg(arg))
     services: list = []
     if not args.no_store:
-        store = open_store(args.store, args.retention)
+        store = open_store(args.store, args.retention, exchanges_per_edge=args.exchanges_per_edge,
+                           window=args.window)
         manager = None
         if recording_ports is not None:
             # Started (as a service) once the probes are attached: resumes the tasks left running.
@@ -222,11 +234,13 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
     return Pipeline(probes, sinks, handlers, services=services)
 
 
-def open_store(path: str, retention: float) -> TopologyStore:
+def open_store(path: str, retention: float, *, exchanges_per_edge: int | None = 100,
+               window: float = 10.0) -> TopologyStore:
     """The topology store, its directory created when missing; errors as one line."""
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        return TopologyStore(path, retention_seconds=retention)
+        return TopologyStore(path, retention_seconds=retention, max_exchanges_per_edge_window=exchanges_per_edge,
+                             exchange_window_seconds=window)
     except (OSError, StoreError) as exc:
         raise UsageError(f"--store {path}: {getattr(exc, 'strerror', None) or exc}") from None
 

@@ -487,7 +487,7 @@ _PATHS: dict[str, Any] = {
     "/api/exchanges": {
         "get": {
             "operationId": "listExchanges",
-            "summary": "The most recent decoded exchanges (requests and their responses)",
+            "summary": "The most recent decoded exchanges the store kept: every error and, per edge and window, the most recent others (--exchanges-per-edge)",
             "parameters": [
                 _param("service"),
                 {

@@ -5,7 +5,11 @@
 1. bench_connections.py: connect/send/close loop, no agent vs process+tcp probes (issue 2);
 2. bench_l7.py: nginx + wrk and redis + redis-benchmark in four modes, the every-request check at
    10,000 requests/s, and the decoder micro-benchmarks (issue 3);
-3. with --profile: profile_agent.py for the conn, http and redis scenarios (needs py-spy: see there).
+3. bench_store.py and bench_store_agent.py: the topology store's writes and queries, and whether it
+   slows the agent (issue 4);
+4. bench_sinks.py: agent CPU with the Prometheus and OTLP sinks, and the series cap (issue 5);
+5. bench_recording.py: nginx + wrk with a recording task against decoding alone (issue 6);
+6. with --profile: profile_agent.py for the conn, http and redis scenarios (needs py-spy: see there).
 
 ``--quick`` runs 2 pairs/rounds of shorter runs: a smoke test of the benchmarks, not figures to quote.
 Figures and their reading: docs/performance.md.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 
@@ -40,6 +45,19 @@ def main(argv=None) -> None:
     results["connections"] = bench_connections.main(conn_args)
     print("=" * 30 + " L7 (issue 3) " + "=" * 30, flush=True)
     results["l7"] = bench_l7.main(l7_args)
+    here = os.path.dirname(os.path.abspath(__file__))
+    others = {
+        "store (issue 4)": ["bench_store.py", *(["--edges", "1000", "--services", "200", "--repeat", "5"] if args.quick else [])],
+        "store and agent (issue 4)": ["bench_store_agent.py",
+                                      *(["--pairs", "2", "--seconds", "2", "--rate-seconds", "3"] if args.quick else [])],
+        "sinks (issue 5)": ["bench_sinks.py", *(["--pairs", "2", "--seconds", "3", "--urls", "1000"] if args.quick else [])],
+        "recording (issue 6)": ["bench_recording.py", *(["--rounds", "2", "--wrk-seconds", "3", "--rate-runs", "1",
+                                                          "--rate-seconds", "3"] if args.quick else [])],
+    }
+    for title, (script, *script_args) in others.items():
+        print("=" * 30 + f" {title} " + "=" * 30, flush=True)
+        code = subprocess.run([sys.executable, os.path.join(here, script), *script_args]).returncode
+        results[script] = {"exit_code": code}
     if args.profile:
         import profile_agent
 

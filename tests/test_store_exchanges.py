@@ -16,17 +16,7 @@ SEC = 1_000_000_000
 T0 = 1_700_000_000 * SEC  # a multiple of 10 s: windows start here
 
 
-class Clock:
-    def __init__(self, now: int):
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
-
-
-@pytest.fixture
-def path(tmp_path):
-    return tmp_path / "topology.db"
+from tests.test_store import Clock, path  # noqa: E402,F401 - the same clock and database fixture
 
 
 def exchange(ts: int, client: str = "web", server: str = "api", *, role: str = "server", port: int = 8080,

@@ -30,7 +30,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -216,12 +215,7 @@ def main(argv=None) -> dict:
         hwm = max(hwm, hwm_rate) if "max_rate" in out else hwm_rate
     if "max_rate" in out or "fixed_rate" in out:
         targets.append(["agent peak RSS ≤ 60 MB", f"max {hwm:.1f} MB", "met" if hwm <= 60 else "MISSED"])
-    texts.append("Targets:\n" + table(["target", "measured", ""], targets))
-    out["targets"] = targets
-    print("\n\n".join(texts))
-    path = common.save_results("connections", out)
-    print(f"\nraw results: {path}")
-    return out
+    return common.report("connections", out, texts, targets)
 
 
 if __name__ == "__main__":

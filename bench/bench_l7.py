@@ -403,12 +403,7 @@ def main(argv=None) -> dict:
         rate = out["decoders"]["http_exchanges_per_s"]
         targets.append(["HTTP decoder alone ≥ 100,000 exchanges/s on one core", f"{rate:,}/s",
                         "met" if rate >= 100000 else "MISSED"])
-    texts.append("Targets:\n" + table(["target", "measured", ""], targets))
-    out["targets"] = targets
-    print("\n\n".join(texts))
-    path = common.save_results("l7", out)
-    print(f"\nraw results: {path}")
-    return out
+    return common.report("l7", out, texts, targets)
 
 
 if __name__ == "__main__":

@@ -280,12 +280,7 @@ def main(argv=None) -> dict:
     all_recorded = all(r["recorded"] == r["stored"] == r["done"] for r in rates if r["mode"] == "record")
     targets.append(["every request recorded at the fixed rates", "yes" if all_recorded else "no",
                     "met" if all_recorded else "MISSED"])
-    text += "\n\nTargets:\n" + table(["target", "measured", ""], targets)
-    out["targets"] = targets
-    print(text)
-    path = common.save_results("recording", out)
-    print(f"\nraw results: {path}")
-    return out
+    return common.report("recording", out, [text], targets)
 
 
 if __name__ == "__main__":

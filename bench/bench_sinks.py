@@ -739,10 +739,7 @@ def main(argv=None) -> dict:
                 out["cardinality"] = result
         finally:
             nginx.stop()
-    print("\n\n".join(texts))
-    path = common.save_results("sinks", out)
-    print(f"\nraw results: {path}")
-    return out
+    return common.report("sinks", out, texts)
 
 
 if __name__ == "__main__":

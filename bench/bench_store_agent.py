@@ -89,9 +89,7 @@ def main(argv=None) -> dict:
     finally:
         server.terminate()
         server.communicate(timeout=10)
-    print("\n\n".join(texts))
-    print(f"\nraw results: {common.save_results('store-agent', out)}")
-    return out
+    return common.report("store-agent", out, texts)
 
 
 if __name__ == "__main__":

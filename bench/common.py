@@ -9,7 +9,7 @@
 - :func:`prog_stats`: run_cnt / run_time_ns of given program ids from ``bpftool -j prog show``;
   the agent's program ids come from its /proc/PID/fdinfo (exact, whatever else is loaded).
 - :func:`loadgen`: the C load generator (bench/loadgen.c), compiled with gcc on first use.
-- :func:`interleave`, :func:`median`, :func:`pair_ratios`, :func:`table`, :func:`save_results`.
+- :func:`interleave`, :func:`median`, :func:`pair_ratios`, :func:`table`, :func:`save_results`, :func:`report`.
 
 Benchmarks print their figures; they are not tests.
 """
@@ -666,6 +666,18 @@ def save_results(name: str, data: dict[str, Any]) -> pathlib.Path:
     path = RESULTS / f"{name}-{stamp}.json"
     path.write_text(json.dumps(data, indent=1, default=str) + "\n")
     return path
+
+
+def report(name: str, out: dict[str, Any], texts: Sequence[str], targets: list[list[str]] | None = None) -> dict[str, Any]:
+    """The end of every benchmark: the texts (and the targets' table) on stdout, the raw results
+    saved as bench/results/NAME-STAMP.json (with the targets), and ``out`` returned."""
+    texts = list(texts)
+    if targets is not None:
+        texts.append("Targets:\n" + table(["target", "measured", ""], targets))
+        out["targets"] = targets
+    print("\n\n".join(texts))
+    print(f"\nraw results: {save_results(name, out)}")
+    return out
 
 
 def require_root() -> None:

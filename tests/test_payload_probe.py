@@ -223,7 +223,7 @@ def test_port_capture_override_applies_live_even_to_muted_and_unselected_sockets
         recorded.client.sendall(payload)
         while len(recorded.server.recv(4096)) < 1:
             pass
-        events = wait_data(collector, recorded.port, 2)
+        wait_data(collector, recorded.port, 2)
         probe.set_port_capture(recorded.port, None)
         recorded.client.sendall(b"x")
         recorded.server.recv(10)

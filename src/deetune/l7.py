@@ -76,6 +76,12 @@ class _Conn:
     log: ConnLog | None = None
 
 
+def _resyncable(session: StreamSession) -> bool:
+    """Whether a session that stopped decoding may start again at a later request: its
+    protocol and role were known before a decoder gave up (not a stream of no protocol)."""
+    return session.state is State.UNDECODABLE and session.protocol is not None and session.role is not None
+
+
 def _same_ports(conn: _Conn, event: DataEvent | ConnectionEvent) -> bool:
     return conn.lport == event.lport and conn.rport == event.rport and conn.raddr == event.raddr
 
@@ -245,7 +251,7 @@ class L7Handler:
         a fresh session at its next chunk that its protocol's decoder recognises as the start of a
         request.  The kernel keeps copying such a connection (see _on_gave_up)."""
         session = conn.session
-        if session.state is not State.UNDECODABLE or session.protocol is None or session.role is None:
+        if not _resyncable(session):
             return False
         client = session.role == "client"
         if (event.direction == "egress") != client or not event.data:
@@ -310,10 +316,9 @@ class L7Handler:
             protocol = session.protocol or "?"
             self.stats.undecodable[protocol] = self.stats.undecodable.get(protocol, 0) + 1
             log.info("connection %x: %s stream undecodable: %s", sock_id, protocol, session.reason)
-        # Muted in the kernel only when no protocol was ever recognised: a stream that was
+        # Muted in the kernel only when it can never be decoded again: a stream that was
         # decodable until a gap is resynced at its next request (see _resync).
-        if self.mute is not None and (session.state is State.UNKNOWN or session.protocol is None
-                                      or session.role is None):
+        if self.mute is not None and not _resyncable(session):
             self.mute(sock_id)
 
     def _exchange_event(self, conn: _Conn, x: Exchange, sock_id: int) -> ExchangeEvent:

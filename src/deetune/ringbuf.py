@@ -9,6 +9,11 @@ it); page 1 holds the producer position; the data area follows, mapped twice
 in a row so a record that wraps around is still contiguous.  Each record
 starts with an 8-byte header: ``u32 len`` (bit 31: still being written,
 bit 30: discarded) and ``u32 page offset``; records are 8-byte aligned.
+
+The positions are read and written as whole 8-byte words through memoryviews
+cast to ``Q``: ``struct.pack_into`` zeroes its target before packing, and a
+kernel producer that read the consumer position in between saw a ring that
+looked full and dropped its record.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from deetune.libbpf import MAP_TYPE_RINGBUF, LibbpfError, Map
 _BUSY = 1 << 31
 _DISCARD = 1 << 30
 _HEADER = 8
-_U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 
 
@@ -40,6 +44,9 @@ class RingBuffer:
         self._consumer = mmap.mmap(self.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._producer = mmap.mmap(self.fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data = memoryview(self._producer)[page:]
+        # One aligned 8-byte load or store each (see the module docstring).
+        self._consumer_pos = memoryview(self._consumer)[:8].cast("Q")
+        self._producer_pos = memoryview(self._producer)[:8].cast("Q")
         self._epoll = select.epoll()
         self._epoll.register(self.fd, select.EPOLLIN)
 
@@ -47,8 +54,8 @@ class RingBuffer:
         """Every record ready now (at most ``limit``: a bounded batch keeps the
         reader's memory flat when it falls behind), without waiting."""
         records: list[bytes] = []
-        consumer = _U64.unpack_from(self._consumer, 0)[0]
-        producer = _U64.unpack_from(self._producer, 0)[0]
+        consumer = self._consumer_pos[0]
+        producer = self._producer_pos[0]
         data = self._data
         mask = self._mask
         unpack_len = _U32.unpack_from
@@ -62,7 +69,7 @@ class RingBuffer:
             if not length & _DISCARD:
                 records.append(bytes(data[offset + _HEADER : offset + _HEADER + length]))
         if consumer != start:
-            _U64.pack_into(self._consumer, 0, consumer)
+            self._consumer_pos[0] = consumer
         return records
 
     def poll(self, timeout: float) -> list[bytes]:
@@ -74,12 +81,14 @@ class RingBuffer:
         return self.consume()
 
     def pending_bytes(self) -> int:
-        return _U64.unpack_from(self._producer, 0)[0] - _U64.unpack_from(self._consumer, 0)[0]
+        return self._producer_pos[0] - self._consumer_pos[0]
 
     def close(self) -> None:
         if self._epoll.closed:
             return
         self._epoll.close()
         self._data.release()
+        self._consumer_pos.release()
+        self._producer_pos.release()
         self._producer.close()
         self._consumer.close()

@@ -130,6 +130,28 @@ def test_ring_buffer_overflow_is_counted(maps_object):
     assert emitted + lost == 1000
 
 
+@pytest.mark.bpf
+def test_records_wrapping_around_the_ring_read_whole(maps_object):
+    """The data area is mapped once: a record that runs past the end of the
+    ring is joined from its two parts.  24-byte records in a 4 KiB ring end
+    at every 8-byte offset in turn, so some wrap on every lap."""
+    with BpfObject.open(maps_object) as obj:
+        obj.set_constant("knob_u64", 0x0102030405060708)
+        obj.set_constant("targ_tgid", os.getpid())
+        obj.load()
+        obj.attach_all()
+        ring = RingBuffer(obj.maps["test_ring"])
+        try:
+            records = []
+            for _ in range(1000):  # about 6 laps
+                os.getppid()
+                os.getppid()
+                records += ring.consume()
+        finally:
+            ring.close()
+    assert records == [struct.pack("<QQ", 0x0102030405060708, os.getpid())] * 2000
+
+
 WATCH_CONSUMER_POSITION = """
 import mmap, sys, time
 page = mmap.mmap(int(sys.argv[1]), mmap.PAGESIZE, mmap.MAP_SHARED, mmap.PROT_READ)

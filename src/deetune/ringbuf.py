@@ -5,8 +5,11 @@ reader instead takes every record that is ready in one call and returns them
 as a list, so the per-record cost is a slice and a copy.
 
 Layout (kernel/bpf/ringbuf.c): page 0 holds the consumer position (we write
-it); page 1 holds the producer position; the data area follows, mapped twice
-in a row so a record that wraps around is still contiguous.  Each record
+it); page 1 holds the producer position; the data area follows.  The kernel
+offers the data area twice in a row so that a record wrapping around the end
+reads as one piece; we map it once (every mapped page counts in the agent's
+RSS: 4 MiB more for the TCP ring) and join the rare wrapped record from its
+two parts.  Each record
 starts with an 8-byte header: ``u32 len`` (bit 31: still being written,
 bit 30: discarded) and ``u32 page offset``; records are 8-byte aligned.
 
@@ -42,7 +45,7 @@ class RingBuffer:
         self._mask = self.size - 1
         page = mmap.PAGESIZE
         self._consumer = mmap.mmap(self.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
-        self._producer = mmap.mmap(self.fd, page + 2 * self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
+        self._producer = mmap.mmap(self.fd, page + self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data = memoryview(self._producer)[page:]
         # One aligned 8-byte load or store each (see the module docstring).
         self._consumer_pos = memoryview(self._consumer)[:8].cast("Q")
@@ -58,6 +61,7 @@ class RingBuffer:
         producer = self._producer_pos[0]
         data = self._data
         mask = self._mask
+        size = self.size
         unpack_len = _U32.unpack_from
         start = consumer
         while consumer < producer and len(records) < limit:
@@ -67,7 +71,12 @@ class RingBuffer:
                 break  # the producer is still writing this one
             consumer += (length & ~_DISCARD) + _HEADER + 7 & ~7
             if not length & _DISCARD:
-                records.append(bytes(data[offset + _HEADER : offset + _HEADER + length]))
+                begin = offset + _HEADER
+                end = begin + length
+                if end <= size:
+                    records.append(bytes(data[begin:end]))
+                else:  # wraps around the end of the ring (headers never do: 8-byte aligned)
+                    records.append(bytes(data[begin:size]) + bytes(data[: end - size]))
         if consumer != start:
             self._consumer_pos[0] = consumer
         return records

@@ -327,6 +327,29 @@ def test_an_open_waits_for_its_protocol_until_the_window_ends(agg: TopologyAggre
         requests=1, latencies=[1_000_000], bytes_sent=100, bytes_received=1000)}
 
 
+def test_closed_connections_are_not_held_until_the_window_ends(agg: TopologyAggregator) -> None:
+    """A window of short connections (10,000/s for 10 s) kept every one of them while its
+    open waited for a protocol: 20 MB of agent memory.  An open counted at its close or
+    first exchange lets go of its socket."""
+    for port in range(40000, 41000):
+        run(agg, [
+            connection("open", 20, "client", HOST_IP, port, "10.9.9.9", 22, sock_id=port),
+            connection("close", 20, "client", HOST_IP, port, "10.9.9.9", 22, sock_id=port, sent=1, received=2),
+        ])
+    run(agg, [
+        connection("open", 20, "client", HOST_IP, 41000, "10.9.9.9", 22, sock_id=41000),
+        exchange(20, "client", HOST_IP, 41000, "10.9.9.9", 22, sock_id=41000, protocol="redis"),
+        # Still waiting at the end: counts on the protocol its edge has shown by then.
+        connection("open", 20, "client", HOST_IP, 41001, "10.9.9.9", 22, sock_id=41001),
+    ])
+    assert list(agg._pending.values()) == [agg._socks[41001]]
+    assert windows(agg.flush()) == {
+        EdgeKey("api", "10.9.9.9:22", "tcp", 22): stats(bytes_sent=1000, bytes_received=2000, connections_opened=1000),
+        EdgeKey("api", "10.9.9.9:22", "redis", 22): stats(
+            requests=1, latencies=[1_000_000], bytes_sent=100, bytes_received=1000, connections_opened=2),
+    }
+
+
 def test_failed_connections(agg: TopologyAggregator) -> None:
     out = run(agg, [
         connection("failed", 10, "client", HOST_IP, 45000, "10.9.9.9", 9000, sock_id=1, error="refused"),

@@ -231,7 +231,9 @@ class TopologyAggregator:
         self._window_end = 0  # the first event opens a window
         self._edges: dict[tuple[str, str, str, int], _Edge] = {}
         self._seen: dict[int, tuple[Instance, int]] = {}
-        self._pending: list[_Sock] = []
+        # Opens not yet counted (waiting to learn their protocol), by id: a socket leaves at its
+        # close or first exchange, so that a window of short connections holds none of them.
+        self._pending: dict[int, _Sock] = {}
         #: Bumped whenever the window's edges are handed over (invalidates _Sock.edge).
         self._gen = 0
 
@@ -336,7 +338,7 @@ class TopologyAggregator:
                 sock = self._track(event, inst)
                 if sock.counted:
                     sock.pending = True
-                    self._pending.append(sock)
+                    self._pending[id(sock)] = sock
                 else:
                     self.stats.duplicates += 1
             else:  # close
@@ -372,6 +374,7 @@ class TopologyAggregator:
 
     def _count_open(self, sock: _Sock, protocol: str) -> None:
         sock.pending = False
+        self._pending.pop(id(sock), None)
         self._bind(sock, protocol).stats.connections_opened += 1
 
     def _count_close(self, sock: _Sock, event: ConnectionEvent) -> None:
@@ -379,6 +382,7 @@ class TopologyAggregator:
         stats = self._bind(sock, protocol).stats
         if sock.pending:
             sock.pending = False
+            self._pending.pop(id(sock), None)
             stats.connections_opened += 1
         if not event.preexisting:
             sent, received = event.bytes_sent or 0, event.bytes_received or 0
@@ -391,10 +395,9 @@ class TopologyAggregator:
 
     def _count_pending(self) -> None:
         """Opens still waiting for a protocol count now, in the window they happened in."""
-        for sock in self._pending:
-            if sock.pending:
-                self._count_open(sock, self._protocols.get((sock.client, sock.server, sock.port), "tcp"))
-        self._pending = []
+        pending, self._pending = self._pending, {}
+        for sock in pending.values():
+            self._count_open(sock, self._protocols.get((sock.client, sock.server, sock.port), "tcp"))
 
     # -- naming --------------------------------------------------------------------------------
     def _track(self, event: ConnectionEvent | ExchangeEvent, inst: Instance) -> _Sock:

@@ -70,10 +70,12 @@ enum dt_stat {
 	DT_STAT_MAX = 2,
 };
 
-/* A probe wakes its reader when its ring passes 1/DT_RING_WAKE_FRACTION full;
- * the reader keeps draining without sleeping while it stays above that. */
+/* A probe wakes its reader at every DT_RING_WAKE_RECORDS-th record of a CPU;
+ * the reader keeps draining without sleeping while its ring stays over
+ * 1/DT_RING_WAKE_FRACTION full. */
 enum dt_ring {
 	DT_RING_WAKE_FRACTION = 16,
+	DT_RING_WAKE_RECORDS = 256,
 };
 
 struct dt_header {

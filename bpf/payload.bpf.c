@@ -3,10 +3,17 @@
  * family call on a TCP socket of a selected process becomes one record with
  * the bytes moved (a prefix of at most capture_bytes) and the full count.
  *
- * Entry stores the call's arguments per thread; exit, knowing how many bytes
- * moved, copies them from user memory.  Selection happens at entry, before
- * anything is copied: process, cgroup, ports, and connections that user
- * space has muted (no protocol it decodes).
+ * One program at syscall exit does the work: it knows how many bytes moved,
+ * and the call's arguments are still in the registers the syscall saved on
+ * entry.  Selection happens there, before anything is copied: process,
+ * cgroup, ports, and connections that user space has muted (no protocol it
+ * decodes).  Entry only stamps when a write-side call began (its record's
+ * start_ns: a response starts when the server starts writing it).
+ *
+ * Why raw (tp_btf) sys_enter/sys_exit rather than syscalls:sys_enter_*:
+ * those ran a second program per call whose socket lookup and per-thread
+ * hash map cost as much as the capture itself (nginx + wrk: 21 % fewer
+ * requests/s with the agent stopped, see docs/performance.md).
  */
 #include "common.bpf.h"
 
@@ -64,8 +71,22 @@ enum buffer_shape {
 #define MAX_IOVECS 4
 #define MAX_MMSGS 8
 
-struct pending_call {
+/* Where a syscall's arguments are in the registers it saved on entry. */
+#if defined(__TARGET_ARCH_x86)
+#define SYSCALL_ARG0(regs) ((regs)->di)
+#define SYSCALL_ARG1(regs) ((regs)->si)
+#define SYSCALL_ARG2(regs) ((regs)->dx)
+#elif defined(__TARGET_ARCH_arm64)
+#define SYSCALL_ARG0(regs) ((regs)->orig_x0) /* x0 holds the return value by exit */
+#define SYSCALL_ARG1(regs) ((regs)->regs[1])
+#define SYSCALL_ARG2(regs) ((regs)->regs[2])
+#else
+#error "payload.bpf.c knows the syscall registers of x86 and arm64 only"
+#endif
+
+struct call {
 	__u64 start_ns;
+	__u64 end_ns;
 	__u64 sk;
 	__u64 arg;      /* buffer, iovec array, msghdr or mmsghdr array */
 	__u32 vlen;     /* iovec count */
@@ -76,12 +97,13 @@ struct pending_call {
 	__u8 shape;
 };
 
+/* When the thread's current write-side call began (0: not stamped). */
 struct {
-	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 16384);
-	__type(key, __u64);
-	__type(value, struct pending_call);
-} pending_calls SEC(".maps");
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u64);
+} write_started SEC(".maps");
 
 /* A record under construction: per CPU, with slack after data[] so that the
  * verifier can prove every (offset, length) copy stays inside.  An ARRAY map
@@ -104,21 +126,22 @@ static __always_inline bool port_selected(__u16 port)
 	return bpf_map_lookup_elem(&capture_ports, &port) != 0;
 }
 
-static __always_inline int on_enter(int fd, __u64 arg, __u32 vlen, __u8 syscall, __u8 direction,
-				    __u8 shape)
+static __always_inline bool process_selected(__u32 tgid)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	__u32 tgid = pid_tgid >> 32;
 	if (tgid == self_tgid || (targ_tgid && tgid != targ_tgid))
-		return 0;
-	if (targ_cgroup_id && bpf_get_current_cgroup_id() != targ_cgroup_id)
-		return 0;
-	struct sock *sk = dt_sock_from_fd(fd);
+		return false;
+	return !targ_cgroup_id || bpf_get_current_cgroup_id() == targ_cgroup_id;
+}
+
+/* The call's socket, if it is a selected TCP socket: fills call->sk and call->capture. */
+static __always_inline bool socket_selected(struct call *call)
+{
+	struct sock *sk = dt_sock_from_fd(call->fd);
 	if (!sk)
-		return 0;
+		return false;
 	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
 	if ((family != AF_INET && family != AF_INET6) || BPF_CORE_READ(sk, sk_type) != SOCK_STREAM)
-		return 0;
+		return false;
 	__u64 sk_key = (__u64)sk;
 	__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
 	__u16 rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
@@ -131,23 +154,13 @@ static __always_inline int on_enter(int fd, __u64 arg, __u32 vlen, __u8 syscall,
 		capture = *override;
 	} else {
 		if (bpf_map_lookup_elem(&muted_socks, &sk_key))
-			return 0;
+			return false;
 		if (filter_ports && !port_selected(lport) && !port_selected(rport))
-			return 0;
+			return false;
 	}
-	struct pending_call call = {
-		.start_ns = bpf_ktime_get_ns(),
-		.sk = sk_key,
-		.arg = arg,
-		.vlen = vlen,
-		.capture = capture,
-		.fd = fd,
-		.syscall = syscall,
-		.direction = direction,
-		.shape = shape,
-	};
-	bpf_map_update_elem(&pending_calls, &pid_tgid, &call, BPF_ANY);
-	return 0;
+	call->sk = sk_key;
+	call->capture = capture;
+	return true;
 }
 
 static __always_inline struct scratch *scratch_slot(void)
@@ -192,11 +205,13 @@ static __always_inline __u32 copy_iovecs(struct scratch *s, __u32 limit, const s
 	return offset;
 }
 
-static __always_inline void emit_data(struct scratch *s, struct pending_call *call, __u64 pid_tgid,
-				      __u64 size, __u32 captured)
+static __always_inline void emit_data(struct scratch *s, struct call *call, __u64 pid_tgid, __u64 size,
+				      __u32 captured)
 {
 	struct dt_data_record *rec = &s->rec;
-	dt_fill_header(&rec->hdr, DT_REC_DATA, pid_tgid >> 32);
+	rec->hdr.kind = DT_REC_DATA;
+	rec->hdr.pid = pid_tgid >> 32;
+	rec->hdr.ts_ns = call->end_ns; /* one clock read per call: they are slow in a VM */
 	rec->sock_id = call->sk;
 	rec->start_ns = call->start_ns;
 	rec->cgroup_id = bpf_get_current_cgroup_id();
@@ -215,21 +230,46 @@ static __always_inline void emit_data(struct scratch *s, struct pending_call *ca
 	dt_output(&data_events, rec, total);
 }
 
-static __always_inline int on_exit(long ret)
+static __always_inline int stamp_write(void)
 {
-	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	struct pending_call *found = bpf_map_lookup_elem(&pending_calls, &pid_tgid);
-	if (!found)
+	if (!process_selected(bpf_get_current_pid_tgid() >> 32))
 		return 0;
-	struct pending_call call = *found;
-	bpf_map_delete_elem(&pending_calls, &pid_tgid);
+	__u64 *started = bpf_task_storage_get(&write_started, bpf_get_current_task_btf(), 0,
+					      BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (started)
+		*started = bpf_ktime_get_ns();
+	return 0;
+}
+
+static __always_inline int on_exit(long ret, __u8 syscall, __u8 direction, __u8 shape)
+{
 	if (ret <= 0)
 		return 0;
+	__u64 pid_tgid = bpf_get_current_pid_tgid();
+	if (!process_selected(pid_tgid >> 32))
+		return 0;
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	struct call call = {.syscall = syscall, .direction = direction, .shape = shape};
+	call.fd = (int)SYSCALL_ARG0(regs);
+	if (!socket_selected(&call))
+		return 0;
+	call.arg = SYSCALL_ARG1(regs);
+	call.vlen = (__u32)SYSCALL_ARG2(regs);
+	call.end_ns = bpf_ktime_get_ns();
+	call.start_ns = call.end_ns;
+	if (direction == DT_EGRESS) {
+		__u64 *started = bpf_task_storage_get(&write_started, task, 0, 0);
+		if (started && *started && *started <= call.end_ns)
+			call.start_ns = *started;
+		if (started)
+			*started = 0; /* a call whose entry we missed must not take this stamp */
+	}
 	struct scratch *s = scratch_slot();
 	if (!s)
 		return 0;
 
-	if (call.shape == SHAPE_MMSG) {
+	if (shape == SHAPE_MMSG) {
 		/* ret counts messages; each has its own length. */
 		const struct mmsghdr *msgs = (const struct mmsghdr *)call.arg;
 		for (int i = 0; i < MAX_MMSGS; i++) {
@@ -246,11 +286,11 @@ static __always_inline int on_exit(long ret)
 	}
 
 	__u32 captured = 0;
-	if (call.shape == SHAPE_BUF) {
+	if (shape == SHAPE_BUF) {
 		captured = copy_user(s, call.capture, 0, (const void *)call.arg, ret);
-	} else if (call.shape == SHAPE_IOV) {
+	} else if (shape == SHAPE_IOV) {
 		captured = copy_iovecs(s, call.capture, (const struct iovec *)call.arg, call.vlen, ret);
-	} else if (call.shape == SHAPE_MSG) {
+	} else if (shape == SHAPE_MSG) {
 		struct user_msghdr msg = {};
 		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)call.arg) == 0)
 			captured = copy_iovecs(s, call.capture, msg.msg_iov, msg.msg_iovlen, ret);
@@ -259,30 +299,37 @@ static __always_inline int on_exit(long ret)
 	return 0;
 }
 
-#define ENTER(name, fd, arg, vlen, syscall, direction, shape)                       \
-	SEC("tracepoint/syscalls/sys_enter_" #name)                                  \
-	int handle_enter_##name(struct trace_event_raw_sys_enter *ctx)               \
-	{                                                                            \
-		return on_enter((int)(fd), (__u64)(arg), (__u32)(vlen), syscall,        \
-				direction, shape);                                       \
-	}                                                                            \
-	SEC("tracepoint/syscalls/sys_exit_" #name)                                   \
-	int handle_exit_##name(struct trace_event_raw_sys_exit *ctx)                 \
-	{                                                                            \
-		return on_exit(ctx->ret);                                            \
+/* Every captured call has an exit program; write-side calls also stamp their start. */
+#define CAPTURE(name, syscall, direction, shape)                                  \
+	SEC("tracepoint/syscalls/sys_exit_" #name)                                 \
+	int handle_exit_##name(struct trace_event_raw_sys_exit *ctx)               \
+	{                                                                          \
+		return on_exit(ctx->ret, syscall, direction, shape);               \
+	}
+#define STAMP(name)                                                               \
+	SEC("tracepoint/syscalls/sys_enter_" #name)                                \
+	int handle_enter_##name(void *ctx)                                         \
+	{                                                                          \
+		return stamp_write();                                              \
 	}
 
-ENTER(read, ctx->args[0], ctx->args[1], 0, DT_SYS_READ, DT_INGRESS, SHAPE_BUF)
-ENTER(write, ctx->args[0], ctx->args[1], 0, DT_SYS_WRITE, DT_EGRESS, SHAPE_BUF)
-ENTER(readv, ctx->args[0], ctx->args[1], ctx->args[2], DT_SYS_READV, DT_INGRESS, SHAPE_IOV)
-ENTER(writev, ctx->args[0], ctx->args[1], ctx->args[2], DT_SYS_WRITEV, DT_EGRESS, SHAPE_IOV)
-ENTER(sendto, ctx->args[0], ctx->args[1], 0, DT_SYS_SENDTO, DT_EGRESS, SHAPE_BUF)
-ENTER(recvfrom, ctx->args[0], ctx->args[1], 0, DT_SYS_RECVFROM, DT_INGRESS, SHAPE_BUF)
-ENTER(sendmsg, ctx->args[0], ctx->args[1], 0, DT_SYS_SENDMSG, DT_EGRESS, SHAPE_MSG)
-ENTER(recvmsg, ctx->args[0], ctx->args[1], 0, DT_SYS_RECVMSG, DT_INGRESS, SHAPE_MSG)
-ENTER(sendmmsg, ctx->args[0], ctx->args[1], 0, DT_SYS_SENDMMSG, DT_EGRESS, SHAPE_MMSG)
-ENTER(recvmmsg, ctx->args[0], ctx->args[1], 0, DT_SYS_RECVMMSG, DT_INGRESS, SHAPE_MMSG)
-ENTER(sendfile64, ctx->args[0], 0, 0, DT_SYS_SENDFILE, DT_EGRESS, SHAPE_NONE)
+CAPTURE(read, DT_SYS_READ, DT_INGRESS, SHAPE_BUF)
+CAPTURE(write, DT_SYS_WRITE, DT_EGRESS, SHAPE_BUF)
+CAPTURE(readv, DT_SYS_READV, DT_INGRESS, SHAPE_IOV)
+CAPTURE(writev, DT_SYS_WRITEV, DT_EGRESS, SHAPE_IOV)
+CAPTURE(sendto, DT_SYS_SENDTO, DT_EGRESS, SHAPE_BUF)
+CAPTURE(recvfrom, DT_SYS_RECVFROM, DT_INGRESS, SHAPE_BUF)
+CAPTURE(sendmsg, DT_SYS_SENDMSG, DT_EGRESS, SHAPE_MSG)
+CAPTURE(recvmsg, DT_SYS_RECVMSG, DT_INGRESS, SHAPE_MSG)
+CAPTURE(sendmmsg, DT_SYS_SENDMMSG, DT_EGRESS, SHAPE_MMSG)
+CAPTURE(recvmmsg, DT_SYS_RECVMMSG, DT_INGRESS, SHAPE_MMSG)
+CAPTURE(sendfile64, DT_SYS_SENDFILE, DT_EGRESS, SHAPE_NONE)
+STAMP(write)
+STAMP(writev)
+STAMP(sendto)
+STAMP(sendmsg)
+STAMP(sendmmsg)
+STAMP(sendfile64)
 
 SEC("tracepoint/sock/inet_sock_set_state")
 int handle_payload_close(struct trace_event_raw_inet_sock_set_state *ctx)

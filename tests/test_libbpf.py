@@ -59,7 +59,7 @@ def test_missing_object_is_a_clear_error(tmp_path):
 
 def test_arm64_objects_open(tmp_path):
     """arm64 objects are built alongside; opening them checks they are well-formed."""
-    for name in ("process", "tcp", "features"):
+    for name in ("process", "tcp", "payload", "features"):
         path = resources.object_path(name, "arm64")
         if not path.exists():
             pytest.fail(f"{path} missing: make bpf builds both architectures")

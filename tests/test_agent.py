@@ -92,8 +92,8 @@ class AgentProcess:
         (["--port", "70000"], "deetune: argument --port: not a TCP port (1-65535): '70000'"),
         (["--pid", "abc"], "deetune: argument --pid: not a process id: 'abc'"),
         (["--exchanges-per-edge", "-1"], "deetune: argument --exchanges-per-edge: expected a count or 'all': '-1'"),
-        (["--nice", "20"], "deetune: argument --nice: must be 0 to 19: '20'"),
-        (["--nice", "low"], "deetune: argument --nice: must be 0 to 19: 'low'"),
+        (["--nice", "20"], "deetune: argument --nice: must be 0 to 19 or 'idle': '20'"),
+        (["--nice", "low"], "deetune: argument --nice: must be 0 to 19 or 'idle': 'low'"),
         (["--bogus"], "deetune: unrecognized arguments: --bogus"),
     ],
 )
@@ -201,6 +201,17 @@ def test_nice_lowers_the_agents_priority_only(tmp_path):
     # /proc/PID/stat field 19 is the nice value; comm (field 2) may hold spaces, so split after it.
     fields = open(f"/proc/{agent.proc.pid}/stat").read().rpartition(")")[2].split()
     assert int(fields[16]) == os.nice(0) + 7
+    assert int(fields[38]) == os.SCHED_OTHER  # field 41: scheduling policy
+    code, _, err = agent.finish()
+    assert code == 0, err
+
+
+@pytest.mark.bpf
+def test_nice_idle_runs_the_agent_only_on_idle_cpus(tmp_path):
+    agent = AgentProcess("--probe", "process", "--sink", "jsonl:/dev/null", "--no-store", "--nice", "idle")
+    for task in os.listdir(f"/proc/{agent.proc.pid}/task"):  # every thread, started after the switch
+        fields = open(f"/proc/{agent.proc.pid}/task/{task}/stat").read().rpartition(")")[2].split()
+        assert int(fields[38]) == os.SCHED_IDLE
     code, _, err = agent.finish()
     assert code == 0, err
 
@@ -209,7 +220,7 @@ def test_nice_lowers_the_agents_priority_only(tmp_path):
 def test_kill_9_leaves_nothing_attached(tmp_path):
     agent = AgentProcess("--sink", "jsonl:/dev/null", "--store", str(tmp_path / "t.db"))
     programs = program_ids_of(agent.proc.pid)
-    assert len(programs) >= 9 + 23  # tcp, process, payload (and any installed plugin's)
+    assert len(programs) >= 9 + 18  # tcp, process, payload (and any installed plugin's)
     assert programs <= loaded_program_ids()
     agent.finish(signal.SIGKILL)
     assert agent.proc.returncode == -signal.SIGKILL

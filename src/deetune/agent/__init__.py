@@ -91,13 +91,15 @@ def _exchanges_per_edge(text: str) -> int | None:
     return int(text)
 
 
-def _nice(text: str) -> int:
+def _nice(text: str) -> int | str:
+    if text == "idle":
+        return text
     try:
         value = int(text)
     except ValueError:
         value = -1
     if not 0 <= value <= 19:
-        raise argparse.ArgumentTypeError(f"must be 0 to 19: {text!r}")
+        raise argparse.ArgumentTypeError(f"must be 0 to 19 or 'idle': {text!r}")
     return value
 
 
@@ -156,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="bearer token for the API (required off loopback; default $DEETUNE_API_TOKEN)")
     parser.add_argument("--nice", type=_nice, default=DEFAULT_NICE, metavar="N",
                         help="lower the agent's CPU priority by N (0-19; default %(default)s): on a saturated "
-                             "host the applications keep their CPU and the agent drops records (counted)")
+                             "host the applications keep their CPU and the agent drops records (counted); "
+                             "'idle': run only on otherwise idle CPUs (SCHED_IDLE; the API may stall under load)")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv: debug)")
     return parser
 
@@ -255,8 +258,12 @@ def cmd_run(argv: Sequence[str]) -> int:
     problem = doctor.essential_problem()
     if problem:
         raise UsageError(problem)
-    if args.nice:
-        os.nice(args.nice)  # the BPF programs run in the applications' context; only user space yields
+    # The BPF programs run in the applications' context whatever this says; only user space yields.
+    # Before any thread starts: threads inherit it.
+    if args.nice == "idle":
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    elif args.nice:
+        os.nice(args.nice)
     pipeline = build_pipeline(args, plugins)
     stats = pipeline.run(args.duration)
     print(f"deetune: {stats.summary()}", file=sys.stderr)

@@ -14,7 +14,7 @@ redis-server (``--save '' --appendonly no``).  Four modes, interleaved round by 
 
 Loads: ``wrk -t1 -c10 -d10s --latency`` (throughput, p99) and ``redis-benchmark -t get,set -n 200000
 -c 10 --csv`` (throughput and p99 of GET and SET).  With the agent: BPF run time of its programs per
-request, agent CPU and RSS, records lost, and requests observed: ``"type":"request"`` events of the
+request (fixed-rate runs only), agent CPU and RSS, records lost, and requests observed: ``"type":"request"`` events of the
 server side (and of the client side) vs the requests the load generator completed.  wrk stops
 counting at its deadline while up to 10 requests (one per connection) are still in flight, which
 the server answers and the agent sees: observed − reported is expected in [0, 10].  redis-benchmark
@@ -31,6 +31,7 @@ Decoders alone: bench/bench_http_decoder.py and bench/bench_redis_decoder.py (on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import subprocess
@@ -180,8 +181,10 @@ def count_requests(path: str, port: int, protocol: str) -> dict[str, int]:
     return common.scan_jsonl(path, '"request"', key)
 
 
-def with_agent(mode: str, port: int, tmp: str, label: str, load, protocol: str) -> dict:
-    """Run ``load()`` (returns a dict with "requests") under the agent in ``mode``."""
+def with_agent(mode: str, port: int, tmp: str, label: str, load, protocol: str, *, bpf_stats: bool = False) -> dict:
+    """Run ``load()`` (returns a dict with "requests") under the agent in ``mode``.  ``bpf_stats``:
+    measure the programs' run time (fixed-rate runs only: the statistics cost two clock reads
+    per program run, which a throughput run would charge to the agent)."""
     waited = common.wait_quiet()
     if mode == "none":
         other, busy, t0 = common.OtherCpu(), common.busy_cores_since(), time.monotonic()
@@ -190,19 +193,20 @@ def with_agent(mode: str, port: int, tmp: str, label: str, load, protocol: str) 
         return {"mode": mode, **result, "waited_s": waited, "busy_cores": common.busy_cores_since(busy), **other.stop(wall)}
     probes, extra = agent_args(mode, port)
     jsonl = os.path.join(tmp, f"{label}-{mode}.jsonl")
-    agent = common.Agent(probes, jsonl, extra).start()
-    try:
-        before = common.prog_stats(agent.prog_ids)
-        agent.begin_window()
-        other, busy, t0 = common.OtherCpu(), common.busy_cores_since(), time.monotonic()
-        result = load()
-        wall = time.monotonic() - t0
-        window = agent.end_window()
-        busy = common.busy_cores_since(busy)
-        others = other.stop(wall)
-        after = common.prog_stats(agent.prog_ids)
-    finally:
-        stopped = agent.stop()
+    with common.bpf_stats() if bpf_stats else contextlib.nullcontext():
+        agent = common.Agent(probes, jsonl, extra).start()
+        try:
+            before = common.prog_stats(agent.prog_ids)
+            agent.begin_window()
+            other, busy, t0 = common.OtherCpu(), common.busy_cores_since(), time.monotonic()
+            result = load()
+            wall = time.monotonic() - t0
+            window = agent.end_window()
+            busy = common.busy_cores_since(busy)
+            others = other.stop(wall)
+            after = common.prog_stats(agent.prog_ids)
+        finally:
+            stopped = agent.stop()
     for pid, s in after.items():
         s["run_cnt"] -= before.get(pid, {}).get("run_cnt", 0)
         s["run_time_ns"] -= before.get(pid, {}).get("run_time_ns", 0)
@@ -217,8 +221,8 @@ def with_agent(mode: str, port: int, tmp: str, label: str, load, protocol: str) 
         "summary": summary,
         "window": window,
         "bpf": bpf,
-        "bpf_ns_per_request": round(bpf["run_time_ns"] / requests, 1) if requests else None,
-        "bpf_ns_per_run": round(bpf["run_time_ns"] / bpf["run_cnt"], 1) if bpf["run_cnt"] else None,
+        "bpf_ns_per_request": round(bpf["run_time_ns"] / requests, 1) if requests and bpf["run_time_ns"] else None,
+        "bpf_ns_per_run": round(bpf["run_time_ns"] / bpf["run_cnt"], 1) if bpf["run_time_ns"] else None,
         "observed": observed,
         "server_observed": sum(v for k, v in observed.items() if k.startswith("server_")),
         "client_observed": sum(v for k, v in observed.items() if k.startswith("client_")),
@@ -316,7 +320,7 @@ def main(argv=None) -> dict:
                               "redis": common.tool_version(["redis-server", "--version"]),
                               "wrk": common.tool_version(["wrk", "--version"])}}
     texts = []
-    with tempfile.TemporaryDirectory(prefix="deetune-bench-") as tmp, common.bpf_stats():
+    with tempfile.TemporaryDirectory(prefix="deetune-bench-") as tmp:
         nginx = Nginx(tmp)
         redis = Redis(tmp)
         try:
@@ -355,7 +359,7 @@ def main(argv=None) -> dict:
                             res = common.run_json([gen, target, str(server.port), "10", str(args.rate_seconds), str(args.rate)])
                             return {**res, "requests": res["done"], "rps": res["rate"], "p99_us": res["p99_us"]}
 
-                        res = with_agent("decode-port", server.port, tmp, f"rate-{target}{i}", load, proto)
+                        res = with_agent("decode-port", server.port, tmp, f"rate-{target}{i}", load, proto, bpf_stats=True)
                         res["target"] = target
                         log_run(f"rate-{target}#{i + 1}", res)
                         rate_runs.append(res)

@@ -77,7 +77,7 @@ def main(argv=None) -> dict:
     texts = []
     try:
         assert server.stdout and server.stdout.readline().strip() == "listening"
-        with tempfile.TemporaryDirectory(prefix="deetune-bench-") as tmp, common.bpf_stats():
+        with tempfile.TemporaryDirectory(prefix="deetune-bench-") as tmp:
             for name, kw in (("rate", dict(workers=4, seconds=args.rate_seconds, rate=args.rate)),
                              ("max", dict(workers=2, seconds=args.seconds, rate=0))):
                 runs, discarded = common.interleave(

@@ -3,9 +3,9 @@
 - :class:`Agent`: ``python -m deetune.agent -v --sink jsonl:PATH ...`` as a subprocess, ready once
   stderr said ``probe NAME attached`` for every probe; CPU time and RSS from /proc while it runs,
   CPU time and peak RSS of its whole life from wait4(2), its final summary line (records, lost).
-- :func:`bpf_stats`: ``kernel.bpf_stats_enabled=1`` for the duration (restored afterwards), plus a
-  ``BPF_ENABLE_STATS`` file descriptor so that another process flipping the sysctl back to 0 in the
-  middle of a run (tests of other engineers do) cannot switch the counters off.
+- :func:`bpf_stats`: BPF run-time statistics on for the duration, through a ``BPF_ENABLE_STATS``
+  file descriptor (off again when this process ends, however it ends).  Fixed-rate runs only: the
+  statistics cost two clock reads per program run, which a throughput run would charge to the agent.
 - :func:`prog_stats`: run_cnt / run_time_ns of given program ids from ``bpftool -j prog show``;
   the agent's program ids come from its /proc/PID/fdinfo (exact, whatever else is loaded).
 - :func:`loadgen`: the C load generator (bench/loadgen.c), compiled with gcc on first use.
@@ -320,21 +320,21 @@ def _enable_stats_fd() -> int | None:
     return fd if fd >= 0 else None
 
 
-SYSCTL_STATS = pathlib.Path("/proc/sys/kernel/bpf_stats_enabled")
-
-
 @contextlib.contextmanager
 def bpf_stats() -> Iterator[None]:
-    """Turn on BPF run-time statistics; restore the sysctl's previous value afterwards."""
-    previous = SYSCTL_STATS.read_text().strip()
-    SYSCTL_STATS.write_text("1\n")
+    """BPF run-time statistics on for the duration: through a BPF_ENABLE_STATS file descriptor,
+    so that they go off with this process even when it is killed.  (Writing the
+    ``kernel.bpf_stats_enabled`` sysctl did not: a killed run left them on, and every later
+    program run paid two clock reads, a slow paravirtual clock in a VM.)  Use them only where
+    their cost is not what is measured: a throughput run with them on reports the overhead of
+    the statistics as the agent's."""
     fd = _enable_stats_fd()
+    if fd is None:
+        raise RuntimeError("bpf(BPF_ENABLE_STATS) failed: run as root on Linux 5.8 or later")
     try:
         yield
     finally:
-        if fd is not None:
-            os.close(fd)
-        SYSCTL_STATS.write_text(previous + "\n")
+        os.close(fd)
 
 
 def all_programs() -> list[dict[str, Any]]:

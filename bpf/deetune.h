@@ -67,7 +67,9 @@ enum dt_conn_flags {
 enum dt_stat {
 	DT_STAT_EMITTED = 0,
 	DT_STAT_LOST = 1,
-	DT_STAT_MAX = 2,
+	/* Calls on connections left out by overload sampling (payload probe). */
+	DT_STAT_SAMPLED_OUT = 2,
+	DT_STAT_MAX = 3,
 };
 
 /* A probe wakes its reader at every DT_RING_WAKE_RECORDS-th record of a CPU;

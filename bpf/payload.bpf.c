@@ -50,6 +50,18 @@ struct {
 	__type(value, __u32);
 } port_capture_bytes SEC(".maps");
 
+/* Overload sampling: while user space cannot keep up, it sets a mask here and
+ * only connections whose hash has none of its bits are copied (1 in mask + 1).
+ * The hash takes both ports (a local connection is sampled on both sides or on
+ * neither) and the clock's second, so the sampled connections change every
+ * second: a host with few busy connections is sampled evenly over time. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} sample_mask SEC(".maps");
+
 /* Sockets user space found to carry nothing it decodes: not copied any more.
  * Entries go when the socket closes (its address may be reused). */
 struct {
@@ -126,6 +138,17 @@ static __always_inline bool port_selected(__u16 port)
 	return bpf_map_lookup_elem(&capture_ports, &port) != 0;
 }
 
+static __always_inline bool sampled_out(__u16 lport, __u16 rport)
+{
+	__u32 zero = 0;
+	__u32 *mask = bpf_map_lookup_elem(&sample_mask, &zero);
+	if (!mask || !*mask)
+		return false;
+	__u32 second = bpf_ktime_get_ns() >> 30;
+	__u32 hash = ((lport ^ rport) + second * 0x9e3779b9u) * 2654435761u;
+	return (hash >> 16) & *mask;
+}
+
 static __always_inline bool process_selected(__u32 tgid)
 {
 	if (tgid == self_tgid || (targ_tgid && tgid != targ_tgid))
@@ -157,6 +180,10 @@ static __always_inline bool socket_selected(struct call *call)
 			return false;
 		if (filter_ports && !port_selected(lport) && !port_selected(rport))
 			return false;
+		if (sampled_out(lport, rport)) {
+			dt_count(DT_STAT_SAMPLED_OUT);
+			return false;
+		}
 	}
 	call->sk = sk_key;
 	call->capture = capture;

@@ -233,3 +233,70 @@ def test_port_capture_override_applies_live_even_to_muted_and_unselected_sockets
     assert [(e.size, e.data) for e in data_events(collector, recorded.port)] == [
         (1000, payload[:600]), (1000, payload[:600])
     ]
+
+
+def test_overload_sampling_copies_whole_connections_and_counts_the_rest():
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        port = listener.getsockname()[1]
+        probe = PayloadProbe(ProbeOptions(port=port), exclude_self=False, overload_sampling=False)
+        pairs = []
+        with running_pipeline([probe]) as collector:
+            probe.set_sampling(4)
+            for _ in range(64):
+                client = socket.create_connection(("127.0.0.1", port))
+                server, _ = listener.accept()
+                pairs.append((client, server))
+                client.sendall(b"sampled?")
+                assert server.recv(100) == b"sampled?"
+            counts = probe.counters()
+            probe.set_sampling(1)
+            client, server = pairs[0]
+            client.sendall(b"all again")
+            assert server.recv(100) == b"all again"
+            wait_data(collector, port, counts["emitted"] + 2)
+        for client, server in pairs:
+            client.close()
+            server.close()
+    # Every call on the selected port was either copied or counted as left out.
+    assert counts["emitted"] + counts["sampled_out"] == 128
+    assert 0 < counts["sampled_out"] < 128
+    assert [e.data for e in data_events(collector, port)[-2:]] == [b"all again", b"all again"]
+    stats = collector.stats.probes["payload"]
+    assert (stats.sampled_out, stats.sparsest_sampling) == (counts["sampled_out"], 4)
+
+
+class _SampleMask:
+    def __init__(self):
+        self.masks: list[int] = []
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self.masks.append(int.from_bytes(value, "little"))
+
+
+def test_overload_sampling_follows_the_records_lost():
+    probe = PayloadProbe()
+    mask = _SampleMask()
+    probe.obj = type("Obj", (), {"maps": {"sample_mask": mask}})()
+    counts = {"emitted": 0, "lost": 0, "sampled_out": 0}
+    probe.counters = lambda: dict(counts)
+
+    def second(emitted: int, lost: int) -> int:
+        counts["emitted"] += emitted
+        counts["lost"] += lost
+        probe.tick()
+        return probe.sampling
+
+    assert second(1000, 0) == 1
+    assert second(1000, 19000) == 32  # 1 record in 20 got through: 1 connection in 32
+    assert second(500, 3000) == 32  # the tick after a change only watches: the ring still drains
+    assert second(900, 100) == 64  # still losing
+    assert [second(800, 0) for _ in range(6)] == [64] * 5 + [32]  # watch, then 5 calm seconds
+    assert mask.masks == [31, 63, 31]
+    assert probe.sparsest_sampling == 64
+    for _ in range(40):
+        second(100, 100_000)
+    assert probe.sampling == 1024  # the sparsest it goes
+    probe.obj = None  # stopped: nothing to adapt
+    assert second(0, 5) == 1024

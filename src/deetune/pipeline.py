@@ -53,6 +53,10 @@ class ProbeStats:
     lost: int = 0
     #: Records user space could not decode (counted, skipped).
     undecodable: int = 0
+    #: Calls the kernel left out while overload sampling was on (payload probe).
+    sampled_out: int = 0
+    #: The sparsest overload sampling of the run: 1 connection in this many (1: none).
+    sparsest_sampling: int = 1
 
 
 @attrs.define
@@ -73,6 +77,8 @@ class RunStats:
     def summary(self) -> str:
         parts = [
             f"{p.name}: {p.records} records, {p.lost} lost" + (f", {p.undecodable} undecodable" if p.undecodable else "")
+            + (f", {p.sampled_out} calls left out by overload sampling (down to 1 connection in {p.sparsest_sampling})"
+               if p.sampled_out else "")
             for p in self.probes.values()
         ]
         return (f"{self.events} events in {self.seconds:.1f}s; " + "; ".join(parts)
@@ -175,6 +181,7 @@ class Pipeline:
                     behind = any(ring.pending_bytes() > ring.size // _WAKE_FRACTION for _, ring in rings.values())
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + self.stats_interval
+                        self._tick_probes()
                         self._tick_handlers()
                         if self._stats_observers():
                             self._read_counters()
@@ -236,6 +243,8 @@ class Pipeline:
             stats = self.stats.probes[probe.name]
             stats.emitted = counters["emitted"]
             stats.lost = counters["lost"]
+            stats.sampled_out = counters.get("sampled_out", 0)
+            stats.sparsest_sampling = max(stats.sparsest_sampling, getattr(probe, "sparsest_sampling", 1))
             read.append(probe)
         return read
 
@@ -308,6 +317,16 @@ class Pipeline:
                 except Exception as exc:
                     self.stats.sink_errors += 1
                     log.error("sink %s failed on a %s event: %s", sink.name, item.type, exc)
+
+    def _tick_probes(self) -> None:
+        """Probes with a ``tick()`` adapt to load once a second (the payload probe's overload sampling)."""
+        for probe in self._started:
+            tick = getattr(probe, "tick", None)
+            if tick is not None:
+                try:
+                    tick()
+                except Exception as exc:  # a probe torn down meanwhile; not worth stopping the run
+                    log.debug("probe %s failed on tick: %s", probe.name, exc)
 
     def _tick_handlers(self) -> None:
         """Handlers and sinks with a ``tick()`` (time-based work: closing windows,

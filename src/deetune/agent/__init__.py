@@ -135,6 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--capture-bytes", type=_capture_bytes, default=DEFAULT_CAPTURE_BYTES, metavar="N",
         help=f"payload prefix copied per syscall (default {DEFAULT_CAPTURE_BYTES}, at most {MAX_CAPTURE_BYTES})",
     )
+    parser.add_argument(
+        "--no-overload-sampling", dest="overload_sampling", action="store_false",
+        help="when the agent cannot keep up, lose payload records at random instead of copying fewer "
+             "connections, whole (default: sample, and say so on stop)",
+    )
     parser.add_argument("--protocol", action="append", metavar="NAME", help="decode only these protocols (repeatable; default: all)")
     parser.add_argument("--emit-data", action="store_true", help="also send raw payload events (type data) to the sinks")
     parser.add_argument(
@@ -189,7 +194,7 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
     for name in dict.fromkeys(names):
         cls = plugins.probes.get(name)
         if issubclass(cls, PayloadProbe):
-            probes.append(cls(options, clock, capture_bytes=args.capture_bytes))
+            probes.append(cls(options, clock, capture_bytes=args.capture_bytes, overload_sampling=args.overload_sampling))
         else:
             probes.append(cls(options, clock))
     decoders = [plugins.decoders.get(name) for name in dict.fromkeys(args.protocol or plugins.decoders.names())]

@@ -116,14 +116,15 @@ class Probe:
         return self._rings
 
     def counters(self) -> dict[str, int]:
-        """Kernel-side counters: ``emitted`` and ``lost`` records (ring full)."""
+        """Kernel-side counters: ``emitted`` and ``lost`` records (ring full), and calls
+        ``sampled_out`` (left out by overload sampling, see the payload probe)."""
         if self.obj is None or "dt_stats" not in self.obj.maps:
-            return {"emitted": 0, "lost": 0}
+            return {"emitted": 0, "lost": 0, "sampled_out": 0}
         stats = self.obj.maps["dt_stats"]
-        return {
-            "emitted": stats.sum_percpu_u64((0).to_bytes(4, "little")),
-            "lost": stats.sum_percpu_u64((1).to_bytes(4, "little")),
-        }
+        counts = {name: stats.sum_percpu_u64(index.to_bytes(4, "little"))
+                  for index, name in enumerate(("emitted", "lost", "sampled_out")) if index < stats.max_entries}
+        counts.setdefault("sampled_out", 0)  # a third-party object built against an older deetune.h
+        return counts
 
     def programs(self):
         return list(self.obj.programs.values()) if self.obj else []

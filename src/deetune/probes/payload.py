@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from typing import Iterable
@@ -34,10 +35,17 @@ _SYSCALLS = {
 }
 _AF_INET6 = 10
 _U64 = struct.Struct("<Q")
+_U32 = struct.Struct("<I")
+_ZERO = _U32.pack(0)
+log = logging.getLogger(__name__)
 
 #: Default prefix copied per syscall.
 DEFAULT_CAPTURE_BYTES = 4096
 MAX_CAPTURE_BYTES = _L.DT_PAYLOAD_MAX
+#: Overload sampling never goes sparser than 1 connection-second in this many.
+SPARSEST_SAMPLING = 1024
+#: Seconds without a lost record before overload sampling takes twice as many connections again.
+CALM_SECONDS = 5
 
 
 class PayloadProbe(Probe):
@@ -46,7 +54,8 @@ class PayloadProbe(Probe):
     object_name = "payload"
 
     def __init__(self, options: ProbeOptions | None = None, clock=None, *, capture_bytes: int = DEFAULT_CAPTURE_BYTES,
-                 cgroup_id: int | None = None, ports: Iterable[int] = (), exclude_self: bool | None = None):
+                 cgroup_id: int | None = None, ports: Iterable[int] = (), exclude_self: bool | None = None,
+                 overload_sampling: bool = True):
         super().__init__(options, clock)
         if not 0 <= capture_bytes <= MAX_CAPTURE_BYTES:
             raise ValueError(f"capture_bytes must be between 0 and {MAX_CAPTURE_BYTES}, got {capture_bytes}")
@@ -58,6 +67,14 @@ class PayloadProbe(Probe):
         #: Skip this process's own sockets (default: ``options.exclude_self``).
         self.exclude_self = self.options.exclude_self if exclude_self is None else exclude_self
         self.muted = 0
+        #: Adapt sampling to the records lost (see :meth:`tick`); off: lose records instead.
+        self.overload_sampling = overload_sampling
+        #: Copy 1 connection in this many (1: all); the sparsest of the run.
+        self.sampling = 1
+        self.sparsest_sampling = 1
+        self._emitted_seen = self._lost_seen = 0
+        self._calm = 0
+        self._settling = False
 
     def configure(self, obj: BpfObject) -> None:
         obj.maps["data_scratch"].max_entries = num_possible_cpus()
@@ -90,6 +107,52 @@ class PayloadProbe(Probe):
         if not 0 <= capture_bytes <= MAX_CAPTURE_BYTES:
             raise ValueError(f"capture_bytes must be between 0 and {MAX_CAPTURE_BYTES}, got {capture_bytes}")
         self.obj.maps["port_capture_bytes"].update(key, struct.pack("<I", capture_bytes))
+
+    def tick(self) -> None:
+        """Once a second (the pipeline's clock): overload sampling.
+
+        Records lost since the last tick mean user space cannot keep up: the kernel then
+        copies fewer connections, in proportion (a second in which 1 record in 20 got through
+        takes 1 connection in 32), which spares both the copies and the decoding of records
+        that would be lost anyway, and keeps the sampled connections whole instead of losing
+        records at random from all of them.  The tick after a change only watches (the ring
+        still drains what came before it); after CALM_SECONDS without a loss it takes twice
+        as many connections again."""
+        if self.obj is None or not self.overload_sampling:
+            return
+        counters = self.counters()
+        emitted, lost = counters["emitted"] - self._emitted_seen, counters["lost"] - self._lost_seen
+        self._emitted_seen, self._lost_seen = counters["emitted"], counters["lost"]
+        if self._settling:
+            self._settling = False
+            return
+        sampling = self.sampling
+        if lost > 0:
+            factor = 2
+            while factor * max(emitted, 1) < emitted + lost:
+                factor *= 2
+            sampling = min(sampling * factor, SPARSEST_SAMPLING)
+            self._calm = 0
+        elif sampling > 1:
+            self._calm += 1
+            if self._calm >= CALM_SECONDS:
+                sampling //= 2
+                self._calm = 0
+        if sampling != self.sampling:
+            self.set_sampling(sampling)
+            self._settling = True
+
+    def set_sampling(self, one_in: int) -> None:
+        """Copy only 1 connection in ``one_in`` (a power of two; 1: all), chosen anew every second."""
+        if self.obj is None:
+            raise RuntimeError("probe payload is not started")
+        if one_in < 1 or one_in & (one_in - 1):
+            raise ValueError(f"sampling must be a power of two, got {one_in}")
+        self.obj.maps["sample_mask"].update(_ZERO, _U32.pack(one_in - 1))
+        if one_in != self.sampling:
+            log.info("payload: overload sampling %s", f"1 connection in {one_in}" if one_in > 1 else "off")
+        self.sampling = one_in
+        self.sparsest_sampling = max(self.sparsest_sampling, one_in)
 
     def mute(self, sock_id: int) -> None:
         """Stop copying this socket's payload (it carries nothing we decode)."""

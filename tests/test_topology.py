@@ -72,7 +72,7 @@ def clock() -> Clock:
 
 @pytest.fixture
 def resolver() -> FakeResolver:
-    return FakeResolver(SERVICES, LISTENERS, names={"203.0.113.9": "partner"})
+    return FakeResolver(dict(SERVICES), LISTENERS, names={"203.0.113.9": "partner"})  # tests may rename
 
 
 @pytest.fixture
@@ -454,3 +454,30 @@ def test_socket_table_is_bounded(resolver: FakeResolver, clock: Clock) -> None:
     # Evicted opens still count, in their window.
     [(key, counted)] = windows(agg.flush()).items()
     assert counted.connections_opened == 25
+
+
+def test_a_proc_scan_replaces_what_the_last_one_found() -> None:
+    """Sockets learned from a scan are never forgotten at their close (only client closes
+    are), so each scan replaces the last: under load they filled the table."""
+    now = [0.0]
+    scans = [
+        [SocketEntry(4, "127.0.0.1", 8080, "127.0.0.1", 40001, 1, 11)],
+        [SocketEntry(4, "127.0.0.1", 8080, "127.0.0.1", 40002, 1, 12)],
+    ]
+    owners = SocketOwners(read_sockets=lambda: scans.pop(0), read_owners=lambda: {11: Owner(5, "a"), 12: Owner(6, "b")},
+                          clock=lambda: now[0])
+    owners.learn(("127.0.0.1", 50000, "127.0.0.1", 8080), 7, "client")  # from an event: kept
+    assert owners.owner(("127.0.0.1", 8080, "127.0.0.1", 40001)) == (5, "a")
+    now[0] = 2.0
+    assert owners.owner(("127.0.0.1", 8080, "127.0.0.1", 40002)) == (6, "b")
+    assert owners.known(("127.0.0.1", 8080, "127.0.0.1", 40001)) is None
+    assert owners.known(("127.0.0.1", 50000, "127.0.0.1", 8080)) == (7, "client")
+    assert owners.scans == 2
+
+
+def test_opens_waiting_for_a_protocol_are_bounded(agg: TopologyAggregator) -> None:
+    agg.max_pending = 100
+    for port in range(40000, 40250):  # opens whose close never comes (lost under overload)
+        run(agg, [connection("open", 20, "client", HOST_IP, port, "10.9.9.9", 22, sock_id=port)])
+    assert len(agg._pending) == 100
+    assert windows(agg.flush()) == {EdgeKey("api", "10.9.9.9:22", "tcp", 22): stats(connections_opened=250)}

@@ -101,7 +101,7 @@ class SocketOwners:
             procnet.read_tcp_sockets, states=procnet.OPEN_STATES),
         read_owners: Callable[[], dict[int, procnet.Owner]] = procnet.socket_owners,
         min_interval: float = 1.0,
-        capacity: int = 65536,
+        capacity: int = 16384,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._read_sockets = read_sockets
@@ -110,6 +110,10 @@ class SocketOwners:
         self._capacity = capacity
         self._clock = clock
         self._owners: dict[FourTuple, tuple[int, str]] = {}
+        # What the last /proc scan found, replaced by the next: learned from a scan, a socket
+        # is never forgotten at its close (only client closes are), and under load the scans
+        # would fill the table with the server sides of closed connections.
+        self._scanned: dict[FourTuple, tuple[int, str]] = {}
         self._scanned_at = float("-inf")
         self.scans = 0
 
@@ -120,7 +124,7 @@ class SocketOwners:
         owners[key] = (pid, comm)
 
     def known(self, key: FourTuple) -> tuple[int, str] | None:
-        return self._owners.get(key)
+        return self._owners.get(key) or self._scanned.get(key)
 
     def forget(self, key: FourTuple) -> None:
         """The socket closed: its entry would only hold memory (a new connection on the
@@ -129,7 +133,7 @@ class SocketOwners:
 
     def owner(self, key: FourTuple) -> tuple[int, str] | None:
         """The owner, scanning /proc on a miss when the last scan is old enough."""
-        found = self._owners.get(key)
+        found = self._owners.get(key) or self._scanned.get(key)
         if found is not None:
             return found
         now = self._clock()
@@ -143,10 +147,11 @@ class SocketOwners:
         except OSError as exc:
             log.debug("cannot read socket owners: %s", exc)
             return None
-        for s in sockets:
-            if s.rport and (owner := owners.get(s.inode)) is not None:
-                self.learn((s.laddr, s.lport, s.raddr, s.rport), owner.pid, owner.comm)
-        return self._owners.get(key)
+        self._scanned = {
+            (s.laddr, s.lport, s.raddr, s.rport): (owner.pid, owner.comm)
+            for s in sockets if s.rport and (owner := owners.get(s.inode)) is not None
+        }
+        return self._scanned.get(key)
 
 
 class _Sock:
@@ -204,7 +209,12 @@ class TopologyAggregator:
     """Pipeline handler turning connections and exchanges into per-window edges (see the module doc)."""
 
     #: Open connections tracked; the oldest is dropped beyond (their close events may be lost).
-    max_sockets = 65536
+    #: Past this many, the oldest is dropped (its close was probably lost: under overload, opens
+    #: whose close never comes would otherwise hold about 300 bytes each for good).
+    max_sockets = 16384
+    #: Opens waiting for their protocol until the window ends; past this many the oldest counts
+    #: at once (under overload most of them are connections whose close was lost).
+    max_pending = 4096
     #: Remembered (client, server, port) → protocol and remote client names, each.
     max_memory = 65536
 
@@ -338,7 +348,11 @@ class TopologyAggregator:
                 sock = self._track(event, inst)
                 if sock.counted:
                     sock.pending = True
-                    self._pending[id(sock)] = sock
+                    pending = self._pending
+                    if len(pending) >= self.max_pending:  # count the oldest now, as the window's end would
+                        oldest = pending[next(iter(pending))]
+                        self._count_open(oldest, self._protocols.get((oldest.client, oldest.server, oldest.port), "tcp"))
+                    pending[id(sock)] = sock
                 else:
                     self.stats.duplicates += 1
             else:  # close

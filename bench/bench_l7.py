@@ -232,7 +232,7 @@ def with_agent(mode: str, port: int, tmp: str, label: str, load, protocol: str, 
 def log_run(label: str, r: dict) -> None:
     line = f"  {label:<14} {r['mode']:<12} {r['rps']:>10,.0f} req/s  p99 {r['p99_us']:>7,.0f} us  others {r['other_cores']} cores"
     if r["mode"] != "none":
-        line += (f"  lost {r['agent'].get('lost')}  seen server {r['server_observed']:,} client {r['client_observed']:,}"
+        line += (f"  lost {r['agent'].get('lost')}  sampled 1/{r['agent'].get('sparsest_sampling')}  seen server {r['server_observed']:,} client {r['client_observed']:,}"
                  f" / {r['requests']:,}  cpu {r['window']['oncpu_cores']}  rss {r['window']['rss_mb']} MB"
                  f"  bpf {r['bpf_ns_per_request']} ns/req  stop {r['agent'].get('stop_s')} s")
     common.log(line)

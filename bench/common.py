@@ -45,7 +45,8 @@ PYTHON = str(REPO / ".venv" / "bin" / "python") if (REPO / ".venv" / "bin" / "py
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _SUMMARY = re.compile(r"^deetune: (\d+) events in ([\d.]+)s; (.*)$")
-_PROBE_PART = re.compile(r"^(\S+): (\d+) records, (\d+) lost(?:, (\d+) undecodable)?$")
+_PROBE_PART = re.compile(r"^(\S+): (\d+) records, (\d+) lost(?:, (\d+) undecodable)?"
+                         r"(?:, (\d+) calls left out by overload sampling \(down to 1 connection in (\d+)\))?$")
 
 
 _SNAPSHOT: str | None = None
@@ -389,13 +390,16 @@ def parse_summary(line: str) -> dict[str, Any] | None:
     for part in match.group(3).split("; "):
         m = _PROBE_PART.match(part.strip())
         if m:
-            probes[m.group(1)] = {"records": int(m.group(2)), "lost": int(m.group(3)), "undecodable": int(m.group(4) or 0)}
+            probes[m.group(1)] = {"records": int(m.group(2)), "lost": int(m.group(3)), "undecodable": int(m.group(4) or 0),
+                                  "sampled_out": int(m.group(5) or 0), "sparsest_sampling": int(m.group(6) or 1)}
     return {
         "events": int(match.group(1)),
         "seconds": float(match.group(2)),
         "probes": probes,
         "records": sum(p["records"] for p in probes.values()),
         "lost": sum(p["lost"] for p in probes.values()),
+        "sampled_out": sum(p["sampled_out"] for p in probes.values()),
+        "sparsest_sampling": max((p["sparsest_sampling"] for p in probes.values()), default=1),
     }
 
 
@@ -536,6 +540,8 @@ class Agent:
             "lifetime_maxrss_mb": round(rusage.ru_maxrss / 1024, 1) if rusage else None,
             "summary": summary,
             "lost": summary["lost"] if summary else None,
+            "sampled_out": summary["sampled_out"] if summary else None,
+            "sparsest_sampling": summary["sparsest_sampling"] if summary else None,
             "warnings": [l for l in self.stderr if " WARNING " in l or " ERROR " in l][:20],
         })
         if self.store:

@@ -180,10 +180,11 @@ static __always_inline bool socket_selected(struct call *call)
 			return false;
 		if (filter_ports && !port_selected(lport) && !port_selected(rport))
 			return false;
-		if (sampled_out(lport, rport)) {
-			dt_count(DT_STAT_SAMPLED_OUT);
-			return false;
-		}
+	}
+	/* Recorded connections too: under overload, whole connections beat records lost at random. */
+	if (sampled_out(lport, rport)) {
+		dt_count(DT_STAT_SAMPLED_OUT);
+		return false;
 	}
 	call->sk = sk_key;
 	call->capture = capture;

@@ -481,3 +481,21 @@ def test_opens_waiting_for_a_protocol_are_bounded(agg: TopologyAggregator) -> No
         run(agg, [connection("open", 20, "client", HOST_IP, port, "10.9.9.9", 22, sock_id=port)])
     assert len(agg._pending) == 100
     assert windows(agg.flush()) == {EdgeKey("api", "10.9.9.9:22", "tcp", 22): stats(connections_opened=250)}
+
+
+def test_fruitless_proc_scans_back_off() -> None:
+    now = [0.0]
+    found = SocketEntry(4, "127.0.0.1", 8080, "127.0.0.1", 40001, 1, 11)
+    listing = [[], [], [found], []]
+    owners = SocketOwners(read_sockets=lambda: listing.pop(0), read_owners=lambda: {11: Owner(5, "a")},
+                          clock=lambda: now[0], max_interval=4.0)
+    key = ("127.0.0.1", 8080, "127.0.0.1", 40001)
+    scans = []
+    for t in (0.0, 1.5, 2.0, 3.9, 6.0, 6.5):
+        now[0] = t
+        owners.known(key) or owners.owner(key)
+        scans.append(owners.scans)
+    # miss at 0 (next in 2 s), miss at 2 (next in 4 s, the cap), found at 6: 1 s again
+    assert scans == [1, 1, 2, 2, 3, 3]
+    now[0] = 7.0
+    assert owners.owner(("127.0.0.1", 8080, "127.0.0.1", 40009)) is None and owners.scans == 4

@@ -101,12 +101,14 @@ class SocketOwners:
             procnet.read_tcp_sockets, states=procnet.OPEN_STATES),
         read_owners: Callable[[], dict[int, procnet.Owner]] = procnet.socket_owners,
         min_interval: float = 1.0,
+        max_interval: float = 32.0,
         capacity: int = 16384,
         clock: Callable[[], float] = time.monotonic,
     ):
         self._read_sockets = read_sockets
         self._read_owners = read_owners
-        self._min_interval = min_interval
+        self._min_interval = self._interval = min_interval
+        self._max_interval = max_interval
         self._capacity = capacity
         self._clock = clock
         self._owners: dict[FourTuple, tuple[int, str]] = {}
@@ -132,12 +134,15 @@ class SocketOwners:
         self._owners.pop(key, None)
 
     def owner(self, key: FourTuple) -> tuple[int, str] | None:
-        """The owner, scanning /proc on a miss when the last scan is old enough."""
+        """The owner, scanning /proc on a miss when the last scan is old enough.  A scan that
+        does not find the socket asked for doubles the wait before the next (up to
+        ``max_interval``): under overload, when most misses are connections whose records were
+        lost and that are gone by now, a scan of every socket each second helps no one."""
         found = self._owners.get(key) or self._scanned.get(key)
         if found is not None:
             return found
         now = self._clock()
-        if now - self._scanned_at < self._min_interval:
+        if now - self._scanned_at < self._interval:
             return None
         self._scanned_at = now
         self.scans += 1
@@ -147,11 +152,16 @@ class SocketOwners:
         except OSError as exc:
             log.debug("cannot read socket owners: %s", exc)
             return None
-        self._scanned = {
-            (s.laddr, s.lport, s.raddr, s.rport): (owner.pid, owner.comm)
-            for s in sockets if s.rport and (owner := owners.get(s.inode)) is not None
-        }
-        return self._scanned.get(key)
+        scanned = {}
+        for s in sockets:
+            if s.rport and (owner := owners.get(s.inode)) is not None:
+                scanned[(s.laddr, s.lport, s.raddr, s.rport)] = (owner.pid, owner.comm)
+                if len(scanned) >= self._capacity:
+                    break
+        self._scanned = scanned
+        found = scanned.get(key)
+        self._interval = self._min_interval if found else min(self._interval * 2, self._max_interval)
+        return found
 
 
 class _Sock:

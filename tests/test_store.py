@@ -556,3 +556,11 @@ def test_a_thread_per_query_does_not_pile_up_connections(path, clock) -> None:
     store.close()
     with pytest.raises(StoreError, match="closed"):
         store.graph(T0, T0 + W)
+
+
+def test_instances_are_listed_by_pid_as_a_number(store) -> None:
+    """Pids wrap: a service restarted after pid 32727 may get 442.  Listed by id, "h:32727" came first."""
+    store.write([instance("orders", 32727, T0 + 1), instance("orders", 442, T0 + 2), instance("orders", 9, T0 + 3),
+                 window("curl", "orders", T0, stats(1, 0, [100]), port=8080)])
+    (node,) = [n for n in store.graph(T0, T0 + W)["nodes"] if n["name"] == "orders"]
+    assert [i["pid"] for i in node["instances"]] == [9, 442, 32727]

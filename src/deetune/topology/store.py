@@ -840,10 +840,11 @@ class TopologyStore:
         return names
 
     def _instances(self, conn: sqlite3.Connection, since: int, until: int) -> dict[str, list[dict[str, Any]]]:
-        """Service → its instances seen in the range, by id (one JSON text, as _EDGES_SQL)."""
+        """Service → its instances seen in the range, by host and pid (one JSON text, as _EDGES_SQL).
+        Not by id: "host:32727" sorts before "host:442" as text."""
         found: dict[str, list[dict[str, Any]]] = {}
         instances = orjson.loads(conn.execute(_INSTANCES_SQL, (until, since)).fetchone()[0])
-        instances.sort(key=lambda data: data["id"])
+        instances.sort(key=lambda data: (data.get("host") or "", data.get("pid") or 0, data["id"]))
         for data in instances:
             found.setdefault(data["service"], []).append(data)
         return found

@@ -613,10 +613,11 @@ def test_observe_stats_becomes_kernel_event_families(sink):
     from deetune.pipeline import ProbeStats, RunStats
 
     sink.observe_stats(RunStats(probes={"tcp": ProbeStats("tcp", records=5, emitted=7, lost=2),
-                                        "payload": ProbeStats("payload", emitted=100)}))
+                                        "payload": ProbeStats("payload", emitted=100, sampled_out=40)}))
     got = scrape(sink)
     assert series(got, "deetune_kernel_events_total") == {labels(probe="tcp"): 7, labels(probe="payload"): 100}
     assert series(got, "deetune_kernel_events_lost_total") == {labels(probe="tcp"): 2, labels(probe="payload"): 0}
+    assert series(got, "deetune_kernel_calls_sampled_out_total") == {labels(probe="tcp"): 0, labels(probe="payload"): 40}
 
 
 # -- against the kernel and a real Prometheus ------------------------------------------------------
@@ -814,7 +815,8 @@ def test_dashboard_is_valid_and_uses_only_our_families():
                 "deetune_bytes_received_total", "deetune_host_cpu_seconds_total", "deetune_host_memory_bytes",
                 "deetune_service_cpu_seconds_total", "deetune_service_memory_bytes", "deetune_processes",
                 "deetune_containers", "deetune_agent_cpu_seconds_total", "deetune_agent_memory_bytes",
-                "deetune_kernel_events_total", "deetune_kernel_events_lost_total", "deetune_series_overflow_total"}
+                "deetune_kernel_events_total", "deetune_kernel_events_lost_total", "deetune_kernel_calls_sampled_out_total",
+                "deetune_series_overflow_total"}
     assert used <= families, used - families
     assert {"deetune_requests_total", "deetune_request_errors_total", "deetune_request_duration_seconds_bucket",
             "deetune_connections_opened_total", "deetune_connections_active", "deetune_connections_failed_total",

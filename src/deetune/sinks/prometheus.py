@@ -670,8 +670,9 @@ class PrometheusSink(Sink):
         self.bytes_received.add(self.bytes_received.slot(labels), received)
 
     def observe_stats(self, stats: Any) -> None:
-        """Pipeline hook: the kernel's per-probe emitted/lost record counts."""
-        kernel = {name: (p.emitted, p.lost) for name, p in stats.probes.items()}
+        """Pipeline hook: the kernel's per-probe emitted/lost record counts and calls left out by
+        overload sampling."""
+        kernel = {name: (p.emitted, p.lost, getattr(p, "sampled_out", 0)) for name, p in stats.probes.items()}
         with self._lock:
             self._kernel = kernel
 
@@ -692,10 +693,15 @@ class PrometheusSink(Sink):
                                      labels=("probe",))
         lost = CounterMetricFamily("deetune_kernel_events_lost_total", "Records lost in the kernel (ring buffer full).",
                                    labels=("probe",))
-        for probe, (emitted, dropped) in sorted(kernel.items()):
+        sampled_out = CounterMetricFamily(
+            "deetune_kernel_calls_sampled_out_total",
+            "Calls the kernel did not copy because of overload sampling (the agent could not keep up).",
+            labels=("probe",))
+        for probe, (emitted, dropped, left_out) in sorted(kernel.items()):
             events.add_metric([probe], emitted)
             lost.add_metric([probe], dropped)
-        metrics += [events, lost]
+            sampled_out.add_metric([probe], left_out)
+        metrics += [events, lost, sampled_out]
         times = os.times()
         metrics.append(CounterMetricFamily("deetune_agent_cpu_seconds_total", "CPU time of this agent (user+system).",
                                            value=times.user + times.system))

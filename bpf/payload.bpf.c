@@ -10,10 +10,9 @@
  * decodes).  Entry only stamps when a write-side call began (its record's
  * start_ns: a response starts when the server starts writing it).
  *
- * Why raw (tp_btf) sys_enter/sys_exit rather than syscalls:sys_enter_*:
- * those ran a second program per call whose socket lookup and per-thread
- * hash map cost as much as the capture itself (nginx + wrk: 21 % fewer
- * requests/s with the agent stopped, see docs/performance.md).
+ * Why no entry program for every call: it looked the socket up and saved
+ * the arguments in a per-thread hash map, which cost as much as the capture
+ * itself (see docs/performance.md, section 2).
  */
 #include "common.bpf.h"
 

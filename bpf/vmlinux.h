@@ -46,7 +46,6 @@ enum bpf_map_type {
 enum { BPF_ANY = 0, BPF_NOEXIST = 1, BPF_EXIST = 2 };
 enum { BPF_F_NO_PREALLOC = 1 };
 enum { BPF_RB_NO_WAKEUP = 1, BPF_RB_FORCE_WAKEUP = 2 };
-enum { BPF_RB_AVAIL_DATA = 0, BPF_RB_RING_SIZE = 1 };
 enum { BPF_LOCAL_STORAGE_GET_F_CREATE = 1 };
 
 /* include/net/tcp_states.h (stable values) */
@@ -188,29 +187,21 @@ struct trace_event_raw_inet_sock_set_state {
 	__u8 daddr_v6[16];
 } __attribute__((preserve_access_index));
 
-/* The user registers a syscall saved on entry: its number and arguments
- * (still there at exit; only the return value register changes).  Per
- * architecture; the objects are built once per architecture. */
+/* The user registers a syscall saved on entry: its arguments (still there at
+ * exit; only the return value register changes).  Per architecture; the
+ * objects are built once per architecture. */
 #if defined(__TARGET_ARCH_x86)
 struct pt_regs {
 	unsigned long di;
 	unsigned long si;
 	unsigned long dx;
-	unsigned long orig_ax;
 } __attribute__((preserve_access_index));
 #elif defined(__TARGET_ARCH_arm64)
 struct pt_regs {
 	__u64 regs[31];
 	__u64 orig_x0; /* x0 is the return value at exit */
-	__s32 syscallno;
 } __attribute__((preserve_access_index));
 #endif
-
-struct trace_event_raw_sys_enter {
-	struct trace_entry ent;
-	long id;
-	unsigned long args[6];
-} __attribute__((preserve_access_index));
 
 struct trace_event_raw_sys_exit {
 	struct trace_entry ent;

@@ -138,7 +138,7 @@ class SocketOwners:
         does not find the socket asked for doubles the wait before the next (up to
         ``max_interval``): under overload, when most misses are connections whose records were
         lost and that are gone by now, a scan of every socket each second helps no one."""
-        found = self._owners.get(key) or self._scanned.get(key)
+        found = self.known(key)
         if found is not None:
             return found
         now = self._clock()
@@ -218,9 +218,9 @@ class AggregatorStats:
 class TopologyAggregator:
     """Pipeline handler turning connections and exchanges into per-window edges (see the module doc)."""
 
-    #: Open connections tracked; the oldest is dropped beyond (their close events may be lost).
-    #: Past this many, the oldest is dropped (its close was probably lost: under overload, opens
-    #: whose close never comes would otherwise hold about 300 bytes each for good).
+    #: Open connections tracked; past this many, the oldest is dropped (its close was probably
+    #: lost: under overload, opens whose close never comes would otherwise hold about 300 bytes
+    #: each for good).
     max_sockets = 16384
     #: Opens waiting for their protocol until the window ends; past this many the oldest counts
     #: at once (under overload most of them are connections whose close was lost).
@@ -360,8 +360,7 @@ class TopologyAggregator:
                     sock.pending = True
                     pending = self._pending
                     if len(pending) >= self.max_pending:  # count the oldest now, as the window's end would
-                        oldest = pending[next(iter(pending))]
-                        self._count_open(oldest, self._protocols.get((oldest.client, oldest.server, oldest.port), "tcp"))
+                        self._count_open_as_seen(pending[next(iter(pending))])
                     pending[id(sock)] = sock
                 else:
                     self.stats.duplicates += 1
@@ -402,7 +401,7 @@ class TopologyAggregator:
         self._bind(sock, protocol).stats.connections_opened += 1
 
     def _count_close(self, sock: _Sock, event: ConnectionEvent) -> None:
-        protocol = sock.protocol or self._protocols.get((sock.client, sock.server, sock.port), "tcp")
+        protocol = sock.protocol or self._protocol_seen(sock)
         stats = self._bind(sock, protocol).stats
         if sock.pending:
             sock.pending = False
@@ -421,7 +420,15 @@ class TopologyAggregator:
         """Opens still waiting for a protocol count now, in the window they happened in."""
         pending, self._pending = self._pending, {}
         for sock in pending.values():
-            self._count_open(sock, self._protocols.get((sock.client, sock.server, sock.port), "tcp"))
+            self._count_open_as_seen(sock)
+
+    def _protocol_seen(self, sock: _Sock) -> str:
+        """The protocol this socket's edge has shown so far ("tcp": none yet)."""
+        return self._protocols.get((sock.client, sock.server, sock.port), "tcp")
+
+    def _count_open_as_seen(self, sock: _Sock) -> None:
+        """An open that learned no protocol of its own counts on what its edge has shown."""
+        self._count_open(sock, self._protocol_seen(sock))
 
     # -- naming --------------------------------------------------------------------------------
     def _track(self, event: ConnectionEvent | ExchangeEvent, inst: Instance) -> _Sock:

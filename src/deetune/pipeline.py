@@ -244,7 +244,7 @@ class Pipeline:
             stats.emitted = counters["emitted"]
             stats.lost = counters["lost"]
             stats.sampled_out = counters.get("sampled_out", 0)
-            stats.sparsest_sampling = max(stats.sparsest_sampling, getattr(probe, "sparsest_sampling", 1))
+            stats.sparsest_sampling = getattr(probe, "sparsest_sampling", 1)  # the probe keeps the run's sparsest
             read.append(probe)
         return read
 

@@ -672,7 +672,7 @@ class PrometheusSink(Sink):
     def observe_stats(self, stats: Any) -> None:
         """Pipeline hook: the kernel's per-probe emitted/lost record counts and calls left out by
         overload sampling."""
-        kernel = {name: (p.emitted, p.lost, getattr(p, "sampled_out", 0)) for name, p in stats.probes.items()}
+        kernel = {name: (p.emitted, p.lost, p.sampled_out) for name, p in stats.probes.items()}
         with self._lock:
             self._kernel = kernel
 

@@ -844,7 +844,7 @@ class TopologyStore:
         Not by id: "host:32727" sorts before "host:442" as text."""
         found: dict[str, list[dict[str, Any]]] = {}
         instances = orjson.loads(conn.execute(_INSTANCES_SQL, (until, since)).fetchone()[0])
-        instances.sort(key=lambda data: (data.get("host") or "", data.get("pid") or 0, data["id"]))
+        instances.sort(key=lambda data: (data["host"], data["pid"], data["id"]))
         for data in instances:
             found.setdefault(data["service"], []).append(data)
         return found

@@ -46,6 +46,9 @@ enum dt_syscall {
 	DT_SYS_SENDMMSG = 9,
 	DT_SYS_RECVMMSG = 10,
 	DT_SYS_SENDFILE = 11,
+	/* A transfer some other call made (splice, io_uring, a 32-bit process's
+	 * calls): its length only. */
+	DT_SYS_OTHER = 12,
 };
 
 enum dt_role {
@@ -116,16 +119,15 @@ struct dt_conn_record {
 	char comm[DT_COMM_LEN];
 };
 
-/* Bytes one syscall moved on a TCP socket.  Only `captured` bytes of data[]
- * are sent through the ring buffer; `size` is what the syscall moved. */
+/* Bytes one call moved on a TCP socket.  Only `captured` bytes of data[]
+ * are sent through the ring buffer; `size` is what the call moved. */
 struct dt_data_record {
-	struct dt_header hdr; /* ts_ns: syscall exit */
+	struct dt_header hdr; /* ts_ns: when the transfer was done */
 	__u64 sock_id;        /* same identity as dt_conn_record.sock_id */
-	__u64 start_ns;       /* syscall entry */
 	__u64 cgroup_id;
 	__u32 tid;
-	__s32 fd;
-	__u32 size;           /* bytes moved (return value, or msg_len for *mmsg) */
+	__s32 fd;             /* -1 for DT_SYS_OTHER */
+	__u32 size;           /* bytes moved (per message for *mmsg) */
 	__u32 captured;       /* bytes of data[] present: min(size, capture_bytes) */
 	__u16 family;
 	__u16 lport;
@@ -136,6 +138,13 @@ struct dt_data_record {
 	__u8 raddr[16];
 	char comm[DT_COMM_LEN];
 	__u8 data[DT_PAYLOAD_MAX];
+};
+
+/* The payload probe's live settings (its `controls` map, one entry). */
+struct dt_payload_controls {
+	__u32 sample_mask;    /* overload sampling: copy 1 connection in mask + 1 */
+	__u32 generation;     /* bumped by every change to the maps a socket's verdict
+			       * depends on (ports, capture sizes, muted); 0: not set up */
 };
 
 #endif /* __DEETUNE_RECORDS_H__ */

@@ -1,22 +1,28 @@
 // SPDX-License-Identifier: Apache-2.0
-/* Socket payload capture at the syscall level: every read/write/send/recv
- * family call on a TCP socket of a selected process becomes one record with
- * the bytes moved (a prefix of at most capture_bytes) and the full count.
+/* Socket payload capture at the socket layer: every sock_sendmsg and
+ * sock_recvmsg that moved bytes on a TCP socket of a selected process becomes
+ * one record with the bytes moved (a prefix of at most capture_bytes) and the
+ * full count.
  *
- * One program at syscall exit does the work: it knows how many bytes moved,
- * and the call's arguments are still in the registers the syscall saved on
- * entry.  Selection happens there, before anything is copied: process,
- * cgroup, ports, and connections that user space has muted (no protocol it
- * decodes).  Entry only stamps when a write-side call began (its record's
- * start_ns: a response starts when the server starts writing it).
+ * Hooks: the sock:sock_send_length and sock:sock_recv_length tracepoints, as
+ * tp_btf programs.  They fire in the calling task, after the transfer, with
+ * the struct sock itself, for every read/write/send/recv-family call on a
+ * socket.  The user buffer is found from the syscall's saved registers (the
+ * syscall number says how to read them).  Why not the syscalls' own
+ * tracepoints: enabling any of them sends every syscall of every process on
+ * the host through the slow syscall path, and they give a file descriptor to
+ * walk to the socket; together that cost a traced nginx more than the copy
+ * (see docs/performance.md, section 2).
  *
- * Why no entry program for every call: it looked the socket up and saved
- * the arguments in a per-thread hash map, which cost as much as the capture
- * itself (see docs/performance.md, section 2).
+ * Selection happens before anything is copied: process, cgroup, then a
+ * per-socket verdict (ports, muted, recorded) kept in the socket's own
+ * storage and recomputed when user space changes any of its inputs, then
+ * overload sampling.
  */
 #include "common.bpf.h"
 
 const struct dt_data_record *dt_data_record_btf __attribute__((unused));
+const struct dt_payload_controls *dt_payload_controls_btf __attribute__((unused));
 
 /* Knobs, set by user space between open and load. 0 means "any". */
 const volatile __u32 targ_tgid = 0;
@@ -49,18 +55,6 @@ struct {
 	__type(value, __u32);
 } port_capture_bytes SEC(".maps");
 
-/* Overload sampling: while user space cannot keep up, it sets a mask here and
- * only connections whose hash has none of its bits are copied (1 in mask + 1).
- * The hash takes both ports (a local connection is sampled on both sides or on
- * neither) and the clock's second, so the sampled connections change every
- * second: a host with few busy connections is sampled evenly over time. */
-struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u32);
-} sample_mask SEC(".maps");
-
 /* Sockets user space found to carry nothing it decodes: not copied any more.
  * Entries go when the socket closes (its address may be reused). */
 struct {
@@ -70,51 +64,92 @@ struct {
 	__type(value, __u8);
 } muted_socks SEC(".maps");
 
+/* User space's live settings: overload sampling, and a generation it bumps
+ * whenever it changes a map a socket's verdict depends on. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dt_payload_controls);
+} controls SEC(".maps");
+
+/* A socket's verdict, in the socket's storage (freed with the socket): the
+ * map lookups behind it are made once per socket and generation, not once
+ * per call. */
+struct verdict {
+	__u32 generation; /* of the controls it was made under; 0: none yet */
+	__u32 capture;    /* prefix to copy per call */
+	bool copy;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct verdict);
+} verdicts SEC(".maps");
+
+/* Which message of a thread's current sendmmsg/recvmmsg call comes next:
+ * the tracepoints fire once per message and do not say which. */
+struct mmsg_cursor {
+	__u64 array;
+	__u64 vlen;
+	__u64 next;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, struct mmsg_cursor);
+} mmsg_cursors SEC(".maps");
+
 enum buffer_shape {
 	SHAPE_BUF = 0,   /* one contiguous buffer */
 	SHAPE_IOV = 1,   /* struct iovec[] */
 	SHAPE_MSG = 2,   /* struct user_msghdr */
 	SHAPE_MMSG = 3,  /* struct mmsghdr[] */
-	SHAPE_NONE = 4,  /* sendfile: no user buffer, the length only */
+	SHAPE_NONE = 4,  /* no user buffer (sendfile, splice, io_uring …): the length only */
 };
 
-/* How many iovecs / messages one call copies from: bounded for the verifier. */
+/* How many iovecs one call copies from: bounded for the verifier. */
 #define MAX_IOVECS 4
-#define MAX_MMSGS 8
 
-/* Where a syscall's arguments are in the registers it saved on entry. */
+/* A syscall's number and arguments in the registers it saved on entry; the
+ * numbers are each architecture's ABI. */
 #if defined(__TARGET_ARCH_x86)
+#define SYSCALL_NR(regs) ((regs)->orig_ax)
 #define SYSCALL_ARG0(regs) ((regs)->di)
 #define SYSCALL_ARG1(regs) ((regs)->si)
 #define SYSCALL_ARG2(regs) ((regs)->dx)
+enum {
+	NR_read = 0, NR_write = 1, NR_readv = 19, NR_writev = 20, NR_sendfile = 40, NR_sendto = 44,
+	NR_recvfrom = 45, NR_sendmsg = 46, NR_recvmsg = 47, NR_recvmmsg = 299, NR_sendmmsg = 307,
+};
 #elif defined(__TARGET_ARCH_arm64)
+#define SYSCALL_NR(regs) ((regs)->syscallno)
 #define SYSCALL_ARG0(regs) ((regs)->orig_x0) /* x0 holds the return value by exit */
 #define SYSCALL_ARG1(regs) ((regs)->regs[1])
 #define SYSCALL_ARG2(regs) ((regs)->regs[2])
+enum {
+	NR_read = 63, NR_write = 64, NR_readv = 65, NR_writev = 66, NR_sendfile = 71, NR_sendto = 206,
+	NR_recvfrom = 207, NR_sendmsg = 211, NR_recvmsg = 212, NR_recvmmsg = 243, NR_sendmmsg = 269,
+};
 #else
-#error "payload.bpf.c knows the syscall registers of x86 and arm64 only"
+#error "payload.bpf.c knows the syscalls of x86 and arm64 only"
 #endif
 
+/* UAPI flags and task flags (stable values). */
+enum { MSG_PEEK = 2, MSG_ERRQUEUE = 0x2000 };
+enum { PF_IO_WORKER = 0x10, PF_KTHREAD = 0x00200000 };
+
 struct call {
-	__u64 start_ns;
-	__u64 end_ns;
-	__u64 sk;
 	__u64 arg;      /* buffer, iovec array, msghdr or mmsghdr array */
-	__u32 vlen;     /* iovec count */
-	__u32 capture;  /* prefix to copy for this call */
+	__u64 vlen;     /* iovec or message count */
 	__s32 fd;
 	__u8 syscall;
-	__u8 direction;
 	__u8 shape;
 };
-
-/* When the thread's current write-side call began (0: not stamped). */
-struct {
-	__uint(type, BPF_MAP_TYPE_TASK_STORAGE);
-	__uint(map_flags, BPF_F_NO_PREALLOC);
-	__type(key, int);
-	__type(value, __u64);
-} write_started SEC(".maps");
 
 /* A record under construction: per CPU, with slack after data[] so that the
  * verifier can prove every (offset, length) copy stays inside.  An ARRAY map
@@ -137,17 +172,6 @@ static __always_inline bool port_selected(__u16 port)
 	return bpf_map_lookup_elem(&capture_ports, &port) != 0;
 }
 
-static __always_inline bool sampled_out(__u16 lport, __u16 rport)
-{
-	__u32 zero = 0;
-	__u32 *mask = bpf_map_lookup_elem(&sample_mask, &zero);
-	if (!mask || !*mask)
-		return false;
-	__u32 second = bpf_ktime_get_ns() >> 30;
-	__u32 hash = ((lport ^ rport) + second * 0x9e3779b9u) * 2654435761u;
-	return (hash >> 16) & *mask;
-}
-
 static __always_inline bool process_selected(__u32 tgid)
 {
 	if (tgid == self_tgid || (targ_tgid && tgid != targ_tgid))
@@ -155,39 +179,73 @@ static __always_inline bool process_selected(__u32 tgid)
 	return !targ_cgroup_id || bpf_get_current_cgroup_id() == targ_cgroup_id;
 }
 
-/* The call's socket, if it is a selected TCP socket: fills call->sk and call->capture. */
-static __always_inline bool socket_selected(struct call *call)
+/* The map lookups behind a verdict. */
+static __always_inline void decide(struct verdict *v, struct sock *sk, __u16 lport, __u16 rport)
 {
-	struct sock *sk = dt_sock_from_fd(call->fd);
-	if (!sk)
-		return false;
-	__u16 family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	if ((family != AF_INET && family != AF_INET6) || BPF_CORE_READ(sk, sk_type) != SOCK_STREAM)
-		return false;
 	__u64 sk_key = (__u64)sk;
-	__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	__u16 rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
-	__u32 capture = capture_bytes;
 	__u32 *override = bpf_map_lookup_elem(&port_capture_bytes, &lport);
 	if (!override)
 		override = bpf_map_lookup_elem(&port_capture_bytes, &rport);
 	if (override) {
 		/* A recorded connection is copied even when muted or unselected. */
-		capture = *override;
-	} else {
-		if (bpf_map_lookup_elem(&muted_socks, &sk_key))
-			return false;
-		if (filter_ports && !port_selected(lport) && !port_selected(rport))
-			return false;
+		v->capture = *override;
+		v->copy = true;
+		return;
 	}
-	/* Recorded connections too: under overload, whole connections beat records lost at random. */
-	if (sampled_out(lport, rport)) {
-		dt_count(DT_STAT_SAMPLED_OUT);
-		return false;
+	v->capture = capture_bytes;
+	v->copy = !bpf_map_lookup_elem(&muted_socks, &sk_key) &&
+		  (!filter_ports || port_selected(lport) || port_selected(rport));
+}
+
+/* Overload sampling: while user space cannot keep up, it sets a mask and only
+ * connections whose hash has none of its bits are copied (1 in mask + 1).  The
+ * hash takes both ports (a local connection is sampled on both sides or on
+ * neither) and the time in units of 256 jiffies (about a second at HZ=250; a
+ * plain load, where a clock read is slow in a VM), so the sampled connections
+ * change over time: a host with few busy connections is sampled evenly.
+ * Recorded connections too: under overload, whole connections beat records
+ * lost at random. */
+static __always_inline bool sampled_out(__u32 mask, __u16 lport, __u16 rport)
+{
+	__u32 period = bpf_jiffies64() >> 8;
+	__u32 hash = ((lport ^ rport) + period * 0x9e3779b9u) * 2654435761u;
+	return (hash >> 16) & mask;
+}
+
+/* What the calling syscall is and where its buffer is.  A transfer made on
+ * behalf of some other syscall (splice, io_uring, a 32-bit process's calls)
+ * is reported by its length only. */
+static __always_inline void identify_call(struct task_struct *task, __u8 direction, struct call *call)
+{
+	call->syscall = DT_SYS_OTHER;
+	call->shape = SHAPE_NONE;
+	call->fd = -1;
+	if (task->flags & PF_IO_WORKER)
+		return;
+	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
+	long nr = SYSCALL_NR(regs);
+	__u8 syscall, shape, want = DT_INGRESS;
+	switch (nr) {
+	case NR_read: syscall = DT_SYS_READ; shape = SHAPE_BUF; break;
+	case NR_readv: syscall = DT_SYS_READV; shape = SHAPE_IOV; break;
+	case NR_recvfrom: syscall = DT_SYS_RECVFROM; shape = SHAPE_BUF; break;
+	case NR_recvmsg: syscall = DT_SYS_RECVMSG; shape = SHAPE_MSG; break;
+	case NR_recvmmsg: syscall = DT_SYS_RECVMMSG; shape = SHAPE_MMSG; break;
+	case NR_write: syscall = DT_SYS_WRITE; shape = SHAPE_BUF; want = DT_EGRESS; break;
+	case NR_writev: syscall = DT_SYS_WRITEV; shape = SHAPE_IOV; want = DT_EGRESS; break;
+	case NR_sendto: syscall = DT_SYS_SENDTO; shape = SHAPE_BUF; want = DT_EGRESS; break;
+	case NR_sendmsg: syscall = DT_SYS_SENDMSG; shape = SHAPE_MSG; want = DT_EGRESS; break;
+	case NR_sendmmsg: syscall = DT_SYS_SENDMMSG; shape = SHAPE_MMSG; want = DT_EGRESS; break;
+	case NR_sendfile: syscall = DT_SYS_SENDFILE; shape = SHAPE_NONE; want = DT_EGRESS; break;
+	default: return;
 	}
-	call->sk = sk_key;
-	call->capture = capture;
-	return true;
+	if (direction != want)
+		return;
+	call->syscall = syscall;
+	call->shape = shape;
+	call->fd = (int)SYSCALL_ARG0(regs);
+	call->arg = SYSCALL_ARG1(regs);
+	call->vlen = SYSCALL_ARG2(regs);
 }
 
 static __always_inline struct scratch *scratch_slot(void)
@@ -232,131 +290,130 @@ static __always_inline __u32 copy_iovecs(struct scratch *s, __u32 limit, const s
 	return offset;
 }
 
-static __always_inline void emit_data(struct scratch *s, struct call *call, __u64 pid_tgid, __u64 size,
-				      __u32 captured)
+/* The message of an mmsg call this transfer belongs to: the thread's cursor
+ * when it is within a call with the same array and count, else the first.  A
+ * call that ends early leaves its cursor behind, so failed transfers reset it
+ * (see forget_mmsg); a recvmmsg ended by its timeout still leaves one, and the
+ * next call with the same array and count starts at the wrong message (rare:
+ * mmsg calls are for datagrams). */
+static __always_inline __u64 mmsg_index(struct task_struct *task, struct call *call)
 {
-	struct dt_data_record *rec = &s->rec;
-	rec->hdr.kind = DT_REC_DATA;
-	rec->hdr.pid = pid_tgid >> 32;
-	rec->hdr.ts_ns = call->end_ns; /* one clock read per call: they are slow in a VM */
-	rec->sock_id = call->sk;
-	rec->start_ns = call->start_ns;
-	rec->cgroup_id = bpf_get_current_cgroup_id();
-	rec->tid = (__u32)pid_tgid;
-	rec->fd = call->fd;
-	rec->size = size;
-	rec->captured = captured;
-	rec->direction = call->direction;
-	rec->syscall = call->syscall;
-	dt_sock_endpoints((struct sock *)call->sk, &rec->family, &rec->lport, &rec->rport, rec->laddr,
-			  rec->raddr);
-	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
-	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (captured & (DT_PAYLOAD_MAX * 2 - 1));
-	if (total > sizeof(*s))
-		return;
-	dt_output(&data_events, rec, total);
-}
-
-static __always_inline int stamp_write(void)
-{
-	if (!process_selected(bpf_get_current_pid_tgid() >> 32))
+	struct mmsg_cursor *cursor = bpf_task_storage_get(&mmsg_cursors, task, 0, BPF_LOCAL_STORAGE_GET_F_CREATE);
+	if (!cursor)
 		return 0;
-	__u64 *started = bpf_task_storage_get(&write_started, bpf_get_current_task_btf(), 0,
-					      BPF_LOCAL_STORAGE_GET_F_CREATE);
-	if (started)
-		*started = bpf_ktime_get_ns();
-	return 0;
+	__u64 index = 0;
+	if (cursor->array == call->arg && cursor->vlen == call->vlen && cursor->next < call->vlen)
+		index = cursor->next;
+	cursor->array = call->arg;
+	cursor->vlen = call->vlen;
+	cursor->next = index + 1;
+	return index;
 }
 
-static __always_inline int on_exit(long ret, __u8 syscall, __u8 direction, __u8 shape)
+static __always_inline void forget_mmsg(void)
 {
-	if (ret <= 0)
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct mmsg_cursor *cursor = bpf_task_storage_get(&mmsg_cursors, task, 0, 0);
+	if (cursor)
+		cursor->next = 0;
+}
+
+static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8 direction)
+{
+	if (ret <= 0) {
+		forget_mmsg();
+		return 0;
+	}
+	/* A peek is read again; the error queue is not the stream. */
+	if (flags & (MSG_PEEK | MSG_ERRQUEUE))
 		return 0;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	if (!process_selected(pid_tgid >> 32))
 		return 0;
 	struct task_struct *task = bpf_get_current_task_btf();
-	struct pt_regs *regs = (struct pt_regs *)bpf_task_pt_regs(task);
-	struct call call = {.syscall = syscall, .direction = direction, .shape = shape};
-	call.fd = (int)SYSCALL_ARG0(regs);
-	if (!socket_selected(&call))
+	if ((task->flags & PF_KTHREAD) && !(task->flags & PF_IO_WORKER))
+		return 0; /* the kernel's own sockets (NFS, …): no process to attribute */
+	__u16 family = sk->__sk_common.skc_family;
+	if ((family != AF_INET && family != AF_INET6) || sk->sk_type != SOCK_STREAM)
 		return 0;
-	call.arg = SYSCALL_ARG1(regs);
-	call.vlen = (__u32)SYSCALL_ARG2(regs);
-	call.end_ns = bpf_ktime_get_ns();
-	call.start_ns = call.end_ns;
-	if (direction == DT_EGRESS) {
-		__u64 *started = bpf_task_storage_get(&write_started, task, 0, 0);
-		if (started && *started && *started <= call.end_ns)
-			call.start_ns = *started;
-		if (started)
-			*started = 0; /* a call whose entry we missed must not take this stamp */
+
+	__u32 zero = 0;
+	struct dt_payload_controls *ctl = bpf_map_lookup_elem(&controls, &zero);
+	if (!ctl)
+		return 0;
+	__u32 generation = ctl->generation; /* read before the maps behind the verdict */
+	if (!generation)
+		return 0; /* user space has not set up the maps yet */
+	struct verdict *v = bpf_sk_storage_get(&verdicts, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+	if (!v)
+		return 0;
+	__u16 lport = sk->__sk_common.skc_num;
+	__u16 rport = __builtin_bswap16(sk->__sk_common.skc_dport);
+	if (v->generation != generation) {
+		decide(v, sk, lport, rport);
+		v->generation = generation;
 	}
+	if (!v->copy)
+		return 0;
+	if (ctl->sample_mask && sampled_out(ctl->sample_mask, lport, rport)) {
+		dt_count(DT_STAT_SAMPLED_OUT);
+		return 0;
+	}
+
+	struct call call = {};
+	identify_call(task, direction, &call);
 	struct scratch *s = scratch_slot();
 	if (!s)
 		return 0;
-
-	if (shape == SHAPE_MMSG) {
-		/* ret counts messages; each has its own length. */
-		const struct mmsghdr *msgs = (const struct mmsghdr *)call.arg;
-		for (int i = 0; i < MAX_MMSGS; i++) {
-			if (i >= ret)
-				break;
-			struct mmsghdr msg = {};
-			if (bpf_probe_read_user(&msg, sizeof(msg), &msgs[i]) != 0)
-				break;
-			__u32 captured = copy_iovecs(s, call.capture, msg.msg_hdr.msg_iov,
-						     msg.msg_hdr.msg_iovlen, msg.msg_len);
-			emit_data(s, &call, pid_tgid, msg.msg_len, captured);
-		}
-		return 0;
-	}
-
+	__u32 limit = v->capture;
 	__u32 captured = 0;
-	if (shape == SHAPE_BUF) {
-		captured = copy_user(s, call.capture, 0, (const void *)call.arg, ret);
-	} else if (shape == SHAPE_IOV) {
-		captured = copy_iovecs(s, call.capture, (const struct iovec *)call.arg, call.vlen, ret);
-	} else if (shape == SHAPE_MSG) {
+	if (call.shape == SHAPE_BUF) {
+		captured = copy_user(s, limit, 0, (const void *)call.arg, ret);
+	} else if (call.shape == SHAPE_IOV) {
+		captured = copy_iovecs(s, limit, (const struct iovec *)call.arg, call.vlen, ret);
+	} else if (call.shape == SHAPE_MSG) {
 		struct user_msghdr msg = {};
 		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)call.arg) == 0)
-			captured = copy_iovecs(s, call.capture, msg.msg_iov, msg.msg_iovlen, ret);
+			captured = copy_iovecs(s, limit, msg.msg_iov, msg.msg_iovlen, ret);
+	} else if (call.shape == SHAPE_MMSG) {
+		const struct mmsghdr *msgs = (const struct mmsghdr *)call.arg;
+		struct user_msghdr msg = {};
+		if (bpf_probe_read_user(&msg, sizeof(msg), &msgs[mmsg_index(task, &call)].msg_hdr) == 0)
+			captured = copy_iovecs(s, limit, msg.msg_iov, msg.msg_iovlen, ret);
 	}
-	emit_data(s, &call, pid_tgid, ret, captured);
+
+	struct dt_data_record *rec = &s->rec;
+	rec->hdr.kind = DT_REC_DATA;
+	rec->hdr.pid = pid_tgid >> 32;
+	rec->hdr.ts_ns = bpf_ktime_get_ns();
+	rec->sock_id = (__u64)sk;
+	rec->cgroup_id = bpf_get_current_cgroup_id();
+	rec->tid = (__u32)pid_tgid;
+	rec->fd = call.fd;
+	rec->size = ret;
+	rec->captured = captured;
+	rec->direction = direction;
+	rec->syscall = call.syscall;
+	dt_sock_endpoints(sk, &rec->family, &rec->lport, &rec->rport, rec->laddr, rec->raddr);
+	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
+	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (captured & (DT_PAYLOAD_MAX * 2 - 1));
+	if (total > sizeof(*s))
+		return 0;
+	dt_output(&data_events, rec, total);
 	return 0;
 }
 
-/* Every captured call has an exit program; write-side calls also stamp their start. */
-#define CAPTURE(name, syscall, direction, shape)                                  \
-	SEC("tracepoint/syscalls/sys_exit_" #name)                                 \
-	int handle_exit_##name(struct trace_event_raw_sys_exit *ctx)               \
-	{                                                                          \
-		return on_exit(ctx->ret, syscall, direction, shape);               \
-	}
-#define STAMP(name)                                                               \
-	SEC("tracepoint/syscalls/sys_enter_" #name)                                \
-	int handle_enter_##name(void *ctx)                                         \
-	{                                                                          \
-		return stamp_write();                                              \
-	}
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(capture_send, struct sock *sk, int ret, int flags)
+{
+	return on_transfer(sk, ret, flags, DT_EGRESS);
+}
 
-CAPTURE(read, DT_SYS_READ, DT_INGRESS, SHAPE_BUF)
-CAPTURE(write, DT_SYS_WRITE, DT_EGRESS, SHAPE_BUF)
-CAPTURE(readv, DT_SYS_READV, DT_INGRESS, SHAPE_IOV)
-CAPTURE(writev, DT_SYS_WRITEV, DT_EGRESS, SHAPE_IOV)
-CAPTURE(sendto, DT_SYS_SENDTO, DT_EGRESS, SHAPE_BUF)
-CAPTURE(recvfrom, DT_SYS_RECVFROM, DT_INGRESS, SHAPE_BUF)
-CAPTURE(sendmsg, DT_SYS_SENDMSG, DT_EGRESS, SHAPE_MSG)
-CAPTURE(recvmsg, DT_SYS_RECVMSG, DT_INGRESS, SHAPE_MSG)
-CAPTURE(sendmmsg, DT_SYS_SENDMMSG, DT_EGRESS, SHAPE_MMSG)
-CAPTURE(recvmmsg, DT_SYS_RECVMMSG, DT_INGRESS, SHAPE_MMSG)
-CAPTURE(sendfile64, DT_SYS_SENDFILE, DT_EGRESS, SHAPE_NONE)
-STAMP(write)
-STAMP(writev)
-STAMP(sendto)
-STAMP(sendmsg)
-STAMP(sendmmsg)
-STAMP(sendfile64)
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(capture_recv, struct sock *sk, int ret, int flags)
+{
+	return on_transfer(sk, ret, flags, DT_INGRESS);
+}
 
 SEC("tracepoint/sock/inet_sock_set_state")
 int handle_payload_close(struct trace_event_raw_inet_sock_set_state *ctx)

@@ -12,6 +12,7 @@ import time
 import pytest
 
 from deetune.events import DataEvent
+from deetune.hostcpu import CpuSample
 from deetune.probes import ProbeOptions
 from deetune.probes.payload import PayloadProbe
 
@@ -148,12 +149,60 @@ def test_sendmmsg_and_recvmmsg_report_each_message():
         invec[0].hdr.iov = ctypes.pointer(in_iov)
         invec[0].hdr.iovlen = 1
         assert libc.recvmmsg(pair.server.fileno(), invec, 1, 0, None) == 1
-        events = wait_data(collector, pair.port, 3)
+        # The same arrays again (the probe tracks which message of a call comes next): a
+        # call with fewer messages, then more; a receive that ends early (its second message
+        # finds nothing: EAGAIN), then another: each message still finds its own buffer.
+        assert libc.sendmmsg(pair.client.fileno(), vec, 1, 0) == 1
+        assert libc.sendmmsg(pair.client.fileno(), vec, 2, 0) == 2
+        time.sleep(0.05)
+        inbufs = [ctypes.create_string_buffer(100) for _ in range(2)]
+        in_iovs = [IoVec(ctypes.cast(b, ctypes.c_void_p), 100) for b in inbufs]
+        invec2 = (MMsgHdr * 2)()
+        for i, iov in enumerate(in_iovs):
+            invec2[i].hdr.iov = ctypes.pointer(iov)
+            invec2[i].hdr.iovlen = 1
+        assert libc.recvmmsg(pair.server.fileno(), invec2, 2, socket.MSG_DONTWAIT, None) == 1
+        pair.client.sendall(b"third")
+        time.sleep(0.05)
+        assert libc.recvmmsg(pair.server.fileno(), invec2, 2, socket.MSG_DONTWAIT, None) == 1
+        assert inbufs[0].raw[:5] == b"third"
+        events = wait_data(collector, pair.port, 9)
     pair.close()
     assert [(e.syscall, e.size, e.data) for e in events] == [
         ("sendmmsg", 13, b"first message"),
         ("sendmmsg", 6, b"second"),
         ("recvmmsg", 19, b"first messagesecond"),
+        ("sendmmsg", 13, b"first message"),
+        ("sendmmsg", 13, b"first message"),
+        ("sendmmsg", 6, b"second"),
+        ("recvmmsg", 32, b"first messagefirst messagesecond"),
+        ("sendto", 5, b"third"),
+        ("recvmmsg", 5, b"third"),
+    ]
+
+
+def test_peeks_are_not_copied_and_other_transfers_are_counted_by_length():
+    """A peeked read is read again (copying it would show its bytes twice); a transfer
+    made by a call the probe cannot read a buffer from (splice here) keeps its length."""
+    pair = Pair()
+    with running_pipeline([PayloadProbe(ProbeOptions(port=pair.port), exclude_self=False)]) as collector:
+        pair.client.sendall(b"peek at me")
+        assert pair.server.recv(100, socket.MSG_PEEK) == b"peek at me"
+        assert pair.server.recv(100) == b"peek at me"
+        read_end, write_end = os.pipe()
+        os.write(write_end, b"spliced bytes")
+        assert os.splice(read_end, pair.server.fileno(), 13) == 13
+        assert pair.client.recv(100) == b"spliced bytes"
+        events = wait_data(collector, pair.port, 4)
+        os.close(read_end)
+        os.close(write_end)
+    client_fd, server_fd = pair.client.fileno(), pair.server.fileno()
+    pair.close()
+    assert [(e.syscall, e.direction, e.size, e.data, e.fd) for e in events] == [
+        ("sendto", "egress", 10, b"peek at me", client_fd),
+        ("recvfrom", "ingress", 10, b"peek at me", server_fd),
+        ("other", "egress", 13, b"", -1),
+        ("recvfrom", "ingress", 13, b"spliced bytes", client_fd),
     ]
 
 
@@ -267,18 +316,20 @@ def test_overload_sampling_copies_whole_connections_and_counts_the_rest():
     assert (stats.sampled_out, stats.sparsest_sampling) == (counts["sampled_out"], 4)
 
 
-class _SampleMask:
+class _Controls:
+    """Stands in for the controls map: keeps the sample masks written to it."""
+
     def __init__(self):
         self.masks: list[int] = []
 
     def update(self, key: bytes, value: bytes) -> None:
-        self.masks.append(int.from_bytes(value, "little"))
+        self.masks.append(int.from_bytes(value[:4], "little"))
 
 
 def test_overload_sampling_follows_the_records_lost():
     probe = PayloadProbe()
-    mask = _SampleMask()
-    probe.obj = type("Obj", (), {"maps": {"sample_mask": mask}})()
+    mask = _Controls()
+    probe.obj = type("Obj", (), {"maps": {"controls": mask}})()
     counts = {"emitted": 0, "lost": 0, "sampled_out": 0}
     probe.counters = lambda: dict(counts)
 
@@ -300,3 +351,34 @@ def test_overload_sampling_follows_the_records_lost():
     assert probe.sampling == 1024  # the sparsest it goes
     probe.obj = None  # stopped: nothing to adapt
     assert second(0, 5) == 1024
+
+
+def test_overload_sampling_keeps_the_agent_within_its_budget_on_a_busy_host():
+    probe = PayloadProbe(busy_cpu=0.05)
+    controls = _Controls()
+    probe.obj = type("Obj", (), {"maps": {"controls": controls}})()
+    probe.counters = lambda: {"emitted": 0, "lost": 0, "sampled_out": 0}
+
+    def tick(idle: float, own: float) -> int:
+        probe.tick(CpuSample(seconds=0.25, host_cores=2, host_idle=idle, own=own))
+        return probe.sampling
+
+    assert tick(idle=1.2, own=0.7) == 1  # the agent uses spare CPU: no limit
+    assert tick(idle=0.05, own=0.9) == 32  # no idle CPU: 0.9 cores against 0.05 takes 1 in 32
+    assert tick(idle=0.05, own=0.3) == 32  # the tick after a change only watches
+    assert tick(idle=0.1, own=0.08) == 64  # still over the budget (0.1 idle is 5 %: busy)
+    assert tick(idle=0.1, own=0.03) == 64  # settling
+    # Busy host, under budget but not by half: hold.  Then 5 s with room to double: relax.
+    assert [tick(idle=0.1, own=0.03) for _ in range(8)] == [64] * 8
+    assert [tick(idle=0.1, own=0.02) for _ in range(20)] == [64] * 19 + [32]
+    # An idle host takes twice as many connections when the idle CPU fits twice the work.
+    assert tick(idle=1.5, own=0.4) == 32  # settling
+    assert [tick(idle=1.5, own=0.4) for _ in range(20)] == [32] * 19 + [16]
+    assert tick(idle=0.5, own=0.6) == 16  # settling
+    assert [tick(idle=0.5, own=0.6) for _ in range(30)] == [16] * 30  # twice would not fit
+    assert controls.masks == [31, 63, 31, 15]
+
+    unlimited = PayloadProbe(busy_cpu=None)
+    unlimited.obj, unlimited.counters = probe.obj, probe.counters
+    unlimited.tick(CpuSample(seconds=0.25, host_cores=2, host_idle=0.0, own=1.0))
+    assert unlimited.sampling == 1

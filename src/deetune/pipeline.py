@@ -28,6 +28,7 @@ import attrs
 
 from deetune import records
 from deetune.events import Event
+from deetune.hostcpu import CpuMeter
 from deetune.probes.base import Probe
 from deetune.sinks.base import Sink
 
@@ -98,6 +99,14 @@ def _mono_time(event: Event) -> int:
     return event.ts_mono_ns
 
 
+def _cpu_meter() -> CpuMeter | None:
+    try:
+        return CpuMeter()
+    except (OSError, ValueError) as exc:  # no /proc/stat: sampling then follows lost records only
+        log.warning("cannot read the host's CPU use (%s): overload sampling follows lost records only", exc)
+        return None
+
+
 class Pipeline:
     def __init__(
         self,
@@ -107,6 +116,7 @@ class Pipeline:
         *,
         poll_interval: float = 0.05,
         stats_interval: float = 1.0,
+        probe_tick_interval: float = 0.25,
         services: Sequence[Service] = (),
     ):
         self.probes = list(probes)
@@ -119,6 +129,9 @@ class Pipeline:
         self.poll_interval = poll_interval
         #: Seconds between two ``observe_stats`` calls to the sinks that have it.
         self.stats_interval = stats_interval
+        #: Seconds between two ``tick(cpu)`` calls to the probes that adapt to load:
+        #: short, so that an agent that competes with the applications backs off fast.
+        self.probe_tick_interval = probe_tick_interval
         #: At stop, how long to keep reading what the kernel wrote before the stop.
         self.final_drain_seconds = 5.0
         self.stats = RunStats(probes={p.name: ProbeStats(p.name) for p in self.probes})
@@ -126,6 +139,7 @@ class Pipeline:
         self._last_drain = 0.0
         self._started: list[Probe] = []
         self._closed = False
+        self._cpu_meter: CpuMeter | None = None
 
     # -- control -----------------------------------------------------------------
     def stop(self) -> None:
@@ -164,6 +178,8 @@ class Pipeline:
                         epoll.register(ring.fd, select.EPOLLIN)
                         rings[ring.fd] = (probe, ring)
                 next_stats = time.monotonic() + self.stats_interval
+                next_probe_tick = time.monotonic() + self.probe_tick_interval
+                self._cpu_meter = _cpu_meter()
                 behind = False
                 while not self._stop.is_set():
                     timeout = self.poll_interval
@@ -179,9 +195,11 @@ class Pipeline:
                         epoll.poll(timeout)
                     self._drain_round(rings.values())
                     behind = any(ring.pending_bytes() > ring.size // _WAKE_FRACTION for _, ring in rings.values())
+                    if time.monotonic() >= next_probe_tick:
+                        next_probe_tick = time.monotonic() + self.probe_tick_interval
+                        self._tick_probes()
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + self.stats_interval
-                        self._tick_probes()
                         self._tick_handlers()
                         if self._stats_observers():
                             self._read_counters()
@@ -319,12 +337,14 @@ class Pipeline:
                     log.error("sink %s failed on a %s event: %s", sink.name, item.type, exc)
 
     def _tick_probes(self) -> None:
-        """Probes with a ``tick()`` adapt to load once a second (the payload probe's overload sampling)."""
+        """Probes with a ``tick(cpu)`` adapt to load (the payload probe's overload sampling), told
+        how busy the host's CPUs were since the last tick and how much of them the agent took."""
+        cpu = self._cpu_meter.sample() if self._cpu_meter is not None else None
         for probe in self._started:
             tick = getattr(probe, "tick", None)
             if tick is not None:
                 try:
-                    tick()
+                    tick(cpu)
                 except Exception as exc:  # a probe torn down meanwhile; not worth stopping the run
                     log.debug("probe %s failed on tick: %s", probe.name, exc)
 

@@ -28,6 +28,7 @@ from deetune.pipeline import Pipeline
 from deetune.plugins import Plugins, UnknownPluginError
 from deetune.probes.base import Clock, ProbeOptions
 from deetune.probes.payload import (
+    DEFAULT_BUSY_CPU,
     DEFAULT_CAPTURE_BYTES,
     MAX_CAPTURE_BYTES,
     PayloadProbe,
@@ -103,6 +104,18 @@ def _nice(text: str) -> int | str:
     return value
 
 
+def _busy_cpu(text: str) -> float | None:
+    if text == "off":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be a number of cores above 0, or 'off': {text!r}")
+    return value
+
+
 def _pid(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
@@ -139,6 +152,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-overload-sampling", dest="overload_sampling", action="store_false",
         help="when the agent cannot keep up, lose payload records at random instead of copying fewer "
              "connections, whole (default: sample, and say so on stop)",
+    )
+    parser.add_argument(
+        "--busy-cpu", type=_busy_cpu, default=DEFAULT_BUSY_CPU, metavar="CORES",
+        help=f"on a host with no idle CPU, the agent keeps itself under this many cores by copying the "
+             f"payload of fewer connections ('off': no limit; default {DEFAULT_BUSY_CPU})",
     )
     parser.add_argument("--protocol", action="append", metavar="NAME", help="decode only these protocols (repeatable; default: all)")
     parser.add_argument("--emit-data", action="store_true", help="also send raw payload events (type data) to the sinks")
@@ -194,7 +212,8 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
     for name in dict.fromkeys(names):
         cls = plugins.probes.get(name)
         if issubclass(cls, PayloadProbe):
-            probes.append(cls(options, clock, capture_bytes=args.capture_bytes, overload_sampling=args.overload_sampling))
+            probes.append(cls(options, clock, capture_bytes=args.capture_bytes, overload_sampling=args.overload_sampling,
+                              busy_cpu=args.busy_cpu))
         else:
             probes.append(cls(options, clock))
     decoders = [plugins.decoders.get(name) for name in dict.fromkeys(args.protocol or plugins.decoders.names())]

@@ -1,14 +1,16 @@
-"""Socket payload probe: bytes moved by read/write/send/recv-family syscalls on TCP sockets."""
+"""Socket payload probe: bytes moved by read/write/send/recv-family calls on TCP sockets."""
 
 from __future__ import annotations
 
 import logging
 import os
 import struct
+import threading
 from typing import Iterable
 
 from deetune import records
 from deetune.events import DataEvent, format_address
+from deetune.hostcpu import CpuSample
 from deetune.libbpf import BpfObject, num_possible_cpus
 from deetune.probes.base import Probe, ProbeOptions
 
@@ -16,7 +18,7 @@ _L = records.lib
 _FIXED, _FIELDS = records.record_struct("struct dt_data_record", upto="data")
 # decode() unpacks positionally, in this order; a layout change must update it.
 assert _FIELDS == (
-    "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "start_ns", "cgroup_id", "tid", "fd", "size", "captured",
+    "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "cgroup_id", "tid", "fd", "size", "captured",
     "family", "lport", "rport", "direction", "syscall", "laddr", "raddr", "comm",
 ), _FIELDS
 _DATA_OFFSET = records.ffi.offsetof("struct dt_data_record", "data")
@@ -32,11 +34,14 @@ _SYSCALLS = {
     _L.DT_SYS_SENDMMSG: "sendmmsg",
     _L.DT_SYS_RECVMMSG: "recvmmsg",
     _L.DT_SYS_SENDFILE: "sendfile",
+    _L.DT_SYS_OTHER: "other",
 }
 _AF_INET6 = 10
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _ZERO = _U32.pack(0)
+_CONTROLS = struct.Struct("<II")
+assert _CONTROLS.size == records.ffi.sizeof("struct dt_payload_controls")
 log = logging.getLogger(__name__)
 
 #: Default prefix copied per syscall.
@@ -46,6 +51,16 @@ MAX_CAPTURE_BYTES = _L.DT_PAYLOAD_MAX
 SPARSEST_SAMPLING = 1024
 #: Seconds without a lost record before overload sampling takes twice as many connections again.
 CALM_SECONDS = 5
+#: Cores the agent allows itself while the host has no idle CPU, before it samples.
+DEFAULT_BUSY_CPU = 0.05
+
+
+def _power_of_two_above(ratio: float) -> int:
+    """The smallest power of two, at least 2, that is not below ``ratio``."""
+    factor = 2
+    while factor < ratio:
+        factor *= 2
+    return factor
 
 
 class PayloadProbe(Probe):
@@ -55,7 +70,7 @@ class PayloadProbe(Probe):
 
     def __init__(self, options: ProbeOptions | None = None, clock=None, *, capture_bytes: int = DEFAULT_CAPTURE_BYTES,
                  cgroup_id: int | None = None, ports: Iterable[int] = (), exclude_self: bool | None = None,
-                 overload_sampling: bool = True):
+                 overload_sampling: bool = True, busy_cpu: float | None = DEFAULT_BUSY_CPU):
         super().__init__(options, clock)
         if not 0 <= capture_bytes <= MAX_CAPTURE_BYTES:
             raise ValueError(f"capture_bytes must be between 0 and {MAX_CAPTURE_BYTES}, got {capture_bytes}")
@@ -69,11 +84,18 @@ class PayloadProbe(Probe):
         self.muted = 0
         #: Adapt sampling to the records lost (see :meth:`tick`); off: lose records instead.
         self.overload_sampling = overload_sampling
+        if busy_cpu is not None and busy_cpu <= 0:
+            raise ValueError(f"busy_cpu must be more than 0 cores, got {busy_cpu}")
+        #: Cores this process may use on a host with no idle CPU (None: no limit); see :meth:`tick`.
+        self.busy_cpu = busy_cpu
         #: Copy 1 connection in this many (1: all); the sparsest of the run.
         self.sampling = 1
         self.sparsest_sampling = 1
+        # The kernel caches each socket's verdict until this changes (see bump_generation).
+        self._generation = 0
+        self._controls_lock = threading.Lock()
         self._emitted_seen = self._lost_seen = 0
-        self._calm = 0
+        self._calm = 0.0  # seconds without a sign of overload
         self._settling = False
 
     def configure(self, obj: BpfObject) -> None:
@@ -89,10 +111,19 @@ class PayloadProbe(Probe):
             obj.set_constant("filter_ports", 1)
 
     def after_attach(self) -> None:
-        # Attached first, then filled: for an instant no port matches, so nothing unselected is copied.
+        # Attached first, then filled: until the first generation is written, nothing is copied.
         ports = self.obj.maps["capture_ports"]
         for port in self.ports:
             ports.update(struct.pack("<H", port), b"\x01")
+        self._write_controls(new_generation=True)
+
+    def _write_controls(self, *, new_generation: bool = False) -> None:
+        """Write the kernel's live settings; a new generation makes every socket's
+        verdict (ports, capture size, muted) be decided again from the maps."""
+        with self._controls_lock:
+            if new_generation:
+                self._generation = self._generation % 0xFFFFFFFF + 1  # never 0: "not set up"
+            self.obj.maps["controls"].update(_ZERO, _CONTROLS.pack(self.sampling - 1, self._generation))
 
     def set_port_capture(self, port: int, capture_bytes: int | None) -> None:
         """Copy ``capture_bytes`` per call on connections with this local or remote
@@ -103,21 +134,25 @@ class PayloadProbe(Probe):
         key = struct.pack("<H", port)
         if capture_bytes is None:
             self.obj.maps["port_capture_bytes"].delete(key)
-            return
-        if not 0 <= capture_bytes <= MAX_CAPTURE_BYTES:
+        elif not 0 <= capture_bytes <= MAX_CAPTURE_BYTES:
             raise ValueError(f"capture_bytes must be between 0 and {MAX_CAPTURE_BYTES}, got {capture_bytes}")
-        self.obj.maps["port_capture_bytes"].update(key, struct.pack("<I", capture_bytes))
+        else:
+            self.obj.maps["port_capture_bytes"].update(key, struct.pack("<I", capture_bytes))
+        self._write_controls(new_generation=True)
 
-    def tick(self) -> None:
-        """Once a second (the pipeline's clock): overload sampling.
+    def tick(self, cpu: CpuSample | None = None) -> None:
+        """A few times a second (the pipeline's clock): overload sampling.
 
-        Records lost since the last tick mean user space cannot keep up: the kernel then
-        copies fewer connections, in proportion (a second in which 1 record in 20 got through
-        takes 1 connection in 32), which spares both the copies and the decoding of records
-        that would be lost anyway, and keeps the sampled connections whole instead of losing
-        records at random from all of them.  The tick after a change only watches (the ring
-        still drains what came before it); after CALM_SECONDS without a loss it takes twice
-        as many connections again."""
+        Two signs of overload make the kernel copy fewer connections, in proportion:
+        records lost (user space cannot keep up: a second in which 1 record in 20 got
+        through takes 1 connection in 32), and, on a host with no idle CPU, this process
+        using more than ``busy_cpu`` cores (its CPU is then taken from the applications:
+        0.4 cores against a budget of 0.05 takes 1 connection in 8).  Either way the
+        copies and the decoding are spared, and the sampled connections stay whole.
+        The tick after a change only watches (the ring still drains what came before it);
+        after CALM_SECONDS without a loss and with room for twice the work (idle CPU, or on
+        a busy host, the budget), it takes twice as many connections again.  Without ``cpu`` (a caller that does not measure
+        it), a tick counts as a second and only lost records count."""
         if self.obj is None or not self.overload_sampling:
             return
         counters = self.counters()
@@ -126,21 +161,30 @@ class PayloadProbe(Probe):
         if self._settling:
             self._settling = False
             return
+        watch_cpu = cpu is not None and self.busy_cpu is not None
+        competing = watch_cpu and cpu.host_busy and cpu.own > self.busy_cpu
         sampling = self.sampling
-        if lost > 0:
-            factor = 2
-            while factor * max(emitted, 1) < emitted + lost:
-                factor *= 2
+        if lost > 0 or competing:
+            factor = max(_power_of_two_above((emitted + lost) / max(emitted, 1)) if lost > 0 else 1,
+                         _power_of_two_above(cpu.own / self.busy_cpu) if competing else 1)
             sampling = min(sampling * factor, SPARSEST_SAMPLING)
-            self._calm = 0
-        elif sampling > 1:
-            self._calm += 1
+            self._calm = 0.0
+        elif sampling > 1 and (not watch_cpu or self._room_to_double(cpu)):
+            self._calm += cpu.seconds if cpu is not None else 1.0
             if self._calm >= CALM_SECONDS:
                 sampling //= 2
-                self._calm = 0
+                self._calm = 0.0
+        else:
+            self._calm = 0.0
         if sampling != self.sampling:
             self.set_sampling(sampling)
             self._settling = True
+
+    def _room_to_double(self, cpu: CpuSample) -> bool:
+        """Would twice the work fit: in the idle CPU, or on a busy host in the budget?"""
+        if cpu.host_busy:
+            return cpu.own * 2 <= self.busy_cpu
+        return cpu.host_idle >= cpu.own
 
     def set_sampling(self, one_in: int) -> None:
         """Copy only 1 connection in ``one_in`` (a power of two; 1: all), chosen anew every second."""
@@ -148,11 +192,11 @@ class PayloadProbe(Probe):
             raise RuntimeError("probe payload is not started")
         if one_in < 1 or one_in & (one_in - 1):
             raise ValueError(f"sampling must be a power of two, got {one_in}")
-        self.obj.maps["sample_mask"].update(_ZERO, _U32.pack(one_in - 1))
         if one_in != self.sampling:
             log.info("payload: overload sampling %s", f"1 connection in {one_in}" if one_in > 1 else "off")
         self.sampling = one_in
         self.sparsest_sampling = max(self.sparsest_sampling, one_in)
+        self._write_controls()
 
     def mute(self, sock_id: int) -> None:
         """Stop copying this socket's payload (it carries nothing we decode)."""
@@ -160,12 +204,13 @@ class PayloadProbe(Probe):
             return
         try:
             self.obj.maps["muted_socks"].update(_U64.pack(sock_id), b"\x01")
+            self._write_controls(new_generation=True)
             self.muted += 1
         except Exception:  # the map is LRU: it cannot be full; anything else is not worth a crash
             pass
 
     def decode(self, raw: bytes) -> Iterable[DataEvent]:
-        (kind, pid, ts_mono, sock_id, start_ns, cgroup_id, tid, fd, size, captured, family, lport, rport,
+        (kind, pid, ts_mono, sock_id, cgroup_id, tid, fd, size, captured, family, lport, rport,
          direction, syscall, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
         if kind != _L.DT_REC_DATA:
             return ()
@@ -183,7 +228,7 @@ class PayloadProbe(Probe):
                 syscall=_SYSCALLS.get(syscall, str(syscall)),
                 size=size,
                 data=raw[_DATA_OFFSET : _DATA_OFFSET + captured],
-                start_mono_ns=start_ns,
+                start_mono_ns=ts_mono,
                 laddr=format_address(family, laddr),
                 lport=lport,
                 raddr=format_address(family, raddr),

@@ -134,6 +134,8 @@ struct dt_data_record {
 	__u16 rport;
 	__u8 direction;       /* enum dt_direction */
 	__u8 syscall;         /* enum dt_syscall */
+	__u16 sample_key;     /* overload sampling's hash of the connection and period:
+			       * copied while (sample_key & sample_mask) == 0 */
 	__u8 laddr[16];
 	__u8 raddr[16];
 	char comm[DT_COMM_LEN];

@@ -198,18 +198,18 @@ static __always_inline void decide(struct verdict *v, struct sock *sk, __u16 lpo
 }
 
 /* Overload sampling: while user space cannot keep up, it sets a mask and only
- * connections whose hash has none of its bits are copied (1 in mask + 1).  The
- * hash takes both ports (a local connection is sampled on both sides or on
+ * connections whose sample key has none of its bits are copied (1 in mask + 1).
+ * The key hashes both ports (a local connection is sampled on both sides or on
  * neither) and the time in units of 256 jiffies (about a second at HZ=250; a
  * plain load, where a clock read is slow in a VM), so the sampled connections
  * change over time: a host with few busy connections is sampled evenly.
  * Recorded connections too: under overload, whole connections beat records
- * lost at random. */
-static __always_inline bool sampled_out(__u32 mask, __u16 lport, __u16 rport)
+ * lost at random.  The key travels in the record: when the mask grows, user
+ * space applies it to the records already in the ring as well. */
+static __always_inline __u16 sample_key(__u16 lport, __u16 rport)
 {
 	__u32 period = bpf_jiffies64() >> 8;
-	__u32 hash = ((lport ^ rport) + period * 0x9e3779b9u) * 2654435761u;
-	return (hash >> 16) & mask;
+	return (((lport ^ rport) + period * 0x9e3779b9u) * 2654435761u) >> 16;
 }
 
 /* What the calling syscall is and where its buffer is.  A transfer made on
@@ -355,7 +355,8 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	}
 	if (!v->copy)
 		return 0;
-	if (ctl->sample_mask && sampled_out(ctl->sample_mask, lport, rport)) {
+	__u16 key = sample_key(lport, rport);
+	if (key & ctl->sample_mask) {
 		dt_count(DT_STAT_SAMPLED_OUT);
 		return 0;
 	}
@@ -394,6 +395,7 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	rec->captured = captured;
 	rec->direction = direction;
 	rec->syscall = call.syscall;
+	rec->sample_key = key;
 	dt_sock_endpoints(sk, &rec->family, &rec->lport, &rec->rport, rec->laddr, rec->raddr);
 	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
 	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (captured & (DT_PAYLOAD_MAX * 2 - 1));

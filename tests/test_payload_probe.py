@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from deetune import records
 from deetune.events import DataEvent
 from deetune.hostcpu import CpuSample
 from deetune.probes import ProbeOptions
@@ -359,26 +360,45 @@ def test_overload_sampling_keeps_the_agent_within_its_budget_on_a_busy_host():
     probe.obj = type("Obj", (), {"maps": {"controls": controls}})()
     probe.counters = lambda: {"emitted": 0, "lost": 0, "sampled_out": 0}
 
-    def tick(idle: float, own: float) -> int:
-        probe.tick(CpuSample(seconds=0.25, host_cores=2, host_idle=idle, own=own))
+    def tick(idle: float, own: float, seconds: float = 1.0) -> int:
+        probe.tick(CpuSample(seconds=seconds, host_cores=2, host_idle=idle, own=own))
         return probe.sampling
 
     assert tick(idle=1.2, own=0.7) == 1  # the agent uses spare CPU: no limit
-    assert tick(idle=0.05, own=0.9) == 32  # no idle CPU: 0.9 cores against 0.05 takes 1 in 32
+    # One busy quarter second is no trend: the CPU is judged over a second.
+    assert [tick(idle=0.05, own=0.9, seconds=0.25) for _ in range(3)] == [1, 1, 1]
+    assert tick(idle=0.05, own=0.9, seconds=0.25) == 32  # now a whole busy second: 0.9 / 0.05 takes 1 in 32
     assert tick(idle=0.05, own=0.3) == 32  # the tick after a change only watches
     assert tick(idle=0.1, own=0.08) == 64  # still over the budget (0.1 idle is 5 %: busy)
     assert tick(idle=0.1, own=0.03) == 64  # settling
     # Busy host, under budget but not by half: hold.  Then 5 s with room to double: relax.
     assert [tick(idle=0.1, own=0.03) for _ in range(8)] == [64] * 8
-    assert [tick(idle=0.1, own=0.02) for _ in range(20)] == [64] * 19 + [32]
+    assert [tick(idle=0.1, own=0.02) for _ in range(5)] == [64] * 4 + [32]
     # An idle host takes twice as many connections when the idle CPU fits twice the work.
     assert tick(idle=1.5, own=0.4) == 32  # settling
-    assert [tick(idle=1.5, own=0.4) for _ in range(20)] == [32] * 19 + [16]
+    assert [tick(idle=1.5, own=0.4) for _ in range(5)] == [32] * 4 + [16]
     assert tick(idle=0.5, own=0.6) == 16  # settling
     assert [tick(idle=0.5, own=0.6) for _ in range(30)] == [16] * 30  # twice would not fit
     assert controls.masks == [31, 63, 31, 15]
 
     unlimited = PayloadProbe(busy_cpu=None)
     unlimited.obj, unlimited.counters = probe.obj, probe.counters
-    unlimited.tick(CpuSample(seconds=0.25, host_cores=2, host_idle=0.0, own=1.0))
+    unlimited.tick(CpuSample(seconds=1.0, host_cores=2, host_idle=0.0, own=1.0))
     assert unlimited.sampling == 1
+
+
+def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_are_read():
+    probe = PayloadProbe()
+    probe.obj = type("Obj", (), {"maps": {"controls": _Controls()}})()
+    rec = records.ffi.new("struct dt_data_record *")
+    rec.hdr.kind = records.lib.DT_REC_DATA
+    rec.size = rec.captured = 3
+    rec.data[0:3] = b"abc"
+    rec.sample_key = 0b1010
+    raw = bytes(records.ffi.buffer(rec))[: records.ffi.offsetof("struct dt_data_record", "data") + 3]
+    assert [e.data for e in probe.decode(raw)] == [b"abc"]
+    probe.set_sampling(2)  # the kernel copies keys with bit 0 clear: this one still
+    assert [e.data for e in probe.decode(raw)] == [b"abc"]
+    probe.set_sampling(4)  # bits 0-1 clear only: left out, and counted with the kernel's
+    assert probe.decode(raw) == ()
+    assert probe.counters()["sampled_out"] == 1

@@ -136,7 +136,7 @@ def format_address(family: int, raw: bytes) -> str:
 
 @attrs.frozen
 class DataEvent(Event):
-    """Bytes one syscall moved on a TCP socket (a prefix of them when ``truncated``)."""
+    """Bytes one call moved on a TCP socket (a prefix of them when ``truncated``)."""
 
     type: ClassVar[str] = "data"
     pid: int = attrs.field(kw_only=True)
@@ -146,13 +146,15 @@ class DataEvent(Event):
     sock_id: int = attrs.field(kw_only=True)
     #: ``"egress"`` (this process wrote) or ``"ingress"`` (it read).
     direction: str = attrs.field(kw_only=True)
-    #: The syscall: ``read``, ``write``, ``sendmsg`` …
+    #: The syscall: ``read``, ``write``, ``sendmsg`` …; ``other`` for a transfer made by a call
+    #: whose buffer the probe does not read (splice, io_uring): its ``data`` is empty.
     syscall: str = attrs.field(kw_only=True)
     #: Bytes the syscall moved.
     size: int = attrs.field(kw_only=True)
     #: The captured prefix (``len(data) <= size``).
     data: bytes = attrs.field(kw_only=True, repr=lambda d: f"<{len(d)} bytes>")
-    #: CLOCK_MONOTONIC ns at syscall entry (``ts_mono_ns`` is the exit).
+    #: CLOCK_MONOTONIC ns when the call began, where the source knows it; the live payload
+    #: probe sees a call when it is done, and gives ``ts_mono_ns`` here too.
     start_mono_ns: int = attrs.field(kw_only=True)
     laddr: str = attrs.field(kw_only=True)
     lport: int = attrs.field(kw_only=True)

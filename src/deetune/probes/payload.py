@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import struct
@@ -19,7 +20,7 @@ _FIXED, _FIELDS = records.record_struct("struct dt_data_record", upto="data")
 # decode() unpacks positionally, in this order; a layout change must update it.
 assert _FIELDS == (
     "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "cgroup_id", "tid", "fd", "size", "captured",
-    "family", "lport", "rport", "direction", "syscall", "laddr", "raddr", "comm",
+    "family", "lport", "rport", "direction", "syscall", "sample_key", "laddr", "raddr", "comm",
 ), _FIELDS
 _DATA_OFFSET = records.ffi.offsetof("struct dt_data_record", "data")
 _SYSCALLS = {
@@ -53,6 +54,8 @@ SPARSEST_SAMPLING = 1024
 CALM_SECONDS = 5
 #: Cores the agent allows itself while the host has no idle CPU, before it samples.
 DEFAULT_BUSY_CPU = 0.05
+#: Overload sampling judges the CPU use over this long.
+CPU_WINDOW_SECONDS = 1.0
 
 
 def _power_of_two_above(ratio: float) -> int:
@@ -91,7 +94,11 @@ class PayloadProbe(Probe):
         #: Copy 1 connection in this many (1: all); the sparsest of the run.
         self.sampling = 1
         self.sparsest_sampling = 1
-        # The kernel caches each socket's verdict until this changes (see bump_generation).
+        self._mask = 0  # sampling - 1, also applied to the records already in the ring
+        self._sampled_out_here = 0
+        self._read = self._read_seen = 0  # records user space took from the ring
+        self._cpu_window: collections.deque[CpuSample] = collections.deque()
+        # The kernel caches each socket's verdict until this changes (see _write_controls).
         self._generation = 0
         self._controls_lock = threading.Lock()
         self._emitted_seen = self._lost_seen = 0
@@ -109,6 +116,13 @@ class PayloadProbe(Probe):
             obj.set_constant("targ_cgroup_id", self.cgroup_id)
         if self.ports:
             obj.set_constant("filter_ports", 1)
+
+    def counters(self) -> dict[str, int]:
+        """The kernel's counters; ``sampled_out`` also counts the records user space left out
+        because they were copied just before the sampling grew sparser."""
+        counts = super().counters()
+        counts["sampled_out"] += self._sampled_out_here
+        return counts
 
     def after_attach(self) -> None:
         # Attached first, then filled: until the first generation is written, nothing is copied.
@@ -144,32 +158,39 @@ class PayloadProbe(Probe):
         """A few times a second (the pipeline's clock): overload sampling.
 
         Two signs of overload make the kernel copy fewer connections, in proportion:
-        records lost (user space cannot keep up: a second in which 1 record in 20 got
-        through takes 1 connection in 32), and, on a host with no idle CPU, this process
-        using more than ``busy_cpu`` cores (its CPU is then taken from the applications:
-        0.4 cores against a budget of 0.05 takes 1 connection in 8).  Either way the
-        copies and the decoding are spared, and the sampled connections stay whole.
-        The tick after a change only watches (the ring still drains what came before it);
-        after CALM_SECONDS without a loss and with room for twice the work (idle CPU, or on
-        a busy host, the budget), it takes twice as many connections again.  Without ``cpu`` (a caller that does not measure
-        it), a tick counts as a second and only lost records count."""
+        records lost (user space cannot keep up: a tick in which the kernel made 20 times the
+        records user space took takes 1 connection in 32), and, over the last CPU_WINDOW_SECONDS on a host with no
+        idle CPU, this process using more than ``busy_cpu`` cores (its CPU is then taken
+        from the applications: 0.4 cores against a budget of 0.05 takes 1 connection in 8).
+        Either way the copies and the decoding are spared, and the sampled connections stay
+        whole; records already in the ring get the same choice as they are read.  The tick
+        after a change only watches, and the CPU is judged again on a whole window after
+        the change.  After CALM_SECONDS without a loss and with room for twice the work
+        (idle CPU for it, or on a busy host, half the budget used), it takes twice as many
+        connections again.  Without ``cpu`` (a caller that does not measure it), a tick
+        counts as a second and only lost records count."""
         if self.obj is None or not self.overload_sampling:
             return
         counters = self.counters()
         emitted, lost = counters["emitted"] - self._emitted_seen, counters["lost"] - self._lost_seen
         self._emitted_seen, self._lost_seen = counters["emitted"], counters["lost"]
+        read, self._read_seen = self._read - self._read_seen, self._read
+        window = self._windowed(cpu) if cpu is not None and self.busy_cpu is not None else None
         if self._settling:
             self._settling = False
             return
-        watch_cpu = cpu is not None and self.busy_cpu is not None
-        competing = watch_cpu and cpu.host_busy and cpu.own > self.busy_cpu
+        competing = window is not None and window.host_busy and window.own > self.busy_cpu
         sampling = self.sampling
         if lost > 0 or competing:
-            factor = max(_power_of_two_above((emitted + lost) / max(emitted, 1)) if lost > 0 else 1,
-                         _power_of_two_above(cpu.own / self.busy_cpu) if competing else 1)
+            # What the kernel made against what user space took: its pace, not the ring's size
+            # (a caller that never reads records, as in tests: against what the ring took).
+            taken = read or emitted
+            factor = max(_power_of_two_above((emitted + lost) / max(taken, 1)) if lost > 0 else 1,
+                         _power_of_two_above(window.own / self.busy_cpu) if competing else 1)
             sampling = min(sampling * factor, SPARSEST_SAMPLING)
             self._calm = 0.0
-        elif sampling > 1 and (not watch_cpu or self._room_to_double(cpu)):
+        elif sampling > 1 and (window is not None and self._room_to_double(window)
+                               or cpu is None or self.busy_cpu is None):
             self._calm += cpu.seconds if cpu is not None else 1.0
             if self._calm >= CALM_SECONDS:
                 sampling //= 2
@@ -179,6 +200,21 @@ class PayloadProbe(Probe):
         if sampling != self.sampling:
             self.set_sampling(sampling)
             self._settling = True
+            self._cpu_window.clear()  # judge the CPU again on time after the change only
+
+    def _windowed(self, cpu: CpuSample) -> CpuSample | None:
+        """The CPU use over the last CPU_WINDOW_SECONDS or so (one busy tick is no trend);
+        None until the samples since the last change cover that long."""
+        window = self._cpu_window
+        window.append(cpu)
+        while len(window) > 1 and sum(s.seconds for s in window) - window[0].seconds >= CPU_WINDOW_SECONDS:
+            window.popleft()
+        seconds = sum(s.seconds for s in window)
+        if seconds < CPU_WINDOW_SECONDS * 0.99:
+            return None
+        return CpuSample(seconds=seconds, host_cores=cpu.host_cores,
+                         host_idle=sum(s.host_idle * s.seconds for s in window) / seconds,
+                         own=sum(s.own * s.seconds for s in window) / seconds)
 
     def _room_to_double(self, cpu: CpuSample) -> bool:
         """Would twice the work fit: in the idle CPU, or on a busy host in the budget?"""
@@ -195,6 +231,7 @@ class PayloadProbe(Probe):
         if one_in != self.sampling:
             log.info("payload: overload sampling %s", f"1 connection in {one_in}" if one_in > 1 else "off")
         self.sampling = one_in
+        self._mask = one_in - 1
         self.sparsest_sampling = max(self.sparsest_sampling, one_in)
         self._write_controls()
 
@@ -211,8 +248,13 @@ class PayloadProbe(Probe):
 
     def decode(self, raw: bytes) -> Iterable[DataEvent]:
         (kind, pid, ts_mono, sock_id, cgroup_id, tid, fd, size, captured, family, lport, rport,
-         direction, syscall, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
+         direction, syscall, sample_key, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
         if kind != _L.DT_REC_DATA:
+            return ()
+        self._read += 1
+        if sample_key & self._mask:
+            # Copied before the sampling grew sparser: left out now, as the kernel does.
+            self._sampled_out_here += 1
             return ()
         family = 6 if family == _AF_INET6 else 4
         return (

@@ -402,3 +402,28 @@ def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_ar
     probe.set_sampling(4)  # bits 0-1 clear only: left out, and counted with the kernel's
     assert probe.decode(raw) == ()
     assert probe.counters()["sampled_out"] == 1
+
+
+def test_a_step_back_that_overran_the_budget_makes_the_next_one_wait_twice_as_long():
+    probe = PayloadProbe(busy_cpu=0.05)
+    probe.obj = type("Obj", (), {"maps": {"controls": _Controls()}})()
+    probe.counters = lambda: {"emitted": 0, "lost": 0, "sampled_out": 0}
+
+    def tick(idle: float, own: float) -> int:
+        probe.tick(CpuSample(seconds=1.0, host_cores=2, host_idle=idle, own=own))
+        return probe.sampling
+
+    assert tick(idle=0.1, own=0.8) == 16
+    tick(idle=0.1, own=0.01)  # settling
+    assert [tick(idle=0.1, own=0.01) for _ in range(5)] == [16] * 4 + [8]  # 5 calm seconds: back a step
+    tick(idle=0.1, own=0.01)  # settling
+    assert tick(idle=0.1, own=0.3) == 64  # a burst right after: cut, and the next step back waits 10 s
+    tick(idle=0.1, own=0.01)
+    assert [tick(idle=0.1, own=0.01) for _ in range(10)] == [64] * 9 + [32]
+    tick(idle=0.1, own=0.01)
+    assert tick(idle=0.1, own=0.3) == 256  # again: 20 s
+    tick(idle=0.1, own=0.01)
+    assert [tick(idle=0.1, own=0.01) for _ in range(20)] == [256] * 19 + [128]
+    # A host with idle CPU again starts from 5 s.
+    tick(idle=1.5, own=0.01)
+    assert [tick(idle=1.5, own=0.01) for _ in range(5)] == [128] * 4 + [64]

@@ -54,6 +54,8 @@ SPARSEST_SAMPLING = 1024
 CALM_SECONDS = 5
 #: Cores the agent allows itself while the host has no idle CPU, before it samples.
 DEFAULT_BUSY_CPU = 0.05
+#: The longest a busy host makes overload sampling wait before it takes more connections.
+MAX_CALM_SECONDS = 80
 #: Overload sampling judges the CPU use over this long.
 CPU_WINDOW_SECONDS = 1.0
 
@@ -103,6 +105,8 @@ class PayloadProbe(Probe):
         self._controls_lock = threading.Lock()
         self._emitted_seen = self._lost_seen = 0
         self._calm = 0.0  # seconds without a sign of overload
+        self._calm_needed = float(CALM_SECONDS)  # before the next step back (see tick)
+        self._since_relax = float("inf")
         self._settling = False
 
     def configure(self, obj: BpfObject) -> None:
@@ -158,17 +162,22 @@ class PayloadProbe(Probe):
         """A few times a second (the pipeline's clock): overload sampling.
 
         Two signs of overload make the kernel copy fewer connections, in proportion:
-        records lost (user space cannot keep up: a tick in which the kernel made 20 times the
-        records user space took takes 1 connection in 32), and, over the last CPU_WINDOW_SECONDS on a host with no
-        idle CPU, this process using more than ``busy_cpu`` cores (its CPU is then taken
-        from the applications: 0.4 cores against a budget of 0.05 takes 1 connection in 8).
-        Either way the copies and the decoding are spared, and the sampled connections stay
-        whole; records already in the ring get the same choice as they are read.  The tick
-        after a change only watches, and the CPU is judged again on a whole window after
-        the change.  After CALM_SECONDS without a loss and with room for twice the work
-        (idle CPU for it, or on a busy host, half the budget used), it takes twice as many
-        connections again.  Without ``cpu`` (a caller that does not measure it), a tick
-        counts as a second and only lost records count."""
+        records lost (user space cannot keep up: a tick in which the kernel made 20 times
+        the records user space took takes 1 connection in 32), and, over the last
+        CPU_WINDOW_SECONDS on a host with no idle CPU, this process using more than
+        ``busy_cpu`` cores (its CPU is then taken from the applications: 0.4 cores against a
+        budget of 0.05 takes 1 connection in 8).  Either way the copies and the decoding are
+        spared, and the sampled connections stay whole; records already in the ring get the
+        same choice as they are read.  The tick after a change only watches, and the CPU is
+        judged again on a whole window after the change.
+
+        After CALM_SECONDS without a loss and with room for twice the work (idle CPU for it,
+        or on a busy host, half the budget used), it takes twice as many connections again.
+        On a busy host, a step back that overran the budget soon after makes the next one
+        wait twice as long (up to MAX_CALM_SECONDS): few busy connections make the work
+        come in bursts, and without this the agent would spend its budget on them over and
+        over.  Without ``cpu`` (a caller that does not measure it), a tick counts as a
+        second and only lost records count."""
         if self.obj is None or not self.overload_sampling:
             return
         counters = self.counters()
@@ -180,7 +189,13 @@ class PayloadProbe(Probe):
             self._settling = False
             return
         competing = window is not None and window.host_busy and window.own > self.busy_cpu
+        elapsed = cpu.seconds if cpu is not None else 1.0
+        self._since_relax += elapsed
+        if window is not None and not window.host_busy:
+            self._calm_needed = CALM_SECONDS  # idle CPU again: the wait was for bursts on a busy host
         sampling = self.sampling
+        if competing and self._since_relax < 2 * self._calm_needed:
+            self._calm_needed = min(self._calm_needed * 2, MAX_CALM_SECONDS)
         if lost > 0 or competing:
             # What the kernel made against what user space took: its pace, not the ring's size
             # (a caller that never reads records, as in tests: against what the ring took).
@@ -191,10 +206,11 @@ class PayloadProbe(Probe):
             self._calm = 0.0
         elif sampling > 1 and (window is not None and self._room_to_double(window)
                                or cpu is None or self.busy_cpu is None):
-            self._calm += cpu.seconds if cpu is not None else 1.0
-            if self._calm >= CALM_SECONDS:
+            self._calm += elapsed
+            if self._calm >= self._calm_needed:
                 sampling //= 2
                 self._calm = 0.0
+                self._since_relax = 0.0
         else:
             self._calm = 0.0
         if sampling != self.sampling:

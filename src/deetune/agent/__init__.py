@@ -14,6 +14,7 @@ missing privileges/prerequisites.  Errors are one line on stderr.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import sys
@@ -272,6 +273,19 @@ def open_store(path: str, retention: float, *, exchanges_per_edge: int | None = 
         raise UsageError(f"--store {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
 
+#: Allocations between two young-generation collections (Python's default: 700).
+GC_YOUNG_THRESHOLD = 20_000
+
+
+def _tune_gc() -> None:
+    """The agent makes several short-lived objects per kernel record, freed by their
+    reference counts; the cycle collector ran every 700 allocations and took about 6 %
+    of the agent's CPU at 10,000 requests/s.  Collect young objects less often, and keep
+    what start-up built (modules, plugins, tables) out of every later full collection."""
+    gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
+    gc.freeze()
+
+
 def cmd_run(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -289,6 +303,7 @@ def cmd_run(argv: Sequence[str]) -> int:
     elif args.nice:
         os.nice(args.nice)
     pipeline = build_pipeline(args, plugins)
+    _tune_gc()
     stats = pipeline.run(args.duration)
     print(f"deetune: {stats.summary()}", file=sys.stderr)
     return EXIT_OK

@@ -53,11 +53,27 @@ def wait_unloaded(ids: set[int], timeout: float = 10) -> set[int]:
     return left
 
 
+_started_agents: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_agent_outlives_its_test():
+    """A test that fails between starting the agent and stopping it must not leave it running
+    (one did: it went on capturing every benchmark run on the host for an hour)."""
+    yield
+    while _started_agents:
+        proc = _started_agents.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=20)
+
+
 class AgentProcess:
     """The agent in the background, ready once every probe has attached."""
 
     def __init__(self, *args: str):
         self.proc = subprocess.Popen([*AGENT, "-v", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        _started_agents.append(self.proc)
         self.stderr: list[str] = []
         probes = [args[i + 1] for i, a in enumerate(args) if a == "--probe"] or ["process", "tcp"]
         waiting = set(probes)

@@ -38,7 +38,8 @@ def main(argv=None) -> None:
     import bench_l7
 
     conn_args = ["--pairs", "2", "--seconds", "2", "--rate-seconds", "3"] if args.quick else []
-    l7_args = (["--rounds", "2", "--wrk-seconds", "3", "--requests", "30000", "--rate-seconds", "3", "--rate-runs", "1"]
+    l7_args = (["--rounds", "2", "--wrk-seconds", "3", "--warmup", "2", "--requests", "30000", "--rate-seconds", "3",
+                "--rate-runs", "1"]
                if args.quick else [])
     results = {"machine": common.machine(), "quick": args.quick}
     print("=" * 30 + " connections (issue 2) " + "=" * 30, flush=True)

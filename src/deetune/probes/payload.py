@@ -87,7 +87,8 @@ class PayloadProbe(Probe):
         #: Skip this process's own sockets (default: ``options.exclude_self``).
         self.exclude_self = self.options.exclude_self if exclude_self is None else exclude_self
         self.muted = 0
-        #: Adapt sampling to the records lost (see :meth:`tick`); off: lose records instead.
+        #: Adapt sampling to the records lost and, on a busy host, to this process's CPU (see
+        #: :meth:`tick`); off: lose records instead.
         self.overload_sampling = overload_sampling
         if busy_cpu is not None and busy_cpu <= 0:
             raise ValueError(f"busy_cpu must be more than 0 cores, got {busy_cpu}")

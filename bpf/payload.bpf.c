@@ -128,7 +128,7 @@ enum {
 };
 #elif defined(__TARGET_ARCH_arm64)
 #define SYSCALL_NR(regs) ((regs)->syscallno)
-#define SYSCALL_ARG0(regs) ((regs)->orig_x0) /* x0 holds the return value by exit */
+#define SYSCALL_ARG0(regs) ((regs)->orig_x0) /* x0 becomes the return value; orig_x0 keeps the argument */
 #define SYSCALL_ARG1(regs) ((regs)->regs[1])
 #define SYSCALL_ARG2(regs) ((regs)->regs[2])
 enum {
@@ -384,9 +384,7 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	}
 
 	struct dt_data_record *rec = &s->rec;
-	rec->hdr.kind = DT_REC_DATA;
-	rec->hdr.pid = pid_tgid >> 32;
-	rec->hdr.ts_ns = bpf_ktime_get_ns();
+	dt_fill_header(&rec->hdr, DT_REC_DATA, pid_tgid >> 32);
 	rec->sock_id = (__u64)sk;
 	rec->cgroup_id = bpf_get_current_cgroup_id();
 	rec->tid = (__u32)pid_tgid;

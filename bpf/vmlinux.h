@@ -202,7 +202,7 @@ struct pt_regs {
 #elif defined(__TARGET_ARCH_arm64)
 struct pt_regs {
 	__u64 regs[31];
-	__u64 orig_x0; /* x0 is the return value at exit */
+	__u64 orig_x0; /* x0 becomes the return value; this keeps the first argument */
 	__s32 syscallno;
 } __attribute__((preserve_access_index));
 #endif

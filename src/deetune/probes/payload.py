@@ -185,7 +185,8 @@ class PayloadProbe(Probe):
         emitted, lost = counters["emitted"] - self._emitted_seen, counters["lost"] - self._lost_seen
         self._emitted_seen, self._lost_seen = counters["emitted"], counters["lost"]
         read, self._read_seen = self._read - self._read_seen, self._read
-        window = self._windowed(cpu) if cpu is not None and self.busy_cpu is not None else None
+        watching_cpu = cpu is not None and self.busy_cpu is not None
+        window = self._windowed(cpu) if watching_cpu else None
         if self._settling:
             self._settling = False
             return
@@ -205,8 +206,7 @@ class PayloadProbe(Probe):
                          _power_of_two_above(window.own / self.busy_cpu) if competing else 1)
             sampling = min(sampling * factor, SPARSEST_SAMPLING)
             self._calm = 0.0
-        elif sampling > 1 and (window is not None and self._room_to_double(window)
-                               or cpu is None or self.busy_cpu is None):
+        elif sampling > 1 and (not watching_cpu or window is not None and self._room_to_double(window)):
             self._calm += elapsed
             if self._calm >= self._calm_needed:
                 sampling //= 2

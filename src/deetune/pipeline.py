@@ -54,7 +54,8 @@ class ProbeStats:
     lost: int = 0
     #: Records user space could not decode (counted, skipped).
     undecodable: int = 0
-    #: Calls the kernel left out while overload sampling was on (payload probe).
+    #: Calls left out while overload sampling was on (payload probe: not copied by the kernel,
+    #: or copied just before the sampling grew sparser and dropped as they were read).
     sampled_out: int = 0
     #: The sparsest overload sampling of the run: 1 connection in this many (1: none).
     sparsest_sampling: int = 1

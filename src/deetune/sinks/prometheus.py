@@ -695,7 +695,8 @@ class PrometheusSink(Sink):
                                    labels=("probe",))
         sampled_out = CounterMetricFamily(
             "deetune_kernel_calls_sampled_out_total",
-            "Calls the kernel did not copy because of overload sampling (the agent could not keep up).",
+            "Calls the kernel did not copy because of overload sampling (the agent could not keep up, "
+            "or kept within its CPU budget on a busy host).",
             labels=("probe",))
         for probe, (emitted, dropped, left_out) in sorted(kernel.items()):
             events.add_metric([probe], emitted)

@@ -327,12 +327,19 @@ class _Controls:
         self.masks.append(int.from_bytes(value[:4], "little"))
 
 
+def _with_fake_controls(probe: PayloadProbe, counts: dict[str, int] | None = None) -> _Controls:
+    """Give an unstarted probe a stand-in object (its controls map) and, with ``counts``, kernel counters."""
+    controls = _Controls()
+    probe.obj = type("Obj", (), {"maps": {"controls": controls}})()
+    if counts is not None:
+        probe.counters = lambda: dict(counts)
+    return controls
+
+
 def test_overload_sampling_follows_the_records_lost():
     probe = PayloadProbe()
-    mask = _Controls()
-    probe.obj = type("Obj", (), {"maps": {"controls": mask}})()
     counts = {"emitted": 0, "lost": 0, "sampled_out": 0}
-    probe.counters = lambda: dict(counts)
+    mask = _with_fake_controls(probe, counts)
 
     def second(emitted: int, lost: int) -> int:
         counts["emitted"] += emitted
@@ -356,9 +363,7 @@ def test_overload_sampling_follows_the_records_lost():
 
 def test_overload_sampling_keeps_the_agent_within_its_budget_on_a_busy_host():
     probe = PayloadProbe(busy_cpu=0.05)
-    controls = _Controls()
-    probe.obj = type("Obj", (), {"maps": {"controls": controls}})()
-    probe.counters = lambda: {"emitted": 0, "lost": 0, "sampled_out": 0}
+    controls = _with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
 
     def tick(idle: float, own: float, seconds: float = 1.0) -> int:
         probe.tick(CpuSample(seconds=seconds, host_cores=2, host_idle=idle, own=own))
@@ -389,7 +394,7 @@ def test_overload_sampling_keeps_the_agent_within_its_budget_on_a_busy_host():
 
 def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_are_read():
     probe = PayloadProbe()
-    probe.obj = type("Obj", (), {"maps": {"controls": _Controls()}})()
+    _with_fake_controls(probe)  # the probe's own counters: what it dropped as it read
     rec = records.ffi.new("struct dt_data_record *")
     rec.hdr.kind = records.lib.DT_REC_DATA
     rec.size = rec.captured = 3
@@ -406,8 +411,7 @@ def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_ar
 
 def test_a_step_back_that_overran_the_budget_makes_the_next_one_wait_twice_as_long():
     probe = PayloadProbe(busy_cpu=0.05)
-    probe.obj = type("Obj", (), {"maps": {"controls": _Controls()}})()
-    probe.counters = lambda: {"emitted": 0, "lost": 0, "sampled_out": 0}
+    _with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
 
     def tick(idle: float, own: float) -> int:
         probe.tick(CpuSample(seconds=1.0, host_cores=2, host_idle=idle, own=own))

@@ -29,13 +29,13 @@ def test_idle_cores_are_the_idle_share_of_the_cpus_counted_in_proc_stat(tmp_path
     assert meter.cores == 2
     # 200 ticks passed: 150 busy (user, system, softirq, steal), 50 idle or iowait.
     write_stat(stat, user=1060, system=40, softirq=30, steal=20, idle=1040, iowait=10)
-    time.sleep(0.01)
+    time.sleep(0.05)  # os.times().elapsed moves in 10 ms ticks: no tick, no sample
     sample = meter.sample()
     assert sample.host_cores == 2
     assert sample.host_idle == pytest.approx(0.5)
     assert sample.host_busy is False  # 0.5 idle cores is 25 % of the host
     write_stat(stat, user=1255, system=40, softirq=30, steal=20, idle=1055, iowait=10)
-    time.sleep(0.01)
+    time.sleep(0.05)  # os.times().elapsed moves in 10 ms ticks: no tick, no sample
     sample = meter.sample()
     assert sample.host_idle == pytest.approx(2 * 15 / 210)
     assert sample.host_busy is True
@@ -48,11 +48,13 @@ def test_own_cpu_is_this_process_and_nothing_passed_says_nothing(tmp_path):
     assert meter.sample() is None  # /proc/stat did not move
     write_stat(stat, user=20, idle=20)
     began = time.process_time()
-    while time.process_time() - began < 0.2:  # spin: 0.2 s of this process's CPU
+    # Spin for 1 s of this process's CPU: os.times() counts in 10 ms ticks, and over 0.2 s one
+    # tick more of CPU than of wall time read as 1.05 cores.
+    while time.process_time() - began < 1.0:
         pass
     sample = meter.sample()
     assert 0.5 < sample.own <= 1.05
-    assert sample.seconds == pytest.approx(0.2, abs=0.03)  # os.times() counts in 10 ms ticks
+    assert sample.seconds == pytest.approx(1.0, abs=0.03)
 
 
 def test_the_busy_threshold_is_a_tenth_of_the_cpus():

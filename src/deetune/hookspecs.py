@@ -18,21 +18,25 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def deetune_register_probes(register: Callable[[type], None]) -> None:
+def deetune_register_probes(register: Callable[..., None]) -> None:
     """Called once when the plugin manager is built.  Call ``register(ProbeClass)``
     for every :class:`deetune.probes.Probe` subclass the plugin offers."""
 
 
 @hookspec
-def deetune_register_decoders(register: Callable[[type], None]) -> None:
+def deetune_register_decoders(register: Callable[..., None]) -> None:
     """Called once when the plugin manager is built.  Call ``register(DecoderClass)``
     for every :class:`deetune.decoders.Decoder` subclass the plugin offers."""
 
 
 @hookspec
-def deetune_register_sinks(register: Callable[[type], None]) -> None:
+def deetune_register_sinks(register: Callable[..., None]) -> None:
     """Called once when the plugin manager is built.  Call ``register(SinkClass)``
-    for every :class:`deetune.sinks.Sink` subclass the plugin offers."""
+    for every :class:`deetune.sinks.Sink` subclass the plugin offers.
+
+    Any of the three ``register`` calls also takes ``register("module:Class",
+    name="NAME")``: the module is imported only when NAME is used, for a plugin
+    whose dependencies are heavy (docs/plugins.md)."""
 
 
 @hookspec(firstresult=True)

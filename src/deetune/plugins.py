@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from typing import Generic, Iterable, TypeVar
 
@@ -19,36 +20,56 @@ class UnknownPluginError(LookupError):
 
 
 class Registry(Generic[T]):
-    """Name → class for one kind of plugin (probes, decoders or sinks)."""
+    """Name → class for one kind of plugin (probes, decoders or sinks).
+
+    A plugin may register a class, or ``"module:Class"`` with its name: the module
+    is imported when that name is first asked for, so a sink with heavy
+    dependencies (OpenTelemetry's SDK and protobuf) costs nothing to an agent
+    that does not use it."""
 
     def __init__(self, kind: str):
         self.kind = kind
-        self._classes: dict[str, type] = {}
+        self._classes: dict[str, type | str] = {}
         self._origins: dict[str, str] = {}
 
-    def register(self, cls: type, origin: str = "") -> None:
-        name = getattr(cls, "name", None) or getattr(cls, "protocol", None)
+    def register(self, cls: type | str, origin: str = "", *, name: str | None = None) -> None:
+        if isinstance(cls, str):
+            if not name or ":" not in cls:
+                raise TypeError(f"{self.kind} plugin {cls!r}: a lazy plugin is 'module:Class' with name=")
+        else:
+            name = getattr(cls, "name", None) or getattr(cls, "protocol", None)
         if not name:
             raise TypeError(f"{self.kind} plugin {cls!r} has no name")
-        if name in self._classes and self._classes[name] is not cls:
+        if name in self._classes and self._classes[name] != cls:
             raise ValueError(
-                f"{self.kind} {name!r} registered twice: by {self._origins[name]} and by {origin or cls.__module__}"
+                f"{self.kind} {name!r} registered twice: by {self._origins[name]} and by {origin or _module_of(cls)}"
             )
         self._classes[name] = cls
-        self._origins[name] = origin or cls.__module__
+        self._origins[name] = origin or _module_of(cls)
 
     def get(self, name: str) -> type:
         try:
-            return self._classes[name]
+            cls = self._classes[name]
         except KeyError:
             known = ", ".join(sorted(self._classes)) or "none"
             raise UnknownPluginError(f"unknown {self.kind} {name!r}; available: {known}") from None
+        if isinstance(cls, str):
+            cls = self._classes[name] = self._load(name, cls)
+        return cls
+
+    def _load(self, name: str, target: str) -> type:
+        module, _, attr = target.partition(":")
+        cls = getattr(importlib.import_module(module), attr)
+        loaded_name = getattr(cls, "name", None) or getattr(cls, "protocol", None)
+        if loaded_name != name:
+            raise TypeError(f"{self.kind} {name!r} ({target}) is named {loaded_name!r}")
+        return cls
 
     def names(self) -> list[str]:
         return sorted(self._classes)
 
     def classes(self) -> list[type]:
-        return [self._classes[n] for n in self.names()]
+        return [self.get(n) for n in self.names()]
 
     def origin(self, name: str) -> str:
         return self._origins[name]
@@ -89,13 +110,17 @@ class Plugins:
         ):
             for impl in caller.get_hookimpls():
                 origin = self.manager.get_name(impl.plugin) or repr(impl.plugin)
-                impl.function(register=lambda cls, o=origin, r=registry: r.register(cls, o))
+                impl.function(register=lambda cls, o=origin, r=registry, **kw: r.register(cls, o, **kw))
 
     def resolve_service(self, process: object) -> str | None:
         return self.manager.hook.deetune_resolve_service(process=process)
 
     def plugin_names(self) -> list[str]:
         return sorted(name for name, _ in self.manager.list_name_plugin())
+
+
+def _module_of(cls: type | str) -> str:
+    return cls.partition(":")[0] if isinstance(cls, str) else cls.__module__
 
 
 _default: Plugins | None = None

@@ -21,9 +21,8 @@ import sys
 from typing import Sequence
 
 from deetune import doctor
-from deetune.api.server import DEFAULT_API_HOST, DEFAULT_API_PORT, ApiServer
+from deetune.api import DEFAULT_API_HOST, DEFAULT_API_PORT
 from deetune.cli_types import parse_duration
-from deetune.l7 import L7Handler
 from deetune.libbpf import LibbpfError
 from deetune.pipeline import Pipeline
 from deetune.plugins import Plugins, UnknownPluginError
@@ -34,8 +33,6 @@ from deetune.probes.payload import (
     MAX_CAPTURE_BYTES,
     PayloadProbe,
 )
-from deetune.recording.capture import RecordingPorts
-from deetune.recording.recorder import Recorder, RecordingManager
 from deetune.services import EndpointMapping, MappingError, ServiceResolver
 from deetune.sinks.base import SinkError, parse_sink_spec
 from deetune.topology.aggregator import TopologyAggregator
@@ -220,9 +217,15 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
     decoders = [plugins.decoders.get(name) for name in dict.fromkeys(args.protocol or plugins.decoders.names())]
     handlers: list = []
     payload = next((p for p in probes if isinstance(p, PayloadProbe)), None)
-    # Recording tasks need the payload (their bytes) and the store (where they go).
-    recording_ports = RecordingPorts() if payload is not None and not args.no_store else None
+    # Decoding, recording and the API are imported only by an agent that uses them:
+    # each module loaded is memory the agent keeps (docs/performance.md, agent memory).
+    recording_ports = None
     if payload is not None:
+        from deetune.l7 import L7Handler
+        from deetune.recording.capture import RecordingPorts
+
+        # Recording tasks need the payload (their bytes) and the store (where they go).
+        recording_ports = RecordingPorts() if not args.no_store else None
         handlers.append(L7Handler(decoders, mute=payload.mute, emit_data=args.emit_data, recording=recording_ports))
     mapping = None
     if args.mapping:
@@ -245,6 +248,8 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
                            window=args.window)
         manager = None
         if recording_ports is not None:
+            from deetune.recording.recorder import Recorder, RecordingManager
+
             # Started (as a service) once the probes are attached: resumes the tasks left running.
             manager = RecordingManager(store, set_port_capture=payload.set_port_capture,
                                        ports_of=resolver.listening_ports, refresh_ports=resolver.refresh_listeners,
@@ -252,6 +257,8 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
             handlers.append(Recorder(manager, counted=aggregator.is_counted))
             services.append(manager)
         if args.api:
+            from deetune.api.server import ApiServer
+
             host, port = args.api
             try:
                 services.append(ApiServer(store, host, port, token=args.api_token, recordings=manager))

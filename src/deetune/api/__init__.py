@@ -6,7 +6,21 @@ thread; the UI (``static/``) draws the live topology with cytoscape, which ``mak
 fetches from npm into ``static/vendor/``.
 """
 
-from deetune.api.openapi import openapi_document
-from deetune.api.server import ApiServer
+#: Where ``--api`` alone serves: loopback only, no token needed.
+DEFAULT_API_HOST, DEFAULT_API_PORT = "127.0.0.1", 9477
 
-__all__ = ["ApiServer", "openapi_document"]
+__all__ = ["ApiServer", "openapi_document", "DEFAULT_API_HOST", "DEFAULT_API_PORT"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: an agent without --api (and the recording CLI, which
+    # only needs the defaults above) does not load the HTTP server's modules.
+    if name == "ApiServer":
+        from deetune.api.server import ApiServer
+
+        return ApiServer
+    if name == "openapi_document":
+        from deetune.api.openapi import openapi_document
+
+        return openapi_document
+    raise AttributeError(f"module 'deetune.api' has no attribute {name!r}")

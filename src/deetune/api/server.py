@@ -41,6 +41,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Iterator, Self
 
 from deetune import __version__
+from deetune.api import DEFAULT_API_HOST, DEFAULT_API_PORT  # noqa: F401 (the agent's and recording CLI's default)
 from deetune.topology.model import TopologyQueries
 
 log = logging.getLogger("deetune.api")
@@ -56,8 +57,6 @@ MAX_TIME_NS = 2**63 - 1
 MAX_DEPTH = 10
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 DIRECTIONS = ("downstream", "upstream", "both")
-#: The agent's default API address (``--api`` without a value) and the recording CLI's default.
-DEFAULT_API_HOST, DEFAULT_API_PORT = "127.0.0.1", 9477
 #: Largest request body read (a recording task's description).
 MAX_BODY = 64 * 1024
 #: Exchanges per request of a streamed export (jsonl, har) at most; a page of JSON at most MAX_LIMIT.

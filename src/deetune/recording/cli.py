@@ -29,7 +29,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Sequence
 
-from deetune.api.server import DEFAULT_API_HOST, DEFAULT_API_PORT
+from deetune.api import DEFAULT_API_HOST, DEFAULT_API_PORT
 from deetune.cli_types import parse_duration
 from deetune.recording.tasks import MAX_LIMIT
 

@@ -24,7 +24,7 @@ BPF_OBJS := $(foreach a,$(BPF_ARCHES),$(patsubst bpf/%.bpf.c,$(BPF_OUT)/$(a)/%.b
 # -g keeps BTF (needed for CO-RE); llvm-strip -g then drops DWARF only.
 BPF_CFLAGS := -g -O2 -Wall -Werror -target bpf -Ibpf
 
-.PHONY: setup run test bench bpf deps test-deps venv clean examples ui
+.PHONY: setup run test bench bpf deps test-deps venv clean examples ui ffi
 
 setup: deps venv bpf ui
 
@@ -84,6 +84,11 @@ $(UI_VENDOR)/cytoscape.min.js: ui/node_modules/.package-lock.json
 	cp ui/node_modules/cytoscape/dist/cytoscape.min.js $@
 
 bpf: $(BPF_OBJS) $(BPF_OUT)/deetune.h
+
+# The cffi declarations (libbpf's API, deetune.h's layouts) parsed ahead of time into
+# checked-in modules; run after changing bpf/deetune.h (tests/test_ffi_build.py tells).
+ffi: $(VENV)/.installed
+	$(PY) -m deetune._ffi_build
 
 $(BPF_OUT)/deetune.h: bpf/deetune.h
 	@mkdir -p $(BPF_OUT)

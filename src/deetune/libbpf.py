@@ -24,96 +24,10 @@ import threading
 import weakref
 from typing import Iterator
 
-import cffi
+# The declarations of libbpf's API we call, parsed ahead of time (deetune._ffi_build).
+from deetune._ffi_libbpf import ffi
 
 log = logging.getLogger("deetune.libbpf")
-
-ffi = cffi.FFI()
-ffi.cdef(
-    """
-    typedef unsigned char __u8;
-    typedef unsigned int __u32;
-    typedef int __s32;
-    typedef unsigned long long __u64;
-
-    struct bpf_object;
-    struct bpf_program;
-    struct bpf_map;
-    struct bpf_link;
-    struct btf;
-
-    struct btf_type {
-        __u32 name_off;
-        __u32 info;
-        __u32 size_or_type;
-    };
-    struct btf_var_secinfo {
-        __u32 type;
-        __u32 offset;
-        __u32 size;
-    };
-
-    struct bpf_uprobe_opts {
-        size_t sz;
-        size_t ref_ctr_offset;
-        __u64 bpf_cookie;
-        _Bool retprobe;
-        const char *func_name;
-    };
-
-    typedef int (*libbpf_print_fn_t)(int level, const char *fmt, void *ap);
-    libbpf_print_fn_t libbpf_set_print(libbpf_print_fn_t fn);
-    int vsnprintf(char *str, size_t size, const char *format, void *ap);
-
-    struct bpf_object *bpf_object__open_file(const char *path, const void *opts);
-    int bpf_object__load(struct bpf_object *obj);
-    void bpf_object__close(struct bpf_object *obj);
-    const char *bpf_object__name(const struct bpf_object *obj);
-    struct btf *bpf_object__btf(const struct bpf_object *obj);
-    struct bpf_program *bpf_object__next_program(const struct bpf_object *obj, struct bpf_program *prog);
-    struct bpf_map *bpf_object__next_map(const struct bpf_object *obj, const struct bpf_map *map);
-
-    const char *bpf_program__name(const struct bpf_program *prog);
-    const char *bpf_program__section_name(const struct bpf_program *prog);
-    int bpf_program__set_autoload(struct bpf_program *prog, _Bool autoload);
-    _Bool bpf_program__autoload(const struct bpf_program *prog);
-    int bpf_program__fd(const struct bpf_program *prog);
-    struct bpf_link *bpf_program__attach(const struct bpf_program *prog);
-    struct bpf_link *bpf_program__attach_tracepoint(const struct bpf_program *prog,
-                                                    const char *tp_category, const char *tp_name);
-    struct bpf_link *bpf_program__attach_raw_tracepoint(const struct bpf_program *prog,
-                                                        const char *tp_name);
-    struct bpf_link *bpf_program__attach_trace(const struct bpf_program *prog);
-    struct bpf_link *bpf_program__attach_uprobe_opts(const struct bpf_program *prog, int pid,
-                                                     const char *binary_path, size_t func_offset,
-                                                     const struct bpf_uprobe_opts *opts);
-    struct bpf_link *bpf_program__attach_cgroup(const struct bpf_program *prog, int cgroup_fd);
-    int bpf_link__destroy(struct bpf_link *link);
-    int bpf_link__fd(const struct bpf_link *link);
-
-    const char *bpf_map__name(const struct bpf_map *map);
-    int bpf_map__fd(const struct bpf_map *map);
-    int bpf_map__type(const struct bpf_map *map);
-    __u32 bpf_map__key_size(const struct bpf_map *map);
-    __u32 bpf_map__value_size(const struct bpf_map *map);
-    __u32 bpf_map__max_entries(const struct bpf_map *map);
-    int bpf_map__set_max_entries(struct bpf_map *map, __u32 max_entries);
-    const void *bpf_map__initial_value(struct bpf_map *map, size_t *psize);
-    int bpf_map__set_initial_value(struct bpf_map *map, const void *data, size_t size);
-
-    int bpf_map_lookup_elem(int fd, const void *key, void *value);
-    int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
-    int bpf_map_delete_elem(int fd, const void *key);
-    int bpf_map_get_next_key(int fd, const void *key, void *next_key);
-
-    int libbpf_num_possible_cpus(void);
-    int libbpf_probe_bpf_prog_type(int prog_type, const void *opts);
-
-    __s32 btf__find_by_name_kind(const struct btf *btf, const char *type_name, __u32 kind);
-    const struct btf_type *btf__type_by_id(const struct btf *btf, __u32 id);
-    const char *btf__name_by_offset(const struct btf *btf, __u32 offset);
-    """
-)
 
 BTF_KIND_DATASEC = 15
 

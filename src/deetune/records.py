@@ -1,52 +1,51 @@
 """Record layouts shared with the BPF programs, read from ``deetune.h``.
 
 The header is the only definition of the layouts: cffi parses it (less its
-preprocessor lines), and each record gets a :class:`struct.Struct` built from
-cffi's offsets, so decoding a record is one ``unpack_from`` call.
+preprocessor lines; ahead of time, into :mod:`deetune._ffi_records`), and each
+record gets a :class:`struct.Struct` built from cffi's offsets, so decoding a
+record is one ``unpack_from`` call.
 """
 
 from __future__ import annotations
 
 import pathlib
 import struct
-from typing import NamedTuple
-
-import cffi
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from deetune import resources
+from deetune._ffi_records import ffi
 
-_PREAMBLE = """
-typedef unsigned char __u8;
-typedef unsigned short __u16;
-typedef unsigned int __u32;
-typedef int __s32;
-typedef unsigned long long __u64;
-typedef long long __s64;
-"""
+if TYPE_CHECKING:
+    import cffi
 
 
 def header_path() -> pathlib.Path:
     return resources.bpf_dir() / "deetune.h"
 
 
-def _cdef_source(text: str) -> str:
-    return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
-
-
-def load_header(path: pathlib.Path, *, include: cffi.FFI | None = None) -> cffi.FFI:
+def load_header(path: pathlib.Path, *, include: Any = None) -> "cffi.FFI":
     """An FFI holding the record layouts of a BPF header (same rules as
-    ``deetune.h``).  A plugin passes ``include=deetune.records.ffi`` to reuse
-    ``struct dt_header`` and the fixed-width typedefs."""
+    ``deetune.h``), parsed now (this imports pycparser: a few MB).  A plugin passes
+    ``include=deetune.records.ffi`` to get ``struct dt_header``, the fixed-width
+    typedefs and deetune's enum constants as ``deetune.h`` declares them; another
+    ``cffi.FFI`` is included as cffi's ``FFI.include`` does."""
+    import cffi
+
+    from deetune._ffi_build import HEADER_PREAMBLE, header_cdef
+
     new = cffi.FFI()
-    if include is not None:
+    own = header_cdef(path.read_text())
+    if include is ffi:
+        # deetune's own FFI is built ahead of time and cannot be included: parse its header too.
+        new.cdef(HEADER_PREAMBLE + header_cdef(header_path().read_text()) + "\n" + own)
+    elif include is not None:
         new.include(include)
-        new.cdef(_cdef_source(path.read_text()))
+        new.cdef(own)
     else:
-        new.cdef(_PREAMBLE + _cdef_source(path.read_text()))
+        new.cdef(HEADER_PREAMBLE + own)
     return new
 
 
-ffi = load_header(header_path())
 lib = ffi.dlopen(None)  # only for the enum constants
 
 _SCALAR_FORMATS = {
@@ -65,7 +64,7 @@ class FieldLayout(NamedTuple):
     fmt: str  # struct format of the field, e.g. "I" or "16s"
 
 
-def flat_fields(ctype_name: str, ffi: cffi.FFI = ffi) -> list[FieldLayout]:
+def flat_fields(ctype_name: str, ffi: Any = ffi) -> list[FieldLayout]:
     """Fields of a record, nested structs flattened with ``outer_inner`` names."""
 
     def walk(ctype, prefix: str, base: int) -> list[FieldLayout]:
@@ -90,7 +89,7 @@ def flat_fields(ctype_name: str, ffi: cffi.FFI = ffi) -> list[FieldLayout]:
 
 
 def record_struct(
-    ctype_name: str, *, upto: str | None = None, ffi: cffi.FFI = ffi
+    ctype_name: str, *, upto: str | None = None, ffi: Any = ffi
 ) -> tuple[struct.Struct, tuple[str, ...]]:
     """A little-endian ``struct.Struct`` for the record (optionally only the fields
     before ``upto``), and the field names in unpack order."""

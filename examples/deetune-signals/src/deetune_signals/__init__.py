@@ -9,8 +9,21 @@ deetune loads it through the ``deetune`` entry-point group
     Pipeline([SignalsProbe(SignalsOptions(sig="SIGTERM"))], [CsvSink.from_arg("/tmp/s.csv")]).run(10)
 """
 
-from deetune_signals.csv_sink import CsvSink, read_csv_events
-from deetune_signals.events import SignalEvent
-from deetune_signals.probe import SignalsOptions, SignalsProbe
+import importlib
 
-__all__ = ["CsvSink", "SignalEvent", "SignalsOptions", "SignalsProbe", "read_csv_events"]
+_EXPORTS = {
+    "CsvSink": "deetune_signals.csv_sink",
+    "read_csv_events": "deetune_signals.csv_sink",
+    "SignalEvent": "deetune_signals.events",
+    "SignalsOptions": "deetune_signals.probe",
+    "SignalsProbe": "deetune_signals.probe",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    # Imported on first use: deetune imports this package (for deetune_signals.plugin)
+    # in every agent, and the probe's module parses a C header (pycparser, ~5 MB).
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'deetune_signals' has no attribute {name!r}")

@@ -1,8 +1,10 @@
 """The plugin module named by the ``deetune`` entry point in pyproject.toml.
 
 deetune's plugin manager calls each hook once, when it is built; ``register``
-adds a class to the probe (or sink) registry under its ``name``.  Imports are
-inside the hooks so that listing plugins stays cheap.
+adds a class to the probe (or sink) registry under its ``name``.  Every agent on a
+host with this package installed runs these hooks, so they import nothing heavy:
+the probe's module parses ``signals.h`` with cffi (pycparser, about 5 MB), so it is
+registered by name and imported only by an agent that uses it.
 """
 
 from __future__ import annotations
@@ -12,9 +14,7 @@ from deetune.hookspecs import hookimpl
 
 @hookimpl
 def deetune_register_probes(register):
-    from deetune_signals.probe import SignalsProbe
-
-    register(SignalsProbe)
+    register("deetune_signals.probe:SignalsProbe", name="signals")
 
 
 @hookimpl

@@ -131,6 +131,26 @@ def test_ring_buffer_overflow_is_counted(maps_object):
 
 
 @pytest.mark.bpf
+def test_a_consume_call_takes_a_bounded_batch(maps_object):
+    """At most ``limit`` records, and no record begun past ``max_bytes``; the rest is
+    left for the next call, in order."""
+    with BpfObject.open(maps_object) as obj:
+        obj.set_constant("targ_tgid", os.getpid())
+        obj.load()
+        obj.attach_all()
+        ring = RingBuffer(obj.maps["test_ring"])
+        try:
+            for _ in range(100):  # 24 bytes each with its header: 2,400 of the 4 KiB ring
+                os.getppid()
+            batches = [len(ring.consume(limit=30)), len(ring.consume(max_bytes=48)), len(ring.consume(max_bytes=49))]
+            batches.append(len(ring.consume()))
+            assert ring.pending_bytes() == 0
+        finally:
+            ring.close()
+    assert batches == [30, 2, 3, 65]
+
+
+@pytest.mark.bpf
 def test_records_wrapping_around_the_ring_read_whole(maps_object):
     """The data area is mapped once: a record that runs past the end of the
     ring is joined from its two parts.  24-byte records in a 4 KiB ring end

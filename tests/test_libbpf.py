@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import shutil
@@ -34,6 +35,24 @@ def compile_object(name: str, out_dir: pathlib.Path, arch: str = "x86") -> pathl
 @pytest.fixture(scope="module")
 def maps_object(tmp_path_factory) -> pathlib.Path:
     return compile_object("maps", tmp_path_factory.mktemp("bpf"))
+
+
+@contextlib.contextmanager
+def attached_ring(maps_object: pathlib.Path, *, ring_bytes: int | None = None, **constants):
+    """The test object loaded for this process (and ``constants``), attached: (object, its ring)."""
+    with BpfObject.open(maps_object) as obj:
+        obj.set_constant("targ_tgid", os.getpid())
+        for name, value in constants.items():
+            obj.set_constant(name, value)
+        if ring_bytes is not None:
+            obj.maps["test_ring"].max_entries = ring_bytes
+        obj.load()
+        obj.attach_all()
+        ring = RingBuffer(obj.maps["test_ring"])
+        try:
+            yield obj, ring
+        finally:
+            ring.close()
 
 
 def test_open_lists_programs_maps_and_constants(maps_object):
@@ -112,20 +131,13 @@ def test_knobs_maps_and_ring_buffer_end_to_end(maps_object):
 @pytest.mark.bpf
 def test_ring_buffer_overflow_is_counted(maps_object):
     """A full ring drops records in the kernel and counts them: nothing is lost silently."""
-    with BpfObject.open(maps_object) as obj:
-        obj.set_constant("targ_tgid", os.getpid())
-        obj.load()
-        obj.attach_all()
-        ring = RingBuffer(obj.maps["test_ring"])
-        try:
-            for _ in range(1000):  # 24 bytes each (16 + 8 header) in a 4 KiB ring
-                os.getppid()
-            got = len(ring.consume())
-            stats = obj.maps["dt_stats"]
-            emitted = stats.sum_percpu_u64(struct.pack("<I", 0))
-            lost = stats.sum_percpu_u64(struct.pack("<I", 1))
-        finally:
-            ring.close()
+    with attached_ring(maps_object) as (obj, ring):
+        for _ in range(1000):  # 24 bytes each (16 + 8 header) in a 4 KiB ring
+            os.getppid()
+        got = len(ring.consume())
+        stats = obj.maps["dt_stats"]
+        emitted = stats.sum_percpu_u64(struct.pack("<I", 0))
+        lost = stats.sum_percpu_u64(struct.pack("<I", 1))
     assert got == emitted == 4096 // 24
     assert emitted + lost == 1000
 
@@ -134,19 +146,12 @@ def test_ring_buffer_overflow_is_counted(maps_object):
 def test_a_consume_call_takes_a_bounded_batch(maps_object):
     """At most ``limit`` records, and no record begun past ``max_bytes``; the rest is
     left for the next call, in order."""
-    with BpfObject.open(maps_object) as obj:
-        obj.set_constant("targ_tgid", os.getpid())
-        obj.load()
-        obj.attach_all()
-        ring = RingBuffer(obj.maps["test_ring"])
-        try:
-            for _ in range(100):  # 24 bytes each with its header: 2,400 of the 4 KiB ring
-                os.getppid()
-            batches = [len(ring.consume(limit=30)), len(ring.consume(max_bytes=48)), len(ring.consume(max_bytes=49))]
-            batches.append(len(ring.consume()))
-            assert ring.pending_bytes() == 0
-        finally:
-            ring.close()
+    with attached_ring(maps_object) as (obj, ring):
+        for _ in range(100):  # 24 bytes each with its header: 2,400 of the 4 KiB ring
+            os.getppid()
+        batches = [len(ring.consume(limit=30)), len(ring.consume(max_bytes=48)), len(ring.consume(max_bytes=49))]
+        batches.append(len(ring.consume()))
+        assert ring.pending_bytes() == 0
     assert batches == [30, 2, 3, 65]
 
 
@@ -155,20 +160,12 @@ def test_records_wrapping_around_the_ring_read_whole(maps_object):
     """The data area is mapped once: a record that runs past the end of the
     ring is joined from its two parts.  24-byte records in a 4 KiB ring end
     at every 8-byte offset in turn, so some wrap on every lap."""
-    with BpfObject.open(maps_object) as obj:
-        obj.set_constant("knob_u64", 0x0102030405060708)
-        obj.set_constant("targ_tgid", os.getpid())
-        obj.load()
-        obj.attach_all()
-        ring = RingBuffer(obj.maps["test_ring"])
-        try:
-            records = []
-            for _ in range(1000):  # about 6 laps
-                os.getppid()
-                os.getppid()
-                records += ring.consume()
-        finally:
-            ring.close()
+    with attached_ring(maps_object, knob_u64=0x0102030405060708) as (obj, ring):
+        records = []
+        for _ in range(1000):  # about 6 laps
+            os.getppid()
+            os.getppid()
+            records += ring.consume()
     assert records == [struct.pack("<QQ", 0x0102030405060708, os.getpid())] * 2000
 
 
@@ -195,29 +192,21 @@ def test_the_kernel_never_sees_the_consumer_position_at_zero(maps_object):
     moment (the target is zeroed before packing): the ring looked full and the
     record was dropped, about 1 in 100,000 at 10,000 connections/s.  Another
     process watches the shared page while this one produces and drains."""
-    with BpfObject.open(maps_object) as obj:
-        obj.set_constant("targ_tgid", os.getpid())
-        obj.maps["test_ring"].max_entries = 1 << 16
-        obj.load()
-        obj.attach_all()
-        ring = RingBuffer(obj.maps["test_ring"])
-        try:
-            os.getppid()
-            assert len(ring.consume()) == 1  # the position is past 0 from here on
-            watcher = subprocess.Popen(
-                [sys.executable, "-c", WATCH_CONSUMER_POSITION, str(ring.fd), "1.5"],
-                pass_fds=(ring.fd,), stdout=subprocess.PIPE, text=True,
-            )
-            assert watcher.stdout.readline() == "ready\n"
-            drained = 0
-            while watcher.poll() is None:
-                for _ in range(1000):
-                    os.getppid()
-                    drained += len(ring.consume())
-            reads, zeros = map(int, watcher.stdout.read().split())
-            lost = obj.maps["dt_stats"].sum_percpu_u64(struct.pack("<I", 1))
-        finally:
-            ring.close()
+    with attached_ring(maps_object, ring_bytes=1 << 16) as (obj, ring):
+        os.getppid()
+        assert len(ring.consume()) == 1  # the position is past 0 from here on
+        watcher = subprocess.Popen(
+            [sys.executable, "-c", WATCH_CONSUMER_POSITION, str(ring.fd), "1.5"],
+            pass_fds=(ring.fd,), stdout=subprocess.PIPE, text=True,
+        )
+        assert watcher.stdout.readline() == "ready\n"
+        drained = 0
+        while watcher.poll() is None:
+            for _ in range(1000):
+                os.getppid()
+                drained += len(ring.consume())
+        reads, zeros = map(int, watcher.stdout.read().split())
+        lost = obj.maps["dt_stats"].sum_percpu_u64(struct.pack("<I", 1))
     assert reads > 1_000_000 and drained > 10_000
     assert (zeros, lost) == (0, 0)
 

@@ -62,7 +62,7 @@ LISTENERS = {(HOST_IP, 8080): "api", ("127.0.0.1", 6379): "cache"}
 
 def no_proc() -> SocketOwners:
     """Socket owners that never scan /proc (it would find this host's real sockets)."""
-    return SocketOwners(read_sockets=lambda: [], read_owners=lambda: {})
+    return SocketOwners(read_sockets=lambda inodes: [], read_owners=lambda: {})
 
 
 @pytest.fixture
@@ -192,8 +192,8 @@ def test_server_side_finds_the_local_client_process(agg: TopologyAggregator) -> 
 def test_local_client_found_in_proc_when_its_events_were_missed(resolver: FakeResolver, clock: Clock) -> None:
     reads = []
 
-    def read_sockets():
-        reads.append(1)
+    def read_sockets(inodes):
+        reads.append(sorted(inodes))
         return [SocketEntry(4, "127.0.0.1", 46000, "127.0.0.1", 6379, 1, 777)]
 
     owners = SocketOwners(read_sockets=read_sockets, read_owners=lambda: {777: Owner(10, "frontend")})
@@ -202,13 +202,13 @@ def test_local_client_found_in_proc_when_its_events_were_missed(resolver: FakeRe
     assert (out.client_service, out.server_service) == ("frontend", "cache")
     # Found once: the next lookups hit the table, no new scan.
     agg(exchange(30, "server", "127.0.0.1", 6379, "127.0.0.1", 46000, protocol="redis"))
-    assert len(reads) == 1
+    assert reads == [[777]]
 
 
 def test_proc_scans_are_rate_limited_and_unfound_local_clients_get_their_address(
         resolver: FakeResolver, clock: Clock) -> None:
     now = [0.0]
-    owners = SocketOwners(read_sockets=lambda: [], read_owners=lambda: {}, clock=lambda: now[0], min_interval=1.0)
+    owners = SocketOwners(read_sockets=lambda inodes: [], read_owners=lambda: {}, clock=lambda: now[0], min_interval=1.0)
     agg = TopologyAggregator(resolver, clock=clock, socket_owners=owners)
     for port in range(46000, 46010):
         [out] = agg(exchange(30, "server", "127.0.0.1", 6379, "127.0.0.1", port, sock_id=port, protocol="redis"))
@@ -464,7 +464,7 @@ def test_a_proc_scan_replaces_what_the_last_one_found() -> None:
         [SocketEntry(4, "127.0.0.1", 8080, "127.0.0.1", 40001, 1, 11)],
         [SocketEntry(4, "127.0.0.1", 8080, "127.0.0.1", 40002, 1, 12)],
     ]
-    owners = SocketOwners(read_sockets=lambda: scans.pop(0), read_owners=lambda: {11: Owner(5, "a"), 12: Owner(6, "b")},
+    owners = SocketOwners(read_sockets=lambda inodes: scans.pop(0), read_owners=lambda: {11: Owner(5, "a"), 12: Owner(6, "b")},
                           clock=lambda: now[0])
     owners.learn(("127.0.0.1", 50000, "127.0.0.1", 8080), 7, "client")  # from an event: kept
     assert owners.owner(("127.0.0.1", 8080, "127.0.0.1", 40001)) == (5, "a")
@@ -487,7 +487,7 @@ def test_fruitless_proc_scans_back_off() -> None:
     now = [0.0]
     found = SocketEntry(4, "127.0.0.1", 8080, "127.0.0.1", 40001, 1, 11)
     listing = [[], [], [found], []]
-    owners = SocketOwners(read_sockets=lambda: listing.pop(0), read_owners=lambda: {11: Owner(5, "a")},
+    owners = SocketOwners(read_sockets=lambda inodes: listing.pop(0), read_owners=lambda: {11: Owner(5, "a")},
                           clock=lambda: now[0], max_interval=4.0)
     key = ("127.0.0.1", 8080, "127.0.0.1", 40001)
     scans = []

@@ -9,11 +9,13 @@ containers' views) or when netlink is refused."""
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import logging
 import os
 import socket
 import struct
+from collections.abc import Container
 
 import attrs
 
@@ -72,15 +74,20 @@ def _parse_addr(text: str, family: int) -> tuple[str, int]:
     return (str(v6.ipv4_mapped) if v6.ipv4_mapped else str(v6)), int(port_hex, 16)
 
 
+@functools.lru_cache(maxsize=4096)
 def _format(family: int, raw: bytes) -> str:
+    # Cached: a scan meets the same few addresses thousands of times, and the entries kept
+    # from it then share one string each.
     if family == 4:
         return str(ipaddress.IPv4Address(raw[:4]))
     v6 = ipaddress.IPv6Address(raw)
     return str(v6.ipv4_mapped) if v6.ipv4_mapped else str(v6)
 
 
-def diag_tcp_sockets(states: frozenset[int] | set[int] = ALL_STATES) -> list[SocketEntry]:
-    """TCP sockets in ``states`` from NETLINK_SOCK_DIAG (IPv4 then IPv6)."""
+def diag_tcp_sockets(states: frozenset[int] | set[int] = ALL_STATES,
+                     inodes: Container[int] | None = None) -> list[SocketEntry]:
+    """TCP sockets in ``states`` from NETLINK_SOCK_DIAG (IPv4 then IPv6); only those whose
+    inode is in ``inodes`` when given."""
     mask = 0
     for state in states:
         mask |= 1 << state
@@ -104,29 +111,35 @@ def diag_tcp_sockets(states: frozenset[int] | set[int] = ALL_STATES) -> list[Soc
                         errno_value = -struct.unpack_from("=i", data, offset + _NLMSG_HEADER.size)[0]
                         raise OSError(errno_value, f"sock_diag: {os.strerror(errno_value)}")
                     body = offset + _NLMSG_HEADER.size
+                    offset += (length + 3) & ~3
+                    inode = _DIAG_TAIL.unpack_from(data, body + 4 + _DIAG_SOCKID.size)[4]
+                    if inodes is not None and inode not in inodes:
+                        continue
                     state = data[body + 1]
                     sport, dport, src, dst, _, _ = _DIAG_SOCKID.unpack_from(data, body + 4)
-                    inode = _DIAG_TAIL.unpack_from(data, body + 4 + _DIAG_SOCKID.size)[4]
                     size = 4 if family == 4 else 16
                     entries.append(SocketEntry(family, _format(family, src[:size]), sport,
                                                _format(family, dst[:size]), dport, state, inode))
-                    offset += (length + 3) & ~3
                 if not data:
                     break
     return entries
 
 
-def read_tcp_sockets(proc: str = "/proc", states: frozenset[int] | set[int] | None = None) -> list[SocketEntry]:
-    """TCP sockets (optionally only those in ``states``)."""
+def read_tcp_sockets(proc: str = "/proc", states: frozenset[int] | set[int] | None = None,
+                     inodes: Container[int] | None = None) -> list[SocketEntry]:
+    """TCP sockets (optionally only those in ``states``, and only those whose inode is in
+    ``inodes``: skipped before their addresses are parsed, which matters at high connection
+    churn, when most open sockets are orphans on their way out)."""
     if proc == "/proc":
         try:
-            return diag_tcp_sockets(ALL_STATES if states is None else states)
+            return diag_tcp_sockets(ALL_STATES if states is None else states, inodes)
         except OSError as exc:  # netlink refused (seccomp, old kernel): the slow way
             log.debug("sock_diag unavailable (%s); reading /proc/net/tcp", exc)
-    return _read_proc_tcp(proc, states)
+    return _read_proc_tcp(proc, states, inodes)
 
 
-def _read_proc_tcp(proc: str, states: frozenset[int] | set[int] | None) -> list[SocketEntry]:
+def _read_proc_tcp(proc: str, states: frozenset[int] | set[int] | None,
+                   inodes: Container[int] | None = None) -> list[SocketEntry]:
     entries = []
     for name, family in (("tcp", 4), ("tcp6", 6)):
         try:
@@ -139,9 +152,12 @@ def _read_proc_tcp(proc: str, states: frozenset[int] | set[int] | None) -> list[
                     # matters on hosts with many connections.
                     if states is not None and state not in states:
                         continue
+                    inode = int(fields[9])
+                    if inodes is not None and inode not in inodes:
+                        continue
                     laddr, lport = _parse_addr(fields[1], family)
                     raddr, rport = _parse_addr(fields[2], family)
-                    entries.append(SocketEntry(family, laddr, lport, raddr, rport, state, int(fields[9])))
+                    entries.append(SocketEntry(family, laddr, lport, raddr, rport, state, inode))
         except FileNotFoundError:  # no IPv6 in this kernel
             continue
     return entries

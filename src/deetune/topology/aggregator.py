@@ -61,6 +61,7 @@ import bisect
 import functools
 import logging
 import time
+from collections.abc import Collection
 from typing import Any, Callable, Iterable, Protocol
 
 import attrs
@@ -84,6 +85,10 @@ class Resolver(Protocol):
     def is_local_listener(self, addr: str, port: int) -> bool: ...
 
 
+def _open_sockets(inodes: Collection[int]) -> list[procnet.SocketEntry]:
+    return procnet.read_tcp_sockets(states=procnet.OPEN_STATES, inodes=inodes)
+
+
 class SocketOwners:
     """Which local process owns a TCP socket, by its 4-tuple.
 
@@ -97,8 +102,8 @@ class SocketOwners:
         self,
         *,
         # Open states only: a TIME_WAIT socket has no owner, and a busy host has 100,000s of them.
-        read_sockets: Callable[[], list[procnet.SocketEntry]] = functools.partial(
-            procnet.read_tcp_sockets, states=procnet.OPEN_STATES),
+        # Called with the inodes some process holds: only those sockets are wanted.
+        read_sockets: Callable[[Collection[int]], list[procnet.SocketEntry]] = _open_sockets,
         read_owners: Callable[[], dict[int, procnet.Owner]] = procnet.socket_owners,
         min_interval: float = 1.0,
         max_interval: float = 32.0,
@@ -147,8 +152,10 @@ class SocketOwners:
         self._scanned_at = now
         self.scans += 1
         try:
-            sockets = self._read_sockets()
+            # Owners first: at high churn most open sockets are orphans (FIN_WAIT2, no inode)
+            # and need not be read.
             owners = self._read_owners()
+            sockets = self._read_sockets(owners.keys())
         except OSError as exc:
             log.debug("cannot read socket owners: %s", exc)
             return None

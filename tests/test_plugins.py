@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from deetune.plugins import Registry, UnknownPluginError
+from deetune.plugins import PluginImportError, Registry, UnknownPluginError
 
 
 @pytest.fixture
@@ -76,3 +76,15 @@ def test_the_agent_imports_no_sink_it_does_not_use():
     """)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.splitlines() == ["[]", "True"], out.stderr
+
+
+def test_a_lazy_entry_that_cannot_be_imported_is_a_one_line_error(lazy_module):
+    registry = Registry("sink")
+    registry.register("no_such_module_here:Sink", name="gone")
+    registry.register("lazy_sink_mod:NoSuchClass", name="typo")
+    with pytest.raises(PluginImportError, match=r"^sink 'gone' \(no_such_module_here:Sink\) cannot be imported: "
+                                                r"No module named 'no_such_module_here'$"):
+        registry.get("gone")
+    with pytest.raises(PluginImportError, match=r"^sink 'typo' \(lazy_sink_mod:NoSuchClass\) cannot be imported: "):
+        registry.get("typo")
+    assert issubclass(PluginImportError, UnknownPluginError)  # the agent reports it in one line, exit code 2

@@ -19,6 +19,10 @@ class UnknownPluginError(LookupError):
     """A probe, decoder or sink name that no plugin registered."""
 
 
+class PluginImportError(UnknownPluginError):
+    """A plugin registered by name whose module cannot be imported (a missing dependency)."""
+
+
 class Registry(Generic[T]):
     """Name → class for one kind of plugin (probes, decoders or sinks).
 
@@ -59,7 +63,10 @@ class Registry(Generic[T]):
 
     def _load(self, name: str, target: str) -> type:
         module, _, attr = target.partition(":")
-        cls = getattr(importlib.import_module(module), attr)
+        try:
+            cls = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as exc:
+            raise PluginImportError(f"{self.kind} {name!r} ({target}) cannot be imported: {exc}") from exc
         loaded_name = getattr(cls, "name", None) or getattr(cls, "protocol", None)
         if loaded_name != name:
             raise TypeError(f"{self.kind} {name!r} ({target}) is named {loaded_name!r}")

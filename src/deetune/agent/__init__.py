@@ -25,7 +25,7 @@ from deetune.api import DEFAULT_API_HOST, DEFAULT_API_PORT
 from deetune.cli_types import parse_duration
 from deetune.libbpf import LibbpfError
 from deetune.pipeline import Pipeline
-from deetune.plugins import Plugins, UnknownPluginError
+from deetune.plugins import PluginImportError, Plugins, UnknownPluginError
 from deetune.probes.base import Clock, ProbeOptions
 from deetune.probes.payload import (
     DEFAULT_BUSY_CPU,
@@ -338,7 +338,11 @@ def cmd_plugins(argv: Sequence[str]) -> int:
     for title, registry in (("probes", plugins.probes), ("decoders", plugins.decoders), ("sinks", plugins.sinks)):
         print(f"{title}:")
         for name in registry.names():
-            cls = registry.get(name)
+            try:
+                cls = registry.get(name)
+            except PluginImportError as exc:
+                print(f"  {name:<12} (unusable: {exc.__cause__})  [{registry.origin(name)}]")
+                continue
             text = getattr(cls, "description", "") or (cls.__doc__ or "").strip().splitlines()[0:1]
             if isinstance(text, list):
                 text = text[0] if text else ""

@@ -9,7 +9,6 @@ containers' views) or when netlink is refused."""
 
 from __future__ import annotations
 
-import functools
 import ipaddress
 import logging
 import os
@@ -18,6 +17,8 @@ import struct
 from collections.abc import Container
 
 import attrs
+
+from deetune.events import format_address
 
 log = logging.getLogger("deetune.procnet")
 
@@ -74,16 +75,6 @@ def _parse_addr(text: str, family: int) -> tuple[str, int]:
     return (str(v6.ipv4_mapped) if v6.ipv4_mapped else str(v6)), int(port_hex, 16)
 
 
-@functools.lru_cache(maxsize=4096)
-def _format(family: int, raw: bytes) -> str:
-    # Cached: a scan meets the same few addresses thousands of times, and the entries kept
-    # from it then share one string each.
-    if family == 4:
-        return str(ipaddress.IPv4Address(raw[:4]))
-    v6 = ipaddress.IPv6Address(raw)
-    return str(v6.ipv4_mapped) if v6.ipv4_mapped else str(v6)
-
-
 def diag_tcp_sockets(states: frozenset[int] | set[int] = ALL_STATES,
                      inodes: Container[int] | None = None) -> list[SocketEntry]:
     """TCP sockets in ``states`` from NETLINK_SOCK_DIAG (IPv4 then IPv6); only those whose
@@ -117,9 +108,10 @@ def diag_tcp_sockets(states: frozenset[int] | set[int] = ALL_STATES,
                         continue
                     state = data[body + 1]
                     sport, dport, src, dst, _, _ = _DIAG_SOCKID.unpack_from(data, body + 4)
-                    size = 4 if family == 4 else 16
-                    entries.append(SocketEntry(family, _format(family, src[:size]), sport,
-                                               _format(family, dst[:size]), dport, state, inode))
+                    # The records' formatter, cached: a scan meets the same few addresses thousands
+                    # of times, and the entries kept from it then share one string each.
+                    entries.append(SocketEntry(family, format_address(family, src), sport,
+                                               format_address(family, dst), dport, state, inode))
                 if not data:
                     break
     return entries

@@ -41,7 +41,7 @@ class Registry(Generic[T]):
             if not name or ":" not in cls:
                 raise TypeError(f"{self.kind} plugin {cls!r}: a lazy plugin is 'module:Class' with name=")
         else:
-            name = getattr(cls, "name", None) or getattr(cls, "protocol", None)
+            name = _name_of(cls)
         if not name:
             raise TypeError(f"{self.kind} plugin {cls!r} has no name")
         if name in self._classes and self._classes[name] != cls:
@@ -67,7 +67,7 @@ class Registry(Generic[T]):
             cls = getattr(importlib.import_module(module), attr)
         except (ImportError, AttributeError) as exc:
             raise PluginImportError(f"{self.kind} {name!r} ({target}) cannot be imported: {exc}") from exc
-        loaded_name = getattr(cls, "name", None) or getattr(cls, "protocol", None)
+        loaded_name = _name_of(cls)
         if loaded_name != name:
             raise TypeError(f"{self.kind} {name!r} ({target}) is named {loaded_name!r}")
         return cls
@@ -124,6 +124,11 @@ class Plugins:
 
     def plugin_names(self) -> list[str]:
         return sorted(name for name, _ in self.manager.list_name_plugin())
+
+
+def _name_of(cls: type) -> str | None:
+    """The name a plugin class is registered under (decoders: their ``protocol``)."""
+    return getattr(cls, "name", None) or getattr(cls, "protocol", None)
 
 
 def _module_of(cls: type | str) -> str:

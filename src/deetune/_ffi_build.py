@@ -124,6 +124,11 @@ def header_cdef(text: str) -> str:
     return "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
 
 
+def headers_cdef(*texts: str) -> str:
+    """BPF headers, in order, as one set of cffi declarations with the fixed-width types."""
+    return HEADER_PREAMBLE + "\n".join(header_cdef(text) for text in texts)
+
+
 def generate(module: str, cdef: str) -> str:
     """The source of an out-of-line module ``deetune.<module>`` declaring ``cdef``."""
     import cffi
@@ -144,7 +149,7 @@ def sources(header: pathlib.Path = SOURCE_HEADER) -> dict[str, str]:
     """File name → generated source, for both modules."""
     return {
         "_ffi_libbpf.py": generate("_ffi_libbpf", LIBBPF_CDEF),
-        "_ffi_records.py": generate("_ffi_records", HEADER_PREAMBLE + header_cdef(header.read_text())),
+        "_ffi_records.py": generate("_ffi_records", headers_cdef(header.read_text())),
     }
 
 

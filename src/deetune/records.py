@@ -31,18 +31,17 @@ def load_header(path: pathlib.Path, *, include: Any = None) -> "cffi.FFI":
     ``cffi.FFI`` is included as cffi's ``FFI.include`` does."""
     import cffi
 
-    from deetune._ffi_build import HEADER_PREAMBLE, header_cdef
+    from deetune._ffi_build import header_cdef, headers_cdef
 
     new = cffi.FFI()
-    own = header_cdef(path.read_text())
     if include is ffi:
         # deetune's own FFI is built ahead of time and cannot be included: parse its header too.
-        new.cdef(HEADER_PREAMBLE + header_cdef(header_path().read_text()) + "\n" + own)
+        new.cdef(headers_cdef(header_path().read_text(), path.read_text()))
     elif include is not None:
         new.include(include)
-        new.cdef(own)
+        new.cdef(header_cdef(path.read_text()))
     else:
-        new.cdef(HEADER_PREAMBLE + own)
+        new.cdef(headers_cdef(path.read_text()))
     return new
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import socket
 import tempfile
@@ -336,6 +337,12 @@ def _with_fake_controls(probe: PayloadProbe, counts: dict[str, int] | None = Non
     return controls
 
 
+def _tick_on_two_cpus(probe: PayloadProbe, idle: float, own: float, seconds: float = 1.0) -> int:
+    """One tick of a 2-CPU host with ``idle`` cores idle and the agent on ``own`` cores; the sampling after it."""
+    probe.tick(CpuSample(seconds=seconds, host_cores=2, host_idle=idle, own=own))
+    return probe.sampling
+
+
 def test_overload_sampling_follows_the_records_lost():
     probe = PayloadProbe()
     counts = {"emitted": 0, "lost": 0, "sampled_out": 0}
@@ -364,10 +371,7 @@ def test_overload_sampling_follows_the_records_lost():
 def test_overload_sampling_keeps_the_agent_within_its_budget_on_a_busy_host():
     probe = PayloadProbe(busy_cpu=0.05)
     controls = _with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
-
-    def tick(idle: float, own: float, seconds: float = 1.0) -> int:
-        probe.tick(CpuSample(seconds=seconds, host_cores=2, host_idle=idle, own=own))
-        return probe.sampling
+    tick = functools.partial(_tick_on_two_cpus, probe)
 
     assert tick(idle=1.2, own=0.7) == 1  # the agent uses spare CPU: no limit
     # One busy quarter second is no trend: the CPU is judged over a second.
@@ -412,10 +416,7 @@ def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_ar
 def test_a_step_back_that_overran_the_budget_makes_the_next_one_wait_twice_as_long():
     probe = PayloadProbe(busy_cpu=0.05)
     _with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
-
-    def tick(idle: float, own: float) -> int:
-        probe.tick(CpuSample(seconds=1.0, host_cores=2, host_idle=idle, own=own))
-        return probe.sampling
+    tick = functools.partial(_tick_on_two_cpus, probe)
 
     assert tick(idle=0.1, own=0.8) == 16
     tick(idle=0.1, own=0.01)  # settling

@@ -70,7 +70,8 @@ enum dt_conn_flags {
 enum dt_stat {
 	DT_STAT_EMITTED = 0,
 	DT_STAT_LOST = 1,
-	/* Calls on connections left out by overload sampling (payload probe). */
+	/* Records left out by overload sampling: calls on connections the payload
+	 * probe does not copy, opens and closes the tcp probe does not report. */
 	DT_STAT_SAMPLED_OUT = 2,
 	DT_STAT_MAX = 3,
 };
@@ -117,6 +118,9 @@ struct dt_conn_record {
 	__u8 laddr[16];       /* IPv4 in the first 4 bytes */
 	__u8 raddr[16];
 	char comm[DT_COMM_LEN];
+	__u8 sample_shift;    /* overload sampling when the connection opened: it stands
+			       * for 1 << sample_shift connections (0: itself only) */
+	__u8 _pad[7];
 };
 
 /* Bytes one call moved on a TCP socket.  Only `captured` bytes of data[]
@@ -147,6 +151,12 @@ struct dt_payload_controls {
 	__u32 sample_mask;    /* overload sampling: copy 1 connection in mask + 1 */
 	__u32 generation;     /* bumped by every change to the maps a socket's verdict
 			       * depends on (ports, capture sizes, muted); 0: not set up */
+};
+
+/* The tcp probe's live settings (its `controls` map, one entry). */
+struct dt_tcp_controls {
+	__u32 sample_mask;    /* overload sampling: report 1 connection in mask + 1 */
+	__u32 sample_shift;   /* log2(mask + 1), copied into the reported records */
 };
 
 #endif /* __DEETUNE_RECORDS_H__ */

@@ -97,6 +97,10 @@ struct sock {
 	__u16 sk_protocol;
 } __attribute__((preserve_access_index));
 
+struct inet_sock {
+	__be16 inet_sport;
+} __attribute__((preserve_access_index));
+
 struct tcp_sock {
 	__u64 bytes_received;
 	__u64 bytes_acked;

@@ -218,7 +218,7 @@ def test_csv_sink_writes_a_header_per_type_and_reads_back(plugin, tmp_path):
 
     lines = path.read_text().splitlines()
     assert lines[0].startswith("type,ts,ts_mono_ns,phase,role,pid,comm,")
-    assert lines[0].endswith(",bytes_sent,bytes_received,duration_ns,retransmits,reset,preexisting,error,client_service,server_service")
+    assert lines[0].endswith(",bytes_sent,bytes_received,duration_ns,retransmits,reset,preexisting,error,sampling,client_service,server_service")
     assert lines[2].startswith("type,ts,ts_mono_ns,phase,pid,ppid,comm,cmdline,")
     assert [line.split(",")[0] for line in lines] == ["type", "connection", "type", "process", "connection"]
 

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
+import struct
 import sys
 import time
+from typing import Iterator
 
 import pytest
 
 from deetune.events import ConnectionEvent
+from deetune.hostcpu import CpuSample
 from deetune.probes import ProbeOptions
 from deetune.probes.tcp import TcpProbe
 
@@ -219,3 +223,71 @@ def test_exclude_self_drops_only_our_own_side():
         time.sleep(0.2)
     sides = {(e.phase, e.role, e.pid) for e in conn_events(collector, peer.port)}
     assert sides == {("open", "server", peer.pid), ("close", "server", peer.pid)}
+
+
+def test_overload_sampling_reports_whole_connections_and_counts_the_rest():
+    port = free_port()
+    probe = TcpProbe(ProbeOptions(port=port), overload_sampling=False)  # the test sets the sampling itself
+    with running_pipeline([probe]) as collector:
+        probe.set_sampling(4)
+        ports = []
+        with listening(port) as listener:
+            for _ in range(64):
+                client = socket.create_connection(("127.0.0.1", port))
+                server, _ = listener.accept()
+                ports.append(client.getsockname()[1])
+                client.sendall(b"x" * 10)
+                assert server.recv(100) == b"x" * 10
+                client.close()
+                server.close()
+        counts = probe.counters()
+        with socket.socket() as refused:  # failed connects are always reported
+            assert refused.connect_ex(("127.0.0.1", port)) != 0
+        collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "failed" and e.rport == port)
+        probe.set_sampling(1)
+        with listening(port) as listener, socket.create_connection(("127.0.0.1", port)) as client:
+            lport = client.getsockname()[1]
+            listener.accept()[0].close()
+        collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "close" and lport in (e.lport, e.rport), 2)
+    reported = [e for e in conn_events(collector, port) if e.lport in ports or e.rport in ports]
+    failed = conn_events(collector, port, "failed")
+    last = [e for e in conn_events(collector, port) if lport in (e.lport, e.rport)]
+
+    # Each connection makes 4 records (open and close on both sides): reported whole or not at all.
+    assert counts["sampled_out"] + len(reported) == 4 * 64
+    by_conn: dict[int, list[ConnectionEvent]] = {}
+    for e in reported:
+        by_conn.setdefault(e.lport if e.role == "client" else e.rport, []).append(e)
+    assert 0 < len(by_conn) < 64
+    assert all(sorted((e.role, e.phase) for e in events) == [("client", "close"), ("client", "open"),
+                                                            ("server", "close"), ("server", "open")]
+               for events in by_conn.values())
+    assert {e.sampling for e in reported} == {4}
+    assert all(e.to_json()["sampling"] == 4 for e in reported)
+    assert [(e.phase, e.sampling) for e in failed] == [("failed", 1)]
+    assert sorted((e.role, e.phase, e.sampling) for e in last) == [
+        ("client", "close", 1), ("client", "open", 1), ("server", "close", 1), ("server", "open", 1)]
+    assert "sampling" not in last[0].to_json()
+    stats = collector.stats.probes["tcp"]
+    assert (stats.sampled_out, stats.sparsest_sampling) == (counts["sampled_out"], 4)
+
+
+@contextlib.contextmanager
+def listening(port: int) -> Iterator[socket.socket]:
+    with socket.socket() as listener:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", port))
+        listener.listen(64)
+        yield listener
+
+
+def test_overload_sampling_keeps_the_agent_within_its_budget_and_tells_the_kernel():
+    written = []
+    probe = TcpProbe(busy_cpu=0.05)
+    probe.obj = type("Obj", (), {"maps": {"controls": type("Map", (), {
+        "update": staticmethod(lambda key, value: written.append(struct.unpack("<II", value)))})()}})()
+    probe.counters = lambda: {"emitted": 0, "lost": 0, "sampled_out": 0}
+    # A 2-CPU host with no idle CPU, the agent on 0.4 cores: 8 times its budget.
+    probe.tick(CpuSample(seconds=1.0, host_cores=2, host_idle=0.0, own=0.4))
+    assert probe.sampling == 8
+    assert written == [(7, 3)]  # mask, and the shift the reported records carry (1 << 3 = 8)

@@ -92,11 +92,12 @@ def exchange(pid: int, role: str, laddr: str, lport: int, raddr: str, rport: int
 
 def connection(phase: str, pid: int, role: str, laddr: str, lport: int, raddr: str, rport: int, *, sock_id: int = 1,
                sent: int | None = None, received: int | None = None, retransmits: int | None = None,
-               reset: str | None = None, preexisting: bool = False, error: str | None = None) -> ConnectionEvent:
+               reset: str | None = None, preexisting: bool = False, error: str | None = None,
+               sampling: int = 1) -> ConnectionEvent:
     return ConnectionEvent(
         T0, phase=phase, role=role, pid=pid, comm=f"p{pid}", laddr=laddr, lport=lport, raddr=raddr, rport=rport,
         family=4, sock_id=sock_id, bytes_sent=sent, bytes_received=received, retransmits=retransmits, reset=reset,
-        preexisting=preexisting, error=error,
+        preexisting=preexisting, error=error, sampling=sampling,
     )
 
 
@@ -303,6 +304,28 @@ def test_undecoded_connections_make_a_tcp_edge(agg: TopologyAggregator) -> None:
     ])
     assert windows(agg.flush()) == {EdgeKey("api", "10.9.9.9:22", "tcp", 22): stats(
         bytes_sent=10, bytes_received=20, connections_opened=2, resets=1)}
+
+
+def test_a_sampled_connection_counts_for_the_connections_it_stands_for(agg: TopologyAggregator) -> None:
+    # Under the tcp probe's overload sampling 1 connection in 8 is reported, with sampling=8;
+    # the exchange decoded on it (the payload probe samples on its own) counts once.
+    run(agg, [
+        connection("open", 20, "client", HOST_IP, 50000, "10.9.9.9", 22, sock_id=5, sampling=8),
+        connection("close", 20, "client", HOST_IP, 50000, "10.9.9.9", 22, sock_id=5, sent=10, received=20,
+                   retransmits=1, reset="received", sampling=8),
+        connection("open", 20, "client", HOST_IP, 50001, "10.9.9.9", 6379, sock_id=6, sampling=4),
+        exchange(20, "client", HOST_IP, 50001, "10.9.9.9", 6379, sock_id=6, protocol="redis", req=3, resp=5),
+        connection("close", 20, "client", HOST_IP, 50001, "10.9.9.9", 6379, sock_id=6, sent=13, received=25,
+                   sampling=4),
+        connection("failed", 20, "client", HOST_IP, 50002, "10.9.9.9", 23, sock_id=7, error="refused"),
+    ])
+    assert windows(agg.flush()) == {
+        EdgeKey("api", "10.9.9.9:22", "tcp", 22): stats(
+            bytes_sent=80, bytes_received=160, connections_opened=8, retransmits=8, resets=8),
+        EdgeKey("api", "10.9.9.9:6379", "redis", 6379): stats(
+            requests=1, latencies=[1_000_000], bytes_sent=3 + 4 * 10, bytes_received=5 + 4 * 20, connections_opened=4),
+        EdgeKey("api", "10.9.9.9:23", "tcp", 23): stats(connections_failed=1),
+    }
 
 
 def test_connections_count_on_the_edge_of_the_protocol_they_carry(agg: TopologyAggregator, clock: Clock) -> None:

@@ -98,6 +98,9 @@ class ConnectionEvent(Event):
     # failed only
     #: failed: ``"refused"``, ``"timeout"``, or the errno name.
     error: str | None = attrs.field(kw_only=True, default=None)
+    #: Overload sampling: this open or close stands for this many connections, of which the
+    #: others were not reported (1: for itself only; in JSON only when more).
+    sampling: int = attrs.field(kw_only=True, default=1)
     #: Service names of both ends, set in place by the topology aggregator (None before it; the
     #: one writer of these two fields, see deetune.topology.aggregator._enricher).
     client_service: str | None = attrs.field(kw_only=True, default=None)
@@ -110,6 +113,8 @@ class ConnectionEvent(Event):
                 del data[key]
         if self.phase != "failed":
             del data["error"]
+        if self.sampling == 1:
+            del data["sampling"]
         if self.client_service is None:
             del data["client_service"], data["server_service"]
         return data

@@ -54,8 +54,9 @@ class ProbeStats:
     lost: int = 0
     #: Records user space could not decode (counted, skipped).
     undecodable: int = 0
-    #: Calls left out while overload sampling was on (payload probe: not copied by the kernel,
-    #: or copied just before the sampling grew sparser and dropped as they were read).
+    #: Records left out while overload sampling was on (payload probe: calls not copied by the
+    #: kernel, or copied just before the sampling grew sparser and dropped as they were read;
+    #: tcp probe: opens and closes not reported).
     sampled_out: int = 0
     #: The sparsest overload sampling of the run: 1 connection in this many (1: none).
     sparsest_sampling: int = 1
@@ -79,7 +80,7 @@ class RunStats:
     def summary(self) -> str:
         parts = [
             f"{p.name}: {p.records} records, {p.lost} lost" + (f", {p.undecodable} undecodable" if p.undecodable else "")
-            + (f", {p.sampled_out} calls left out by overload sampling (down to 1 connection in {p.sparsest_sampling})"
+            + (f", {p.sampled_out} records left out by overload sampling (down to 1 connection in {p.sparsest_sampling})"
                if p.sampled_out else "")
             for p in self.probes.values()
         ]

@@ -27,12 +27,8 @@ from deetune.libbpf import LibbpfError
 from deetune.pipeline import Pipeline
 from deetune.plugins import PluginImportError, Plugins, UnknownPluginError
 from deetune.probes.base import Clock, ProbeOptions
-from deetune.probes.payload import (
-    DEFAULT_BUSY_CPU,
-    DEFAULT_CAPTURE_BYTES,
-    MAX_CAPTURE_BYTES,
-    PayloadProbe,
-)
+from deetune.probes.overload import DEFAULT_BUSY_CPU, OverloadSampling
+from deetune.probes.payload import DEFAULT_CAPTURE_BYTES, MAX_CAPTURE_BYTES, PayloadProbe
 from deetune.services import EndpointMapping, MappingError, ServiceResolver
 from deetune.sinks.base import SinkError, parse_sink_spec
 from deetune.topology.aggregator import TopologyAggregator
@@ -148,13 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--no-overload-sampling", dest="overload_sampling", action="store_false",
-        help="when the agent cannot keep up, lose payload records at random instead of copying fewer "
+        help="when the agent cannot keep up, lose records at random instead of reporting fewer "
              "connections, whole (default: sample, and say so on stop)",
     )
     parser.add_argument(
         "--busy-cpu", type=_busy_cpu, default=DEFAULT_BUSY_CPU, metavar="CORES",
-        help=f"on a host with no idle CPU, the agent keeps itself under this many cores by copying the "
-             f"payload of fewer connections ('off': no limit; default {DEFAULT_BUSY_CPU})",
+        help=f"on a host with no idle CPU, the agent keeps itself under this many cores by reporting fewer "
+             f"connections and copying the payload of fewer ('off': no limit; default {DEFAULT_BUSY_CPU})",
     )
     parser.add_argument("--protocol", action="append", metavar="NAME", help="decode only these protocols (repeatable; default: all)")
     parser.add_argument("--emit-data", action="store_true", help="also send raw payload events (type data) to the sinks")
@@ -209,11 +205,12 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
     probes = []
     for name in dict.fromkeys(names):
         cls = plugins.probes.get(name)
+        kwargs: dict = {}
+        if issubclass(cls, OverloadSampling):
+            kwargs.update(overload_sampling=args.overload_sampling, busy_cpu=args.busy_cpu)
         if issubclass(cls, PayloadProbe):
-            probes.append(cls(options, clock, capture_bytes=args.capture_bytes, overload_sampling=args.overload_sampling,
-                              busy_cpu=args.busy_cpu))
-        else:
-            probes.append(cls(options, clock))
+            kwargs["capture_bytes"] = args.capture_bytes
+        probes.append(cls(options, clock, **kwargs))
     decoders = [plugins.decoders.get(name) for name in dict.fromkeys(args.protocol or plugins.decoders.names())]
     handlers: list = []
     payload = next((p for p in probes if isinstance(p, PayloadProbe)), None)

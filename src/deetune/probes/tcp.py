@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
+import struct
 from typing import Iterable
 
 from deetune import procnet, records
 from deetune.events import ConnectionEvent, failure_reason, format_address
 from deetune.libbpf import BpfObject
-from deetune.probes.base import Probe
+from deetune.probes.base import Probe, ProbeOptions
+from deetune.probes.overload import DEFAULT_BUSY_CPU, OverloadSampling
 
 log = logging.getLogger("deetune.probes.tcp")
 
@@ -17,21 +19,35 @@ _STRUCT, _FIELDS = records.record_struct("struct dt_conn_record")
 # decode() unpacks positionally, in this order; a layout change must update it.
 assert _FIELDS == (
     "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "open_ts_ns", "bytes_sent", "bytes_received", "cgroup_id",
-    "retransmits", "error", "family", "lport", "rport", "role", "flags", "laddr", "raddr", "comm",
+    "retransmits", "error", "family", "lport", "rport", "role", "flags", "laddr", "raddr", "comm", "sample_shift",
+    "_pad",
 ), _FIELDS
 _L = records.lib
 _PHASES = {_L.DT_REC_CONN_OPEN: "open", _L.DT_REC_CONN_CLOSE: "close", _L.DT_REC_CONN_FAILED: "failed"}
 _ROLES = {_L.DT_ROLE_CLIENT: "client", _L.DT_ROLE_SERVER: "server"}
 _AF_INET6 = 10
+_ZERO = struct.pack("<I", 0)
+_CONTROLS = struct.Struct("<II")
+assert _CONTROLS.size == records.ffi.sizeof("struct dt_tcp_controls")
 
 
-class TcpProbe(Probe):
+class TcpProbe(OverloadSampling, Probe):
+    """Connections as the kernel's TCP state machine moves them.
+
+    When the agent cannot keep up (records lost, or its CPU over ``busy_cpu`` on a busy
+    host), the kernel reports 1 connection in N, opens and closes together, and each
+    reported event says how many it stands for (``sampling``); failed connects are always
+    reported.  See :class:`~deetune.probes.overload.OverloadSampling`.
+    """
+
     name = "tcp"
     description = "TCP connections: open, close (bytes, duration, retransmits, resets), failed connects; IPv4 and IPv6"
     object_name = "tcp"
 
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, options: ProbeOptions | None = None, clock=None, *, overload_sampling: bool = True,
+                 busy_cpu: float | None = DEFAULT_BUSY_CPU):
+        super().__init__(options, clock)
+        self._init_overload_sampling(overload_sampling, busy_cpu)
         self._preexisting: dict[tuple, procnet.PreexistingConnection] = {}
 
     def configure(self, obj: BpfObject) -> None:
@@ -42,6 +58,9 @@ class TcpProbe(Probe):
         if self.options.port:
             obj.set_constant("targ_port", self.options.port)
 
+    def _write_sampling(self) -> None:
+        self.obj.maps["controls"].update(_ZERO, _CONTROLS.pack(self._mask, self.sampling.bit_length() - 1))
+
     def after_attach(self) -> None:
         # Taken after attaching so that no connection falls between the two:
         # one that closes in between is reported, just without its owner.
@@ -50,10 +69,11 @@ class TcpProbe(Probe):
 
     def decode(self, raw: bytes) -> Iterable[ConnectionEvent]:
         (kind, pid, ts_mono, sock_id, open_ts, bytes_sent, bytes_received, cgroup_id, retransmits, error,
-         family, lport, rport, role, flags, laddr, raddr, comm) = _STRUCT.unpack_from(raw)  # fmt: skip
+         family, lport, rport, role, flags, laddr, raddr, comm, sample_shift, _) = _STRUCT.unpack_from(raw)  # fmt: skip
         phase = _PHASES.get(kind)
         if phase is None:
             return ()
+        self._read += 1
         family = 6 if family == _AF_INET6 else 4
         laddr = format_address(family, laddr)
         raddr = format_address(family, raddr)
@@ -96,5 +116,6 @@ class TcpProbe(Probe):
             reset=reset if closed else None,
             preexisting=preexisting,
             error=failure_reason(error) if phase == "failed" else None,
+            sampling=1 << sample_shift,
         )
         return (event,)

@@ -670,7 +670,7 @@ class PrometheusSink(Sink):
         self.bytes_received.add(self.bytes_received.slot(labels), received)
 
     def observe_stats(self, stats: Any) -> None:
-        """Pipeline hook: the kernel's per-probe emitted/lost record counts and calls left out by
+        """Pipeline hook: the kernel's per-probe emitted/lost record counts and records left out by
         overload sampling."""
         kernel = {name: (p.emitted, p.lost, p.sampled_out) for name, p in stats.probes.items()}
         with self._lock:
@@ -695,8 +695,9 @@ class PrometheusSink(Sink):
                                    labels=("probe",))
         sampled_out = CounterMetricFamily(
             "deetune_kernel_calls_sampled_out_total",
-            "Calls the kernel did not copy because of overload sampling (the agent could not keep up, "
-            "or kept within its CPU budget on a busy host).",
+            "Records the kernel left out because of overload sampling (payload: calls not copied; tcp: opens "
+            "and closes not reported), because the agent could not keep up or kept within its CPU budget "
+            "on a busy host.",
             labels=("probe",))
         for probe, (emitted, dropped, left_out) in sorted(kernel.items()):
             events.add_metric([probe], emitted)

@@ -45,7 +45,9 @@ Connections and protocols
     memory.  Bytes: each counted exchange adds its request/response bytes at
     once; the close adds the rest of the connection's bytes (those no exchange
     accounted for).  The close of a connection that predates the agent adds
-    only a reset: its byte and retransmit totals span an unknown time.
+    only a reset: its byte and retransmit totals span an unknown time.  Under
+    the tcp probe's overload sampling an open or close stands for
+    ``event.sampling`` connections, and its counters count that many times.
 
 Windows
     Events count in the window in which the aggregator sees them (the wall
@@ -175,7 +177,8 @@ class _Sock:
     """What the aggregator keeps of one open connection (seen from one side)."""
 
     __slots__ = ("laddr", "lport", "raddr", "rport", "inst", "peer", "peer_known", "server_side", "client", "server",
-                 "port", "counted", "protocol", "pending", "ex_sent", "ex_recv", "edge", "edge_gen", "edge_protocol")
+                 "port", "counted", "protocol", "pending", "ex_sent", "ex_recv", "edge", "edge_gen", "edge_protocol",
+                 "weight")
 
     def __init__(self, laddr: str, lport: int, raddr: str, rport: int, inst: Instance):
         self.laddr, self.lport, self.raddr, self.rport = laddr, lport, raddr, rport
@@ -199,6 +202,8 @@ class _Sock:
         self.edge: _Edge | None = None
         self.edge_gen = -1
         self.edge_protocol = ""
+        #: Connections it stands for: more than 1 under the tcp probe's overload sampling.
+        self.weight = 1
 
 
 class _Edge:
@@ -398,30 +403,31 @@ class TopologyAggregator:
         protocol = self._protocols.get((client, server, event.rport), "tcp")
         key = (client, server, protocol, event.rport)
         edge = self._edges.get(key) or self._new_edge(key)
-        edge.stats.connections_failed += 1
+        edge.stats.connections_failed += event.sampling
         edge.clients[id(inst)] = inst
         return client, server
 
     def _count_open(self, sock: _Sock, protocol: str) -> None:
         sock.pending = False
         self._pending.pop(id(sock), None)
-        self._bind(sock, protocol).stats.connections_opened += 1
+        self._bind(sock, protocol).stats.connections_opened += sock.weight
 
     def _count_close(self, sock: _Sock, event: ConnectionEvent) -> None:
         protocol = sock.protocol or self._protocol_seen(sock)
         stats = self._bind(sock, protocol).stats
+        weight = sock.weight
         if sock.pending:
             sock.pending = False
             self._pending.pop(id(sock), None)
-            stats.connections_opened += 1
+            stats.connections_opened += weight
         if not event.preexisting:
             sent, received = event.bytes_sent or 0, event.bytes_received or 0
             to_server, to_client = (received, sent) if sock.server_side else (sent, received)
-            stats.bytes_sent += max(0, to_server - sock.ex_sent)
-            stats.bytes_received += max(0, to_client - sock.ex_recv)
-            stats.retransmits += event.retransmits or 0
+            stats.bytes_sent += weight * max(0, to_server - sock.ex_sent)
+            stats.bytes_received += weight * max(0, to_client - sock.ex_recv)
+            stats.retransmits += weight * (event.retransmits or 0)
         if event.reset:
-            stats.resets += 1
+            stats.resets += weight
 
     def _count_pending(self) -> None:
         """Opens still waiting for a protocol count now, in the window they happened in."""
@@ -450,6 +456,8 @@ class TopologyAggregator:
     def _new_sock(self, event: ConnectionEvent | ExchangeEvent, inst: Instance) -> _Sock:
         resolver = self.resolver
         sock = _Sock(event.laddr, event.lport, event.raddr, event.rport, inst)
+        if isinstance(event, ConnectionEvent):
+            sock.weight = event.sampling
         self._local_addrs.add(event.laddr)
         role = event.role
         if role not in ("client", "server"):

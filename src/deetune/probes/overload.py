@@ -1,0 +1,160 @@
+"""Overload sampling: what a probe does when the agent cannot keep up with the kernel.
+
+A probe whose kernel side can leave out whole connections (the payload probe: their
+calls' bytes; the tcp probe: their opens and closes) mixes in :class:`OverloadSampling`:
+the pipeline calls its :meth:`~OverloadSampling.tick` a few times a second with the CPU
+use, and it tells the kernel to report 1 connection in N, or all of them again.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+
+from deetune.hostcpu import CpuSample
+
+log = logging.getLogger(__name__)
+
+#: Overload sampling never goes sparser than 1 connection-second in this many.
+SPARSEST_SAMPLING = 1024
+#: Seconds without a lost record before overload sampling takes twice as many connections again.
+CALM_SECONDS = 5
+#: Cores the agent allows itself while the host has no idle CPU, before it samples.
+DEFAULT_BUSY_CPU = 0.05
+#: The longest a busy host makes overload sampling wait before it takes more connections.
+MAX_CALM_SECONDS = 80
+#: Overload sampling judges the CPU use over this long.
+CPU_WINDOW_SECONDS = 1.0
+
+
+def _power_of_two_above(ratio: float) -> int:
+    """The smallest power of two, at least 2, that is not below ``ratio``."""
+    factor = 2
+    while factor < ratio:
+        factor *= 2
+    return factor
+
+
+class OverloadSampling:
+    """Mixin for a :class:`~deetune.probes.base.Probe` whose kernel side samples connections.
+
+    The probe calls :meth:`_init_overload_sampling` in its constructor, counts the records
+    it decodes in ``self._read``, and writes ``self.sampling`` to its kernel side in
+    :meth:`_write_sampling`.
+    """
+
+    def _init_overload_sampling(self, overload_sampling: bool, busy_cpu: float | None) -> None:
+        if busy_cpu is not None and busy_cpu <= 0:
+            raise ValueError(f"busy_cpu must be more than 0 cores, got {busy_cpu}")
+        #: Adapt sampling to the records lost and, on a busy host, to this process's CPU (see
+        #: :meth:`tick`); off: lose records instead.
+        self.overload_sampling = overload_sampling
+        #: Cores this process may use on a host with no idle CPU (None: no limit); see :meth:`tick`.
+        self.busy_cpu = busy_cpu
+        #: Report 1 connection in this many (1: all); the sparsest of the run.
+        self.sampling = 1
+        self.sparsest_sampling = 1
+        self._mask = 0  # sampling - 1
+        self._read = self._read_seen = 0  # records user space took from the ring
+        self._cpu_window: collections.deque[CpuSample] = collections.deque()
+        self._emitted_seen = self._lost_seen = 0
+        self._calm = 0.0  # seconds without a sign of overload
+        self._calm_needed = float(CALM_SECONDS)  # before the next step back (see tick)
+        self._since_relax = float("inf")
+        self._settling = False
+
+    def _write_sampling(self) -> None:
+        """Tell the kernel side ``self.sampling``."""
+        raise NotImplementedError
+
+    def tick(self, cpu: CpuSample | None = None) -> None:
+        """A few times a second (the pipeline's clock): overload sampling.
+
+        Two signs of overload make the kernel report fewer connections, in proportion:
+        records lost (user space cannot keep up: a tick in which the kernel made 20 times
+        the records user space took takes 1 connection in 32), and, over the last
+        CPU_WINDOW_SECONDS on a host with no idle CPU, this process using more than
+        ``busy_cpu`` cores (its CPU is then taken from the applications: 0.4 cores against a
+        budget of 0.05 takes 1 connection in 8).  Either way the kernel's copies and user
+        space's decoding are spared, and the sampled connections stay whole.  The tick after a
+        change only watches, and the CPU is judged again on a whole window after the change.
+
+        After CALM_SECONDS without a loss and with room for twice the work (idle CPU for it,
+        or on a busy host, half the budget used), it takes twice as many connections again.
+        On a busy host, a step back that overran the budget soon after makes the next one
+        wait twice as long (up to MAX_CALM_SECONDS): few busy connections make the work
+        come in bursts, and without this the agent would spend its budget on them over and
+        over.  Without ``cpu`` (a caller that does not measure it), a tick counts as a
+        second and only lost records count."""
+        if self.obj is None or not self.overload_sampling:
+            return
+        counters = self.counters()
+        emitted, lost = counters["emitted"] - self._emitted_seen, counters["lost"] - self._lost_seen
+        self._emitted_seen, self._lost_seen = counters["emitted"], counters["lost"]
+        read, self._read_seen = self._read - self._read_seen, self._read
+        watching_cpu = cpu is not None and self.busy_cpu is not None
+        window = self._windowed(cpu) if watching_cpu else None
+        if self._settling:
+            self._settling = False
+            return
+        competing = window is not None and window.host_busy and window.own > self.busy_cpu
+        elapsed = cpu.seconds if cpu is not None else 1.0
+        self._since_relax += elapsed
+        if window is not None and not window.host_busy:
+            self._calm_needed = CALM_SECONDS  # idle CPU again: the wait was for bursts on a busy host
+        sampling = self.sampling
+        if competing and self._since_relax < 2 * self._calm_needed:
+            self._calm_needed = min(self._calm_needed * 2, MAX_CALM_SECONDS)
+        if lost > 0 or competing:
+            # What the kernel made against what user space took: its pace, not the ring's size
+            # (a caller that never reads records, as in tests: against what the ring took).
+            taken = read or emitted
+            factor = max(_power_of_two_above((emitted + lost) / max(taken, 1)) if lost > 0 else 1,
+                         _power_of_two_above(window.own / self.busy_cpu) if competing else 1)
+            sampling = min(sampling * factor, SPARSEST_SAMPLING)
+            self._calm = 0.0
+        elif sampling > 1 and (not watching_cpu or window is not None and self._room_to_double(window)):
+            self._calm += elapsed
+            if self._calm >= self._calm_needed:
+                sampling //= 2
+                self._calm = 0.0
+                self._since_relax = 0.0
+        else:
+            self._calm = 0.0
+        if sampling != self.sampling:
+            self.set_sampling(sampling)
+            self._settling = True
+            self._cpu_window.clear()  # judge the CPU again on time after the change only
+
+    def _windowed(self, cpu: CpuSample) -> CpuSample | None:
+        """The CPU use over the last CPU_WINDOW_SECONDS or so (one busy tick is no trend);
+        None until the samples since the last change cover that long."""
+        window = self._cpu_window
+        window.append(cpu)
+        while len(window) > 1 and sum(s.seconds for s in window) - window[0].seconds >= CPU_WINDOW_SECONDS:
+            window.popleft()
+        seconds = sum(s.seconds for s in window)
+        if seconds < CPU_WINDOW_SECONDS * 0.99:
+            return None
+        return CpuSample(seconds=seconds, host_cores=cpu.host_cores,
+                         host_idle=sum(s.host_idle * s.seconds for s in window) / seconds,
+                         own=sum(s.own * s.seconds for s in window) / seconds)
+
+    def _room_to_double(self, cpu: CpuSample) -> bool:
+        """Would twice the work fit: in the idle CPU, or on a busy host in the budget?"""
+        if cpu.host_busy:
+            return cpu.own * 2 <= self.busy_cpu
+        return cpu.host_idle >= cpu.own
+
+    def set_sampling(self, one_in: int) -> None:
+        """Report only 1 connection in ``one_in`` (a power of two; 1: all), chosen anew every second."""
+        if self.obj is None:
+            raise RuntimeError(f"probe {self.name} is not started")
+        if one_in < 1 or one_in & (one_in - 1):
+            raise ValueError(f"sampling must be a power of two, got {one_in}")
+        if one_in != self.sampling:
+            log.info("%s: overload sampling %s", self.name, f"1 connection in {one_in}" if one_in > 1 else "off")
+        self.sampling = one_in
+        self._mask = one_in - 1
+        self.sparsest_sampling = max(self.sparsest_sampling, one_in)
+        self._write_sampling()

@@ -32,6 +32,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from typing import Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -58,7 +59,8 @@ def count_closes(path: str, base: int) -> dict[str, int]:
     return common.scan_jsonl(path, '"connection"', side)
 
 
-def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, tmp: str, label: str) -> dict:
+def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, tmp: str, label: str,
+            agent_args: Sequence[str] = ()) -> dict:
     gen = common.loadgen()
     argv = [gen, "conn", str(base), str(NPORTS), str(workers), str(seconds), str(rate), str(PAYLOAD)]
     waited = common.wait_quiet()
@@ -73,7 +75,7 @@ def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, 
     jsonl = os.path.join(tmp, f"conn-{label}.jsonl")
     # BPF run time only at a fixed rate: the statistics' own cost would count against max-rate runs.
     with common.bpf_stats() if rate else contextlib.nullcontext():
-        agent = common.Agent(PROBES, jsonl).start()
+        agent = common.Agent(PROBES, jsonl, agent_args).start()
         try:
             foreign = common.foreign_programs(agent.prog_ids)
             before = common.prog_stats(agent.prog_ids)
@@ -165,6 +167,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rate-workers", type=int, default=4)
     parser.add_argument("--skip-max", action="store_true")
     parser.add_argument("--skip-rate", action="store_true")
+    parser.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
+                        help="pass ARG to the agent (repeatable), e.g. --agent-arg=--nice --agent-arg=idle")
     args = parser.parse_args(argv)
     common.require_root()
     info = common.machine()
@@ -179,7 +183,8 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="deetune-bench-") as tmp:
             if not args.skip_max:
                 common.log(f"max rate: {args.workers} client processes, {args.seconds} s per run, {args.pairs} pairs")
-                runs, discarded = series("max", args.pairs, base=base, workers=args.workers, seconds=args.seconds, rate=0, tmp=tmp)
+                runs, discarded = series("max", args.pairs, base=base, workers=args.workers, seconds=args.seconds, rate=0, tmp=tmp,
+                                         agent_args=args.agent_arg)
                 text, summary = report_series(
                     f"Max rate, {args.workers} client processes, {args.seconds:g} s per run: connections/s",
                     runs, "rate", "conn/s")
@@ -188,7 +193,7 @@ def main(argv=None) -> dict:
             if not args.skip_rate:
                 common.log(f"fixed rate: {args.rate:g} conn/s, {args.rate_seconds} s per run, {args.pairs} pairs")
                 runs, discarded = series("rate", args.pairs, base=base, workers=args.rate_workers, seconds=args.rate_seconds,
-                              rate=args.rate, tmp=tmp)
+                              rate=args.rate, tmp=tmp, agent_args=args.agent_arg)
                 text, summary = report_series(
                     f"Fixed rate {args.rate:,.0f} connections/s, {args.rate_seconds:g} s per run: achieved connections/s",
                     runs, "rate", "conn/s")

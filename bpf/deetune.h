@@ -120,7 +120,10 @@ struct dt_conn_record {
 	char comm[DT_COMM_LEN];
 	__u8 sample_shift;    /* overload sampling when the connection opened: it stands
 			       * for 1 << sample_shift connections (0: itself only) */
-	__u8 _pad[7];
+	__u8 _pad1;
+	__u16 sample_key;     /* overload sampling's hash of the connection and period
+			       * (0 for a connection whose open was not seen) */
+	__u8 _pad2[4];
 };
 
 /* Bytes one call moved on a TCP socket.  Only `captured` bytes of data[]

@@ -43,7 +43,8 @@ struct conn_info {
 	__u8 announced; /* the open record has been emitted */
 	__u8 sampled_out; /* overload sampling leaves this connection out */
 	__u8 sample_shift; /* it stands for 1 << sample_shift connections */
-	__u8 _pad[3];
+	__u8 _pad;
+	__u16 sample_key; /* its overload-sampling key (dt_sample_key) */
 	char comm[DT_COMM_LEN];
 };
 
@@ -91,29 +92,22 @@ static __always_inline void endpoints_at_state_change(struct dt_conn_record *rec
 }
 
 /* Overload sampling, decided once per connection as it is established, so that
- * its open and close go together.  The shift it will be reported with, or -1:
- * left out. */
-static __always_inline int sample_shift(__u16 lport, __u16 rport)
+ * its open and close go together; false when it is left out (its records are
+ * then counted as they are left out, not here).  The key travels in the
+ * records: when the sampling grows sparser, user space applies it to the
+ * records already in the ring as well. */
+static __always_inline bool sample(struct conn_info *info, __u16 lport, __u16 rport)
 {
 	__u32 zero = 0;
 	struct dt_tcp_controls *ctl = bpf_map_lookup_elem(&controls, &zero);
+	info->sample_key = dt_sample_key(lport, rport);
 	if (!ctl || !ctl->sample_mask)
-		return 0;
-	if (dt_sample_key(lport, rport) & ctl->sample_mask)
-		return -1;
-	return ctl->sample_shift;
-}
-
-/* Set an established connection's sampling; false when it is left out (its
- * records are then counted as they are left out, not here). */
-static __always_inline bool sample(struct conn_info *info, __u16 lport, __u16 rport)
-{
-	int shift = sample_shift(lport, rport);
-	if (shift < 0) {
+		return true;
+	if (info->sample_key & ctl->sample_mask) {
 		info->sampled_out = 1;
 		return false;
 	}
-	info->sample_shift = shift;
+	info->sample_shift = ctl->sample_shift;
 	return true;
 }
 
@@ -153,6 +147,7 @@ static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *s
 		rec->flags = info->flags;
 		rec->retransmits = info->retransmits;
 		rec->sample_shift = info->sample_shift;
+		rec->sample_key = info->sample_key;
 		__builtin_memcpy(rec->comm, info->comm, sizeof(rec->comm));
 	} else {
 		rec->flags = DT_CONN_OPEN_UNSEEN;

@@ -13,6 +13,7 @@ from typing import Iterator
 
 import pytest
 
+from deetune import records
 from deetune.events import ConnectionEvent
 from deetune.hostcpu import CpuSample
 from deetune.probes import ProbeOptions
@@ -291,3 +292,27 @@ def test_overload_sampling_keeps_the_agent_within_its_budget_and_tells_the_kerne
     probe.tick(CpuSample(seconds=1.0, host_cores=2, host_idle=0.0, own=0.4))
     assert probe.sampling == 8
     assert written == [(7, 3)]  # mask, and the shift the reported records carry (1 << 3 = 8)
+
+
+def _conn_record(kind: int, sample_key: int, sample_shift: int = 0) -> bytes:
+    rec = records.ffi.new("struct dt_conn_record *")
+    rec.hdr.kind, rec.hdr.pid, rec.hdr.ts_ns = kind, 42, 1_000
+    rec.sock_id, rec.family, rec.lport, rec.rport, rec.role = 7, socket.AF_INET, 40000, 80, records.lib.DT_ROLE_CLIENT
+    rec.sample_key, rec.sample_shift = sample_key, sample_shift
+    return bytes(records.ffi.buffer(rec))
+
+
+def test_records_already_in_the_ring_get_the_sparser_sampling_as_they_are_read():
+    probe = TcpProbe()
+    probe.obj = type("Obj", (), {"maps": {"controls": type("Map", (), {"update": staticmethod(lambda k, v: None)})()}})()
+    probe.set_sampling(8)
+    lib = records.lib
+    decoded = [list(probe.decode(_conn_record(kind, key, shift))) for kind, key, shift in [
+        (lib.DT_REC_CONN_OPEN, 0b1001, 0),    # made before: its key has a bit of the mask (7)
+        (lib.DT_REC_CONN_OPEN, 0b1000, 0),    # kept: it now stands for 8
+        (lib.DT_REC_CONN_CLOSE, 0b10000, 4),  # the kernel already sampled 1 in 16: that stays
+        (lib.DT_REC_CONN_FAILED, 0b1, 0),     # failed connects are never sampled
+    ]]
+    assert [[(e.phase, e.sampling) for e in events] for events in decoded] == [
+        [], [("open", 8)], [("close", 16)], [("failed", 1)]]
+    assert probe.counters()["sampled_out"] == 1

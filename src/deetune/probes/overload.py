@@ -40,7 +40,9 @@ class OverloadSampling:
 
     The probe calls :meth:`_init_overload_sampling` in its constructor, counts the records
     it decodes in ``self._read``, and writes ``self.sampling`` to its kernel side in
-    :meth:`_write_sampling`.
+    :meth:`_write_sampling`.  Records already in the ring when the sampling grows sparser
+    get the same choice as they are read (the kernel's key travels in them): the probe
+    applies ``self._mask`` to them and counts those it leaves out in ``self._sampled_out_here``.
     """
 
     def _init_overload_sampling(self, overload_sampling: bool, busy_cpu: float | None) -> None:
@@ -55,6 +57,7 @@ class OverloadSampling:
         self.sampling = 1
         self.sparsest_sampling = 1
         self._mask = 0  # sampling - 1
+        self._sampled_out_here = 0
         self._read = self._read_seen = 0  # records user space took from the ring
         self._cpu_window: collections.deque[CpuSample] = collections.deque()
         self._emitted_seen = self._lost_seen = 0
@@ -62,6 +65,13 @@ class OverloadSampling:
         self._calm_needed = float(CALM_SECONDS)  # before the next step back (see tick)
         self._since_relax = float("inf")
         self._settling = False
+
+    def counters(self) -> dict[str, int]:
+        """The kernel's counters; ``sampled_out`` also counts the records user space left out
+        because they were made just before the sampling grew sparser."""
+        counts = super().counters()  # type: ignore[misc]
+        counts["sampled_out"] += self._sampled_out_here
+        return counts
 
     def _write_sampling(self) -> None:
         """Tell the kernel side ``self.sampling``."""

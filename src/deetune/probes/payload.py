@@ -66,9 +66,7 @@ class PayloadProbe(OverloadSampling, Probe):
         #: Skip this process's own sockets (default: ``options.exclude_self``).
         self.exclude_self = self.options.exclude_self if exclude_self is None else exclude_self
         self.muted = 0
-        # Overload sampling's mask (sampling - 1) is also applied to the records already in the ring.
         self._init_overload_sampling(overload_sampling, busy_cpu)
-        self._sampled_out_here = 0
         # The kernel caches each socket's verdict until this changes (see _write_controls).
         self._generation = 0
         self._controls_lock = threading.Lock()
@@ -84,13 +82,6 @@ class PayloadProbe(OverloadSampling, Probe):
             obj.set_constant("targ_cgroup_id", self.cgroup_id)
         if self.ports:
             obj.set_constant("filter_ports", 1)
-
-    def counters(self) -> dict[str, int]:
-        """The kernel's counters; ``sampled_out`` also counts the records user space left out
-        because they were copied just before the sampling grew sparser."""
-        counts = super().counters()
-        counts["sampled_out"] += self._sampled_out_here
-        return counts
 
     def after_attach(self) -> None:
         # Attached first, then filled: until the first generation is written, nothing is copied.

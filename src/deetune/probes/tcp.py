@@ -20,7 +20,7 @@ _STRUCT, _FIELDS = records.record_struct("struct dt_conn_record")
 assert _FIELDS == (
     "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "open_ts_ns", "bytes_sent", "bytes_received", "cgroup_id",
     "retransmits", "error", "family", "lport", "rport", "role", "flags", "laddr", "raddr", "comm", "sample_shift",
-    "_pad",
+    "_pad1", "sample_key", "_pad2",
 ), _FIELDS
 _L = records.lib
 _PHASES = {_L.DT_REC_CONN_OPEN: "open", _L.DT_REC_CONN_CLOSE: "close", _L.DT_REC_CONN_FAILED: "failed"}
@@ -69,11 +69,18 @@ class TcpProbe(OverloadSampling, Probe):
 
     def decode(self, raw: bytes) -> Iterable[ConnectionEvent]:
         (kind, pid, ts_mono, sock_id, open_ts, bytes_sent, bytes_received, cgroup_id, retransmits, error,
-         family, lport, rport, role, flags, laddr, raddr, comm, sample_shift, _) = _STRUCT.unpack_from(raw)  # fmt: skip
+         family, lport, rport, role, flags, laddr, raddr, comm, sample_shift, _, sample_key, _) = _STRUCT.unpack_from(raw)  # fmt: skip
         phase = _PHASES.get(kind)
         if phase is None:
             return ()
         self._read += 1
+        sampling = 1 << sample_shift
+        if self._mask and phase != "failed" and not flags & _L.DT_CONN_OPEN_UNSEEN:
+            if sample_key & self._mask:
+                # Made before the sampling grew sparser: left out now, as the kernel does.
+                self._sampled_out_here += 1
+                return ()
+            sampling = max(sampling, self.sampling)
         family = 6 if family == _AF_INET6 else 4
         laddr = format_address(family, laddr)
         raddr = format_address(family, raddr)
@@ -116,6 +123,6 @@ class TcpProbe(OverloadSampling, Probe):
             reset=reset if closed else None,
             preexisting=preexisting,
             error=failure_reason(error) if phase == "failed" else None,
-            sampling=1 << sample_shift,
+            sampling=sampling,
         )
         return (event,)

@@ -59,6 +59,12 @@ def count_closes(path: str, base: int) -> dict[str, int]:
     return common.scan_jsonl(path, '"connection"', side)
 
 
+def host_cpu_per_conn(busy_cores: float, load: dict) -> float | None:
+    """The whole host's CPU (load, agent, BPF, softirq) per connection, in µs: the cost the
+    throughput shows only while the load has no idle CPU to grow into."""
+    return round(busy_cores / load["rate"] * 1e6, 2) if load["rate"] else None
+
+
 def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, tmp: str, label: str,
             agent_args: Sequence[str] = ()) -> dict:
     gen = common.loadgen()
@@ -67,8 +73,9 @@ def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, 
     if mode == "none":
         other, busy = common.OtherCpu(), common.busy_cores_since()
         load = common.run_json(argv)
-        result = {"mode": mode, **load, "waited_s": waited, "busy_cores": common.busy_cores_since(busy),
-                  **other.stop(load["seconds"])}
+        busy = common.busy_cores_since(busy)
+        result = {"mode": mode, **load, "waited_s": waited, "busy_cores": busy,
+                  "host_cpu_us_per_conn": host_cpu_per_conn(busy, load), **other.stop(load["seconds"])}
         common.log(f"  {label} none : {load['rate']:>9,.0f} conn/s  p99 {load['p99_us']} us  errors {load['errors']}  "
                    f"others {result['other_cores']} cores")
         return result
@@ -100,6 +107,7 @@ def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, 
         **load,
         "waited_s": waited,
         "busy_cores": busy,
+        "host_cpu_us_per_conn": host_cpu_per_conn(busy, load),
         **others,
         "agent": {k: v for k, v in stopped.items() if k != "summary"},
         "summary": stopped.get("summary"),
@@ -188,8 +196,11 @@ def main(argv=None) -> dict:
                 text, summary = report_series(
                     f"Max rate, {args.workers} client processes, {args.seconds:g} s per run: connections/s",
                     runs, "rate", "conn/s")
-                texts += [text, "With the agent (max rate):\n" + agent_table(runs["agent"])]
-                out["max_rate"] = {"runs": runs, "summary": summary, "discarded_pairs": discarded}
+                cpu_text, cpu_summary = report_series(
+                    "Same runs: the host's CPU per connection (µs; load, agent, BPF and softirq together)",
+                    runs, "host_cpu_us_per_conn", "µs", 1)
+                texts += [text, cpu_text, "With the agent (max rate):\n" + agent_table(runs["agent"])]
+                out["max_rate"] = {"runs": runs, "summary": summary, "host_cpu": cpu_summary, "discarded_pairs": discarded}
             if not args.skip_rate:
                 common.log(f"fixed rate: {args.rate:g} conn/s, {args.rate_seconds} s per run, {args.pairs} pairs")
                 runs, discarded = series("rate", args.pairs, base=base, workers=args.rate_workers, seconds=args.rate_seconds,

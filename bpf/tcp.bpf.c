@@ -2,7 +2,7 @@
 /* TCP connection lifecycle: active and passive opens, closes with byte counts
  * and retransmits, failed connects, resets.  Built on the BTF tracepoints
  * sock:inet_sock_set_state (state machine) and tcp:* (resets, retransmits), and
- * accept(2) exits (to attribute passive opens to the accepting process).  BTF
+ * accept(2) exits (passive opens are announced, and timed, from the accept).  BTF
  * tracepoints call the program with the kernel's own arguments: no record is
  * assembled for it first, as a classic tracepoint does (a quarter of a
  * microsecond per connection, measured). */
@@ -48,9 +48,14 @@ struct conn_info {
 	char comm[DT_COMM_LEN];
 };
 
-/* Keyed by struct sock address. LRU so a missed close can never fill it. */
+/* Keyed by struct sock address.  A plain hash, not an LRU: at 35,000
+ * connections/s the LRU's free-list upkeep cost the host ~1.5 us of CPU per
+ * connection more (docs/performance.md, section 1).  Every TCP socket passes
+ * through TCP_CLOSE, where its entry goes; an entry a race leaves behind is
+ * overwritten when the socket's memory is reused for another connection, and a
+ * full table is counted as lost records. */
 struct {
-	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 65536);
 	__type(key, __u64);
 	__type(value, struct conn_info);
@@ -171,16 +176,21 @@ static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *s
 	dt_output(&tcp_events, rec, sizeof(*rec));
 }
 
-static __always_inline void remember_current(struct sock *sk, __u8 role)
+/* The calling process as the connection's owner; the entry is not stored yet. */
+static __always_inline void owner_is_current(struct conn_info *info, __u8 role)
 {
-	struct conn_info info = {};
+	info->open_ts_ns = bpf_ktime_get_ns();
+	info->cgroup_id = bpf_get_current_cgroup_id();
+	info->pid = bpf_get_current_pid_tgid() >> 32;
+	info->role = role;
+	bpf_get_current_comm(info->comm, sizeof(info->comm));
+}
+
+static __always_inline void store(struct sock *sk, struct conn_info *info)
+{
 	__u64 key = (__u64)sk;
-	info.open_ts_ns = bpf_ktime_get_ns();
-	info.cgroup_id = bpf_get_current_cgroup_id();
-	info.pid = bpf_get_current_pid_tgid() >> 32;
-	info.role = role;
-	bpf_get_current_comm(info.comm, sizeof(info.comm));
-	bpf_map_update_elem(&conns, &key, &info, BPF_ANY);
+	if (bpf_map_update_elem(&conns, &key, info, BPF_ANY))
+		dt_count(DT_STAT_LOST); /* table full: its records cannot be made */
 }
 
 SEC("tp_btf/inet_sock_set_state")
@@ -193,8 +203,11 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 	if (newstate == TCP_SYN_SENT) {
 		/* connect(2) runs in the caller's context: the pid is right. */
 		__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-		if (pid_wanted(tgid))
-			remember_current(sk, DT_ROLE_CLIENT);
+		if (pid_wanted(tgid)) {
+			struct conn_info info = {};
+			owner_is_current(&info, DT_ROLE_CLIENT);
+			store(sk, &info);
+		}
 		return 0;
 	}
 	if (oldstate == TCP_SYN_SENT && newstate == TCP_ESTABLISHED) {
@@ -208,16 +221,6 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 			emit_conn(&rec, sk, DT_REC_CONN_OPEN, info, 0, oldstate);
 		else
 			dt_count(DT_STAT_SAMPLED_OUT);
-		return 0;
-	}
-	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
-		/* Softirq context: the pid is whoever was interrupted.  Note the
-		 * time; accept(2) fills in the owner and announces the open. */
-		struct conn_info info = {};
-		info.open_ts_ns = bpf_ktime_get_ns();
-		info.role = DT_ROLE_SERVER;
-		sample(&info, sk->__sk_common.skc_num, __builtin_bswap16(sk->__sk_common.skc_dport));
-		bpf_map_update_elem(&conns, &key, &info, BPF_ANY);
 		return 0;
 	}
 	if (newstate != TCP_CLOSE)
@@ -234,50 +237,60 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		if (info)
 			emit_conn(&rec, sk, DT_REC_CONN_FAILED, info, sk->sk_err, oldstate);
 	} else if (oldstate != TCP_LISTEN && oldstate != TCP_SYN_RECV) {
-		if (info) {
-			/* Closed before anyone accepted it, or filtered out by pid. */
-			if (info->pid == 0 && targ_tgid != 0)
-				goto out;
-			if (info->pid != 0 && !pid_wanted(info->pid))
-				goto out;
+		/* Entries are stored for wanted processes only.  No entry and no
+		 * file: still in the accept queue (an orphan has left ESTABLISHED and
+		 * CLOSE_WAIT), its close is the server's, owner none.  Otherwise it
+		 * predates the agent (or was taken through io_uring): user space knows
+		 * what it can from its start-up snapshot and filters by pid itself. */
+		struct conn_info never_accepted = {.role = DT_ROLE_SERVER};
+		if (!info && !sk->sk_socket && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)) {
+			/* No entry to flag a received reset in: tcp_reset() set sk_err
+			 * first (the listener closing it sets it after the close). */
+			if (sk->sk_err && sk->sk_err != ETIMEDOUT)
+				never_accepted.flags = DT_CONN_RESET_RECEIVED;
+			info = &never_accepted;
 		}
-		/* No info: the connection predates the agent; user space knows its
-		 * owner from its start-up snapshot and filters by pid itself. */
 		emit_conn(&rec, sk, DT_REC_CONN_CLOSE, info, 0, oldstate);
+		if (info == &never_accepted)
+			return 0;
 	}
 out:
-	bpf_map_delete_elem(&conns, &key);
+	if (info)
+		bpf_map_delete_elem(&conns, &key);
 	return 0;
 }
 
+/* A passive open is stored and announced when a process accepts it: the
+ * handshake completes in softirq context, where the pid is whoever was
+ * interrupted.  (Storing it then too, as before, cost the host a map update per
+ * connection.)  A connection closed before anyone accepted it is reported at its
+ * close, owner none; one accepted through io_uring is not seen at all. */
 static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	if (ctx->ret < 0)
 		return 0;
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!pid_wanted(tgid))
+		return 0;
 	struct sock *sk = dt_sock_from_fd(ctx->ret);
-	if (!sk)
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
-	__u64 key = (__u64)sk;
-	struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
-	if (!info || info->announced)
+	/* Closed already (a reset before the accept): its close has been reported. */
+	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE)
 		return 0;
-	if (!pid_wanted(tgid)) {
-		bpf_map_delete_elem(&conns, &key);
-		return 0;
-	}
-	if (info->sampled_out) {
-		info->announced = 1;
-		dt_count(DT_STAT_SAMPLED_OUT);
-		return 0;
-	}
-	info->pid = tgid;
-	info->cgroup_id = bpf_get_current_cgroup_id();
-	bpf_get_current_comm(info->comm, sizeof(info->comm));
-	info->announced = 1;
 	struct dt_conn_record rec = {};
 	endpoints_from_sock(&rec, sk);
-	emit_conn(&rec, sk, DT_REC_CONN_OPEN, info, 0, TCP_SYN_RECV);
+	if (rec.family != AF_INET && rec.family != AF_INET6)
+		return 0;
+	struct conn_info info = {};
+	owner_is_current(&info, DT_ROLE_SERVER);
+	info.announced = 1;
+	bool reported = sample(&info, rec.lport, rec.rport);
+	store(sk, &info);
+	if (reported)
+		emit_conn(&rec, sk, DT_REC_CONN_OPEN, &info, 0, TCP_SYN_RECV);
+	else
+		dt_count(DT_STAT_SAMPLED_OUT);
 	return 0;
 }
 

@@ -92,6 +92,7 @@ struct sock_common {
 
 struct sock {
 	struct sock_common __sk_common;
+	struct socket *sk_socket;
 	int sk_err;
 	__u16 sk_type;
 	__u16 sk_protocol;

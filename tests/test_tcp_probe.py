@@ -316,3 +316,23 @@ def test_records_already_in_the_ring_get_the_sparser_sampling_as_they_are_read()
     assert [[(e.phase, e.sampling) for e in events] for events in decoded] == [
         [], [("open", 8)], [("close", 16)], [("failed", 1)]]
     assert probe.counters()["sampled_out"] == 1
+
+
+def test_a_connection_reset_before_anyone_accepted_it_is_reported_on_close():
+    port = free_port()
+    with running_pipeline([TcpProbe(ProbeOptions(port=port))]) as collector, listening(port) as listener:
+        client = socket.create_connection(("127.0.0.1", port))
+        lport = client.getsockname()[1]
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset: the server's side closes in the accept queue
+        closes = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "close"
+                                    and lport in (e.lport, e.rport), 2)
+        accepted, _ = listener.accept()  # accept(2) still returns it, closed: nothing more is reported
+        accepted.close()
+        time.sleep(0.2)
+    server = next(e for e in closes if e.lport == port)
+    assert (server.role, server.pid, server.comm, server.reset, server.preexisting) == ("server", 0, "", "received", False)
+    assert (server.laddr, server.raddr, server.rport) == ("127.0.0.1", "127.0.0.1", lport)
+    assert server.duration_ns is None
+    assert sorted((e.role, e.phase) for e in conn_events(collector, port)) == [
+        ("client", "close"), ("client", "open"), ("server", "close")]

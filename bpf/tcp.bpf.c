@@ -40,10 +40,8 @@ struct conn_info {
 	__u32 retransmits;
 	__u8 role;
 	__u8 flags;
-	__u8 announced; /* the open record has been emitted */
 	__u8 sampled_out; /* overload sampling leaves this connection out */
 	__u8 sample_shift; /* it stands for 1 << sample_shift connections */
-	__u8 _pad;
 	__u16 sample_key; /* its overload-sampling key (dt_sample_key) */
 	char comm[DT_COMM_LEN];
 };
@@ -214,7 +212,6 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
 		if (!info)
 			return 0;
-		info->announced = 1;
 		struct dt_conn_record rec = {};
 		endpoints_at_state_change(&rec, sk);
 		if (sample(info, rec.lport, rec.rport))
@@ -284,7 +281,6 @@ static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 		return 0;
 	struct conn_info info = {};
 	owner_is_current(&info, DT_ROLE_SERVER);
-	info.announced = 1;
 	bool reported = sample(&info, rec.lport, rec.rport);
 	store(sk, &info);
 	if (reported)

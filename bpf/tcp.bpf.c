@@ -259,9 +259,10 @@ out:
 
 /* A passive open is stored and announced when a process accepts it: the
  * handshake completes in softirq context, where the pid is whoever was
- * interrupted.  (Storing it then too, as before, cost the host a map update per
- * connection.)  A connection closed before anyone accepted it is reported at its
- * close, owner none; one accepted through io_uring is not seen at all. */
+ * interrupted.  (Storing it at the handshake, as before, and filling it in at
+ * the accept cost the host more: docs/performance.md, section 1.)  A connection
+ * closed before anyone accepted it is reported at its close, owner none; one
+ * accepted through io_uring is not seen at all. */
 static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 {
 	if (ctx->ret < 0)

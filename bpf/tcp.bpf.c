@@ -94,10 +94,10 @@ static __always_inline void endpoints_at_state_change(struct dt_conn_record *rec
 	}
 }
 
-/* Overload sampling, decided once per connection as it is established, so that
- * its open and close go together; false when it is left out (its records are
- * then counted as they are left out, not here).  The key travels in the
- * records: when the sampling grows sparser, user space applies it to the
+/* Overload sampling, decided once per connection as it is announced (its open
+ * record), so that its open and close go together; false when it is left out,
+ * its open counted as such (its close is counted at the close).  The key travels
+ * in the records: when the sampling grows sparser, user space applies it to the
  * records already in the ring as well. */
 static __always_inline bool sample(struct conn_info *info, __u16 lport, __u16 rport)
 {
@@ -108,6 +108,7 @@ static __always_inline bool sample(struct conn_info *info, __u16 lport, __u16 rp
 		return true;
 	if (info->sample_key & ctl->sample_mask) {
 		info->sampled_out = 1;
+		dt_count(DT_STAT_SAMPLED_OUT);
 		return false;
 	}
 	info->sample_shift = ctl->sample_shift;
@@ -216,8 +217,6 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		endpoints_at_state_change(&rec, sk);
 		if (sample(info, rec.lport, rec.rport))
 			emit_conn(&rec, sk, DT_REC_CONN_OPEN, info, 0, oldstate);
-		else
-			dt_count(DT_STAT_SAMPLED_OUT);
 		return 0;
 	}
 	if (newstate != TCP_CLOSE)
@@ -240,16 +239,15 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		 * predates the agent (or was taken through io_uring): user space knows
 		 * what it can from its start-up snapshot and filters by pid itself. */
 		struct conn_info never_accepted = {.role = DT_ROLE_SERVER};
+		struct conn_info *known = info;
 		if (!info && !sk->sk_socket && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)) {
 			/* No entry to flag a received reset in: tcp_reset() set sk_err
 			 * first (the listener closing it sets it after the close). */
 			if (sk->sk_err && sk->sk_err != ETIMEDOUT)
 				never_accepted.flags = DT_CONN_RESET_RECEIVED;
-			info = &never_accepted;
+			known = &never_accepted;
 		}
-		emit_conn(&rec, sk, DT_REC_CONN_CLOSE, info, 0, oldstate);
-		if (info == &never_accepted)
-			return 0;
+		emit_conn(&rec, sk, DT_REC_CONN_CLOSE, known, 0, oldstate);
 	}
 out:
 	if (info)
@@ -286,8 +284,6 @@ static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 	store(sk, &info);
 	if (reported)
 		emit_conn(&rec, sk, DT_REC_CONN_OPEN, &info, 0, TCP_SYN_RECV);
-	else
-		dt_count(DT_STAT_SAMPLED_OUT);
 	return 0;
 }
 

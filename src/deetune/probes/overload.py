@@ -41,8 +41,8 @@ class OverloadSampling:
     The probe calls :meth:`_init_overload_sampling` in its constructor, counts the records
     it decodes in ``self._read``, and writes ``self.sampling`` to its kernel side in
     :meth:`_write_sampling`.  Records already in the ring when the sampling grows sparser
-    get the same choice as they are read (the kernel's key travels in them): the probe
-    applies ``self._mask`` to them and counts those it leaves out in ``self._sampled_out_here``.
+    get the same choice as they are read (the kernel's key travels in them): the probe asks
+    :meth:`_left_out_as_read` of each.
     """
 
     def _init_overload_sampling(self, overload_sampling: bool, busy_cpu: float | None) -> None:
@@ -72,6 +72,13 @@ class OverloadSampling:
         counts = super().counters()  # type: ignore[misc]
         counts["sampled_out"] += self._sampled_out_here
         return counts
+
+    def _left_out_as_read(self, sample_key: int) -> bool:
+        """Made before the sampling grew sparser and left out now, as the kernel does (counted)."""
+        if sample_key & self._mask:
+            self._sampled_out_here += 1
+            return True
+        return False
 
     def _write_sampling(self) -> None:
         """Tell the kernel side ``self.sampling``."""

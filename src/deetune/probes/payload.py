@@ -133,9 +133,7 @@ class PayloadProbe(OverloadSampling, Probe):
         if kind != _L.DT_REC_DATA:
             return ()
         self._read += 1
-        if sample_key & self._mask:
-            # Copied before the sampling grew sparser: left out now, as the kernel does.
-            self._sampled_out_here += 1
+        if self._left_out_as_read(sample_key):
             return ()
         family = 6 if family == _AF_INET6 else 4
         return (

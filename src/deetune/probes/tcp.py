@@ -76,9 +76,7 @@ class TcpProbe(OverloadSampling, Probe):
         self._read += 1
         sampling = 1 << sample_shift
         if self._mask and phase != "failed" and not flags & _L.DT_CONN_OPEN_UNSEEN:
-            if sample_key & self._mask:
-                # Made before the sampling grew sparser: left out now, as the kernel does.
-                self._sampled_out_here += 1
+            if self._left_out_as_read(sample_key):
                 return ()
             sampling = max(sampling, self.sampling)
         family = 6 if family == _AF_INET6 else 4

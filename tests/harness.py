@@ -66,6 +66,30 @@ def running_pipeline(probes: Sequence, handlers: Sequence = (), sinks: Sequence[
     collector.stats = pipeline.stats  # type: ignore[attr-defined]
 
 
+class FakeControls:
+    """Stands in for a probe's one-entry controls map: keeps the values written to it."""
+
+    def __init__(self):
+        self.values: list[bytes] = []
+
+    def update(self, key: bytes, value: bytes) -> None:
+        self.values.append(bytes(value))
+
+    @property
+    def masks(self) -> list[int]:
+        """The first field of each value written: the sample mask, in both probes' controls."""
+        return [int.from_bytes(value[:4], "little") for value in self.values]
+
+
+def with_fake_controls(probe, counts: dict[str, int] | None = None) -> FakeControls:
+    """Give an unstarted probe a stand-in object (its controls map) and, with ``counts``, kernel counters."""
+    controls = FakeControls()
+    probe.obj = type("Obj", (), {"maps": {"controls": controls}})()
+    if counts is not None:
+        probe.counters = lambda: dict(counts)
+    return controls
+
+
 PEER = r"""
 import socket, struct, sys
 family = socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET

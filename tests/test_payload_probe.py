@@ -18,7 +18,7 @@ from deetune.hostcpu import CpuSample
 from deetune.probes import ProbeOptions
 from deetune.probes.payload import PayloadProbe
 
-from tests.harness import running_pipeline
+from tests.harness import running_pipeline, with_fake_controls
 
 pytestmark = pytest.mark.bpf
 
@@ -318,25 +318,6 @@ def test_overload_sampling_copies_whole_connections_and_counts_the_rest():
     assert (stats.sampled_out, stats.sparsest_sampling) == (counts["sampled_out"], 4)
 
 
-class _Controls:
-    """Stands in for the controls map: keeps the sample masks written to it."""
-
-    def __init__(self):
-        self.masks: list[int] = []
-
-    def update(self, key: bytes, value: bytes) -> None:
-        self.masks.append(int.from_bytes(value[:4], "little"))
-
-
-def _with_fake_controls(probe: PayloadProbe, counts: dict[str, int] | None = None) -> _Controls:
-    """Give an unstarted probe a stand-in object (its controls map) and, with ``counts``, kernel counters."""
-    controls = _Controls()
-    probe.obj = type("Obj", (), {"maps": {"controls": controls}})()
-    if counts is not None:
-        probe.counters = lambda: dict(counts)
-    return controls
-
-
 def _tick_on_two_cpus(probe: PayloadProbe, idle: float, own: float, seconds: float = 1.0) -> int:
     """One tick of a 2-CPU host with ``idle`` cores idle and the agent on ``own`` cores; the sampling after it."""
     probe.tick(CpuSample(seconds=seconds, host_cores=2, host_idle=idle, own=own))
@@ -346,7 +327,7 @@ def _tick_on_two_cpus(probe: PayloadProbe, idle: float, own: float, seconds: flo
 def test_overload_sampling_follows_the_records_lost():
     probe = PayloadProbe()
     counts = {"emitted": 0, "lost": 0, "sampled_out": 0}
-    mask = _with_fake_controls(probe, counts)
+    mask = with_fake_controls(probe, counts)
 
     def second(emitted: int, lost: int) -> int:
         counts["emitted"] += emitted
@@ -370,7 +351,7 @@ def test_overload_sampling_follows_the_records_lost():
 
 def test_overload_sampling_keeps_the_agent_within_its_budget_on_a_busy_host():
     probe = PayloadProbe(busy_cpu=0.05)
-    controls = _with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
+    controls = with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
     tick = functools.partial(_tick_on_two_cpus, probe)
 
     assert tick(idle=1.2, own=0.7) == 1  # the agent uses spare CPU: no limit
@@ -398,7 +379,7 @@ def test_overload_sampling_keeps_the_agent_within_its_budget_on_a_busy_host():
 
 def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_are_read():
     probe = PayloadProbe()
-    _with_fake_controls(probe)  # the probe's own counters: what it dropped as it read
+    with_fake_controls(probe)  # the probe's own counters: what it dropped as it read
     rec = records.ffi.new("struct dt_data_record *")
     rec.hdr.kind = records.lib.DT_REC_DATA
     rec.size = rec.captured = 3
@@ -415,7 +396,7 @@ def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_ar
 
 def test_a_step_back_that_overran_the_budget_makes_the_next_one_wait_twice_as_long():
     probe = PayloadProbe(busy_cpu=0.05)
-    _with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
+    with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
     tick = functools.partial(_tick_on_two_cpus, probe)
 
     assert tick(idle=0.1, own=0.8) == 16

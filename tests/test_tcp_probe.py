@@ -19,7 +19,7 @@ from deetune.hostcpu import CpuSample
 from deetune.probes import ProbeOptions
 from deetune.probes.tcp import TcpProbe
 
-from tests.harness import TcpPeer, running_pipeline
+from tests.harness import TcpPeer, running_pipeline, with_fake_controls
 
 pytestmark = pytest.mark.bpf
 
@@ -283,15 +283,13 @@ def listening(port: int) -> Iterator[socket.socket]:
 
 
 def test_overload_sampling_keeps_the_agent_within_its_budget_and_tells_the_kernel():
-    written = []
     probe = TcpProbe(busy_cpu=0.05)
-    probe.obj = type("Obj", (), {"maps": {"controls": type("Map", (), {
-        "update": staticmethod(lambda key, value: written.append(struct.unpack("<II", value)))})()}})()
-    probe.counters = lambda: {"emitted": 0, "lost": 0, "sampled_out": 0}
+    controls = with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
     # A 2-CPU host with no idle CPU, the agent on 0.4 cores: 8 times its budget.
     probe.tick(CpuSample(seconds=1.0, host_cores=2, host_idle=0.0, own=0.4))
     assert probe.sampling == 8
-    assert written == [(7, 3)]  # mask, and the shift the reported records carry (1 << 3 = 8)
+    # mask, and the shift the reported records carry (1 << 3 = 8)
+    assert [struct.unpack("<II", value) for value in controls.values] == [(7, 3)]
 
 
 def _conn_record(kind: int, sample_key: int, sample_shift: int = 0) -> bytes:
@@ -304,7 +302,7 @@ def _conn_record(kind: int, sample_key: int, sample_shift: int = 0) -> bytes:
 
 def test_records_already_in_the_ring_get_the_sparser_sampling_as_they_are_read():
     probe = TcpProbe()
-    probe.obj = type("Obj", (), {"maps": {"controls": type("Map", (), {"update": staticmethod(lambda k, v: None)})()}})()
+    with_fake_controls(probe)
     probe.set_sampling(8)
     lib = records.lib
     decoded = [list(probe.decode(_conn_record(kind, key, shift))) for kind, key, shift in [

@@ -7,12 +7,19 @@ client processes loop connect / write 64 bytes / close, round-robin over the por
 the 4-tuples so that TIME_WAIT never runs out of them; net.ipv4.tcp_tw_reuse=2 reuses them on loopback).
 A Python loop reaches only a fraction of this rate on 2 cores, hence C.
 
+At max rate each client waits for the server's close before its next connection (``loadgen
+conn-wait``: write, shutdown, read to EOF, close; the same TCP states as a plain close).  Without
+the wait (``--open-loop``) the clients outrun the server now and then, its accept queues fill
+(4,096 connections each) and the SYNs that overflow are retried a second later: a few such
+stalls per run (counted as ``listen_overflows`` and ``over_100ms``) then move the rate by more
+than the agent does.
+
 Agent: ``python -m deetune.agent -v --probe process --probe tcp --sink jsonl:FILE``.
 
 Two interleaved series, each of ``--pairs`` pairs (no agent, agent, no agent, agent, …):
 
 1. max rate: 2 client processes as fast as they can for ``--seconds``: connections/s ratio
-   (target: at most 5 % fewer with the agent);
+   (target: at most 5 % fewer with the agent), and the host's CPU per connection;
 2. fixed rate: ``--rate`` connections/s (default 10,000) for ``--rate-seconds``: p99 connection
    time ratio, and with the agent: records lost (target 0) and close events in the jsonl file vs
    connections made (each connection must be seen closing on both sides).
@@ -65,19 +72,27 @@ def host_cpu_per_conn(busy_cores: float, load: dict) -> float | None:
     return round(busy_cores / load["rate"] * 1e6, 2) if load["rate"] else None
 
 
+def run_load(argv: Sequence[str]) -> tuple[dict, float]:
+    """The load generator's result, with the accept-queue overflows during it; and the host's busy cores."""
+    overflows, busy = common.listen_overflows(), common.busy_cores_since()
+    load = common.run_json(argv)
+    busy = common.busy_cores_since(busy)
+    load["listen_overflows"] = common.listen_overflows() - overflows
+    return load, busy
+
+
 def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, tmp: str, label: str,
-            agent_args: Sequence[str] = ()) -> dict:
+            agent_args: Sequence[str] = (), loop: str = "conn") -> dict:
     gen = common.loadgen()
-    argv = [gen, "conn", str(base), str(NPORTS), str(workers), str(seconds), str(rate), str(PAYLOAD)]
+    argv = [gen, loop, str(base), str(NPORTS), str(workers), str(seconds), str(rate), str(PAYLOAD)]
     waited = common.wait_quiet()
     if mode == "none":
-        other, busy = common.OtherCpu(), common.busy_cores_since()
-        load = common.run_json(argv)
-        busy = common.busy_cores_since(busy)
+        other = common.OtherCpu()
+        load, busy = run_load(argv)
         result = {"mode": mode, **load, "waited_s": waited, "busy_cores": busy,
                   "host_cpu_us_per_conn": host_cpu_per_conn(busy, load), **other.stop(load["seconds"])}
         common.log(f"  {label} none : {load['rate']:>9,.0f} conn/s  p99 {load['p99_us']} us  errors {load['errors']}  "
-                   f"others {result['other_cores']} cores")
+                   f"SYN retried {load['listen_overflows']}  others {result['other_cores']} cores")
         return result
     jsonl = os.path.join(tmp, f"conn-{label}.jsonl")
     # BPF run time only at a fixed rate: the statistics' own cost would count against max-rate runs.
@@ -87,10 +102,9 @@ def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, 
             foreign = common.foreign_programs(agent.prog_ids)
             before = common.prog_stats(agent.prog_ids)
             agent.begin_window()
-            other, busy = common.OtherCpu(), common.busy_cores_since()
-            load = common.run_json(argv)
+            other = common.OtherCpu()
+            load, busy = run_load(argv)
             window = agent.end_window()
-            busy = common.busy_cores_since(busy)
             others = other.stop(load["seconds"])
             after = common.prog_stats(agent.prog_ids)
         finally:
@@ -122,7 +136,7 @@ def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, 
     }
     common.log(
         f"  {label} agent: {load['rate']:>9,.0f} conn/s  p99 {load['p99_us']} us  errors {load['errors']}  "
-        f"lost {stopped.get('lost')}  closes seen client {result['client_closes_seen']:,} server "
+        f"SYN retried {load['listen_overflows']}  lost {stopped.get('lost')}  closes seen client {result['client_closes_seen']:,} server "
         f"{result['server_closes_seen']:,} / {done:,}  cpu {window['cpu_cores']} cores  hwm {window['hwm_mb']} MB  "
         f"bpf {result['bpf_ns_per_conn']} ns/conn  stop {stopped.get('stop_s')} s  "
         f"startup {stopped.get('startup_s')} s (tcp table {stopped.get('tcp_table_at_start')})  others {others['other_cores']} cores"
@@ -173,6 +187,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--rate", type=float, default=10000.0, help="connections/s of the fixed-rate series")
     parser.add_argument("--rate-seconds", type=float, default=10.0)
     parser.add_argument("--rate-workers", type=int, default=4)
+    parser.add_argument("--open-loop", action="store_true",
+                        help="max rate: clients close without waiting for the server (see above)")
     parser.add_argument("--skip-max", action="store_true")
     parser.add_argument("--skip-rate", action="store_true")
     parser.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
@@ -191,15 +207,18 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="deetune-bench-") as tmp:
             if not args.skip_max:
                 common.log(f"max rate: {args.workers} client processes, {args.seconds} s per run, {args.pairs} pairs")
+                loop = "conn" if args.open_loop else "conn-wait"
                 runs, discarded = series("max", args.pairs, base=base, workers=args.workers, seconds=args.seconds, rate=0, tmp=tmp,
-                                         agent_args=args.agent_arg)
+                                         agent_args=args.agent_arg, loop=loop)
                 text, summary = report_series(
-                    f"Max rate, {args.workers} client processes, {args.seconds:g} s per run: connections/s",
+                    f"Max rate, {args.workers} client processes ({loop}), {args.seconds:g} s per run: connections/s",
                     runs, "rate", "conn/s")
+                overflow_text, _ = report_series(
+                    "Same runs: SYNs retried a second later because an accept queue was full", runs, "listen_overflows", "")
                 cpu_text, cpu_summary = report_series(
                     "Same runs: the host's CPU per connection (µs; load, agent, BPF and softirq together)",
                     runs, "host_cpu_us_per_conn", "µs", 1)
-                texts += [text, cpu_text, "With the agent (max rate):\n" + agent_table(runs["agent"])]
+                texts += [text, cpu_text, overflow_text, "With the agent (max rate):\n" + agent_table(runs["agent"])]
                 out["max_rate"] = {"runs": runs, "summary": summary, "host_cpu": cpu_summary, "discarded_pairs": discarded}
             if not args.skip_rate:
                 common.log(f"fixed rate: {args.rate:g} conn/s, {args.rate_seconds} s per run, {args.pairs} pairs")

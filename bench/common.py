@@ -222,6 +222,17 @@ def tcp_table_size() -> int:
     return total
 
 
+def listen_overflows() -> int:
+    """The kernel's count of connections refused because a listener's accept queue was full
+    (TcpExt ListenOverflows): each makes the client retry its SYN a second later."""
+    with open("/proc/net/netstat") as f:
+        lines = f.read().splitlines()
+    for names, values in zip(lines[::2], lines[1::2]):
+        if names.startswith("TcpExt:"):
+            return int(dict(zip(names.split(), values.split()))["ListenOverflows"])
+    raise RuntimeError("no TcpExt ListenOverflows in /proc/net/netstat")
+
+
 def busy_cores_since(snapshot: tuple[float, list[int]] | None = None):
     """Without argument: a snapshot of /proc/stat; with one: cores busy (all processes) since it."""
     with open("/proc/stat") as f:

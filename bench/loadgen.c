@@ -6,6 +6,11 @@
  *   loadgen conn BASE_PORT NPORTS WORKERS SECONDS RATE PAYLOAD_BYTES
  *       WORKERS processes, each a loop of connect / write PAYLOAD_BYTES / close, round-robin over
  *       the ports.  RATE connections/s in total (open loop, fixed schedule; 0 = as fast as possible).
+ *   loadgen conn-wait BASE_PORT NPORTS WORKERS SECONDS RATE PAYLOAD_BYTES
+ *       same, but each connection ends the way a request does: write, shut the sending side down,
+ *       read until the server has closed, close.  A worker has one connection at a time, so the
+ *       clients cannot outrun the server: with plain conn at full speed they fill its accept
+ *       queues (4,096 each) and the SYNs that overflow are retried only after a second.
  *   loadgen http PORT CONNS SECONDS RATE
  *       CONNS keep-alive connections (one process each) sending "GET / HTTP/1.1" and reading the
  *       whole response (Content-Length) before the next request, RATE requests/s in total.
@@ -13,7 +18,8 @@
  *       same with the Redis command GET (RESP), reading one whole reply each time.
  *
  * Clients print one JSON line: done (connections or requests completed), errors, seconds,
- * rate, and the p50/p99/max latency of a connection or a request in microseconds.
+ * rate, the p50/p99/max latency of a connection or a request in microseconds, and how many took
+ * 100 ms or more (over_100ms: a SYN dropped and retried, most often).
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -21,6 +27,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <signal.h>
+#include <stdbool.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -123,7 +130,7 @@ static int serve(int base, int nports)
 }
 
 /* ---- clients --------------------------------------------------------------------------- */
-enum mode { CONN, HTTP, REDIS };
+enum mode { CONN, CONN_WAIT, HTTP, REDIS };
 
 static int connect_to(int port)
 {
@@ -151,6 +158,18 @@ static int write_all(int fd, const char *p, size_t n)
 		n -= w;
 	}
 	return 0;
+}
+
+/* Read until the peer closes: 0, or -1 on an error. */
+static int drain(int fd, char *buf, size_t size)
+{
+	for (;;) {
+		ssize_t r = read(fd, buf, size);
+		if (r == 0)
+			return 0;
+		if (r < 0 && errno != EINTR)
+			return -1;
+	}
 }
 
 /* Length of a complete HTTP response at the start of buf, 0 if incomplete. */
@@ -197,7 +216,8 @@ static void client(enum mode mode, int base, int nports, int index, int workers,
 	/* stagger the workers' schedules over one interval */
 	uint64_t next = start + (interval * index) / (workers ? workers : 1);
 	int fd = -1, port = base + index % nports;
-	if (mode != CONN && (fd = connect_to(base)) < 0) {
+	bool per_connection = mode == CONN || mode == CONN_WAIT;
+	if (!per_connection && (fd = connect_to(base)) < 0) {
 		w->errors++;
 		return;
 	}
@@ -211,7 +231,7 @@ static void client(enum mode mode, int base, int nports, int index, int workers,
 			break;
 		}
 		uint64_t t0 = now_ns();
-		if (mode == CONN) {
+		if (per_connection) {
 			int c = connect_to(port);
 			port = port + 1 < base + nports ? port + 1 : base;
 			if (c < 0) {
@@ -219,6 +239,8 @@ static void client(enum mode mode, int base, int nports, int index, int workers,
 				continue;
 			}
 			if (payload && write_all(c, data, payload) < 0)
+				w->errors++;
+			if (mode == CONN_WAIT && (shutdown(c, SHUT_WR) < 0 || drain(c, buf, sizeof(buf)) < 0))
 				w->errors++;
 			close(c);
 		} else {
@@ -264,8 +286,8 @@ int main(int argc, char **argv)
 		return serve(atoi(argv[2]), atoi(argv[3]));
 	enum mode mode;
 	int base, nports = 1, workers, payload = 0, a = 2;
-	if (argc == 8 && !strcmp(argv[1], "conn")) {
-		mode = CONN;
+	if (argc == 8 && (!strcmp(argv[1], "conn") || !strcmp(argv[1], "conn-wait"))) {
+		mode = argv[1][4] ? CONN_WAIT : CONN;
 		base = atoi(argv[a++]);
 		nports = atoi(argv[a++]);
 	} else if (argc == 6 && (!strcmp(argv[1], "http") || !strcmp(argv[1], "redis"))) {
@@ -277,7 +299,7 @@ int main(int argc, char **argv)
 	}
 	workers = atoi(argv[a++]);
 	double seconds = atof(argv[a++]), rate = atof(argv[a++]);
-	if (mode == CONN)
+	if (mode == CONN || mode == CONN_WAIT)
 		payload = atoi(argv[a++]);
 	struct worker *ws = mmap(NULL, sizeof(struct worker) * workers, PROT_READ | PROT_WRITE,
 				 MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -304,8 +326,9 @@ int main(int argc, char **argv)
 		if (hist[j])
 			max = j;
 	printf("{\"done\":%llu,\"errors\":%llu,\"seconds\":%.3f,\"rate\":%.1f,\"p50_us\":%.0f,\"p99_us\":%.0f,"
-	       "\"max_us\":%llu}\n",
+	       "\"max_us\":%llu,\"over_100ms\":%llu}\n",
 	       (unsigned long long)done, (unsigned long long)errors, elapsed, done / elapsed,
-	       percentile(hist, done, 0.50), percentile(hist, done, 0.99), (unsigned long long)max);
+	       percentile(hist, done, 0.50), percentile(hist, done, 0.99), (unsigned long long)max,
+	       (unsigned long long)hist[HIST_US]);
 	return 0;
 }

@@ -95,10 +95,10 @@ static __always_inline void endpoints_at_state_change(struct dt_conn_record *rec
 }
 
 /* Overload sampling, decided once per connection as it is announced (its open
- * record), so that its open and close go together; false when it is left out,
- * its open counted as such (its close is counted at the close).  The key travels
- * in the records: when the sampling grows sparser, user space applies it to the
- * records already in the ring as well. */
+ * record, or its failed one), so that its open and close go together; false
+ * when it is left out, its record counted as such (a close is counted at the
+ * close).  The key travels in the records: when the sampling grows sparser,
+ * user space applies it to the records already in the ring as well. */
 static __always_inline bool sample(struct conn_info *info, __u16 lport, __u16 rport)
 {
 	__u32 zero = 0;
@@ -230,7 +230,9 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 	struct dt_conn_record rec = {};
 	endpoints_at_state_change(&rec, sk);
 	if (oldstate == TCP_SYN_SENT) {
-		if (info)
+		/* Sampled too: a storm of refused connects is as many records as
+		 * a storm of connections. */
+		if (info && sample(info, rec.lport, rec.rport))
 			emit_conn(&rec, sk, DT_REC_CONN_FAILED, info, sk->sk_err, oldstate);
 	} else if (oldstate != TCP_LISTEN && oldstate != TCP_SYN_RECV) {
 		/* Entries are stored for wanted processes only.  No entry and no

@@ -242,9 +242,14 @@ def test_overload_sampling_reports_whole_connections_and_counts_the_rest():
                 client.close()
                 server.close()
         counts = probe.counters()
-        with socket.socket() as refused:  # failed connects are always reported
-            assert refused.connect_ex(("127.0.0.1", port)) != 0
-        collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "failed" and e.rport == port)
+        for _ in range(64):  # failed connects: one record each, sampled by the same key
+            with socket.socket() as refused:
+                assert refused.connect_ex(("127.0.0.1", port)) != 0
+        deadline = time.monotonic() + 10
+        while (len(conn_events(collector, port, "failed")) + probe.counters()["sampled_out"] < counts["sampled_out"] + 64
+               and time.monotonic() < deadline):
+            time.sleep(0.05)
+        counts_after_failed = probe.counters()
         probe.set_sampling(1)
         with listening(port) as listener, socket.create_connection(("127.0.0.1", port)) as client:
             lport = client.getsockname()[1]
@@ -265,12 +270,14 @@ def test_overload_sampling_reports_whole_connections_and_counts_the_rest():
                for events in by_conn.values())
     assert {e.sampling for e in reported} == {4}
     assert all(e.to_json()["sampling"] == 4 for e in reported)
-    assert [(e.phase, e.sampling) for e in failed] == [("failed", 1)]
+    assert 0 < len(failed) < 64
+    assert len(failed) + counts_after_failed["sampled_out"] - counts["sampled_out"] == 64
+    assert {e.sampling for e in failed} == {4}
     assert sorted((e.role, e.phase, e.sampling) for e in last) == [
         ("client", "close", 1), ("client", "open", 1), ("server", "close", 1), ("server", "open", 1)]
     assert "sampling" not in last[0].to_json()
     stats = collector.stats.probes["tcp"]
-    assert (stats.sampled_out, stats.sparsest_sampling) == (counts["sampled_out"], 4)
+    assert (stats.sampled_out, stats.sparsest_sampling) == (counts_after_failed["sampled_out"], 4)
 
 
 @contextlib.contextmanager
@@ -309,11 +316,12 @@ def test_records_already_in_the_ring_get_the_sparser_sampling_as_they_are_read()
         (lib.DT_REC_CONN_OPEN, 0b1001, 0),    # made before: its key has a bit of the mask (7)
         (lib.DT_REC_CONN_OPEN, 0b1000, 0),    # kept: it now stands for 8
         (lib.DT_REC_CONN_CLOSE, 0b10000, 4),  # the kernel already sampled 1 in 16: that stays
-        (lib.DT_REC_CONN_FAILED, 0b1, 0),     # failed connects are never sampled
+        (lib.DT_REC_CONN_FAILED, 0b1, 0),     # failed connects alike
+        (lib.DT_REC_CONN_FAILED, 0b11000, 0),
     ]]
     assert [[(e.phase, e.sampling) for e in events] for events in decoded] == [
-        [], [("open", 8)], [("close", 16)], [("failed", 1)]]
-    assert probe.counters()["sampled_out"] == 1
+        [], [("open", 8)], [("close", 16)], [], [("failed", 8)]]
+    assert probe.counters()["sampled_out"] == 2
 
 
 def test_a_connection_reset_before_anyone_accepted_it_is_reported_on_close():

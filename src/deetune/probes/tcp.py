@@ -36,8 +36,8 @@ class TcpProbe(OverloadSampling, Probe):
 
     When the agent cannot keep up (records lost, or its CPU over ``busy_cpu`` on a busy
     host), the kernel reports 1 connection in N, opens and closes together, and each
-    reported event says how many it stands for (``sampling``); failed connects are always
-    reported.  See :class:`~deetune.probes.overload.OverloadSampling`.
+    reported event says how many it stands for (``sampling``); failed connects are sampled
+    alike.  See :class:`~deetune.probes.overload.OverloadSampling`.
     """
 
     name = "tcp"
@@ -75,7 +75,7 @@ class TcpProbe(OverloadSampling, Probe):
             return ()
         self._read += 1
         sampling = 1 << sample_shift
-        if self._mask and phase != "failed" and not flags & _L.DT_CONN_OPEN_UNSEEN:
+        if self._mask and not flags & _L.DT_CONN_OPEN_UNSEEN:
             if self._left_out_as_read(sample_key):
                 return ()
             sampling = max(sampling, self.sampling)

@@ -377,6 +377,19 @@ def test_overload_sampling_keeps_the_agent_within_its_budget_on_a_busy_host():
     assert unlimited.sampling == 1
 
 
+def test_records_lost_on_a_busy_host_have_the_cpu_of_that_tick_judged_at_once():
+    for idle, expected in [(0.05, 32), (1.5, 2)]:
+        probe = PayloadProbe(busy_cpu=0.05)
+        counts = {"emitted": 0, "lost": 0, "sampled_out": 0}
+        with_fake_controls(probe, counts)
+        assert _tick_on_two_cpus(probe, idle=idle, own=0.9, seconds=0.25) == 1  # no loss, and no whole second yet
+        counts["emitted"] += 2000
+        counts["lost"] += 2000
+        # Half the records lost: 1 in 2 would do.  On a busy host the agent's 0.9 cores against
+        # its budget of 0.05 take 1 in 32 at once, not after a whole second of decoding flat out.
+        assert _tick_on_two_cpus(probe, idle=idle, own=0.9, seconds=0.25) == expected, idle
+
+
 def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_are_read():
     probe = PayloadProbe()
     with_fake_controls(probe)  # the probe's own counters: what it dropped as it read

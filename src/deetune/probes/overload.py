@@ -94,7 +94,9 @@ class OverloadSampling:
         ``busy_cpu`` cores (its CPU is then taken from the applications: 0.4 cores against a
         budget of 0.05 takes 1 connection in 8).  Either way the kernel's copies and user
         space's decoding are spared, and the sampled connections stay whole.  The tick after a
-        change only watches, and the CPU is judged again on a whole window after the change.
+        change only watches, and the CPU is judged again on a whole window after the change;
+        but while records are lost, the CPU of this tick alone is judged: the agent is behind,
+        and waiting a whole window would have it decode at full tilt for that long.
 
         After CALM_SECONDS without a loss and with room for twice the work (idle CPU for it,
         or on a busy host, half the budget used), it takes twice as many connections again.
@@ -114,7 +116,8 @@ class OverloadSampling:
         if self._settling:
             self._settling = False
             return
-        competing = window is not None and window.host_busy and window.own > self.busy_cpu
+        judged = cpu if window is None and lost > 0 and watching_cpu else window
+        competing = judged is not None and judged.host_busy and judged.own > self.busy_cpu
         elapsed = cpu.seconds if cpu is not None else 1.0
         self._since_relax += elapsed
         if window is not None and not window.host_busy:
@@ -127,7 +130,7 @@ class OverloadSampling:
             # (a caller that never reads records, as in tests: against what the ring took).
             taken = read or emitted
             factor = max(_power_of_two_above((emitted + lost) / max(taken, 1)) if lost > 0 else 1,
-                         _power_of_two_above(window.own / self.busy_cpu) if competing else 1)
+                         _power_of_two_above(judged.own / self.busy_cpu) if competing else 1)
             sampling = min(sampling * factor, SPARSEST_SAMPLING)
             self._calm = 0.0
         elif sampling > 1 and (not watching_cpu or window is not None and self._room_to_double(window)):

@@ -303,6 +303,19 @@ static __always_inline void forget_mmsg(void)
 		cursor->next = 0;
 }
 
+/* Overload sampling: while user space cannot keep up, it sets a mask and only
+ * connections whose sample key has none of its bits are copied (1 in mask + 1).
+ * The key hashes both ports (a local connection is sampled on both sides or on
+ * neither) and the time in units of 256 jiffies (about a second at HZ=250; a
+ * plain load, where a clock read is slow in a VM), so the sampled connections
+ * change over time: a host with few busy connections is sampled evenly.
+ * Under overload, whole connections beat records lost at random. */
+static __always_inline __u16 dt_sample_key(__u16 lport, __u16 rport)
+{
+	__u32 period = bpf_jiffies64() >> 8;
+	return (((lport ^ rport) + period * 0x9e3779b9u) * 2654435761u) >> 16;
+}
+
 static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8 direction)
 {
 	if (ret <= 0) {

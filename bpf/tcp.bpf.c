@@ -42,7 +42,7 @@ struct conn_info {
 	__u8 flags;
 	__u8 sampled_out; /* overload sampling leaves this connection out */
 	__u8 sample_shift; /* it stands for 1 << sample_shift connections */
-	__u16 sample_key; /* its overload-sampling key (dt_sample_key) */
+	__u16 sample_key; /* its overload-sampling key (conn_sample_key) */
 	char comm[DT_COMM_LEN];
 };
 
@@ -94,6 +94,15 @@ static __always_inline void endpoints_at_state_change(struct dt_conn_record *rec
 	}
 }
 
+/* A connection's overload-sampling key: its ports, hashed, so that a local
+ * connection's two sides agree.  Unlike the payload probe's (dt_sample_key) it
+ * does not change with time: a close with no entry is sampled by computing it
+ * again, so that a server connection the sampling leaves out needs no entry. */
+static __always_inline __u16 conn_sample_key(__u16 lport, __u16 rport)
+{
+	return ((__u32)(lport ^ rport) * 2654435761u) >> 16;
+}
+
 /* Overload sampling, decided once per connection as it is announced (its open
  * record, or its failed one), so that its open and close go together; false
  * when it is left out, its record counted as such (a close is counted at the
@@ -103,7 +112,7 @@ static __always_inline bool sample(struct conn_info *info, __u16 lport, __u16 rp
 {
 	__u32 zero = 0;
 	struct dt_tcp_controls *ctl = bpf_map_lookup_elem(&controls, &zero);
-	info->sample_key = dt_sample_key(lport, rport);
+	info->sample_key = conn_sample_key(lport, rport);
 	if (!ctl || !ctl->sample_mask)
 		return true;
 	if (info->sample_key & ctl->sample_mask) {
@@ -142,20 +151,16 @@ static __always_inline bool aborted_by_us(struct sock *sk, int oldstate, __u8 fl
 static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *sk, __u32 kind,
 				      struct conn_info *info, __s32 error, int oldstate)
 {
-	dt_fill_header(&rec->hdr, kind, info ? info->pid : 0);
+	dt_fill_header(&rec->hdr, kind, info->pid);
 	rec->sock_id = (__u64)sk;
-	if (info) {
-		rec->open_ts_ns = info->open_ts_ns;
-		rec->cgroup_id = info->cgroup_id;
-		rec->role = info->role;
-		rec->flags = info->flags;
-		rec->retransmits = info->retransmits;
-		rec->sample_shift = info->sample_shift;
-		rec->sample_key = info->sample_key;
-		__builtin_memcpy(rec->comm, info->comm, sizeof(rec->comm));
-	} else {
-		rec->flags = DT_CONN_OPEN_UNSEEN;
-	}
+	rec->open_ts_ns = info->open_ts_ns;
+	rec->cgroup_id = info->cgroup_id;
+	rec->role = info->role;
+	rec->flags = info->flags;
+	rec->retransmits = info->retransmits;
+	rec->sample_shift = info->sample_shift;
+	rec->sample_key = info->sample_key;
+	__builtin_memcpy(rec->comm, info->comm, sizeof(rec->comm));
 	if (kind == DT_REC_CONN_CLOSE) {
 		struct tcp_sock *tp = (struct tcp_sock *)sk;
 		/* Payload only: bytes_sent counts retransmitted bytes again, and
@@ -164,8 +169,6 @@ static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *s
 		rec->bytes_received = BPF_CORE_READ(tp, bytes_received);
 		if (rec->bytes_received && fin_received(oldstate, rec->flags))
 			rec->bytes_received -= 1;
-		if (!info)
-			rec->retransmits = BPF_CORE_READ(tp, total_retrans);
 	}
 	if (kind == DT_REC_CONN_CLOSE && aborted_by_us(sk, oldstate, rec->flags))
 		rec->flags |= DT_CONN_RESET_SENT;
@@ -183,6 +186,36 @@ static __always_inline void owner_is_current(struct conn_info *info, __u8 role)
 	info->pid = bpf_get_current_pid_tgid() >> 32;
 	info->role = role;
 	bpf_get_current_comm(info->comm, sizeof(info->comm));
+}
+
+/* A close with no entry.  Entries are stored for wanted processes only, and
+ * for the server's side only when the sampling takes the connection: a close
+ * the sampling leaves out is counted.  No entry and no file: still in the
+ * accept queue (an orphan has left ESTABLISHED and CLOSE_WAIT), its close is
+ * the server's, owner none.  Otherwise it predates the agent (or was taken
+ * through io_uring): user space knows what it can from its start-up snapshot
+ * and filters by pid itself. */
+static __always_inline void close_unknown(struct sock *sk, int oldstate)
+{
+	if (oldstate == TCP_SYN_SENT || oldstate == TCP_LISTEN || oldstate == TCP_SYN_RECV)
+		return;
+	struct dt_conn_record rec = {};
+	endpoints_at_state_change(&rec, sk);
+	struct conn_info unknown = {};
+	if (!sample(&unknown, rec.lport, rec.rport))
+		return;
+	/* No entry counted its retransmits. */
+	unknown.retransmits = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
+	if (!sk->sk_socket && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)) {
+		unknown.role = DT_ROLE_SERVER;
+		/* No entry to flag a received reset in: tcp_reset() set sk_err
+		 * first (the listener closing it sets it after the close). */
+		if (sk->sk_err && sk->sk_err != ETIMEDOUT)
+			unknown.flags = DT_CONN_RESET_RECEIVED;
+	} else {
+		unknown.flags = DT_CONN_OPEN_UNSEEN;
+	}
+	emit_conn(&rec, sk, DT_REC_CONN_CLOSE, &unknown, 0, oldstate);
 }
 
 static __always_inline void store(struct sock *sk, struct conn_info *info)
@@ -223,37 +256,25 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		return 0;
 
 	struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
-	if (info && info->sampled_out) {
+	if (!info) {
+		close_unknown(sk, oldstate);
+		return 0;
+	}
+	if (info->sampled_out) {
 		dt_count(DT_STAT_SAMPLED_OUT);
-		goto out;
-	}
-	struct dt_conn_record rec = {};
-	endpoints_at_state_change(&rec, sk);
-	if (oldstate == TCP_SYN_SENT) {
-		/* Sampled too: a storm of refused connects is as many records as
-		 * a storm of connections. */
-		if (info && sample(info, rec.lport, rec.rport))
-			emit_conn(&rec, sk, DT_REC_CONN_FAILED, info, sk->sk_err, oldstate);
-	} else if (oldstate != TCP_LISTEN && oldstate != TCP_SYN_RECV) {
-		/* Entries are stored for wanted processes only.  No entry and no
-		 * file: still in the accept queue (an orphan has left ESTABLISHED and
-		 * CLOSE_WAIT), its close is the server's, owner none.  Otherwise it
-		 * predates the agent (or was taken through io_uring): user space knows
-		 * what it can from its start-up snapshot and filters by pid itself. */
-		struct conn_info never_accepted = {.role = DT_ROLE_SERVER};
-		struct conn_info *known = info;
-		if (!info && !sk->sk_socket && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)) {
-			/* No entry to flag a received reset in: tcp_reset() set sk_err
-			 * first (the listener closing it sets it after the close). */
-			if (sk->sk_err && sk->sk_err != ETIMEDOUT)
-				never_accepted.flags = DT_CONN_RESET_RECEIVED;
-			known = &never_accepted;
+	} else {
+		struct dt_conn_record rec = {};
+		endpoints_at_state_change(&rec, sk);
+		if (oldstate == TCP_SYN_SENT) {
+			/* Sampled too: a storm of refused connects is as many records
+			 * as a storm of connections. */
+			if (sample(info, rec.lport, rec.rport))
+				emit_conn(&rec, sk, DT_REC_CONN_FAILED, info, sk->sk_err, oldstate);
+		} else if (oldstate != TCP_LISTEN && oldstate != TCP_SYN_RECV) {
+			emit_conn(&rec, sk, DT_REC_CONN_CLOSE, info, 0, oldstate);
 		}
-		emit_conn(&rec, sk, DT_REC_CONN_CLOSE, known, 0, oldstate);
 	}
-out:
-	if (info)
-		bpf_map_delete_elem(&conns, &key);
+	bpf_map_delete_elem(&conns, &key);
 	return 0;
 }
 
@@ -280,12 +301,13 @@ static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 	endpoints_from_sock(&rec, sk);
 	if (rec.family != AF_INET && rec.family != AF_INET6)
 		return 0;
+	/* Left out: no entry either (its close computes the key again). */
 	struct conn_info info = {};
+	if (!sample(&info, rec.lport, rec.rport))
+		return 0;
 	owner_is_current(&info, DT_ROLE_SERVER);
-	bool reported = sample(&info, rec.lport, rec.rport);
 	store(sk, &info);
-	if (reported)
-		emit_conn(&rec, sk, DT_REC_CONN_OPEN, &info, 0, TCP_SYN_RECV);
+	emit_conn(&rec, sk, DT_REC_CONN_OPEN, &info, 0, TCP_SYN_RECV);
 	return 0;
 }
 

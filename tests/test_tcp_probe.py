@@ -280,6 +280,44 @@ def test_overload_sampling_reports_whole_connections_and_counts_the_rest():
     assert (stats.sampled_out, stats.sparsest_sampling) == (counts_after_failed["sampled_out"], 4)
 
 
+def _sampled_in(lport: int, rport: int, sampling: int) -> bool:
+    """The tcp probe's choice (conn_sample_key in bpf/tcp.bpf.c): its ports, hashed."""
+    key = (((lport ^ rport) * 2654435761) & 0xFFFFFFFF) >> 16
+    return key & (sampling - 1) == 0
+
+
+def test_overload_sampling_keeps_no_entry_for_a_server_side_it_leaves_out():
+    port = free_port()
+    probe = TcpProbe(ProbeOptions(pid=os.getpid()), overload_sampling=False)  # our connections only
+    with running_pipeline([probe]) as collector, listening(port) as listener:
+        probe.set_sampling(4)
+        pairs = []
+        for _ in range(64):
+            client = socket.create_connection(("127.0.0.1", port))
+            pairs.append((client, listener.accept()[0]))
+        ports = [client.getsockname()[1] for client, _ in pairs]
+        taken = [p for p in ports if _sampled_in(p, port, 4)]
+        assert 0 < len(taken) < 64
+        opens = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "open"
+                                   and port in (e.lport, e.rport), 2 * len(taken))
+        # Every client's entry (its connect came before the choice), the server's of those taken only.
+        entries = len(list(probe.obj.maps["conns"].keys()))
+        for client, server in pairs:
+            client.close()
+            server.close()
+        closes = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "close"
+                                    and port in (e.lport, e.rport), 2 * len(taken))
+        time.sleep(0.2)
+        left = len(list(probe.obj.maps["conns"].keys()))
+        counts = probe.counters()
+    assert entries == 64 + len(taken)
+    assert left == 0
+    assert sorted(e.lport if e.role == "client" else e.rport for e in opens) == sorted(taken * 2)
+    assert sorted(e.lport if e.role == "client" else e.rport for e in closes) == sorted(taken * 2)
+    assert {e.sampling for e in opens + closes} == {4}
+    assert counts["sampled_out"] == 4 * (64 - len(taken))
+
+
 @contextlib.contextmanager
 def listening(port: int) -> Iterator[socket.socket]:
     with socket.socket() as listener:

@@ -75,7 +75,7 @@ class TcpProbe(OverloadSampling, Probe):
             return ()
         self._read += 1
         sampling = 1 << sample_shift
-        if self._mask and not flags & _L.DT_CONN_OPEN_UNSEEN:
+        if self._mask:
             if self._left_out_as_read(sample_key):
                 return ()
             sampling = max(sampling, self.sampling)

@@ -19,8 +19,9 @@ log = logging.getLogger(__name__)
 SPARSEST_SAMPLING = 1024
 #: Seconds without a lost record before overload sampling takes twice as many connections again.
 CALM_SECONDS = 5
-#: Cores the agent allows itself while the host has no idle CPU, before it samples.
-DEFAULT_BUSY_CPU = 0.05
+#: Cores the agent allows itself while the host has no idle CPU, before it samples: 1 % of a
+#: 2-CPU host (0.05 took ~3 % of a saturated 2-CPU host's connections/s: docs/performance.md, section 1).
+DEFAULT_BUSY_CPU = 0.02
 #: The longest a busy host makes overload sampling wait before it takes more connections.
 MAX_CALM_SECONDS = 80
 #: Overload sampling judges the CPU use over this long.

@@ -15,7 +15,7 @@ stalls per run (counted as ``listen_overflows`` and ``over_100ms``) then move th
 than the agent does.
 
 ``--saturate`` runs one busy loop per CPU at nice 19 beside the load, with and without the agent:
-no CPU is ever idle.  On this VM an idle CPU is slow to wake (a load alone ran 17-22 % faster
+no CPU is ever idle.  On this VM an idle CPU is slow to wake (the load alone ran 13-22 % faster
 beside such loops), and the agent's own activity keeps CPUs awake, so without it the agent can
 make the load faster; saturated, the ratio says what the agent costs a host whose CPUs are all
 in use (the host's CPU per connection is then not measured: the loops take whatever is left).

@@ -121,8 +121,8 @@ struct dt_conn_record {
 	__u8 sample_shift;    /* overload sampling when the connection opened: it stands
 			       * for 1 << sample_shift connections (0: itself only) */
 	__u8 _pad1;
-	__u16 sample_key;     /* overload sampling's hash of the connection and period
-			       * (0 for a connection whose open was not seen) */
+	__u16 sample_key;     /* overload sampling's hash of the connection's ports
+			       * (conn_sample_key in tcp.bpf.c) */
 	__u8 _pad2[4];
 };
 

@@ -15,7 +15,7 @@ from deetune.hostcpu import CpuSample
 
 log = logging.getLogger(__name__)
 
-#: Overload sampling never goes sparser than 1 connection-second in this many.
+#: Overload sampling never goes sparser than 1 connection (payload: connection-second) in this many.
 SPARSEST_SAMPLING = 1024
 #: Seconds without a lost record before overload sampling takes twice as many connections again.
 CALM_SECONDS = 5

@@ -197,6 +197,21 @@ static __always_inline void decide(struct verdict *v, struct sock *sk, __u16 lpo
 		  (!filter_ports || port_selected(lport) || port_selected(rport));
 }
 
+/* Overload sampling: while user space cannot keep up, it sets a mask and only
+ * connections whose sample key has none of its bits are copied (1 in mask + 1).
+ * The key hashes both ports (a local connection is sampled on both sides or on
+ * neither) and the time in units of 256 jiffies (about a second at HZ=250; a
+ * plain load, where a clock read is slow in a VM), so the sampled connections
+ * change over time: a host with few busy connections is sampled evenly.
+ * Recorded connections too: under overload, whole connections beat records
+ * lost at random.  The key travels in the record: when the mask grows, user
+ * space applies it to the records already in the ring as well. */
+static __always_inline __u16 sample_key(__u16 lport, __u16 rport)
+{
+	__u32 period = bpf_jiffies64() >> 8;
+	return (((lport ^ rport) + period * 0x9e3779b9u) * 2654435761u) >> 16;
+}
+
 /* What the calling syscall is and where its buffer is.  A transfer made on
  * behalf of some other syscall (splice, io_uring, a 32-bit process's calls)
  * is reported by its length only. */
@@ -303,19 +318,6 @@ static __always_inline void forget_mmsg(void)
 		cursor->next = 0;
 }
 
-/* Overload sampling: while user space cannot keep up, it sets a mask and only
- * connections whose sample key has none of its bits are copied (1 in mask + 1).
- * The key hashes both ports (a local connection is sampled on both sides or on
- * neither) and the time in units of 256 jiffies (about a second at HZ=250; a
- * plain load, where a clock read is slow in a VM), so the sampled connections
- * change over time: a host with few busy connections is sampled evenly.
- * Under overload, whole connections beat records lost at random. */
-static __always_inline __u16 dt_sample_key(__u16 lport, __u16 rport)
-{
-	__u32 period = bpf_jiffies64() >> 8;
-	return (((lport ^ rport) + period * 0x9e3779b9u) * 2654435761u) >> 16;
-}
-
 static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8 direction)
 {
 	if (ret <= 0) {
@@ -353,9 +355,7 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	}
 	if (!v->copy)
 		return 0;
-	/* Recorded connections too.  The key travels in the record: when the mask
-	 * grows, user space applies it to the records already in the ring as well. */
-	__u16 key = dt_sample_key(lport, rport);
+	__u16 key = sample_key(lport, rport);
 	if (key & ctl->sample_mask) {
 		dt_count(DT_STAT_SAMPLED_OUT);
 		return 0;

@@ -95,7 +95,7 @@ static __always_inline void endpoints_at_state_change(struct dt_conn_record *rec
 }
 
 /* A connection's overload-sampling key: its ports, hashed, so that a local
- * connection's two sides agree.  Unlike the payload probe's (dt_sample_key) it
+ * connection's two sides agree.  Unlike the payload probe's (sample_key) it
  * does not change with time: a close with no entry is sampled by computing it
  * again, so that a server connection the sampling leaves out needs no entry. */
 static __always_inline __u16 conn_sample_key(__u16 lport, __u16 rport)

@@ -74,11 +74,9 @@ class TcpProbe(OverloadSampling, Probe):
         if phase is None:
             return ()
         self._read += 1
-        sampling = 1 << sample_shift
-        if self._mask:
-            if self._left_out_as_read(sample_key):
-                return ()
-            sampling = max(sampling, self.sampling)
+        if self._left_out_as_read(sample_key):
+            return ()
+        sampling = max(1 << sample_shift, self.sampling)
         family = 6 if family == _AF_INET6 else 4
         laddr = format_address(family, laddr)
         raddr = format_address(family, raddr)

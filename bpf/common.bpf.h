@@ -57,27 +57,6 @@ static __always_inline void dt_fill_header(struct dt_header *hdr, __u32 kind, __
 	hdr->ts_ns = bpf_ktime_get_ns();
 }
 
-/* The struct sock behind a file descriptor of the current task, or NULL when
- * the descriptor is not a socket. */
-static __always_inline struct sock *dt_sock_from_fd(int fd)
-{
-	struct task_struct *task = (struct task_struct *)bpf_get_current_task();
-	struct fdtable *fdt = BPF_CORE_READ(task, files, fdt);
-	if (!fdt || fd < 0 || (unsigned int)fd >= BPF_CORE_READ(fdt, max_fds))
-		return 0;
-	struct file **fds = BPF_CORE_READ(fdt, fd);
-	struct file *file = 0;
-	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
-	if (!file)
-		return 0;
-	if ((BPF_CORE_READ(file, f_inode, i_mode) & S_IFMT) != S_IFSOCK)
-		return 0;
-	struct socket *sock = BPF_CORE_READ(file, private_data);
-	if (!sock)
-		return 0;
-	return BPF_CORE_READ(sock, sk);
-}
-
 /* A socket's family, ports (host order) and addresses (IPv4 in the first 4
  * bytes, the rest zero), read from the socket itself. */
 static __always_inline void dt_sock_endpoints(struct sock *sk, __u16 *family, __u16 *lport, __u16 *rport,

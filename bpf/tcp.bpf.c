@@ -71,20 +71,26 @@ static __always_inline bool pid_wanted(__u32 tgid)
 	return targ_tgid == 0 || targ_tgid == tgid;
 }
 
-/* Addresses and ports from the socket itself: for accept(2), where there is
- * no tracepoint context. */
-static __always_inline void endpoints_from_sock(struct dt_conn_record *rec, struct sock *sk)
+/* The local port at a state change, host order.  At close too, when the socket
+ * has already been unhashed: skc_num is 0 by then, inet_sport is not. */
+static __always_inline __u16 local_port_at_state_change(struct sock *sk)
 {
-	dt_sock_endpoints(sk, &rec->family, &rec->lport, &rec->rport, rec->laddr, rec->raddr);
+	return __builtin_bswap16(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
 }
 
-/* At close too, when the socket has already been unhashed: skc_num is 0 by
- * then, inet_sport is not. */
-static __always_inline void endpoints_at_state_change(struct dt_conn_record *rec, struct sock *sk)
+static __always_inline __u16 remote_port_at_state_change(struct sock *sk)
+{
+	return __builtin_bswap16(sk->__sk_common.skc_dport);
+}
+
+/* The rest of a record's endpoints, once the sampling (which needs the ports
+ * only) has taken the connection. */
+static __always_inline void endpoints_at_state_change(struct dt_conn_record *rec, struct sock *sk,
+						      __u16 lport, __u16 rport)
 {
 	rec->family = sk->__sk_common.skc_family;
-	rec->lport = __builtin_bswap16(BPF_CORE_READ((struct inet_sock *)sk, inet_sport));
-	rec->rport = __builtin_bswap16(sk->__sk_common.skc_dport);
+	rec->lport = lport;
+	rec->rport = rport;
 	if (rec->family == AF_INET6) {
 		__builtin_memcpy(rec->laddr, &sk->__sk_common.skc_v6_rcv_saddr, 16);
 		__builtin_memcpy(rec->raddr, &sk->__sk_common.skc_v6_daddr, 16);
@@ -199,11 +205,12 @@ static __always_inline void close_unknown(struct sock *sk, int oldstate)
 {
 	if (oldstate == TCP_SYN_SENT || oldstate == TCP_LISTEN || oldstate == TCP_SYN_RECV)
 		return;
-	struct dt_conn_record rec = {};
-	endpoints_at_state_change(&rec, sk);
+	__u16 lport = local_port_at_state_change(sk), rport = remote_port_at_state_change(sk);
 	struct conn_info unknown = {};
-	if (!sample(&unknown, rec.lport, rec.rport))
+	if (!sample(&unknown, lport, rport))
 		return;
+	struct dt_conn_record rec = {};
+	endpoints_at_state_change(&rec, sk, lport, rport);
 	/* No entry counted its retransmits. */
 	unknown.retransmits = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
 	if (!sk->sk_socket && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)) {
@@ -246,10 +253,12 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
 		if (!info)
 			return 0;
-		struct dt_conn_record rec = {};
-		endpoints_at_state_change(&rec, sk);
-		if (sample(info, rec.lport, rec.rport))
+		__u16 lport = local_port_at_state_change(sk), rport = remote_port_at_state_change(sk);
+		if (sample(info, lport, rport)) {
+			struct dt_conn_record rec = {};
+			endpoints_at_state_change(&rec, sk, lport, rport);
 			emit_conn(&rec, sk, DT_REC_CONN_OPEN, info, 0, oldstate);
+		}
 		return 0;
 	}
 	if (newstate != TCP_CLOSE)
@@ -262,20 +271,42 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 	}
 	if (info->sampled_out) {
 		dt_count(DT_STAT_SAMPLED_OUT);
-	} else {
+	} else if (oldstate != TCP_LISTEN && oldstate != TCP_SYN_RECV) {
+		__u16 lport = local_port_at_state_change(sk), rport = remote_port_at_state_change(sk);
 		struct dt_conn_record rec = {};
-		endpoints_at_state_change(&rec, sk);
-		if (oldstate == TCP_SYN_SENT) {
-			/* Sampled too: a storm of refused connects is as many records
-			 * as a storm of connections. */
-			if (sample(info, rec.lport, rec.rport))
-				emit_conn(&rec, sk, DT_REC_CONN_FAILED, info, sk->sk_err, oldstate);
-		} else if (oldstate != TCP_LISTEN && oldstate != TCP_SYN_RECV) {
+		if (oldstate != TCP_SYN_SENT) {
+			endpoints_at_state_change(&rec, sk, lport, rport);
 			emit_conn(&rec, sk, DT_REC_CONN_CLOSE, info, 0, oldstate);
+		} else if (sample(info, lport, rport)) {
+			/* Failed connects are sampled too: a storm of refused connects
+			 * is as many records as a storm of connections. */
+			endpoints_at_state_change(&rec, sk, lport, rport);
+			emit_conn(&rec, sk, DT_REC_CONN_FAILED, info, sk->sk_err, oldstate);
 		}
 	}
 	bpf_map_delete_elem(&conns, &key);
 	return 0;
+}
+
+/* The socket behind the descriptor accept(2) returned (a socket: no need to
+ * check the inode).  The task's file table is reached through its BTF pointers,
+ * with plain loads; a file's private data is untyped, so the last steps are
+ * read with helpers.  (Every step read with a helper cost a third more.) */
+static __always_inline struct sock *accepted_sock(int fd)
+{
+	struct task_struct *task = bpf_get_current_task_btf();
+	struct fdtable *fdt = task->files->fdt;
+	if ((unsigned int)fd >= fdt->max_fds)
+		return 0;
+	struct file **fds = fdt->fd;
+	struct file *file = 0;
+	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
+	if (!file)
+		return 0;
+	struct socket *sock = BPF_CORE_READ(file, private_data);
+	if (!sock)
+		return 0;
+	return BPF_CORE_READ(sock, sk);
 }
 
 /* A passive open is stored and announced when a process accepts it: the
@@ -291,19 +322,21 @@ static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (!pid_wanted(tgid))
 		return 0;
-	struct sock *sk = dt_sock_from_fd(ctx->ret);
+	struct sock *sk = accepted_sock(ctx->ret);
 	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
 		return 0;
 	/* Closed already (a reset before the accept): its close has been reported. */
 	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE)
 		return 0;
-	struct dt_conn_record rec = {};
-	endpoints_from_sock(&rec, sk);
-	if (rec.family != AF_INET && rec.family != AF_INET6)
-		return 0;
+	__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	__u16 rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	/* Left out: no entry either (its close computes the key again). */
 	struct conn_info info = {};
-	if (!sample(&info, rec.lport, rec.rport))
+	if (!sample(&info, lport, rport))
+		return 0;
+	struct dt_conn_record rec = {};
+	dt_sock_endpoints(sk, &rec.family, &rec.lport, &rec.rport, rec.laddr, rec.raddr);
+	if (rec.family != AF_INET && rec.family != AF_INET6)
 		return 0;
 	owner_is_current(&info, DT_ROLE_SERVER);
 	store(sk, &info);

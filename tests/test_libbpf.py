@@ -156,6 +156,20 @@ def test_a_consume_call_takes_a_bounded_batch(maps_object):
 
 
 @pytest.mark.bpf
+def test_a_ring_is_behind_past_its_wake_up_mark(maps_object):
+    """Past 1/16 of the ring unread (256 bytes of 4 KiB: more than 10 records of 24 bytes),
+    the kernel side no longer wakes the reader: the reader is behind."""
+    with attached_ring(maps_object) as (obj, ring):
+        for _ in range(11):
+            os.getppid()
+        first = (ring.pending_bytes(), ring.behind())
+        ring.consume(limit=1)
+        second = (ring.pending_bytes(), ring.behind())
+    assert first == (264, True)
+    assert second == (240, False)
+
+
+@pytest.mark.bpf
 def test_records_wrapping_around_the_ring_read_whole(maps_object):
     """The data area is mapped once: a record that runs past the end of the
     ring is joined from its two parts.  24-byte records in a 4 KiB ring end

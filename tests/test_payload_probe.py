@@ -378,16 +378,45 @@ def test_overload_sampling_keeps_the_agent_within_its_budget_on_a_busy_host():
 
 
 def test_records_lost_on_a_busy_host_have_the_cpu_of_that_tick_judged_at_once():
-    for idle, expected in [(0.05, 32), (1.5, 2)]:
+    for idle, expected in [(0.05, 64), (1.5, 2)]:
         probe = PayloadProbe(busy_cpu=0.05)
         counts = {"emitted": 0, "lost": 0, "sampled_out": 0}
         with_fake_controls(probe, counts)
         assert _tick_on_two_cpus(probe, idle=idle, own=0.9, seconds=0.25) == 1  # no loss, and no whole second yet
         counts["emitted"] += 2000
         counts["lost"] += 2000
-        # Half the records lost: 1 in 2 would do.  On a busy host the agent's 0.9 cores against
-        # its budget of 0.05 take 1 in 32 at once, not after a whole second of decoding flat out.
+        # Half the records lost: 1 in 2 would do with idle CPU.  On a busy host the agent's 0.9
+        # cores against its budget of 0.05 (18 times) are judged at once, not after a whole
+        # second of decoding flat out, and for all it missed: 2 x 18 = 36 takes 1 in 64.
         assert _tick_on_two_cpus(probe, idle=idle, own=0.9, seconds=0.25) == expected, idle
+
+
+class _RingAt:
+    """A ring buffer stand-in that is, or is not, past its wake-up mark."""
+
+    def __init__(self, behind: bool):
+        self.is_behind = behind
+
+    def behind(self) -> bool:
+        return self.is_behind
+
+
+def test_a_ring_past_its_wake_up_mark_on_a_busy_host_has_the_cpu_of_that_tick_judged_at_once():
+    probe = PayloadProbe(busy_cpu=0.05)
+    counts = {"emitted": 0, "lost": 0, "sampled_out": 0}
+    with_fake_controls(probe, counts)
+    ring = _RingAt(behind=False)
+    probe._rings = [ring]
+    counts["emitted"] += 5000
+    assert _tick_on_two_cpus(probe, idle=0.05, own=0.9, seconds=0.25) == 1  # keeping up: one tick is no trend
+    ring.is_behind = True
+    counts["emitted"] += 5000
+    # Nothing lost yet, but the reader is behind: 0.9 cores against 0.05 take 1 in 32 now.
+    assert _tick_on_two_cpus(probe, idle=0.05, own=0.9, seconds=0.25) == 32
+    idle_host = PayloadProbe(busy_cpu=0.05)
+    with_fake_controls(idle_host, counts)
+    idle_host._rings = [ring]
+    assert _tick_on_two_cpus(idle_host, idle=1.5, own=0.9, seconds=0.25) == 1  # idle CPU: no limit
 
 
 def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_are_read():

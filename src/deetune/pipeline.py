@@ -26,13 +26,10 @@ from typing import Callable, Iterable, Protocol, Sequence
 
 import attrs
 
-from deetune import records
 from deetune.events import Event
 from deetune.hostcpu import CpuMeter
 from deetune.probes.base import Probe
 from deetune.sinks.base import Sink
-
-_WAKE_FRACTION = records.lib.DT_RING_WAKE_FRACTION
 
 log = logging.getLogger("deetune.pipeline")
 
@@ -196,7 +193,7 @@ class Pipeline:
                     if not behind:
                         epoll.poll(timeout)
                     self._drain_round(rings.values())
-                    behind = any(ring.pending_bytes() > ring.size // _WAKE_FRACTION for _, ring in rings.values())
+                    behind = any(ring.behind() for _, ring in rings.values())
                     if time.monotonic() >= next_probe_tick:
                         next_probe_tick = time.monotonic() + self.probe_tick_interval
                         self._tick_probes()

@@ -25,6 +25,7 @@ import mmap
 import select
 import struct
 
+from deetune import records as _records
 from deetune.libbpf import MAP_TYPE_RINGBUF, LibbpfError, Map
 
 _BUSY = 1 << 31
@@ -101,6 +102,12 @@ class RingBuffer:
 
     def pending_bytes(self) -> int:
         return self._producer_pos[0] - self._consumer_pos[0]
+
+    def behind(self) -> bool:
+        """More is waiting than the mark at which the kernel side wakes the reader
+        (1/DT_RING_WAKE_FRACTION of the ring, see dt_output in bpf/common.bpf.h): the
+        reader is not keeping up, and no wake-up will come for it."""
+        return self.pending_bytes() > self.size // _records.lib.DT_RING_WAKE_FRACTION
 
     def close(self) -> None:
         if self._epoll.closed:

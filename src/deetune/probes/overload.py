@@ -93,11 +93,13 @@ class OverloadSampling:
         the records user space took takes 1 connection in 32), and, over the last
         CPU_WINDOW_SECONDS on a host with no idle CPU, this process using more than
         ``busy_cpu`` cores (its CPU is then taken from the applications: 0.4 cores against a
-        budget of 0.05 takes 1 connection in 8).  Either way the kernel's copies and user
-        space's decoding are spared, and the sampled connections stay whole.  The tick after a
-        change only watches, and the CPU is judged again on a whole window after the change;
-        but while records are lost, the CPU of this tick alone is judged: the agent is behind,
-        and waiting a whole window would have it decode at full tilt for that long.
+        budget of 0.05 takes 1 connection in 8); both at once multiply (half the records lost
+        while using 0.4 cores against 0.05 takes 1 in 16).  Either way the kernel's copies and
+        user space's decoding are spared, and the sampled connections stay whole.  The tick
+        after a change only watches, and the CPU is judged again on a whole window after the
+        change; but while records are lost, or a ring is past its wake-up mark, the CPU of this
+        tick alone is judged: the agent is behind, and waiting a whole window would have it
+        decode at full tilt for that long.
 
         After CALM_SECONDS without a loss and with room for twice the work (idle CPU for it,
         or on a busy host, half the budget used), it takes twice as many connections again.
@@ -117,7 +119,10 @@ class OverloadSampling:
         if self._settling:
             self._settling = False
             return
-        judged = cpu if window is None and lost > 0 and watching_cpu else window
+        # Losing records, or about to (a ring past its wake-up mark): the agent is behind and
+        # works flat out, so this tick's CPU is judged without waiting for a whole window.
+        behind = lost > 0 or any(ring.behind() for ring in self.ring_buffers())  # type: ignore[attr-defined]
+        judged = cpu if window is None and behind and watching_cpu else window
         competing = judged is not None and judged.host_busy and judged.own > self.busy_cpu
         elapsed = cpu.seconds if cpu is not None else 1.0
         self._since_relax += elapsed
@@ -129,9 +134,12 @@ class OverloadSampling:
         if lost > 0 or competing:
             # What the kernel made against what user space took: its pace, not the ring's size
             # (a caller that never reads records, as in tests: against what the ring took).
+            # Both at once multiply: to take all the kernel made within its budget, the agent
+            # would need its CPU times the share of the records it missed.
             taken = read or emitted
-            factor = max(_power_of_two_above((emitted + lost) / max(taken, 1)) if lost > 0 else 1,
-                         _power_of_two_above(judged.own / self.busy_cpu) if competing else 1)
+            missed = (emitted + lost) / max(taken, 1) if lost > 0 else 1.0
+            over_budget = judged.own / self.busy_cpu if competing else 1.0
+            factor = _power_of_two_above(missed * over_budget)
             sampling = min(sampling * factor, SPARSEST_SAMPLING)
             self._calm = 0.0
         elif sampling > 1 and (not watching_cpu or window is not None and self._room_to_double(window)):

@@ -20,6 +20,11 @@ beside such loops), and the agent's own activity keeps CPUs awake, so without it
 make the load faster; saturated, the ratio says what the agent costs a host whose CPUs are all
 in use (the host's CPU per connection is then not measured: the loops take whatever is left).
 
+``--warmup SECONDS`` runs the same max-rate load that long just before each measured run, in both
+modes (beside the busy loops too): the measured run then sees the agent as it runs under that load
+for good, its overload sampling settled, rather than its first second (at full speed it decodes flat
+out and loses records until its sampling has stepped down, about a second).
+
 Agent: ``python -m deetune.agent -v --probe process --probe tcp --sink jsonl:FILE``.
 
 Two interleaved series, each of ``--pairs`` pairs (no agent, agent, no agent, agent, …):
@@ -45,7 +50,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Sequence
+from typing import Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -91,10 +96,15 @@ def busy_loops(on: bool):
             loop.wait()
 
 
-def run_load(argv: Sequence[str], saturate: bool = False) -> tuple[dict, float | None]:
+def run_load(argv: Sequence[str], saturate: bool = False, warmup: Sequence[str] | None = None,
+             measuring: Callable[[], None] = lambda: None) -> tuple[dict, float | None]:
     """The load generator's result, with the accept-queue overflows during it; and the host's busy
-    cores (None beside busy loops, which take whatever the load leaves)."""
+    cores (None beside busy loops, which take whatever the load leaves).  With ``warmup``, that load
+    runs first, not measured; ``measuring()`` is called as the measured load begins."""
     with busy_loops(saturate):
+        if warmup:
+            common.run_json(warmup)
+        measuring()
         overflows, busy = common.listen_overflows(), common.busy_cores_since()
         load = common.run_json(argv)
         busy = common.busy_cores_since(busy)
@@ -103,13 +113,14 @@ def run_load(argv: Sequence[str], saturate: bool = False) -> tuple[dict, float |
 
 
 def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, tmp: str, label: str,
-            agent_args: Sequence[str] = (), loop: str = "conn", saturate: bool = False) -> dict:
+            agent_args: Sequence[str] = (), loop: str = "conn", saturate: bool = False, warmup: float = 0.0) -> dict:
     gen = common.loadgen()
     argv = [gen, loop, str(base), str(NPORTS), str(workers), str(seconds), str(rate), str(PAYLOAD)]
+    warmup_argv = [gen, loop, str(base), str(NPORTS), str(workers), str(warmup), str(rate), str(PAYLOAD)] if warmup else None
     waited = common.wait_quiet()
     if mode == "none":
         other = common.OtherCpu()
-        load, busy = run_load(argv, saturate)
+        load, busy = run_load(argv, saturate, warmup_argv)
         result = {"mode": mode, **load, "waited_s": waited, "busy_cores": busy,
                   "host_cpu_us_per_conn": host_cpu_per_conn(busy, load), **other.stop(load["seconds"])}
         common.log(f"  {label} none : {load['rate']:>9,.0f} conn/s  p99 {load['p99_us']} us  errors {load['errors']}  "
@@ -121,10 +132,15 @@ def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, 
         agent = common.Agent(PROBES, jsonl, agent_args).start()
         try:
             foreign = common.foreign_programs(agent.prog_ids)
-            before = common.prog_stats(agent.prog_ids)
-            agent.begin_window()
-            other = common.OtherCpu()
-            load, busy = run_load(argv, saturate)
+            snapshots: dict = {}
+
+            def measuring() -> None:
+                snapshots["before"] = common.prog_stats(agent.prog_ids)
+                agent.begin_window()
+                snapshots["other"] = common.OtherCpu()
+
+            load, busy = run_load(argv, saturate, warmup_argv, measuring)
+            before, other = snapshots["before"], snapshots["other"]
             window = agent.end_window()
             others = other.stop(load["seconds"])
             after = common.prog_stats(agent.prog_ids)
@@ -212,6 +228,8 @@ def main(argv=None) -> dict:
                         help="max rate: clients close without waiting for the server (see above)")
     parser.add_argument("--saturate", action="store_true",
                         help="max rate: one busy loop per CPU at nice 19 beside the load, in both modes (see above)")
+    parser.add_argument("--warmup", type=float, default=0.0, metavar="SECONDS",
+                        help="max rate: run the same load this long before each measured run, in both modes (see above)")
     parser.add_argument("--skip-max", action="store_true")
     parser.add_argument("--skip-rate", action="store_true")
     parser.add_argument("--agent-arg", action="append", default=[], metavar="ARG",
@@ -232,8 +250,9 @@ def main(argv=None) -> dict:
                 common.log(f"max rate: {args.workers} client processes, {args.seconds} s per run, {args.pairs} pairs")
                 loop = "conn" if args.open_loop else "conn-wait"
                 runs, discarded = series("max", args.pairs, base=base, workers=args.workers, seconds=args.seconds, rate=0, tmp=tmp,
-                                         agent_args=args.agent_arg, loop=loop, saturate=args.saturate)
+                                         agent_args=args.agent_arg, loop=loop, saturate=args.saturate, warmup=args.warmup)
                 beside = ", beside a busy loop per CPU" if args.saturate else ""
+                beside += f", after {args.warmup:g} s of the same load" if args.warmup else ""
                 text, summary = report_series(
                     f"Max rate, {args.workers} client processes ({loop}{beside}), {args.seconds:g} s per run: connections/s",
                     runs, "rate", "conn/s")

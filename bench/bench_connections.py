@@ -1,6 +1,6 @@
 """Overhead of the connection probes (issue 2): a loopback connect / send / close loop with and without the agent.
 
-    .venv/bin/python bench/bench_connections.py [--pairs 5] [--seconds 5] [--rate 10000] [--rate-seconds 10]
+    .venv/bin/python bench/bench_connections.py [--pairs 5] [--seconds 5] [--rate 10000] [--rate-seconds 10] [--saturate] [--warmup 0]
 
 Load: bench/loadgen.c (compiled with gcc at first use).  A C epoll server listens on 8 loopback ports;
 client processes loop connect / write 64 bytes / close, round-robin over the ports (8 ports spread

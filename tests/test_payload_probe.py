@@ -419,6 +419,18 @@ def test_a_ring_past_its_wake_up_mark_on_a_busy_host_has_the_cpu_of_that_tick_ju
     assert _tick_on_two_cpus(idle_host, idle=1.5, own=0.9, seconds=0.25) == 1  # idle CPU: no limit
 
 
+def test_a_flood_after_a_calm_second_is_judged_on_its_own_tick():
+    """A whole window of calm before the flood does not water its CPU down."""
+    probe = PayloadProbe(busy_cpu=0.05)
+    with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
+    ring = _RingAt(behind=False)
+    probe._rings = [ring]
+    assert [_tick_on_two_cpus(probe, idle=0.05, own=0.01, seconds=0.25) for _ in range(4)] == [1] * 4
+    ring.is_behind = True
+    # Over the last second the agent averaged under 0.05 cores; in this tick it used 0.9.
+    assert _tick_on_two_cpus(probe, idle=0.05, own=0.9, seconds=0.05) == 32
+
+
 def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_are_read():
     probe = PayloadProbe()
     with_fake_controls(probe)  # the probe's own counters: what it dropped as it read

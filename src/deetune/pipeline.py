@@ -33,6 +33,10 @@ from deetune.sinks.base import Sink
 
 log = logging.getLogger("deetune.pipeline")
 
+#: When a ring falls behind (a flood begins), the probes are ticked this long after, on the CPU
+#: used since: the agent's own CPU is counted in 10 ms clock ticks.
+FLOOD_TICK_SECONDS = 0.05
+
 #: A handler sees every event and returns the events to pass on.  A handler
 #: with a ``flush()`` method returning events is flushed once at stop.
 Handler = Callable[[Event], Iterable[Event]]
@@ -178,6 +182,8 @@ class Pipeline:
                         rings[ring.fd] = (probe, ring)
                 next_stats = time.monotonic() + self.stats_interval
                 next_probe_tick = time.monotonic() + self.probe_tick_interval
+                flood_tick: float | None = None  # when to tick for a flood that began
+                last_flood_tick = float("-inf")
                 self._cpu_meter = _cpu_meter()
                 behind = False
                 while not self._stop.is_set():
@@ -193,9 +199,20 @@ class Pipeline:
                     if not behind:
                         epoll.poll(timeout)
                     self._drain_round(rings.values())
-                    behind = any(ring.behind() for _, ring in rings.values())
-                    if time.monotonic() >= next_probe_tick:
-                        next_probe_tick = time.monotonic() + self.probe_tick_interval
+                    was_behind, behind = behind, any(ring.behind() for _, ring in rings.values())
+                    now = time.monotonic()
+                    if (behind and not was_behind and flood_tick is None
+                            and now - last_flood_tick >= self.probe_tick_interval):
+                        # A flood begins.  A regular tick could come up to a tick interval later
+                        # and judge a CPU sample mostly from before it: the probes (whose overload
+                        # sampling judges such a tick at once) hear of it on the CPU used from now.
+                        self._restart_cpu_sample()
+                        flood_tick = now + FLOOD_TICK_SECONDS
+                    if now >= next_probe_tick or flood_tick is not None and now >= flood_tick:
+                        if flood_tick is not None and now >= flood_tick:
+                            last_flood_tick = now
+                        flood_tick = None
+                        next_probe_tick = now + self.probe_tick_interval
                         self._tick_probes()
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + self.stats_interval
@@ -334,6 +351,11 @@ class Pipeline:
                 except Exception as exc:
                     self.stats.sink_errors += 1
                     log.error("sink %s failed on a %s event: %s", sink.name, item.type, exc)
+
+    def _restart_cpu_sample(self) -> None:
+        """The next tick's CPU sample begins now."""
+        if self._cpu_meter is not None:
+            self._cpu_meter.sample()
 
     def _tick_probes(self) -> None:
         """Probes with a ``tick(cpu)`` adapt to load (the payload probe's overload sampling), told

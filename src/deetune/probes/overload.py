@@ -120,9 +120,10 @@ class OverloadSampling:
             self._settling = False
             return
         # Losing records, or about to (a ring past its wake-up mark): the agent is behind and
-        # works flat out, so this tick's CPU is judged without waiting for a whole window.
+        # works flat out, so this tick's CPU is judged, not a window that may hold the calm
+        # before the flood (or, after a change, nothing yet).
         behind = lost > 0 or any(ring.behind() for ring in self.ring_buffers())  # type: ignore[attr-defined]
-        judged = cpu if window is None and behind and watching_cpu else window
+        judged = cpu if behind and watching_cpu else window
         competing = judged is not None and judged.host_busy and judged.own > self.busy_cpu
         elapsed = cpu.seconds if cpu is not None else 1.0
         self._since_relax += elapsed

@@ -208,8 +208,9 @@ class Pipeline:
                         # sampling judges such a tick at once) hear of it on the CPU used from now.
                         self._restart_cpu_sample()
                         flood_tick = now + FLOOD_TICK_SECONDS
-                    if now >= next_probe_tick or flood_tick is not None and now >= flood_tick:
-                        if flood_tick is not None and now >= flood_tick:
+                    flood_due = flood_tick is not None and now >= flood_tick
+                    if now >= next_probe_tick or flood_due:
+                        if flood_due:
                             last_flood_tick = now
                         flood_tick = None
                         next_probe_tick = now + self.probe_tick_interval

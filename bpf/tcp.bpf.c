@@ -184,6 +184,15 @@ static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *s
 	dt_output(&tcp_events, rec, sizeof(*rec));
 }
 
+/* The record of a state change, for a connection the sampling has taken. */
+static __always_inline void emit_at_state_change(struct sock *sk, __u32 kind, struct conn_info *info,
+						 __s32 error, int oldstate, __u16 lport, __u16 rport)
+{
+	struct dt_conn_record rec = {};
+	endpoints_at_state_change(&rec, sk, lport, rport);
+	emit_conn(&rec, sk, kind, info, error, oldstate);
+}
+
 /* The calling process as the connection's owner; the entry is not stored yet. */
 static __always_inline void owner_is_current(struct conn_info *info, __u8 role)
 {
@@ -209,8 +218,6 @@ static __always_inline void close_unknown(struct sock *sk, int oldstate)
 	struct conn_info unknown = {};
 	if (!sample(&unknown, lport, rport))
 		return;
-	struct dt_conn_record rec = {};
-	endpoints_at_state_change(&rec, sk, lport, rport);
 	/* No entry counted its retransmits. */
 	unknown.retransmits = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
 	if (!sk->sk_socket && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)) {
@@ -222,7 +229,7 @@ static __always_inline void close_unknown(struct sock *sk, int oldstate)
 	} else {
 		unknown.flags = DT_CONN_OPEN_UNSEEN;
 	}
-	emit_conn(&rec, sk, DT_REC_CONN_CLOSE, &unknown, 0, oldstate);
+	emit_at_state_change(sk, DT_REC_CONN_CLOSE, &unknown, 0, oldstate, lport, rport);
 }
 
 static __always_inline void store(struct sock *sk, struct conn_info *info)
@@ -254,11 +261,8 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		if (!info)
 			return 0;
 		__u16 lport = local_port_at_state_change(sk), rport = remote_port_at_state_change(sk);
-		if (sample(info, lport, rport)) {
-			struct dt_conn_record rec = {};
-			endpoints_at_state_change(&rec, sk, lport, rport);
-			emit_conn(&rec, sk, DT_REC_CONN_OPEN, info, 0, oldstate);
-		}
+		if (sample(info, lport, rport))
+			emit_at_state_change(sk, DT_REC_CONN_OPEN, info, 0, oldstate, lport, rport);
 		return 0;
 	}
 	if (newstate != TCP_CLOSE)
@@ -273,15 +277,12 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		dt_count(DT_STAT_SAMPLED_OUT);
 	} else if (oldstate != TCP_LISTEN && oldstate != TCP_SYN_RECV) {
 		__u16 lport = local_port_at_state_change(sk), rport = remote_port_at_state_change(sk);
-		struct dt_conn_record rec = {};
 		if (oldstate != TCP_SYN_SENT) {
-			endpoints_at_state_change(&rec, sk, lport, rport);
-			emit_conn(&rec, sk, DT_REC_CONN_CLOSE, info, 0, oldstate);
+			emit_at_state_change(sk, DT_REC_CONN_CLOSE, info, 0, oldstate, lport, rport);
 		} else if (sample(info, lport, rport)) {
 			/* Failed connects are sampled too: a storm of refused connects
 			 * is as many records as a storm of connections. */
-			endpoints_at_state_change(&rec, sk, lport, rport);
-			emit_conn(&rec, sk, DT_REC_CONN_FAILED, info, sk->sk_err, oldstate);
+			emit_at_state_change(sk, DT_REC_CONN_FAILED, info, sk->sk_err, oldstate, lport, rport);
 		}
 	}
 	bpf_map_delete_elem(&conns, &key);

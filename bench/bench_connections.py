@@ -50,7 +50,7 @@ import os
 import subprocess
 import sys
 import tempfile
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -97,30 +97,33 @@ def busy_loops(on: bool):
 
 
 def run_load(argv: Sequence[str], saturate: bool = False, warmup: Sequence[str] | None = None,
-             measuring: Callable[[], None] = lambda: None) -> tuple[dict, float | None]:
-    """The load generator's result, with the accept-queue overflows during it; and the host's busy
-    cores (None beside busy loops, which take whatever the load leaves).  With ``warmup``, that load
-    runs first, not measured; ``measuring()`` is called as the measured load begins."""
+             measuring: Callable[[], Any] = lambda: None) -> tuple[dict, float | None, Any]:
+    """The load generator's result, with the accept-queue overflows during it; the host's busy
+    cores (None beside busy loops, which take whatever the load leaves); and what ``measuring()``,
+    called as the measured load begins, returned.  With ``warmup``, that load runs first, not
+    measured."""
     with busy_loops(saturate):
         if warmup:
             common.run_json(warmup)
-        measuring()
+        measured = measuring()
         overflows, busy = common.listen_overflows(), common.busy_cores_since()
         load = common.run_json(argv)
         busy = common.busy_cores_since(busy)
         load["listen_overflows"] = common.listen_overflows() - overflows
-    return load, None if saturate else busy
+    return load, None if saturate else busy, measured
 
 
 def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, tmp: str, label: str,
             agent_args: Sequence[str] = (), loop: str = "conn", saturate: bool = False, warmup: float = 0.0) -> dict:
     gen = common.loadgen()
-    argv = [gen, loop, str(base), str(NPORTS), str(workers), str(seconds), str(rate), str(PAYLOAD)]
-    warmup_argv = [gen, loop, str(base), str(NPORTS), str(workers), str(warmup), str(rate), str(PAYLOAD)] if warmup else None
+
+    def load_argv(length: float) -> list[str]:
+        return [gen, loop, str(base), str(NPORTS), str(workers), str(length), str(rate), str(PAYLOAD)]
+
+    argv, warmup_argv = load_argv(seconds), load_argv(warmup) if warmup else None
     waited = common.wait_quiet()
     if mode == "none":
-        other = common.OtherCpu()
-        load, busy = run_load(argv, saturate, warmup_argv)
+        load, busy, other = run_load(argv, saturate, warmup_argv, common.OtherCpu)
         result = {"mode": mode, **load, "waited_s": waited, "busy_cores": busy,
                   "host_cpu_us_per_conn": host_cpu_per_conn(busy, load), **other.stop(load["seconds"])}
         common.log(f"  {label} none : {load['rate']:>9,.0f} conn/s  p99 {load['p99_us']} us  errors {load['errors']}  "
@@ -132,15 +135,13 @@ def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, 
         agent = common.Agent(PROBES, jsonl, agent_args).start()
         try:
             foreign = common.foreign_programs(agent.prog_ids)
-            snapshots: dict = {}
 
-            def measuring() -> None:
-                snapshots["before"] = common.prog_stats(agent.prog_ids)
+            def measuring() -> tuple[dict, common.OtherCpu]:
+                before = common.prog_stats(agent.prog_ids)
                 agent.begin_window()
-                snapshots["other"] = common.OtherCpu()
+                return before, common.OtherCpu()
 
-            load, busy = run_load(argv, saturate, warmup_argv, measuring)
-            before, other = snapshots["before"], snapshots["other"]
+            load, busy, (before, other) = run_load(argv, saturate, warmup_argv, measuring)
             window = agent.end_window()
             others = other.stop(load["seconds"])
             after = common.prog_stats(agent.prog_ids)

@@ -57,14 +57,11 @@ static __always_inline void dt_fill_header(struct dt_header *hdr, __u32 kind, __
 	hdr->ts_ns = bpf_ktime_get_ns();
 }
 
-/* A socket's family, ports (host order) and addresses (IPv4 in the first 4
- * bytes, the rest zero), read from the socket itself. */
-static __always_inline void dt_sock_endpoints(struct sock *sk, __u16 *family, __u16 *lport, __u16 *rport,
-					      __u8 laddr[16], __u8 raddr[16])
+/* A socket's family and addresses (IPv4 in the first 4 bytes, the rest zero),
+ * read from the socket itself. */
+static __always_inline void dt_sock_addresses(struct sock *sk, __u16 *family, __u8 laddr[16], __u8 raddr[16])
 {
 	*family = BPF_CORE_READ(sk, __sk_common.skc_family);
-	*lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	*rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
 	if (*family == AF_INET6) {
 		/* Not BPF_CORE_READ_INTO: it reads sizeof(*dst), one byte of an array. */
 		bpf_core_read(laddr, 16, &sk->__sk_common.skc_v6_rcv_saddr);
@@ -75,6 +72,21 @@ static __always_inline void dt_sock_endpoints(struct sock *sk, __u16 *family, __
 		bpf_core_read(laddr, 4, &sk->__sk_common.skc_rcv_saddr);
 		bpf_core_read(raddr, 4, &sk->__sk_common.skc_daddr);
 	}
+}
+
+/* A socket's ports, host order, read from the socket itself. */
+static __always_inline void dt_sock_ports(struct sock *sk, __u16 *lport, __u16 *rport)
+{
+	*lport = BPF_CORE_READ(sk, __sk_common.skc_num);
+	*rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+}
+
+/* Both. */
+static __always_inline void dt_sock_endpoints(struct sock *sk, __u16 *family, __u16 *lport, __u16 *rport,
+					      __u8 laddr[16], __u8 raddr[16])
+{
+	dt_sock_ports(sk, lport, rport);
+	dt_sock_addresses(sk, family, laddr, raddr);
 }
 
 #endif /* __DEETUNE_COMMON_BPF_H__ */

@@ -330,14 +330,13 @@ static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 	/* Closed already (a reset before the accept): its close has been reported. */
 	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE)
 		return 0;
-	__u16 lport = BPF_CORE_READ(sk, __sk_common.skc_num);
-	__u16 rport = __builtin_bswap16(BPF_CORE_READ(sk, __sk_common.skc_dport));
+	struct dt_conn_record rec = {};
+	dt_sock_ports(sk, &rec.lport, &rec.rport);
 	/* Left out: no entry either (its close computes the key again). */
 	struct conn_info info = {};
-	if (!sample(&info, lport, rport))
+	if (!sample(&info, rec.lport, rec.rport))
 		return 0;
-	struct dt_conn_record rec = {};
-	dt_sock_endpoints(sk, &rec.family, &rec.lport, &rec.rport, rec.laddr, rec.raddr);
+	dt_sock_addresses(sk, &rec.family, rec.laddr, rec.raddr);
 	if (rec.family != AF_INET && rec.family != AF_INET6)
 		return 0;
 	owner_is_current(&info, DT_ROLE_SERVER);

@@ -20,6 +20,26 @@ struct {
 	__type(value, __u64);
 } dt_stats SEC(".maps");
 
+/* Scope: only this network namespace (its inode number; 0: every one).  Set
+ * by user space between open and load, like every object's knobs; an agent
+ * scoped to a namespace sees that namespace as its host. */
+const volatile __u32 dt_targ_netns = 0;
+
+static __always_inline bool dt_sock_netns_wanted(struct sock *sk)
+{
+	return !dt_targ_netns || BPF_CORE_READ(sk, __sk_common.skc_net.net, ns.inum) == dt_targ_netns;
+}
+
+/* The calling task's network namespace (a task keeps its nsproxy until after
+ * sched_process_exit). */
+static __always_inline bool dt_task_netns_wanted(void)
+{
+	if (!dt_targ_netns)
+		return true;
+	struct task_struct *task = bpf_get_current_task_btf();
+	return BPF_CORE_READ(task, nsproxy, net_ns, ns.inum) == dt_targ_netns;
+}
+
 static __always_inline void dt_count(__u32 stat)
 {
 	__u64 *value = bpf_map_lookup_elem(&dt_stats, &stat);

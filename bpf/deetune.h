@@ -104,6 +104,8 @@ struct dt_process_record {
 struct dt_conn_record {
 	struct dt_header hdr;
 	__u64 sock_id;        /* kernel address of struct sock: unique while open */
+	__u64 conn_id;        /* socket cookie: unique per socket while the kernel runs
+			       * (sock_id is reused as soon as the socket is freed) */
 	__u64 open_ts_ns;     /* 0 when the open was not seen */
 	__u64 bytes_sent;     /* tcp_sock.bytes_acked: payload acked by the peer */
 	__u64 bytes_received; /* tcp_sock.bytes_received */
@@ -131,7 +133,12 @@ struct dt_conn_record {
 struct dt_data_record {
 	struct dt_header hdr; /* ts_ns: when the transfer was done */
 	__u64 sock_id;        /* same identity as dt_conn_record.sock_id */
+	__u64 conn_id;        /* same identity as dt_conn_record.conn_id */
 	__u64 cgroup_id;
+	__u64 seq;            /* where this call's bytes start in their direction's stream:
+			       * the bytes moved that way on the socket before it, since
+			       * the probe first copied from it (calls not copied in
+			       * between show as a jump) */
 	__u32 tid;
 	__s32 fd;             /* -1 for DT_SYS_OTHER */
 	__u32 size;           /* bytes moved (per message for *mmsg) */
@@ -143,6 +150,9 @@ struct dt_data_record {
 	__u8 syscall;         /* enum dt_syscall */
 	__u16 sample_key;     /* overload sampling's hash of the connection and period:
 			       * copied while (sample_key & sample_mask) == 0 */
+	__u8 sample_shift;    /* the sampling it was copied under: it stands for
+			       * 1 << sample_shift connection-periods (0: itself only) */
+	__u8 flags;           /* reserved: 0 */
 	__u8 laddr[16];
 	__u8 raddr[16];
 	char comm[DT_COMM_LEN];
@@ -154,6 +164,8 @@ struct dt_payload_controls {
 	__u32 sample_mask;    /* overload sampling: copy 1 connection in mask + 1 */
 	__u32 generation;     /* bumped by every change to the maps a socket's verdict
 			       * depends on (ports, capture sizes, muted); 0: not set up */
+	__u32 sample_shift;   /* log2(mask + 1), copied into the records */
+	__u32 _pad;
 };
 
 /* The tcp probe's live settings (its `controls` map, one entry). */

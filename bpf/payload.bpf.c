@@ -80,6 +80,7 @@ struct verdict {
 	__u32 generation; /* of the controls it was made under; 0: none yet */
 	__u32 capture;    /* prefix to copy per call */
 	bool copy;
+	__u64 moved[2];   /* bytes moved per direction (enum dt_direction) while copy was set */
 };
 
 struct {
@@ -334,7 +335,7 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	if ((task->flags & PF_KTHREAD) && !(task->flags & PF_IO_WORKER))
 		return 0; /* the kernel's own sockets (NFS, …): no process to attribute */
 	__u16 family = sk->__sk_common.skc_family;
-	if ((family != AF_INET && family != AF_INET6) || sk->sk_type != SOCK_STREAM)
+	if ((family != AF_INET && family != AF_INET6) || sk->sk_type != SOCK_STREAM || !dt_sock_netns_wanted(sk))
 		return 0;
 
 	__u32 zero = 0;
@@ -355,6 +356,8 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	}
 	if (!v->copy)
 		return 0;
+	/* Counted before the sampling: a call it leaves out is a jump in the stream. */
+	__u64 seq = __sync_fetch_and_add(&v->moved[direction & 1], (__u64)ret);
 	__u16 key = sample_key(lport, rport);
 	if (key & ctl->sample_mask) {
 		dt_count(DT_STAT_SAMPLED_OUT);
@@ -386,7 +389,9 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	struct dt_data_record *rec = &s->rec;
 	dt_fill_header(&rec->hdr, DT_REC_DATA, pid_tgid >> 32);
 	rec->sock_id = (__u64)sk;
+	rec->conn_id = bpf_get_socket_cookie(sk);
 	rec->cgroup_id = bpf_get_current_cgroup_id();
+	rec->seq = seq;
 	rec->tid = (__u32)pid_tgid;
 	rec->fd = call.fd;
 	rec->size = ret;
@@ -394,6 +399,8 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	rec->direction = direction;
 	rec->syscall = call.syscall;
 	rec->sample_key = key;
+	rec->sample_shift = ctl->sample_shift;
+	rec->flags = 0;
 	dt_sock_endpoints(sk, &rec->family, &rec->lport, &rec->rport, rec->laddr, rec->raddr);
 	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
 	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (captured & (DT_PAYLOAD_MAX * 2 - 1));

@@ -33,7 +33,7 @@ static __always_inline struct dt_process_record *scratch_record(void)
 
 static __always_inline bool wanted(__u32 tgid)
 {
-	return targ_tgid == 0 || targ_tgid == tgid;
+	return (targ_tgid == 0 || targ_tgid == tgid) && dt_task_netns_wanted();
 }
 
 static __always_inline void fill_common(struct dt_process_record *rec, __u32 kind,

@@ -154,11 +154,12 @@ static __always_inline bool aborted_by_us(struct sock *sk, int oldstate, __u8 fl
 	return BPF_CORE_READ(sk, sk_err) != ETIMEDOUT;
 }
 
-static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *sk, __u32 kind,
+static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *sk, __u64 conn_id, __u32 kind,
 				      struct conn_info *info, __s32 error, int oldstate)
 {
 	dt_fill_header(&rec->hdr, kind, info->pid);
 	rec->sock_id = (__u64)sk;
+	rec->conn_id = conn_id;
 	rec->open_ts_ns = info->open_ts_ns;
 	rec->cgroup_id = info->cgroup_id;
 	rec->role = info->role;
@@ -190,7 +191,7 @@ static __always_inline void emit_at_state_change(struct sock *sk, __u32 kind, st
 {
 	struct dt_conn_record rec = {};
 	endpoints_at_state_change(&rec, sk, lport, rport);
-	emit_conn(&rec, sk, kind, info, error, oldstate);
+	emit_conn(&rec, sk, bpf_get_socket_cookie(sk), kind, info, error, oldstate);
 }
 
 /* The calling process as the connection's owner; the entry is not stored yet. */
@@ -242,7 +243,7 @@ static __always_inline void store(struct sock *sk, struct conn_info *info)
 SEC("tp_btf/inet_sock_set_state")
 int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 {
-	if (sk->sk_protocol != IPPROTO_TCP)
+	if (sk->sk_protocol != IPPROTO_TCP || !dt_sock_netns_wanted(sk))
 		return 0;
 	__u64 key = (__u64)sk;
 
@@ -254,6 +255,12 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 			owner_is_current(&info, DT_ROLE_CLIENT);
 			store(sk, &info);
 		}
+		return 0;
+	}
+	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
+		/* A passive open: give the socket its cookie (its id in every record)
+		 * now, where the helper can; the accept reads it. */
+		bpf_get_socket_cookie(sk);
 		return 0;
 	}
 	if (oldstate == TCP_SYN_SENT && newstate == TCP_ESTABLISHED) {
@@ -325,7 +332,7 @@ static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 	if (!pid_wanted(tgid))
 		return 0;
 	struct sock *sk = accepted_sock(ctx->ret);
-	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP)
+	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP || !dt_sock_netns_wanted(sk))
 		return 0;
 	/* Closed already (a reset before the accept): its close has been reported. */
 	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE)
@@ -341,7 +348,10 @@ static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 		return 0;
 	owner_is_current(&info, DT_ROLE_SERVER);
 	store(sk, &info);
-	emit_conn(&rec, sk, DT_REC_CONN_OPEN, &info, 0, TCP_SYN_RECV);
+	/* The cookie was made at the handshake (handle_set_state): this pointer
+	 * is not one the helper takes. */
+	emit_conn(&rec, sk, BPF_CORE_READ(sk, __sk_common.skc_cookie.counter), DT_REC_CONN_OPEN, &info, 0,
+		  TCP_SYN_RECV);
 	return 0;
 }
 

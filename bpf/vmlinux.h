@@ -79,6 +79,26 @@ struct in6_addr {
 	} in6_u;
 } __attribute__((preserve_access_index));
 
+typedef struct {
+	__s64 counter;
+} atomic64_t;
+
+struct ns_common {
+	unsigned int inum;
+} __attribute__((preserve_access_index));
+
+struct net {
+	struct ns_common ns;
+} __attribute__((preserve_access_index));
+
+typedef struct {
+	struct net *net;
+} __attribute__((preserve_access_index)) possible_net_t;
+
+struct nsproxy {
+	struct net *net_ns;
+} __attribute__((preserve_access_index));
+
 struct sock_common {
 	__be32 skc_daddr;
 	__be32 skc_rcv_saddr;
@@ -86,8 +106,10 @@ struct sock_common {
 	__u16 skc_num;
 	unsigned short skc_family;
 	volatile unsigned char skc_state;
+	possible_net_t skc_net;
 	struct in6_addr skc_v6_daddr;
 	struct in6_addr skc_v6_rcv_saddr;
+	atomic64_t skc_cookie;
 } __attribute__((preserve_access_index));
 
 struct sock {
@@ -147,6 +169,7 @@ struct task_struct {
 	struct task_struct *group_leader;
 	struct mm_struct *mm;
 	struct files_struct *files;
+	struct nsproxy *nsproxy;
 } __attribute__((preserve_access_index));
 
 /* User-space ABI structs (LP64: identical on x86_64 and arm64).  Read with

@@ -62,11 +62,11 @@ def test_open_lists_programs_maps_and_constants(maps_object):
         assert obj.programs["on_getppid"].section == "tracepoint/syscalls/sys_enter_getppid"
         assert {"test_hash", "test_percpu", "test_ring", "dt_stats"} <= set(obj.maps)
         layout = obj.constants()
-        assert {name: size for name, (_, size) in layout.items()} == {"knob_u32": 4, "knob_u64": 8, "targ_tgid": 4}
+        assert {name: size for name, (_, size) in layout.items()} == {"knob_u32": 4, "knob_u64": 8, "targ_tgid": 4, "dt_targ_netns": 4}
         assert obj.get_constant("knob_u32") == (7).to_bytes(4, "little")
         obj.set_constant("knob_u32", 41)
         assert obj.get_constant("knob_u32") == (41).to_bytes(4, "little")
-        with pytest.raises(LibbpfError, match="no constant 'nope' \\(known: knob_u32, knob_u64, targ_tgid\\)"):
+        with pytest.raises(LibbpfError, match="no constant 'nope' \\(known: dt_targ_netns, knob_u32, knob_u64, targ_tgid\\)"):
             obj.set_constant("nope", 1)
     assert obj.state == "closed"
 

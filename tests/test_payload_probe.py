@@ -467,3 +467,55 @@ def test_a_step_back_that_overran_the_budget_makes_the_next_one_wait_twice_as_lo
     # A host with idle CPU again starts from 5 s.
     tick(idle=1.5, own=0.01)
     assert [tick(idle=1.5, own=0.01) for _ in range(5)] == [128] * 4 + [64]
+
+
+def test_each_connection_has_its_own_id_in_data_and_connection_events():
+    """The socket cookie tells connections apart even when the kernel reuses a socket's
+    address (sock_id): data and connection records of one socket carry the same id."""
+    from deetune.events import ConnectionEvent
+    from deetune.probes.tcp import TcpProbe
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        port = listener.getsockname()[1]
+        payload = PayloadProbe(ProbeOptions(port=port), exclude_self=False)
+        tcp = TcpProbe(ProbeOptions(port=port))
+        with running_pipeline([payload, tcp]) as collector:
+            for i in range(3):
+                client = socket.create_connection(("127.0.0.1", port))
+                server, _ = listener.accept()
+                client.sendall(b"ping %d" % i)
+                assert server.recv(100) == b"ping %d" % i
+                client.close()
+                server.close()
+            collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "close"
+                               and port in (e.lport, e.rport), 6)
+            wait_data(collector, port, 6)
+    data = data_events(collector, port)
+    conns = collector.matching(lambda e: isinstance(e, ConnectionEvent) and port in (e.lport, e.rport))
+    ids = {e.conn_id for e in data}
+    assert len(ids) == 6 and 0 not in ids  # 3 connections, 2 sides each
+    for e in conns:
+        assert e.conn_id in ids, e
+    for e in data:  # every data record's id is its own side's, as the tcp probe reported it
+        side = [c for c in conns if (c.lport, c.rport) == (e.lport, e.rport)]
+        assert {c.conn_id for c in side} == {e.conn_id}
+    assert all(e.sampling == 1 for e in data)
+
+
+def test_each_call_says_where_its_bytes_start_in_the_stream():
+    pair = Pair()
+    probe = PayloadProbe(ProbeOptions(port=pair.port), exclude_self=False)
+    with running_pipeline([probe]) as collector:
+        for chunk in (b"12345", b"1234567", b"123456789"):
+            pair.client.sendall(chunk)
+            assert pair.server.recv(100) == chunk
+        pair.server.sendall(b"reply")
+        assert pair.client.recv(100) == b"reply"
+        events = wait_data(collector, pair.port, 8)
+    pair.close()
+    client_out = [e.seq for e in events if e.lport != pair.port and e.direction == "egress"]
+    server_in = [e.seq for e in events if e.lport == pair.port and e.direction == "ingress"]
+    assert client_out == server_in == [0, 5, 12]
+    assert [e.seq for e in events if e.direction == "egress" and e.lport == pair.port] == [0]

@@ -63,6 +63,7 @@ def test_decode_connection_close_record():
     raw = pack_conn(
         **{"hdr.kind": records.lib.DT_REC_CONN_CLOSE, "hdr.pid": 4242, "hdr.ts_ns": 5_000_000},
         sock_id=0xFFFF888000001234,
+        conn_id=77,
         open_ts_ns=1_000_000,
         bytes_sent=123,
         bytes_received=456,
@@ -90,6 +91,7 @@ def test_decode_connection_close_record():
         rport=80,
         family=4,
         sock_id=0xFFFF888000001234,
+        conn_id=77,
         bytes_sent=123,
         bytes_received=456,
         duration_ns=4_000_000,
@@ -99,7 +101,7 @@ def test_decode_connection_close_record():
     )
     assert set(event.to_json()) == {
         "type", "ts", "ts_mono_ns", "phase", "role", "pid", "comm", "laddr", "lport", "raddr", "rport",
-        "family", "sock_id", "cgroup_id", "bytes_sent", "bytes_received", "duration_ns", "retransmits",
+        "family", "sock_id", "conn_id", "cgroup_id", "bytes_sent", "bytes_received", "duration_ns", "retransmits",
         "reset", "preexisting",
     }
 

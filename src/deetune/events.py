@@ -82,9 +82,11 @@ class ConnectionEvent(Event):
     rport: int = attrs.field(kw_only=True)
     #: 4 or 6.
     family: int = attrs.field(kw_only=True)
-    #: Kernel socket identity, unique among open connections.
+    #: Kernel socket identity, unique among open connections (reused once the socket is freed).
     sock_id: int = attrs.field(kw_only=True)
     cgroup_id: int = attrs.field(kw_only=True, default=0)
+    #: The socket's cookie: unique per connection while the kernel runs (0: not known).
+    conn_id: int = attrs.field(kw_only=True, default=0)
     # close only
     bytes_sent: int | None = attrs.field(kw_only=True, default=None)
     bytes_received: int | None = attrs.field(kw_only=True, default=None)
@@ -167,6 +169,14 @@ class DataEvent(Event):
     rport: int = attrs.field(kw_only=True)
     family: int = attrs.field(kw_only=True)
     cgroup_id: int = attrs.field(kw_only=True, default=0)
+    #: The socket's cookie: unique per connection while the kernel runs (0: not known).
+    conn_id: int = attrs.field(kw_only=True, default=0)
+    #: Overload sampling: copied while 1 connection-period in this many was (1: every one).
+    sampling: int = attrs.field(kw_only=True, default=1)
+    #: Where these bytes start in their direction's stream (bytes moved that way before them, since
+    #: the probe first copied from the socket); -1 when the source does not know.  A call that was
+    #: not copied (overload sampling, a record lost) shows as a jump: ``seq`` > previous seq + size.
+    seq: int = attrs.field(kw_only=True, default=-1)
 
     @property
     def truncated(self) -> bool:
@@ -213,6 +223,11 @@ class ExchangeEvent(Event):
     response_bytes: int = attrs.field(kw_only=True)
     sock_id: int = attrs.field(kw_only=True, default=0)
     cgroup_id: int = attrs.field(kw_only=True, default=0)
+    #: The socket's cookie: unique per connection while the kernel runs (0: not known).
+    conn_id: int = attrs.field(kw_only=True, default=0)
+    #: How many exchanges this detail stands for: under overload sampling the payload of
+    #: 1 connection-period in N is decoded, and each exchange decoded stands for N (1: itself).
+    sampling: int = attrs.field(kw_only=True, default=1)
     #: Protocol specifics (``host``, ``version``, ``traceparent``, ``user`` …).
     attributes: dict[str, Any] = attrs.field(kw_only=True, factory=dict)
     #: Service names of both ends, set in place by the topology aggregator (None before it; the

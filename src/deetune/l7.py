@@ -74,6 +74,10 @@ class _Conn:
     rep_resp: int = 0
     #: The raw bytes, while a recording task records this connection's port.
     log: ConnLog | None = None
+    #: The socket's cookie (unique per connection; 0 when the source has none).
+    conn_id: int = 0
+    #: The overload sampling the latest data was copied under (see ExchangeEvent.sampling).
+    sampling: int = 1
 
 
 def _resyncable(session: StreamSession) -> bool:
@@ -220,6 +224,7 @@ class L7Handler:
         else:
             self._conns.move_to_end(event.sock_id)
         session = conn.session
+        conn.sampling = event.sampling
         if self.emit_data:
             out.append(event)
         if not session.active:
@@ -302,7 +307,7 @@ class L7Handler:
             role = "server"
         session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
         conn = _Conn(session, event.pid, event.comm, event.laddr, event.lport, event.raddr, event.rport,
-                     event.cgroup_id, event.ts - event.ts_mono_ns)
+                     event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id)
         self._conns[event.sock_id] = conn
         if len(self._conns) > MAX_CONNECTIONS:
             self._conns.popitem(last=False)
@@ -346,6 +351,8 @@ class L7Handler:
             rport=conn.rport,
             sock_id=sock_id,
             cgroup_id=conn.cgroup_id,
+            conn_id=conn.conn_id,
+            sampling=conn.sampling,
             request_payload=request_payload,
             response_payload=response_payload,
         )

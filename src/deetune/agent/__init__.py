@@ -110,6 +110,36 @@ def _busy_cpu(text: str) -> float | None:
     return value
 
 
+def _netns_path(text: str) -> str:
+    """A network namespace by name (``ip netns``: /run/netns/NAME) or path (/proc/PID/ns/net)."""
+    path = text if "/" in text else f"/run/netns/{text}"
+    if not os.path.exists(path):
+        raise argparse.ArgumentTypeError(f"no network namespace at {path}")
+    return path
+
+
+def enter_netns(path: str) -> int:
+    """Move this process into the network namespace at ``path`` (before any thread or socket
+    exists: /proc/net, the API and the exporters then belong to it) and return its inode number,
+    the probes' scope."""
+    import ctypes
+
+    clone_newnet = 0x40000000
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError as exc:
+        raise UsageError(f"--netns {path}: {exc.strerror}") from None
+    try:
+        inode = os.fstat(fd).st_ino
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.setns(fd, clone_newnet) != 0:
+            err = ctypes.get_errno()
+            raise UsageError(f"--netns {path}: cannot enter it: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+    return inode
+
+
 def _pid(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
@@ -137,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
     parser.add_argument("--pid", type=_pid, help="only this process")
     parser.add_argument("--port", type=_port, help="only connections with this local or remote port")
+    parser.add_argument("--netns", type=_netns_path, metavar="NAME|PATH",
+                        help="act as the host of one network namespace (an `ip netns` name or /proc/PID/ns/net): "
+                             "the agent enters it and sees only its sockets and processes")
     parser.add_argument("--ringbuf-size", type=int, metavar="BYTES", help="ring buffer size per probe (power of two)")
     parser.add_argument(
         "--capture-bytes", type=_capture_bytes, default=DEFAULT_CAPTURE_BYTES, metavar="N",
@@ -196,8 +229,9 @@ def check_names(args: argparse.Namespace, plugins: Plugins) -> None:
         plugins.sinks.get(parse_sink_spec(spec)[0])
 
 
-def build_pipeline(args: argparse.Namespace, plugins: Plugins) -> Pipeline:
-    options = ProbeOptions(pid=args.pid, port=args.port, ringbuf_bytes=args.ringbuf_size, exclude_self=True)
+def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | None = None) -> Pipeline:
+    options = ProbeOptions(pid=args.pid, port=args.port, ringbuf_bytes=args.ringbuf_size, exclude_self=True,
+                           netns=netns)
     if args.ringbuf_size is not None and (args.ringbuf_size < 4096 or args.ringbuf_size & (args.ringbuf_size - 1)):
         raise UsageError(f"--ringbuf-size must be a power of two of at least 4096, got {args.ringbuf_size}")
     clock = Clock()
@@ -306,7 +340,8 @@ def cmd_run(argv: Sequence[str]) -> int:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     elif args.nice:
         os.nice(args.nice)
-    pipeline = build_pipeline(args, plugins)
+    netns = enter_netns(args.netns) if args.netns else None
+    pipeline = build_pipeline(args, plugins, netns=netns)
     _tune_gc()
     stats = pipeline.run(args.duration)
     print(f"deetune: {stats.summary()}", file=sys.stderr)

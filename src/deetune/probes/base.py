@@ -30,6 +30,9 @@ class ProbeOptions:
     #: Ignore this process's own sockets (the agent's API and exporters).  The
     #: agent sets it; a tool that observes its own traffic leaves it off.
     exclude_self: bool = False
+    #: Only this network namespace (the inode number of its ``/proc/PID/ns/net``); None: all.
+    #: Applied in the kernel by every object built with deetune's ``common.bpf.h``.
+    netns: int | None = None
 
 
 class Clock:
@@ -98,6 +101,12 @@ class Probe:
                 for m in obj.maps.values():
                     if m.type == 27:
                         m.max_entries = self.options.ringbuf_bytes
+            if self.options.netns:
+                # Objects built against common.bpf.h have the knob; others cannot be scoped.
+                if "dt_targ_netns" not in obj.constants():
+                    raise LibbpfError(f"probe {self.name} cannot be scoped to a network namespace: "
+                                      f"its object was built without deetune's common.bpf.h")
+                obj.set_constant("dt_targ_netns", self.options.netns)
             self.configure(obj)
             obj.load()
             obj.attach_all()

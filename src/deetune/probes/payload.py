@@ -18,8 +18,9 @@ _L = records.lib
 _FIXED, _FIELDS = records.record_struct("struct dt_data_record", upto="data")
 # decode() unpacks positionally, in this order; a layout change must update it.
 assert _FIELDS == (
-    "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "cgroup_id", "tid", "fd", "size", "captured",
-    "family", "lport", "rport", "direction", "syscall", "sample_key", "laddr", "raddr", "comm",
+    "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "conn_id", "cgroup_id", "seq", "tid", "fd", "size", "captured",
+    "family", "lport", "rport", "direction", "syscall", "sample_key", "sample_shift", "flags", "laddr", "raddr",
+    "comm",
 ), _FIELDS
 _DATA_OFFSET = records.ffi.offsetof("struct dt_data_record", "data")
 _SYSCALLS = {
@@ -40,7 +41,7 @@ _AF_INET6 = 10
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _ZERO = _U32.pack(0)
-_CONTROLS = struct.Struct("<II")
+_CONTROLS = struct.Struct("<IIII")
 assert _CONTROLS.size == records.ffi.sizeof("struct dt_payload_controls")
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,8 @@ class PayloadProbe(OverloadSampling, Probe):
         with self._controls_lock:
             if new_generation:
                 self._generation = self._generation % 0xFFFFFFFF + 1  # never 0: "not set up"
-            self.obj.maps["controls"].update(_ZERO, _CONTROLS.pack(self.sampling - 1, self._generation))
+            self.obj.maps["controls"].update(
+                _ZERO, _CONTROLS.pack(self.sampling - 1, self._generation, self.sampling.bit_length() - 1, 0))
 
     def _write_sampling(self) -> None:
         self._write_controls()
@@ -128,8 +130,8 @@ class PayloadProbe(OverloadSampling, Probe):
             pass
 
     def decode(self, raw: bytes) -> Iterable[DataEvent]:
-        (kind, pid, ts_mono, sock_id, cgroup_id, tid, fd, size, captured, family, lport, rport,
-         direction, syscall, sample_key, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
+        (kind, pid, ts_mono, sock_id, conn_id, cgroup_id, seq, tid, fd, size, captured, family, lport, rport,
+         direction, syscall, sample_key, sample_shift, _flags, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
         if kind != _L.DT_REC_DATA:
             return ()
         self._read += 1
@@ -156,5 +158,8 @@ class PayloadProbe(OverloadSampling, Probe):
                 rport=rport,
                 family=family,
                 cgroup_id=cgroup_id,
+                conn_id=conn_id,
+                seq=seq,
+                sampling=max(1 << sample_shift, self.sampling),
             ),
         )

@@ -18,7 +18,7 @@ log = logging.getLogger("deetune.probes.tcp")
 _STRUCT, _FIELDS = records.record_struct("struct dt_conn_record")
 # decode() unpacks positionally, in this order; a layout change must update it.
 assert _FIELDS == (
-    "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "open_ts_ns", "bytes_sent", "bytes_received", "cgroup_id",
+    "hdr_kind", "hdr_pid", "hdr_ts_ns", "sock_id", "conn_id", "open_ts_ns", "bytes_sent", "bytes_received", "cgroup_id",
     "retransmits", "error", "family", "lport", "rport", "role", "flags", "laddr", "raddr", "comm", "sample_shift",
     "_pad1", "sample_key", "_pad2",
 ), _FIELDS
@@ -68,7 +68,7 @@ class TcpProbe(OverloadSampling, Probe):
         log.info("%d connections were open before the probe", len(self._preexisting))
 
     def decode(self, raw: bytes) -> Iterable[ConnectionEvent]:
-        (kind, pid, ts_mono, sock_id, open_ts, bytes_sent, bytes_received, cgroup_id, retransmits, error,
+        (kind, pid, ts_mono, sock_id, conn_id, open_ts, bytes_sent, bytes_received, cgroup_id, retransmits, error,
          family, lport, rport, role, flags, laddr, raddr, comm, sample_shift, _, sample_key, _) = _STRUCT.unpack_from(raw)  # fmt: skip
         phase = _PHASES.get(kind)
         if phase is None:
@@ -111,6 +111,7 @@ class TcpProbe(OverloadSampling, Probe):
             rport=rport,
             family=family,
             sock_id=sock_id,
+            conn_id=conn_id,
             cgroup_id=cgroup_id,
             bytes_sent=bytes_sent if closed else None,
             bytes_received=bytes_received if closed else None,

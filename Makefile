@@ -17,7 +17,7 @@ TEST_DEBS := nginx redis-server redis-tools mariadb-server mariadb-client promet
              iproute2 chromium procps curl
 
 BPF_SRC := $(wildcard bpf/*.bpf.c)
-BPF_HDR := bpf/deetune.h bpf/vmlinux.h bpf/common.bpf.h
+BPF_HDR := $(wildcard bpf/*.h)
 BPF_OUT := src/deetune/_bpf
 BPF_ARCHES := x86 arm64
 BPF_OBJS := $(foreach a,$(BPF_ARCHES),$(patsubst bpf/%.bpf.c,$(BPF_OUT)/$(a)/%.bpf.o,$(BPF_SRC)))

@@ -73,7 +73,11 @@ enum dt_stat {
 	/* Records left out by overload sampling: calls on connections the payload
 	 * probe does not copy, opens and closes the tcp probe does not report. */
 	DT_STAT_SAMPLED_OUT = 2,
-	DT_STAT_MAX = 3,
+	/* Accounting keys that did not fit their map (counts missed, see dt_l7_*). */
+	DT_STAT_ACCOUNTING_FULL = 3,
+	/* Error exchanges whose heads were not copied: over the rate cap. */
+	DT_STAT_ERROR_HEADS_CAPPED = 4,
+	DT_STAT_MAX = 5,
 };
 
 /* A probe wakes its reader at every DT_RING_WAKE_RECORDS-th record of a CPU;
@@ -128,6 +132,111 @@ struct dt_conn_record {
 	__u8 _pad2[4];
 };
 
+/* Bits of dt_data_record.flags */
+enum dt_data_flags {
+	/* Copied because the accounting saw an error response on a connection the
+	 * overload sampling leaves out: the request's head (kept when it was sent)
+	 * and the response's head, two records in that order, to be decoded on
+	 * their own. */
+	DT_DATA_ERROR_HEAD = 1,
+};
+
+/* Exact accounting in the kernel (bpf/l7.bpf.h, tcp.bpf.c): per-CPU counters keyed by
+ * what an edge needs, never sampled, read by user space on its tick. */
+
+enum dt_l7_protocol {
+	DT_L7_UNKNOWN = 0,    /* not classified yet (and the connection counters' key) */
+	DT_L7_HTTP = 1,
+	DT_L7_REDIS = 2,
+	DT_L7_MYSQL = 3,
+	DT_L7_NONE = 255,     /* none of these: not looked at again */
+};
+
+enum dt_l7_limits {
+	DT_L7_METHOD_LEN = 16,
+	/* Latency bounds user space gives the kernel (const volatile); the last
+	 * bucket holds what is above the last bound. */
+	DT_LATENCY_BOUNDS = 512,
+	/* Bytes of an error response copied for its detail (DT_DATA_ERROR_HEAD). */
+	DT_ERROR_HEAD_BYTES = 512,
+};
+
+/* Bits of dt_l7_key.flags */
+enum dt_l7_flags {
+	DT_L7_ERROR = 1,          /* HTTP 5xx, a Redis error reply, a MySQL ERR */
+	DT_L7_NO_RESPONSE = 2,    /* the connection ended (or a new request came) before a response */
+	/* Not exchanges: counts of bytes the parser could not follow (requests =
+	 * chunks); the edge's counts are then a lower bound. */
+	DT_L7_UNPARSED = 4,
+	/* Not exchanges: replies no request asked for (pub/sub pushes, a server
+	 * speaking first); requests = replies. */
+	DT_L7_UNSOLICITED = 8,
+	/* Answered, but the replies could not be followed (see DT_L7_UNPARSED):
+	 * counted without a status. */
+	DT_L7_STATUS_UNKNOWN = 16,
+};
+
+/* An edge as one side of a connection sees it: the key of the kernel's counters. */
+struct dt_edge {
+	__u32 pid;            /* this side's process (thread-group id) */
+	__u32 peer_pid;       /* server side: the client's process when it connected from this
+			       * host while the agent ran; 0 otherwise */
+	__u64 cgroup_id;
+	__u8 raddr[16];       /* the other side's address (IPv4 in the first 4 bytes) */
+	__u16 family;
+	__u16 port;           /* the server's port: local on the server side, remote on the client side */
+	__u8 role;            /* enum dt_role: which side this is */
+	__u8 protocol;        /* enum dt_l7_protocol */
+	__u8 _pad[2];
+};
+
+struct dt_l7_key {
+	struct dt_edge edge;
+	char method[DT_L7_METHOD_LEN]; /* HTTP method, Redis command (upper case), MySQL command name */
+	__u16 status;         /* HTTP status code; Redis and MySQL: 0 */
+	__u8 flags;           /* enum dt_l7_flags */
+	__u8 _pad[5];
+};
+
+/* Per CPU, per dt_l7_key. */
+struct dt_l7_counts {
+	__u64 requests;       /* exchanges (or chunks, replies: see dt_l7_flags) */
+	__u64 request_bytes;
+	__u64 response_bytes;
+	__u64 latency_sum_ns; /* last request byte to first response byte */
+};
+
+/* Per CPU: count of exchanges whose latency fell in `bucket`. */
+struct dt_latency_key {
+	struct dt_edge edge;
+	char method[DT_L7_METHOD_LEN];
+	__u32 bucket;         /* index: latency <= bounds[bucket], or the last one */
+	__u32 _pad;
+};
+
+/* Per CPU, per dt_edge (protocol 0): the connections of an edge. */
+struct dt_conn_counts {
+	__u64 opened;
+	__u64 closed;
+	__u64 failed;
+	__u64 bytes_sent;     /* client -> server payload, at close */
+	__u64 bytes_received; /* server -> client payload, at close */
+	__u64 retransmits;
+	__u64 resets;
+};
+
+/* The client side of a connection made on this host, by its 4-tuple (as the
+ * client sees it): the server side's accept and first request find their local
+ * client's process here (tcp.bpf.c writes it, both objects read it). */
+struct dt_local_conn {
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u16 lport;
+	__u16 rport;
+	__u16 family;
+	__u16 _pad;
+};
+
 /* Bytes one call moved on a TCP socket.  Only `captured` bytes of data[]
  * are sent through the ring buffer; `size` is what the call moved. */
 struct dt_data_record {
@@ -152,7 +261,7 @@ struct dt_data_record {
 			       * copied while (sample_key & sample_mask) == 0 */
 	__u8 sample_shift;    /* the sampling it was copied under: it stands for
 			       * 1 << sample_shift connection-periods (0: itself only) */
-	__u8 flags;           /* reserved: 0 */
+	__u8 flags;           /* enum dt_data_flags */
 	__u8 laddr[16];
 	__u8 raddr[16];
 	char comm[DT_COMM_LEN];

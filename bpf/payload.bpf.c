@@ -20,6 +20,8 @@
  * overload sampling.
  */
 #include "common.bpf.h"
+#define L7_BUF_SIZE DT_PAYLOAD_MAX
+#include "l7.bpf.h"
 
 const struct dt_data_record *dt_data_record_btf __attribute__((unused));
 const struct dt_payload_controls *dt_payload_controls_btf __attribute__((unused));
@@ -33,6 +35,11 @@ const volatile __u32 self_tgid = 0;
 const volatile __u32 capture_bytes = 4096;
 /* When set, only sockets whose local or remote port is in capture_ports. */
 const volatile bool filter_ports = false;
+/* Exact accounting of HTTP, Redis and MySQL exchanges (l7.bpf.h), whatever is copied. */
+const volatile bool account_l7 = true;
+/* Heads of error exchanges copied per second at most, on connections the
+ * overload sampling leaves out (the rest counted as capped). */
+const volatile __u32 error_heads_per_second = 200;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -79,8 +86,10 @@ struct {
 struct verdict {
 	__u32 generation; /* of the controls it was made under; 0: none yet */
 	__u32 capture;    /* prefix to copy per call */
-	bool copy;
+	bool copy;        /* copy its calls (selected and not muted, or recorded) */
+	bool selected;    /* the ports filter takes it: its exchanges are counted */
 	__u64 moved[2];   /* bytes moved per direction (enum dt_direction) while copy was set */
+	struct l7_sock l7;
 };
 
 struct {
@@ -150,7 +159,22 @@ struct call {
 	__s32 fd;
 	__u8 syscall;
 	__u8 shape;
+	/* Where the bytes are (resolve_buffer): one buffer (vlen 0) or an iovec array. */
+	__u64 src;
+	__u64 nvecs;
 };
+
+struct error_budget {
+	__u64 second;
+	__u32 used;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct error_budget);
+} error_budget SEC(".maps");
 
 /* A record under construction: per CPU, with slack after data[] so that the
  * verifier can prove every (offset, length) copy stays inside.  An ARRAY map
@@ -159,6 +183,10 @@ struct call {
 struct scratch {
 	struct dt_data_record rec;
 	__u8 slack[DT_PAYLOAD_MAX];
+	/* The call being handled: here rather than on the stack, which the
+	 * accounting's calls need (the send and receive programs never nest on a
+	 * CPU: both run in process context, and a program does not re-enter). */
+	struct call call;
 };
 
 struct {
@@ -191,11 +219,12 @@ static __always_inline void decide(struct verdict *v, struct sock *sk, __u16 lpo
 		/* A recorded connection is copied even when muted or unselected. */
 		v->capture = *override;
 		v->copy = true;
+		v->selected = true;
 		return;
 	}
 	v->capture = capture_bytes;
-	v->copy = !bpf_map_lookup_elem(&muted_socks, &sk_key) &&
-		  (!filter_ports || port_selected(lport) || port_selected(rport));
+	v->selected = !filter_ports || port_selected(lport) || port_selected(rport);
+	v->copy = v->selected && !bpf_map_lookup_elem(&muted_socks, &sk_key);
 }
 
 /* Overload sampling: while user space cannot keep up, it sets a mask and only
@@ -265,7 +294,11 @@ static __always_inline __u32 copy_user(struct scratch *s, __u32 limit, __u32 off
 		return offset;
 	if (len > limit - offset)
 		len = limit - offset;
+	/* Keeps the compiler from folding these bounds into the ones above, where the
+	 * verifier cannot follow them. */
+	barrier_var(offset);
 	offset &= DT_PAYLOAD_MAX - 1;
+	barrier_var(len);
 	if (len > DT_PAYLOAD_MAX)
 		len = DT_PAYLOAD_MAX;
 	if (bpf_probe_read_user(&s->rec.data[offset], len, src) != 0)
@@ -319,6 +352,107 @@ static __always_inline void forget_mmsg(void)
 		cursor->next = 0;
 }
 
+/* Where the call's bytes are: one buffer, or an iovec array (from its msghdr). */
+static __always_inline void resolve_buffer(struct task_struct *task, struct call *call)
+{
+	call->src = 0;
+	call->nvecs = 0;
+	if (call->shape == SHAPE_BUF) {
+		call->src = call->arg;
+	} else if (call->shape == SHAPE_IOV) {
+		call->src = call->arg;
+		call->nvecs = call->vlen;
+	} else if (call->shape == SHAPE_MSG || call->shape == SHAPE_MMSG) {
+		const struct user_msghdr *msg = (const struct user_msghdr *)call->arg;
+		if (call->shape == SHAPE_MMSG)
+			msg = &((const struct mmsghdr *)call->arg)[mmsg_index(task, call)].msg_hdr;
+		/* Its two fields we need, not the whole header: the stack is short. */
+		if (bpf_probe_read_user(&call->src, sizeof(call->src), &msg->msg_iov) ||
+		    bpf_probe_read_user(&call->nvecs, sizeof(call->nvecs), &msg->msg_iovlen))
+			call->src = 0;
+	}
+}
+
+/* Copy up to `limit` of the `moved` bytes into the record's data; returns the bytes copied. */
+static __always_inline __u32 copy_call(struct scratch *s, struct call *call, __u32 limit, __u64 moved)
+{
+	if (!call->src || !limit)
+		return 0;
+	if (call->shape == SHAPE_BUF)
+		return copy_user(s, limit, 0, (const void *)call->src, moved);
+	return copy_iovecs(s, limit, (const struct iovec *)call->src, call->nvecs, moved);
+}
+
+static __always_inline void fill_record(struct dt_data_record *rec, struct sock *sk, struct call *call, __u64 ts,
+					__u32 pid, __u32 tid, __u8 direction, __u32 size, __u32 captured, __u64 seq,
+					__u16 key, __u8 shift, __u8 flags)
+{
+	rec->hdr.kind = DT_REC_DATA;
+	rec->hdr.pid = pid;
+	rec->hdr.ts_ns = ts;
+	rec->sock_id = (__u64)sk;
+	rec->conn_id = bpf_get_socket_cookie(sk);
+	rec->cgroup_id = bpf_get_current_cgroup_id();
+	rec->seq = seq;
+	rec->tid = tid;
+	rec->fd = call->fd;
+	rec->size = size;
+	rec->captured = captured;
+	rec->direction = direction;
+	rec->syscall = call->syscall;
+	rec->sample_key = key;
+	rec->sample_shift = shift;
+	rec->flags = flags;
+	dt_sock_endpoints(sk, &rec->family, &rec->lport, &rec->rport, rec->laddr, rec->raddr);
+	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
+}
+
+static __always_inline void output_record(struct scratch *s)
+{
+	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (s->rec.captured & (DT_PAYLOAD_MAX * 2 - 1));
+	if (total > sizeof(*s))
+		return;
+	dt_output(&data_events, &s->rec, total);
+}
+
+/* Another error head within this second's budget? */
+static __always_inline bool error_head_allowed(__u64 now)
+{
+	__u32 zero = 0;
+	struct error_budget *b = bpf_map_lookup_elem(&error_budget, &zero);
+	if (!b)
+		return false;
+	__u64 second = now / 1000000000;
+	if (b->second != second) {
+		b->second = second;
+		b->used = 0;
+	}
+	if (b->used >= error_heads_per_second) {
+		dt_count(DT_STAT_ERROR_HEADS_CAPPED);
+		return false;
+	}
+	__sync_fetch_and_add(&b->used, 1);
+	return true;
+}
+
+/* An error on a connection whose calls are not copied: its request's head (kept
+ * by the accounting) and this response's head, as two records for decoding. */
+static __always_inline void emit_error_detail(struct scratch *s, struct sock *sk, struct call *call,
+					      struct l7_sock *st, __u64 now, __u32 pid, __u32 tid, __u8 direction,
+					      __u32 size)
+{
+	if (!error_head_allowed(now))
+		return;
+	__builtin_memcpy(s->rec.data, st->head, L7_SAVED_HEAD);
+	__u32 head = st->head_len < L7_SAVED_HEAD ? st->head_len : L7_SAVED_HEAD;
+	fill_record(&s->rec, sk, call, st->head_ns, pid, tid, st->request_dir, head, head, 0, 0, 0,
+		    DT_DATA_ERROR_HEAD);
+	output_record(s);
+	__u32 captured = copy_call(s, call, DT_ERROR_HEAD_BYTES, size);
+	fill_record(&s->rec, sk, call, now, pid, tid, direction, size, captured, 0, 0, 0, DT_DATA_ERROR_HEAD);
+	output_record(s);
+}
+
 static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8 direction)
 {
 	if (ret <= 0) {
@@ -354,59 +488,62 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 		decide(v, sk, lport, rport);
 		v->generation = generation;
 	}
-	if (!v->copy)
+	/* Counting never depends on the sampling: only on the filters. */
+	bool account = account_l7 && v->selected && v->l7.protocol != DT_L7_NONE;
+	if (!v->copy && !account)
 		return 0;
-	/* Counted before the sampling: a call it leaves out is a jump in the stream. */
-	__u64 seq = __sync_fetch_and_add(&v->moved[direction & 1], (__u64)ret);
+	__u64 seq = 0;
 	__u16 key = sample_key(lport, rport);
-	if (key & ctl->sample_mask) {
-		dt_count(DT_STAT_SAMPLED_OUT);
-		return 0;
+	bool copy = v->copy;
+	if (copy) {
+		/* Counted before the sampling: a call it leaves out is a jump in the stream. */
+		seq = __sync_fetch_and_add(&v->moved[direction & 1], (__u64)ret);
+		if (key & ctl->sample_mask) {
+			dt_count(DT_STAT_SAMPLED_OUT);
+			copy = false;
+		}
 	}
+	if (!copy && !account)
+		return 0;
 
-	struct call call = {};
-	identify_call(task, direction, &call);
 	struct scratch *s = scratch_slot();
 	if (!s)
 		return 0;
-	__u32 limit = v->capture;
-	__u32 captured = 0;
-	if (call.shape == SHAPE_BUF) {
-		captured = copy_user(s, limit, 0, (const void *)call.arg, ret);
-	} else if (call.shape == SHAPE_IOV) {
-		captured = copy_iovecs(s, limit, (const struct iovec *)call.arg, call.vlen, ret);
-	} else if (call.shape == SHAPE_MSG) {
-		struct user_msghdr msg = {};
-		if (bpf_probe_read_user(&msg, sizeof(msg), (const void *)call.arg) == 0)
-			captured = copy_iovecs(s, limit, msg.msg_iov, msg.msg_iovlen, ret);
-	} else if (call.shape == SHAPE_MMSG) {
-		const struct mmsghdr *msgs = (const struct mmsghdr *)call.arg;
-		struct user_msghdr msg = {};
-		if (bpf_probe_read_user(&msg, sizeof(msg), &msgs[mmsg_index(task, &call)].msg_hdr) == 0)
-			captured = copy_iovecs(s, limit, msg.msg_iov, msg.msg_iovlen, ret);
+	struct call *call = &s->call;
+	__builtin_memset(call, 0, sizeof(*call));
+	identify_call(task, direction, call);
+	resolve_buffer(task, call);
+	__u32 want = copy ? v->capture : 0;
+	/* Not copied: the accounting keeps a request's head in case its response is an error. */
+	bool save_head = !copy && error_heads_per_second;
+	__u32 need = account ? l7_bytes_wanted(&v->l7, save_head) : 0;
+	__u32 captured = copy_call(s, call, want > need ? want : need, ret);
+	__u64 now = bpf_ktime_get_ns();
+	int action = L7_NOTHING;
+	if (account) {
+		struct l7_sock *st = &v->l7;
+		const struct l7_bytes *bytes = (const struct l7_bytes *)s->rec.data;
+		__u64 how = direction | save_head << 1;
+		st->now = now;
+		if (st->protocol == DT_L7_UNKNOWN) {
+			l7_note_endpoints(st, sk);
+			/* Classified on this call: copy what the protocol needs of it (Redis: its whole window). */
+			if (l7_classify_call(st, bytes, (__u64)captured << 32 | (__u32)ret, how)) {
+				need = l7_bytes_wanted(st, save_head);
+				if (need > captured && captured < (__u32)ret)
+					captured = copy_call(s, call, want > need ? want : need, ret);
+			}
+		}
+		action = l7_account(st, bytes, (__u64)captured << 32 | (__u32)ret, how);
 	}
-
-	struct dt_data_record *rec = &s->rec;
-	dt_fill_header(&rec->hdr, DT_REC_DATA, pid_tgid >> 32);
-	rec->sock_id = (__u64)sk;
-	rec->conn_id = bpf_get_socket_cookie(sk);
-	rec->cgroup_id = bpf_get_current_cgroup_id();
-	rec->seq = seq;
-	rec->tid = (__u32)pid_tgid;
-	rec->fd = call.fd;
-	rec->size = ret;
-	rec->captured = captured;
-	rec->direction = direction;
-	rec->syscall = call.syscall;
-	rec->sample_key = key;
-	rec->sample_shift = ctl->sample_shift;
-	rec->flags = 0;
-	dt_sock_endpoints(sk, &rec->family, &rec->lport, &rec->rport, rec->laddr, rec->raddr);
-	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
-	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (captured & (DT_PAYLOAD_MAX * 2 - 1));
-	if (total > sizeof(*s))
-		return 0;
-	dt_output(&data_events, rec, total);
+	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
+	if (copy) {
+		fill_record(&s->rec, sk, call, now, pid, tid, direction, ret, captured < want ? captured : want, seq,
+			    key, ctl->sample_shift, 0);
+		output_record(s);
+	} else if (action == L7_ERROR_DETAIL && save_head) {
+		emit_error_detail(s, sk, call, &v->l7, now, pid, tid, direction, ret);
+	}
 	return 0;
 }
 
@@ -422,12 +559,18 @@ int BPF_PROG(capture_recv, struct sock *sk, int ret, int flags)
 	return on_transfer(sk, ret, flags, DT_INGRESS);
 }
 
-SEC("tracepoint/sock/inet_sock_set_state")
-int handle_payload_close(struct trace_event_raw_inet_sock_set_state *ctx)
+/* A socket closes: requests it never answered are counted, its mute goes. */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(handle_payload_close, struct sock *sk, int oldstate, int newstate)
 {
-	if (ctx->newstate == TCP_CLOSE) {
-		__u64 key = (__u64)ctx->skaddr;
-		bpf_map_delete_elem(&muted_socks, &key);
+	if (newstate != TCP_CLOSE)
+		return 0;
+	__u64 key = (__u64)sk;
+	bpf_map_delete_elem(&muted_socks, &key);
+	struct verdict *v = bpf_sk_storage_get(&verdicts, sk, 0, 0);
+	if (v && account_l7) {
+		l7_close(&v->l7, bpf_ktime_get_ns());
+		v->l7.protocol = DT_L7_NONE;
 	}
 	return 0;
 }

@@ -7,6 +7,7 @@
  * assembled for it first, as a classic tracepoint does (a quarter of a
  * microsecond per connection, measured). */
 #include "common.bpf.h"
+#include "local_clients.bpf.h"
 
 /* Keeps the record type in the object's BTF, where tests check its layout
  * against the Python side (the libbpf-bootstrap idiom). */
@@ -32,6 +33,16 @@ struct {
 	__type(value, struct dt_tcp_controls);
 } controls SEC(".maps");
 
+/* Exact connection counters per edge (never sampled), read by user space on its
+ * tick: opened at the connect or the accept, failed, closed with their bytes,
+ * retransmits and resets. */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
+	__uint(max_entries, 16384);
+	__type(key, struct dt_edge);
+	__type(value, struct dt_conn_counts);
+} dt_conn_counts SEC(".maps");
+
 /* What we know of a connection between its open and its close. */
 struct conn_info {
 	__u64 open_ts_ns;
@@ -43,8 +54,82 @@ struct conn_info {
 	__u8 sampled_out; /* overload sampling leaves this connection out */
 	__u8 sample_shift; /* it stands for 1 << sample_shift connections */
 	__u16 sample_key; /* its overload-sampling key (conn_sample_key) */
+	__u8 local_client; /* a client of this host's: listed in dt_local_clients */
+	__u8 _pad;
 	char comm[DT_COMM_LEN];
+	struct dt_edge edge; /* its counters' key, set when it opens */
 };
+
+static const struct dt_conn_counts zero_conn_counts = {};
+
+/* Add to an edge's connection counters. */
+static __always_inline void count_conn(struct dt_edge *edge, __u64 opened, __u64 closed, __u64 failed,
+				       __u64 sent, __u64 received, __u64 retransmits, __u64 resets)
+{
+	struct dt_conn_counts *c = bpf_map_lookup_elem(&dt_conn_counts, edge);
+	if (!c) {
+		bpf_map_update_elem(&dt_conn_counts, edge, &zero_conn_counts, BPF_NOEXIST);
+		c = bpf_map_lookup_elem(&dt_conn_counts, edge);
+		if (!c) {
+			dt_count(DT_STAT_ACCOUNTING_FULL);
+			return;
+		}
+	}
+	if (opened)
+		__sync_fetch_and_add(&c->opened, opened);
+	if (closed)
+		__sync_fetch_and_add(&c->closed, closed);
+	if (failed)
+		__sync_fetch_and_add(&c->failed, failed);
+	if (sent)
+		__sync_fetch_and_add(&c->bytes_sent, sent);
+	if (received)
+		__sync_fetch_and_add(&c->bytes_received, received);
+	if (retransmits)
+		__sync_fetch_and_add(&c->retransmits, retransmits);
+	if (resets)
+		__sync_fetch_and_add(&c->resets, resets);
+}
+
+/* A connection's edge, from its owner and the socket (server: the local port and
+ * the client's process when it is local; client: the server's port). */
+static __always_inline void set_conn_edge(struct conn_info *info, struct sock *sk, __u16 lport, __u16 rport)
+{
+	struct dt_edge *e = &info->edge;
+	__u8 laddr[16];
+	dt_sock_addresses(sk, &e->family, laddr, e->raddr);
+	e->pid = info->pid;
+	e->cgroup_id = info->cgroup_id;
+	e->role = info->role;
+	e->protocol = DT_L7_UNKNOWN;
+	if (info->role == DT_ROLE_SERVER) {
+		e->port = lport;
+		e->peer_pid = dt_local_client_of(e->family, laddr, e->raddr, lport, rport);
+		return;
+	}
+	e->port = rport;
+	e->peer_pid = 0;
+	if (dt_peer_is_local(e->family, laddr, e->raddr)) {
+		/* The server side of this host will look its client up (dt_local_clients). */
+		struct dt_local_conn key;
+		dt_local_conn_key(&key, e->family, laddr, e->raddr, lport, rport, false);
+		if (bpf_map_update_elem(&dt_local_clients, &key, &info->pid, BPF_ANY) == 0)
+			info->local_client = 1;
+	}
+}
+
+static __always_inline void forget_local_client(struct conn_info *info, struct sock *sk, __u16 lport, __u16 rport)
+{
+	if (!info->local_client)
+		return;
+	struct dt_local_conn key;
+	__u8 laddr[16];
+	__u8 raddr[16];
+	__u16 family;
+	dt_sock_addresses(sk, &family, laddr, raddr);
+	dt_local_conn_key(&key, family, laddr, raddr, lport, rport, false);
+	bpf_map_delete_elem(&dt_local_clients, &key);
+}
 
 /* Keyed by struct sock address.  A plain hash, not an LRU: at 35,000
  * connections/s the LRU's free-list upkeep cost the host ~1.5 us of CPU per
@@ -154,8 +239,29 @@ static __always_inline bool aborted_by_us(struct sock *sk, int oldstate, __u8 fl
 	return BPF_CORE_READ(sk, sk_err) != ETIMEDOUT;
 }
 
+/* What a connection's close tells: its payload bytes each way and how it ended. */
+struct close_facts {
+	__u64 sent;
+	__u64 received;
+	__u8 flags; /* the connection's, with DT_CONN_RESET_SENT when it aborted */
+};
+
+static __always_inline void facts_at_close(struct close_facts *facts, struct sock *sk, int oldstate, __u8 flags)
+{
+	struct tcp_sock *tp = (struct tcp_sock *)sk;
+	/* Payload only: bytes_sent counts retransmitted bytes again, and
+	 * bytes_acked would count SYN and FIN sequence numbers. */
+	facts->sent = BPF_CORE_READ(tp, bytes_sent) - BPF_CORE_READ(tp, bytes_retrans);
+	facts->received = BPF_CORE_READ(tp, bytes_received);
+	if (facts->received && fin_received(oldstate, flags))
+		facts->received -= 1;
+	facts->flags = flags;
+	if (aborted_by_us(sk, oldstate, flags))
+		facts->flags |= DT_CONN_RESET_SENT;
+}
+
 static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *sk, __u64 conn_id, __u32 kind,
-				      struct conn_info *info, __s32 error, int oldstate)
+				      struct conn_info *info, __s32 error, struct close_facts *facts)
 {
 	dt_fill_header(&rec->hdr, kind, info->pid);
 	rec->sock_id = (__u64)sk;
@@ -168,17 +274,11 @@ static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *s
 	rec->sample_shift = info->sample_shift;
 	rec->sample_key = info->sample_key;
 	__builtin_memcpy(rec->comm, info->comm, sizeof(rec->comm));
-	if (kind == DT_REC_CONN_CLOSE) {
-		struct tcp_sock *tp = (struct tcp_sock *)sk;
-		/* Payload only: bytes_sent counts retransmitted bytes again, and
-		 * bytes_acked would count SYN and FIN sequence numbers. */
-		rec->bytes_sent = BPF_CORE_READ(tp, bytes_sent) - BPF_CORE_READ(tp, bytes_retrans);
-		rec->bytes_received = BPF_CORE_READ(tp, bytes_received);
-		if (rec->bytes_received && fin_received(oldstate, rec->flags))
-			rec->bytes_received -= 1;
+	if (facts) {
+		rec->bytes_sent = facts->sent;
+		rec->bytes_received = facts->received;
+		rec->flags = facts->flags;
 	}
-	if (kind == DT_REC_CONN_CLOSE && aborted_by_us(sk, oldstate, rec->flags))
-		rec->flags |= DT_CONN_RESET_SENT;
 	rec->error = error;
 	if (!port_wanted(rec->lport, rec->rport))
 		return;
@@ -187,11 +287,11 @@ static __always_inline void emit_conn(struct dt_conn_record *rec, struct sock *s
 
 /* The record of a state change, for a connection the sampling has taken. */
 static __always_inline void emit_at_state_change(struct sock *sk, __u32 kind, struct conn_info *info,
-						 __s32 error, int oldstate, __u16 lport, __u16 rport)
+						 __s32 error, struct close_facts *facts, __u16 lport, __u16 rport)
 {
 	struct dt_conn_record rec = {};
 	endpoints_at_state_change(&rec, sk, lport, rport);
-	emit_conn(&rec, sk, bpf_get_socket_cookie(sk), kind, info, error, oldstate);
+	emit_conn(&rec, sk, bpf_get_socket_cookie(sk), kind, info, error, facts);
 }
 
 /* The calling process as the connection's owner; the entry is not stored yet. */
@@ -216,6 +316,8 @@ static __always_inline void close_unknown(struct sock *sk, int oldstate)
 	if (oldstate == TCP_SYN_SENT || oldstate == TCP_LISTEN || oldstate == TCP_SYN_RECV)
 		return;
 	__u16 lport = local_port_at_state_change(sk), rport = remote_port_at_state_change(sk);
+	if (!port_wanted(lport, rport))
+		return; /* filtered out: neither reported nor counted as left out */
 	struct conn_info unknown = {};
 	if (!sample(&unknown, lport, rport))
 		return;
@@ -230,7 +332,9 @@ static __always_inline void close_unknown(struct sock *sk, int oldstate)
 	} else {
 		unknown.flags = DT_CONN_OPEN_UNSEEN;
 	}
-	emit_at_state_change(sk, DT_REC_CONN_CLOSE, &unknown, 0, oldstate, lport, rport);
+	struct close_facts facts;
+	facts_at_close(&facts, sk, oldstate, unknown.flags);
+	emit_at_state_change(sk, DT_REC_CONN_CLOSE, &unknown, 0, &facts, lport, rport);
 }
 
 static __always_inline void store(struct sock *sk, struct conn_info *info)
@@ -268,8 +372,14 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		if (!info)
 			return 0;
 		__u16 lport = local_port_at_state_change(sk), rport = remote_port_at_state_change(sk);
+		set_conn_edge(info, sk, lport, rport);
+		if (!port_wanted(lport, rport)) {
+			info->sampled_out = 1; /* filtered out: no records (nor counted as left out) */
+			return 0;
+		}
+		count_conn(&info->edge, 1, 0, 0, 0, 0, 0, 0);
 		if (sample(info, lport, rport))
-			emit_at_state_change(sk, DT_REC_CONN_OPEN, info, 0, oldstate, lport, rport);
+			emit_at_state_change(sk, DT_REC_CONN_OPEN, info, 0, 0, lport, rport);
 		return 0;
 	}
 	if (newstate != TCP_CLOSE)
@@ -280,17 +390,30 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		close_unknown(sk, oldstate);
 		return 0;
 	}
-	if (info->sampled_out) {
-		dt_count(DT_STAT_SAMPLED_OUT);
-	} else if (oldstate != TCP_LISTEN && oldstate != TCP_SYN_RECV) {
+	if (oldstate != TCP_LISTEN && oldstate != TCP_SYN_RECV) {
 		__u16 lport = local_port_at_state_change(sk), rport = remote_port_at_state_change(sk);
-		if (oldstate != TCP_SYN_SENT) {
-			emit_at_state_change(sk, DT_REC_CONN_CLOSE, info, 0, oldstate, lport, rport);
-		} else if (sample(info, lport, rport)) {
+		if (!port_wanted(lport, rport)) {
+			/* filtered out: not counted, no records */
+		} else if (oldstate == TCP_SYN_SENT) {
+			set_conn_edge(info, sk, lport, rport);
+			count_conn(&info->edge, 0, 0, 1, 0, 0, 0, 0);
 			/* Failed connects are sampled too: a storm of refused connects
 			 * is as many records as a storm of connections. */
-			emit_at_state_change(sk, DT_REC_CONN_FAILED, info, sk->sk_err, oldstate, lport, rport);
+			if (sample(info, lport, rport))
+				emit_at_state_change(sk, DT_REC_CONN_FAILED, info, sk->sk_err, 0, lport, rport);
+		} else {
+			struct close_facts facts;
+			facts_at_close(&facts, sk, oldstate, info->flags);
+			bool reset = facts.flags & (DT_CONN_RESET_SENT | DT_CONN_RESET_RECEIVED);
+			bool server = info->role == DT_ROLE_SERVER;
+			count_conn(&info->edge, 0, 1, 0, server ? facts.received : facts.sent,
+				   server ? facts.sent : facts.received, info->retransmits, reset);
+			if (info->sampled_out)
+				dt_count(DT_STAT_SAMPLED_OUT);
+			else
+				emit_at_state_change(sk, DT_REC_CONN_CLOSE, info, 0, &facts, lport, rport);
 		}
+		forget_local_client(info, sk, lport, rport);
 	}
 	bpf_map_delete_elem(&conns, &key);
 	return 0;
@@ -339,19 +462,24 @@ static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
 		return 0;
 	struct dt_conn_record rec = {};
 	dt_sock_ports(sk, &rec.lport, &rec.rport);
-	/* Left out: no entry either (its close computes the key again). */
-	struct conn_info info = {};
-	if (!sample(&info, rec.lport, rec.rport))
-		return 0;
 	dt_sock_addresses(sk, &rec.family, rec.laddr, rec.raddr);
 	if (rec.family != AF_INET && rec.family != AF_INET6)
 		return 0;
+	/* Every connection is counted and keeps an entry (its close is counted too);
+	 * the sampling decides whether its records are made. */
+	if (!port_wanted(rec.lport, rec.rport))
+		return 0; /* filtered out: no entry, not counted; its close is not reported either */
+	struct conn_info info = {};
+	bool taken = sample(&info, rec.lport, rec.rport);
 	owner_is_current(&info, DT_ROLE_SERVER);
+	set_conn_edge(&info, sk, rec.lport, rec.rport);
+	count_conn(&info.edge, 1, 0, 0, 0, 0, 0, 0);
 	store(sk, &info);
+	if (!taken)
+		return 0;
 	/* The cookie was made at the handshake (handle_set_state): this pointer
 	 * is not one the helper takes. */
-	emit_conn(&rec, sk, BPF_CORE_READ(sk, __sk_common.skc_cookie.counter), DT_REC_CONN_OPEN, &info, 0,
-		  TCP_SYN_RECV);
+	emit_conn(&rec, sk, BPF_CORE_READ(sk, __sk_common.skc_cookie.counter), DT_REC_CONN_OPEN, &info, 0, 0);
 	return 0;
 }
 

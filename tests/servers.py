@@ -17,6 +17,7 @@ import os
 import pathlib
 import shutil
 import signal
+import random
 import socket
 import subprocess
 import sys
@@ -60,9 +61,24 @@ def need_module(name: str, package: str):
         unavailable(f"Python module {name} missing: pip install {package} (it is in the `test` extra)")
 
 
+#: Ports tests listen on: below the kernel's ephemeral range (32768-60999 by default), so that no
+#: connection of another process on this host has one as its source port (a test filtering by its
+#: port would count it).
+_TEST_PORTS = (20000, 32767)
+
+
 def free_port(host: str = HOST) -> int:
-    """A port nothing listens on right now (the kernel's choice for an ephemeral bind)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+    """A port nothing listens on right now, outside the ephemeral range."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    for _ in range(200):
+        port = random.randint(*_TEST_PORTS)
+        with socket.socket(family) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    with socket.socket(family) as s:  # a crowded range: the kernel's choice
         s.bind((host, 0))
         return s.getsockname()[1]
 

@@ -250,7 +250,7 @@ def test_topology_defaults_to_the_last_15_minutes(server: ApiServer, store: Fake
         "client": "checkout", "server": "redis", "protocol": "redis", "port": 6379, "requests": 2700, "errors": 0,
         "latency_p50_ns": 175_000, "latency_p90_ns": 425_000, "latency_p99_ns": 492_500, "latency_avg_ns": 170_000,
         "bytes_sent": 120_000, "bytes_received": 90_000, "connections_opened": 3, "connections_failed": 0,
-        "retransmits": 0, "resets": 0,
+        "retransmits": 0, "resets": 0, "decoded": 0, "unparsed": 0, "unsolicited": 0,
     }
 
 

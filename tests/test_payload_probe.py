@@ -339,8 +339,10 @@ def test_overload_sampling_follows_the_records_lost():
     assert second(1000, 19000) == 32  # 1 record in 20 got through: 1 connection in 32
     assert second(500, 3000) == 32  # the tick after a change only watches: the ring still drains
     assert second(900, 100) == 64  # still losing
-    assert [second(800, 0) for _ in range(6)] == [64] * 5 + [32]  # watch, then 5 calm seconds
-    assert mask.masks == [31, 63, 31]
+    # Without CPU figures a tick counts as a second: each calm one after the tick that watches
+    # takes twice as many connections.
+    assert [second(800, 0) for _ in range(8)] == [64, 32, 32, 16, 16, 8, 8, 4]
+    assert mask.masks == [31, 63, 31, 15, 7, 3]
     assert probe.sparsest_sampling == 64
     for _ in range(40):
         second(100, 100_000)
@@ -361,15 +363,15 @@ def test_overload_sampling_keeps_the_agent_within_its_budget_on_a_busy_host():
     assert tick(idle=0.05, own=0.3) == 32  # the tick after a change only watches
     assert tick(idle=0.1, own=0.08) == 64  # still over the budget (0.1 idle is 5 %: busy)
     assert tick(idle=0.1, own=0.03) == 64  # settling
-    # Busy host, under budget but not by half: hold.  Then 5 s with room to double: relax.
+    # Busy host, under budget but not by half: hold.  With room for twice the work: a step back
+    # at each calm second after the one that watches.
     assert [tick(idle=0.1, own=0.03) for _ in range(8)] == [64] * 8
-    assert [tick(idle=0.1, own=0.02) for _ in range(5)] == [64] * 4 + [32]
-    # An idle host takes twice as many connections when the idle CPU fits twice the work.
-    assert tick(idle=1.5, own=0.4) == 32  # settling
-    assert [tick(idle=1.5, own=0.4) for _ in range(5)] == [32] * 4 + [16]
-    assert tick(idle=0.5, own=0.6) == 16  # settling
-    assert [tick(idle=0.5, own=0.6) for _ in range(30)] == [16] * 30  # twice would not fit
-    assert controls.masks == [31, 63, 31, 15]
+    assert [tick(idle=0.1, own=0.02) for _ in range(5)] == [32, 32, 16, 16, 8]
+    # An idle host takes as many more connections as the idle CPU fits: (1.5 idle + 0.4 used) / 0.4
+    # is room for 4 times the work, then the rest.
+    assert [tick(idle=1.5, own=0.4) for _ in range(5)] == [8, 2, 2, 1, 1]
+    assert [tick(idle=0.5, own=0.6) for _ in range(10)] == [1] * 10  # nothing lost, CPU idle: all
+    assert controls.masks == [31, 63, 31, 15, 7, 1, 0]
 
     unlimited = PayloadProbe(busy_cpu=None)
     unlimited.obj, unlimited.counters = probe.obj, probe.counters
@@ -451,22 +453,28 @@ def test_records_copied_before_the_sampling_grew_sparser_are_left_out_as_they_ar
 def test_a_step_back_that_overran_the_budget_makes_the_next_one_wait_twice_as_long():
     probe = PayloadProbe(busy_cpu=0.05)
     with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
-    tick = functools.partial(_tick_on_two_cpus, probe)
 
-    assert tick(idle=0.1, own=0.8) == 16
-    tick(idle=0.1, own=0.01)  # settling
-    assert [tick(idle=0.1, own=0.01) for _ in range(5)] == [16] * 4 + [8]  # 5 calm seconds: back a step
-    tick(idle=0.1, own=0.01)  # settling
-    assert tick(idle=0.1, own=0.3) == 64  # a burst right after: cut, and the next step back waits 10 s
-    tick(idle=0.1, own=0.01)
-    assert [tick(idle=0.1, own=0.01) for _ in range(10)] == [64] * 9 + [32]
-    tick(idle=0.1, own=0.01)
-    assert tick(idle=0.1, own=0.3) == 256  # again: 20 s
-    tick(idle=0.1, own=0.01)
-    assert [tick(idle=0.1, own=0.01) for _ in range(20)] == [256] * 19 + [128]
-    # A host with idle CPU again starts from 5 s.
-    tick(idle=1.5, own=0.01)
-    assert [tick(idle=1.5, own=0.01) for _ in range(5)] == [128] * 4 + [64]
+    def tick(own: float, idle: float = 0.1) -> int:  # quarter-second ticks, as the pipeline makes them
+        return _tick_on_two_cpus(probe, idle=idle, own=own, seconds=0.25)
+
+    def calm_until_step_back(idle: float = 0.1) -> tuple[int, int]:
+        """Ticks with the agent on 0.01 cores until the sampling steps back, and where it lands."""
+        before, ticks = probe.sampling, 0
+        while probe.sampling == before and ticks < 1000:
+            tick(0.01, idle)
+            ticks += 1
+        return ticks, probe.sampling
+
+    assert [tick(0.8) for _ in range(4)] == [1, 1, 1, 16]  # a whole busy second: 0.8 / 0.05 takes 1 in 16
+    # One tick watches, a whole second of CPU is judged, then half a second of calm: 0.01 of a 0.05
+    # budget leaves room for 4 times the work.
+    assert calm_until_step_back() == (5, 4)
+    assert [tick(0.3) for _ in range(4)] == [4, 4, 4, 32]  # a burst right after: the next step back waits 1 s
+    assert calm_until_step_back() == (7, 8)
+    assert [tick(0.3) for _ in range(4)] == [8, 8, 8, 64]  # again: 2 s
+    assert calm_until_step_back() == (11, 16)
+    # Idle CPU again: the wait is half a second, and a burst's end brings every connection back at once.
+    assert calm_until_step_back(idle=1.5) == (5, 1)
 
 
 def test_each_connection_has_its_own_id_in_data_and_connection_events():

@@ -454,7 +454,7 @@ def test_migration_from_version_2_adds_the_recording_tables(tmp_path):
     store = TopologyStore(path)
     store.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4
     assert conn.execute("SELECT count(*) FROM exchanges").fetchone()[0] == 1
     assert conn.execute("SELECT count(*) FROM recording_tasks").fetchone()[0] == 0
 

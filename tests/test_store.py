@@ -151,8 +151,10 @@ def test_percentiles_are_those_of_the_merged_histograms(store) -> None:
        st.integers(0, 10**6), st.integers(0, 10**12))
 def test_edge_json_is_edgestats_to_json(buckets, requests, latency_sum) -> None:
     s = EdgeStats(requests=requests, errors=requests // 3, latency_sum_ns=latency_sum, latency_buckets=buckets,
-                  bytes_sent=1, bytes_received=2, connections_opened=3, connections_failed=4, retransmits=5, resets=6)
-    totals = (s.requests, s.errors, s.latency_sum_ns, 1, 2, 3, 4, 5, 6, *itertools.accumulate(buckets))
+                  bytes_sent=1, bytes_received=2, connections_opened=3, connections_failed=4, retransmits=5, resets=6,
+                  decoded=requests // 2, unparsed=7, unsolicited=8)
+    totals = (s.requests, s.errors, s.latency_sum_ns, 1, 2, 3, 4, 5, 6, requests // 2, 7, 8,
+              *itertools.accumulate(buckets))
     assert _edge_json("c", "s", "http", 80, totals) == {"client": "c", "server": "s", "protocol": "http", "port": 80,
                                                         **s.to_json()}
 
@@ -409,7 +411,7 @@ def test_migration_from_version_1_to_2(path, clock) -> None:
     store = TopologyStore(path, clock=clock)
     try:
         conn = sqlite3.connect(path)
-        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3  # 3: recording tasks
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 4  # 4: detail coverage
         conn.close()
         [edge] = store.edges(T0, T0 + W)
         assert (edge["requests"], edge["errors"], edge["latency_avg_ns"]) == (4, 1, 300_000)

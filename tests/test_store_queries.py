@@ -27,7 +27,7 @@ bucket_counts = st.lists(st.one_of(st.just(0), st.integers(0, 10), st.integers(0
 def test_percentiles_of_huge_and_sparse_histograms_are_the_models(buckets, requests, latency_sum) -> None:
     """Beyond 2**53 floats round: the SQL must round as Python does, operation for operation."""
     s = EdgeStats(requests=requests, errors=requests // 2, latency_sum_ns=latency_sum, latency_buckets=buckets)
-    totals = (s.requests, s.errors, s.latency_sum_ns, 0, 0, 0, 0, 0, 0, *itertools.accumulate(buckets))
+    totals = (s.requests, s.errors, s.latency_sum_ns, 0, 0, 0, 0, 0, 0, 0, 0, 0, *itertools.accumulate(buckets))
     assert _edge_json("c", "s", "http", 80, totals) == {"client": "c", "server": "s", "protocol": "http", "port": 80,
                                                         **s.to_json()}
 
@@ -39,7 +39,7 @@ def test_a_rank_on_a_bucket_boundary_takes_the_first_bucket_reaching_it() -> Non
     for buckets in ([1, 0, 0, 1] + [0] * (n - 4), [0, 5, 0, 0, 0, 5] + [0] * (n - 6),
                     [0] * (n - 3) + [9, 0, 1], [99] + [0] * (n - 2) + [1], [1] + [0] * (n - 1)):
         s = EdgeStats(requests=sum(buckets), latency_buckets=buckets)
-        totals = (s.requests, 0, 0, 0, 0, 0, 0, 0, 0, *itertools.accumulate(buckets))
+        totals = (s.requests, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, *itertools.accumulate(buckets))
         assert _edge_json("c", "s", "http", 80, totals) == {"client": "c", "server": "s", "protocol": "http",
                                                             "port": 80, **s.to_json()}
     assert s.to_json()["latency_p50_ns"] == LATENCY_BUCKETS_NS[0] // 2
@@ -47,7 +47,7 @@ def test_a_rank_on_a_bucket_boundary_takes_the_first_bucket_reaching_it() -> Non
 
 def test_edges_come_sorted_even_if_the_rows_do_not() -> None:
     names = {1: ("b", "a", "http", 80), 2: ("a", "z", "http", 80), 3: ("a", "b", "tcp", 22), 4: ("a", "b", "http", 9)}
-    row = (10, 0, None, None, None, None, 0, 0, 0, 0, 0, 0)
+    row = (10, 0, None, None, None, None, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     edges = _edges_json([(i, *row) for i in (1, 2, 3, 4)], names)
     assert [(e["client"], e["server"], e["protocol"], e["port"]) for e in edges] == sorted(names.values())
     assert edges[0]["requests"] == 10 and edges[0]["latency_p50_ns"] is None

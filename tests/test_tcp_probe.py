@@ -14,21 +14,15 @@ from typing import Iterator
 import pytest
 
 from deetune import records
-from deetune.events import ConnectionEvent
+from deetune.events import ConnectionCounts, ConnectionEvent
 from deetune.hostcpu import CpuSample
 from deetune.probes import ProbeOptions
 from deetune.probes.tcp import TcpProbe
 
+from tests.servers import free_port
 from tests.harness import TcpPeer, running_pipeline, with_fake_controls
 
 pytestmark = pytest.mark.bpf
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def conn_events(collector, port, phase=None):
@@ -149,9 +143,14 @@ def test_port_filter_is_applied_in_the_kernel():
         wanted.finish(), other.finish()
         collector.wait_for(lambda e: e.phase == "close", 2)
         time.sleep(0.2)
-    assert collector.events and all(wanted.port in (e.lport, e.rport) for e in collector.events)
+    records = [e for e in collector.events if isinstance(e, ConnectionEvent)]
+    assert records and all(wanted.port in (e.lport, e.rport) for e in records)
     probe_stats = collector.stats.probes["tcp"]
-    assert probe_stats.records == len(collector.events) == 4  # 2 opens + 2 closes, nothing else copied
+    assert probe_stats.records == len(records) == 4  # 2 opens + 2 closes, nothing else copied
+    # The counters too: the wanted port's connection only, on both sides.
+    counted = [e for e in collector.events if isinstance(e, ConnectionCounts)]
+    assert {(e.role, e.port, e.opened, e.closed) for e in counted} == {("client", wanted.port, 1, 1),
+                                                                         ("server", wanted.port, 1, 1)}
 
 
 def test_pid_filter_keeps_only_that_process():
@@ -241,6 +240,14 @@ def test_overload_sampling_reports_whole_connections_and_counts_the_rest():
                 assert server.recv(100) == b"x" * 10
                 client.close()
                 server.close()
+
+        def accounted() -> int:  # the connections' records made so far, reported or left out
+            made = len([e for e in conn_events(collector, port) if e.lport in ports or e.rport in ports])
+            return made + probe.counters()["sampled_out"]
+
+        deadline = time.monotonic() + 10
+        while accounted() < 4 * 64 and time.monotonic() < deadline:  # the last closes may come late
+            time.sleep(0.05)
         counts = probe.counters()
         for _ in range(64):  # failed connects: one record each, sampled by the same key
             with socket.socket() as refused:
@@ -286,9 +293,11 @@ def _sampled_in(lport: int, rport: int, sampling: int) -> bool:
     return key & (sampling - 1) == 0
 
 
-def test_overload_sampling_keeps_no_entry_for_a_server_side_it_leaves_out():
+def test_overload_sampling_reports_fewer_connections_but_counts_every_one():
+    """Sampled out: no open or close record; counted all the same, in the kernel (every
+    connection keeps its entry until its close, for the counters)."""
     port = free_port()
-    probe = TcpProbe(ProbeOptions(pid=os.getpid()), overload_sampling=False)  # our connections only
+    probe = TcpProbe(ProbeOptions(pid=os.getpid(), port=port), overload_sampling=False)  # ours only
     with running_pipeline([probe]) as collector, listening(port) as listener:
         probe.set_sampling(4)
         pairs = []
@@ -300,22 +309,31 @@ def test_overload_sampling_keeps_no_entry_for_a_server_side_it_leaves_out():
         assert 0 < len(taken) < 64
         opens = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "open"
                                    and port in (e.lport, e.rport), 2 * len(taken))
-        # Every client's entry (its connect came before the choice), the server's of those taken only.
         entries = len(list(probe.obj.maps["conns"].keys()))
         for client, server in pairs:
+            client.sendall(b"x" * 100)
+            assert server.recv(1000) == b"x" * 100
             client.close()
             server.close()
         closes = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "close"
                                     and port in (e.lport, e.rport), 2 * len(taken))
-        time.sleep(0.2)
+        counted = collector.wait_for(lambda e: isinstance(e, ConnectionCounts) and e.port == port, 1)
+        time.sleep(1.5)  # a tick reads the counters once more
         left = len(list(probe.obj.maps["conns"].keys()))
         counts = probe.counters()
-    assert entries == 64 + len(taken)
+    assert entries == 128  # every side of every connection
     assert left == 0
     assert sorted(e.lport if e.role == "client" else e.rport for e in opens) == sorted(taken * 2)
     assert sorted(e.lport if e.role == "client" else e.rport for e in closes) == sorted(taken * 2)
     assert {e.sampling for e in opens + closes} == {4}
     assert counts["sampled_out"] == 4 * (64 - len(taken))
+    counted = [e for e in collector.events if isinstance(e, ConnectionCounts) and e.port == port]
+    for role in ("client", "server"):
+        mine = [e for e in counted if e.role == role]
+        assert sum(e.opened for e in mine) == sum(e.closed for e in mine) == 64, role
+        assert sum(e.bytes_sent for e in mine) == 6400 and sum(e.bytes_received for e in mine) == 0, role
+    # The server side knows its client's process (here: this one).
+    assert {e.peer_pid for e in counted if e.role == "server"} == {os.getpid()}
 
 
 @contextlib.contextmanager

@@ -545,15 +545,26 @@ def check_range(snap: dict, app: App, phase: Phase, agent_pids: set[int]) -> Non
     assert hops(snap["dependencies"][(ORDERS_SERVICE, 2, "downstream")]) == walks[
         (ORDERS_SERVICE, 2, "downstream")][1]
 
-    # Exchanges of orders: each once (the server's copy), as the application made them; the
-    # edges' bytes are theirs (the connections are still open: no close added any).
+    # Exchanges of orders, the detail: each once (the server's copy), as the application made them.
+    # The counts above are the kernel's, exact; the detail is sampled on a busy host: then a part of
+    # the exchanges (every error among them), each weighted by what it stands for.  Where an edge's
+    # detail is whole (decoded == requests), it is exactly the application's exchanges, and the
+    # edge's bytes are theirs (the connections are still open: no close added any).
     exchanges = snap["exchanges"]
     got = collections.Counter((e["client"], e["server"], e["protocol"], e["role"], e["method"], e["target"],
                                e["status"], e["error"]) for e in exchanges)
-    assert got == expected_exchanges(phase)
+    expected = expected_exchanges(phase)
+    assert not got - expected, got - expected  # nothing that did not happen
+    assert {k: n for k, n in got.items() if k[-1]} == {k: n for k, n in expected.items() if k[-1]}  # every error
+    assert all(x["sampling"] == 1 for x in exchanges if x["error"])
     for e, (client, server) in ((back, (NGINX, ORDERS_SERVICE)), (db, (ORDERS_SERVICE, MARIADB)),
                                 (cache, (ORDERS_SERVICE, REDIS))):
         mine = [x for x in exchanges if (x["client"], x["server"]) == (client, server)]
+        assert e["decoded"] >= len(mine), (client, server)
+        if e["decoded"] < e["requests"]:
+            continue  # sampled: a part
+        assert {k: n for k, n in got.items() if k[:2] == (client, server)} == {
+            k: n for k, n in expected.items() if k[:2] == (client, server)}
         assert (e["bytes_sent"], e["bytes_received"]) == (
             sum(x["request_bytes"] for x in mine), sum(x["response_bytes"] for x in mine)), (client, server)
     assert {(x["pid"], x["lport"]) for x in exchanges if x["server"] == ORDERS_SERVICE} == {
@@ -688,22 +699,11 @@ def test_application_topology_through_the_agent_api_and_across_a_restart(app: Ap
     assert code == 0, again.log[-3000:]
 
 
-#: Why requests on connections older than the agent do not count (see the test below).
-OLDER_CONNECTIONS = (
-    "the server side of a connection older than the agent is not decoded, and a local connection counts "
-    "only on its server side (the client sides, nginx and orders, decode these requests: the aggregator "
-    "takes them for duplicates).  HTTP: orders was blocked in recv() when the probes attached, so its first "
-    "chunk is the response to a request never seen; HttpDecoder raises 'response without a pending request' "
-    "and StreamSession gives the connection up.  MySQL: mariadbd reads a packet's 4-byte header and its body "
-    "in two recv() calls; StreamSession._detect tries each chunk alone, neither looks like a command, and after "
-    "DETECTION_CHUNKS chunks the connection is UNKNOWN (and muted).  Redis (read() of whole commands) is fine."
-)
-
-
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=OLDER_CONNECTIONS)
 def test_connections_older_than_the_agent(app: App, tmp_path):
     """An agent (re)started under a running application: nginx's keep-alive connection to orders and
-    orders' Redis and MariaDB connections were opened before it; their requests count all the same."""
+    orders' Redis and MariaDB connections were opened before it; their requests count all the same
+    (the kernel classifies a connection by its first request after the start; the server side knows
+    its local client from the agent's start-up snapshot)."""
     curl(app, app.paths(1, 2, set()))  # opens them, before the agent
     agent = Agent(tmp_path / "deetune.db", tmp_path / "events.jsonl", free_port())
     try:

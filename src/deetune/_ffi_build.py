@@ -98,6 +98,14 @@ LIBBPF_CDEF = """
     int bpf_map_update_elem(int fd, const void *key, const void *value, __u64 flags);
     int bpf_map_delete_elem(int fd, const void *key);
     int bpf_map_get_next_key(int fd, const void *key, void *next_key);
+    struct bpf_map_batch_opts {
+        size_t sz;
+        __u64 elem_flags;
+        __u64 flags;
+    };
+    int bpf_map_lookup_batch(int fd, void *in_batch, void *out_batch, void *keys, void *values, __u32 *count,
+                             const struct bpf_map_batch_opts *opts);
+    int bpf_map__reuse_fd(struct bpf_map *map, int fd);
 
     int libbpf_num_possible_cpus(void);
     int libbpf_probe_bpf_prog_type(int prog_type, const void *opts);

@@ -173,6 +173,10 @@ class DataEvent(Event):
     conn_id: int = attrs.field(kw_only=True, default=0)
     #: Overload sampling: copied while 1 connection-period in this many was (1: every one).
     sampling: int = attrs.field(kw_only=True, default=1)
+    #: Copied because the kernel's accounting saw an error response on a connection whose calls were
+    #: not copied (overload sampling): the request's head, then the response's head, two events to be
+    #: decoded on their own (``seq`` means nothing then).
+    error_head: bool = attrs.field(kw_only=True, default=False)
     #: Where these bytes start in their direction's stream (bytes moved that way before them, since
     #: the probe first copied from the socket); -1 when the source does not know.  A call that was
     #: not copied (overload sampling, a record lost) shows as a jump: ``seq`` > previous seq + size.
@@ -284,3 +288,78 @@ class ExchangeEvent(Event):
             attributes=dict(x.attributes),
             **extra,
         )
+
+
+@attrs.frozen
+class CountedEvent(Event):
+    """Base of the kernel's exact counts (deetune.accounting): differences since the last read,
+    for one side of an edge.  The topology aggregator names both ends (``client_service`` /
+    ``server_service``) and says whether this side is the one counted (``counted``: an exchange
+    between two processes of this host is counted on one side only)."""
+
+    #: ``"client"`` or ``"server"``: which side kept the counter.
+    role: str = attrs.field(kw_only=True)
+    #: That side's process.
+    pid: int = attrs.field(kw_only=True)
+    #: Server side: its client's process when the client connected from this host; 0 otherwise.
+    peer_pid: int = attrs.field(kw_only=True, default=0)
+    cgroup_id: int = attrs.field(kw_only=True, default=0)
+    #: The other side's address.
+    raddr: str = attrs.field(kw_only=True)
+    #: The server's port (local on the server side, remote on the client side).
+    port: int = attrs.field(kw_only=True)
+    #: ``http``, ``redis``, ``mysql``; ``tcp`` for connection counts.
+    protocol: str = attrs.field(kw_only=True)
+    client_service: str | None = attrs.field(kw_only=True, default=None)
+    server_service: str | None = attrs.field(kw_only=True, default=None)
+    counted: bool | None = attrs.field(kw_only=True, default=None)
+
+    def to_json(self) -> dict[str, Any]:
+        data = super().to_json()
+        if self.client_service is None:
+            del data["client_service"], data["server_service"], data["counted"]
+        return data
+
+
+@attrs.frozen
+class RequestCounts(CountedEvent):
+    """Exchanges the kernel counted for one edge side, method and status since the last read."""
+
+    type: ClassVar[str] = "request_counts"
+    method: str = attrs.field(kw_only=True)
+    #: As the decoders report it: HTTP's code, ``"OK"``/``"ERR"`` for Redis and MySQL, None without one.
+    status: int | str | None = attrs.field(kw_only=True)
+    #: ``ok``, ``error``, ``no_response``, ``status_unknown`` (exchanges); ``unparsed`` (chunks the
+    #: kernel could not follow), ``unsolicited`` (replies no request asked for): see deetune.accounting.
+    outcome: str = attrs.field(kw_only=True)
+    #: How many (exchanges, or chunks or replies for the last two outcomes).
+    count: int = attrs.field(kw_only=True)
+    request_bytes: int = attrs.field(kw_only=True, default=0)
+    response_bytes: int = attrs.field(kw_only=True, default=0)
+    latency_sum_ns: int = attrs.field(kw_only=True, default=0)
+
+
+@attrs.frozen
+class LatencyCounts(CountedEvent):
+    """The latency histogram of one edge side and method since the last read: bucket → exchanges
+    (buckets of deetune.accounting.LATENCY_BOUNDS_NS)."""
+
+    type: ClassVar[str] = "latency_counts"
+    method: str = attrs.field(kw_only=True)
+    buckets: dict[int, int] = attrs.field(kw_only=True, factory=dict)
+
+
+@attrs.frozen
+class ConnectionCounts(CountedEvent):
+    """Connections the kernel counted for one edge side since the last read."""
+
+    type: ClassVar[str] = "connection_counts"
+    opened: int = attrs.field(kw_only=True, default=0)
+    closed: int = attrs.field(kw_only=True, default=0)
+    failed: int = attrs.field(kw_only=True, default=0)
+    #: Payload bytes client → server and back, of the connections closed.
+    bytes_sent: int = attrs.field(kw_only=True, default=0)
+    bytes_received: int = attrs.field(kw_only=True, default=0)
+    retransmits: int = attrs.field(kw_only=True, default=0)
+    #: Connections closed by a reset (either way).
+    resets: int = attrs.field(kw_only=True, default=0)

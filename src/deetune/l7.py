@@ -34,6 +34,8 @@ CLOSE_GRACE_NS = 1_000_000_000
 #: Live chunks are whole syscalls: a write usually ends where a message ends,
 #: so when a capture gap hides HTTP framing the decoder may assume just that.
 LIVE_DECODER_OPTIONS = {"http": {"trust_syscall_boundaries": True}}
+#: Protocols the kernel counts (bpf/l7.bpf.h), whose errors it always copies.
+KERNEL_COUNTED = frozenset({"http", "redis", "mysql"})
 
 
 @attrs.define
@@ -52,6 +54,8 @@ class L7Stats:
     #: Recorded connections decoded again from a request after their decoder gave up (e.g. when
     #: the kernel lost a record of theirs).
     resynced: int = 0
+    #: Errors whose heads the kernel copied from connections it was not copying (overload sampling).
+    error_heads: int = 0
 
 
 @attrs.define
@@ -139,6 +143,8 @@ class L7Handler:
         self._closing: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
         #: Latest data event time seen (monotonic ns).
         self._data_ns = 0
+        #: The request heads of error heads waiting for their response heads, by connection.
+        self._error_requests: collections.OrderedDict[int, DataEvent] = collections.OrderedDict()
 
     def __call__(self, event: Event) -> Iterable[Event]:
         if isinstance(event, DataEvent):
@@ -210,6 +216,8 @@ class L7Handler:
     # -- payload ----------------------------------------------------------------------------
     def _on_data(self, event: DataEvent) -> list[Event]:
         self.stats.data_events += 1
+        if event.error_head:
+            return self._on_error_head(event)
         out: list[Event] = []
         if event.ts_mono_ns > self._data_ns:
             self._data_ns = event.ts_mono_ns
@@ -248,6 +256,30 @@ class L7Handler:
         if not session.active:
             conn.log = None
             self._on_gave_up(session, event.sock_id)
+        return out
+
+    def _on_error_head(self, event: DataEvent) -> list[Event]:
+        """An error the kernel's accounting saw on a connection whose calls were not copied comes as
+        two records: the request's head, then the response's.  Decoded on their own (the
+        connection's session, if any, never sees them): every error has its detail."""
+        key = event.conn_id or event.sock_id
+        request = self._error_requests.pop(key, None)
+        if request is None:
+            self._error_requests[key] = event
+            if len(self._error_requests) > MAX_CONNECTIONS:
+                self._error_requests.pop(next(iter(self._error_requests)))
+            return []
+        # The request's side says the role: a client writes its requests, a server reads them.
+        role = "client" if request.direction == "egress" else "server"
+        session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
+        exchanges = session.feed(request.direction == "egress", request.data, len(request.data), request.ts_mono_ns)
+        exchanges += session.feed(event.direction == "egress", event.data, event.size, event.ts_mono_ns)
+        exchanges += session.close(event.ts_mono_ns)
+        conn = _Conn(session, event.pid, event.comm, event.laddr, event.lport, event.raddr, event.rport,
+                     event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id)
+        out: list[Event] = [self._exchange_event(conn, x, event.sock_id) for x in exchanges if x.error]
+        self.stats.error_heads += 1
+        self.stats.exchanges += len(out)
         return out
 
     def _resync(self, conn: _Conn, event: DataEvent) -> bool:
@@ -352,7 +384,9 @@ class L7Handler:
             sock_id=sock_id,
             cgroup_id=conn.cgroup_id,
             conn_id=conn.conn_id,
-            sampling=conn.sampling,
+            # Errors of the kernel-counted protocols are all decoded (the kernel copies the heads of
+            # those on connections it does not copy): each stands for itself.
+            sampling=1 if x.error and x.protocol in KERNEL_COUNTED else conn.sampling,
             request_payload=request_payload,
             response_payload=response_payload,
         )

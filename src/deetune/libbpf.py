@@ -388,6 +388,46 @@ class Map:
             if value is not None:  # deleted between get_next_key and lookup
                 yield key, value
 
+    def lookup_all(self, batch: int = 4096) -> tuple[bytes, bytes, int]:
+        """Every key and value, read in batches (one system call per ``batch`` entries, not two per
+        entry): ``(keys, values, n)``, the keys ``key_size`` bytes apart and the values, for per-CPU
+        maps, each the CPUs' values (rounded up to 8 bytes) one after another.  A hash map changing
+        while it is read may show an entry twice or not at all (the kernel's rule for batches)."""
+        stride = (self.value_size + 7) // 8 * 8 * num_possible_cpus() if self.percpu else self.value_size
+        keys_out: list[bytes] = []
+        values_out: list[bytes] = []
+        total = 0
+        keys = ffi.new("char[]", self.key_size * batch)
+        values = ffi.new("char[]", stride * batch)
+        token_size = max(self.key_size, 8)
+        tokens = [ffi.new("char[]", token_size), ffi.new("char[]", token_size)]
+        count = ffi.new("__u32 *")
+        opts = ffi.new("struct bpf_map_batch_opts *")
+        opts.sz = ffi.sizeof("struct bpf_map_batch_opts")
+        first = True
+        while True:
+            count[0] = batch
+            ret = lib().bpf_map_lookup_batch(self.fd, ffi.NULL if first else tokens[0], tokens[1], keys, values,
+                                             count, opts)
+            err = ffi.errno if ret < 0 else 0
+            if ret < 0 and err != errno_mod.ENOENT:
+                raise LibbpfError(f"batch lookup in map {self.name}", err)
+            n = count[0]
+            if n:
+                keys_out.append(ffi.buffer(keys, self.key_size * n)[:])
+                values_out.append(ffi.buffer(values, stride * n)[:])
+                total += n
+            if ret < 0:  # ENOENT: no more entries
+                break
+            first = False
+            tokens.reverse()
+        return b"".join(keys_out), b"".join(values_out), total
+
+    def reuse_fd(self, fd: int) -> None:
+        """Before load: make this map the existing map ``fd`` (two objects share one map)."""
+        self._obj._require_state("open", "share a map")
+        _check_ret(lib().bpf_map__reuse_fd(self._ptr, fd), f"reuse a map for {self.name}")
+
     def sum_percpu_u64(self, key: bytes) -> int:
         """Sum of a per-CPU u64 value over all CPUs (counters)."""
         values = self.lookup(key) or []

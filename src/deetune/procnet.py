@@ -189,6 +189,8 @@ def socket_owners(proc: str = "/proc") -> dict[int, Owner]:
 class PreexistingConnection:
     role: str
     owner: Owner | None
+    #: 4 or 6: the socket's family (an IPv4 peer of an IPv6 socket shows as IPv4 text).
+    family: int = 4
 
 
 def snapshot_connections(proc: str = "/proc") -> dict[tuple, PreexistingConnection]:
@@ -202,7 +204,7 @@ def snapshot_connections(proc: str = "/proc") -> dict[tuple, PreexistingConnecti
         if s.state == TCP_LISTEN or s.rport == 0:
             continue
         role = "server" if s.lport in listening else "client"
-        result[(s.laddr, s.lport, s.raddr, s.rport)] = PreexistingConnection(role, owners.get(s.inode))
+        result[(s.laddr, s.lport, s.raddr, s.rport)] = PreexistingConnection(role, owners.get(s.inode), s.family)
     return result
 
 

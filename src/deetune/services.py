@@ -14,6 +14,7 @@ See docs/services.md.
 
 from __future__ import annotations
 
+import collections
 import ipaddress
 import json
 import logging
@@ -859,8 +860,12 @@ class ServiceResolver:
     refresh_interval: float = 1.0
     #: Seconds after which the listeners are re-read even without a miss.
     max_age: float = 60.0
-    #: Cached instances (their pids are forgotten on exit; the bound covers lost exit events).
+    #: Cached instances (their pids are forgotten after exit; the bound covers lost exit events).
     max_instances: int = 65536
+    #: Exec events remembered to name processes gone from /proc.
+    max_execs: int = 16384
+    #: Seconds an exited process's instance is kept (its last counts are read after its exit).
+    retire_seconds: float = 30.0
 
     def __init__(self, plugins: Plugins | None = None, *, mapping: EndpointMapping | None = None,
                  host: str | None = None, proc: str = "/proc"):
@@ -880,19 +885,30 @@ class ServiceResolver:
         self._listeners_stale = False
         self._lock = threading.Lock()
         self._plugin_failed = False
+        #: pid → (comm, command line) from exec events: names a process gone from /proc.
+        self._execs: collections.OrderedDict[int, tuple[str, str]] = collections.OrderedDict()
+        #: (when to forget, pid) of exited processes.
+        self._retiring: collections.deque[tuple[float, int]] = collections.deque()
 
     # ---- processes
 
     def instance(self, pid: int, comm: str = "") -> Instance:
         """The instance (service name, host, pid, container) of a local process; cached per pid.
-        A pid that vanished gets a service from comm (or "pid-N") rather than an error."""
+        A pid that vanished is named from what its exec said (note_exec), else from comm (or
+        "pid-N"), rather than an error."""
         cached = self._instances.get(pid)
         if cached is not None:
             return cached
         try:
             info = ProcessInfo.read(pid, self.proc, host=self.host)
         except ProcessGone:
-            found = Instance(service=comm or f"pid-{pid}", host=self.host, pid=pid, comm=comm)
+            execed = self._execs.get(pid)
+            if execed is not None:
+                exec_comm, cmdline = execed
+                found = self._instance_of(ProcessInfo(pid=pid, comm=exec_comm, cmdline=cmdline.split(" "),
+                                                      host=self.host))
+            else:
+                found = Instance(service=comm or f"pid-{pid}", host=self.host, pid=pid, comm=comm)
         else:
             found = self._instance_of(info)
         if len(self._instances) >= self.max_instances:
@@ -920,8 +936,27 @@ class ServiceResolver:
             namespace=container.namespace if container else None,
         )
 
+    def note_exec(self, pid: int, comm: str, cmdline: str) -> None:
+        """A process started (an exec event): what names it once it is gone from /proc (the
+        kernel's counts of a short-lived client are read after it exits)."""
+        self.forget(pid)
+        execs = self._execs
+        execs[pid] = (comm, cmdline)
+        if len(execs) > self.max_execs:
+            execs.popitem(last=False)
+
+    def retire(self, pid: int, now: float | None = None) -> None:
+        """A process exited: its instance is kept a little longer (counts read after its exit
+        still name it), then forgotten."""
+        now = self.clock() if now is None else now
+        self._retiring.append((now + self.retire_seconds, pid))
+        while self._retiring and self._retiring[0][0] <= now:
+            _, old = self._retiring.popleft()
+            self.forget(old)  # a pid used again meanwhile is read from /proc again: no harm
+            self._execs.pop(old, None)
+
     def forget(self, pid: int) -> None:
-        """Drop the cache for pid (called on exec and exit events)."""
+        """Drop the cache for pid (called on exec events, and after exits)."""
         self._instances.pop(pid, None)
         listeners = self._listeners
         if listeners is not None and pid in listeners.owner_pids:

@@ -265,14 +265,19 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
         except MappingError as exc:
             raise UsageError(str(exc)) from None
     resolver = ServiceResolver(plugins, mapping=mapping)
-    aggregator = TopologyAggregator(resolver, window_seconds=args.window)
+    # The built-in probes count exchanges and connections in the kernel (deetune.accounting): the
+    # topology and Prometheus count from there, exact at any load; decoded exchanges are detail.
+    aggregator = TopologyAggregator(resolver, window_seconds=args.window, kernel_counts=True)
     handlers.append(aggregator)
     if args.no_store and args.api:
         raise UsageError("--api serves the store: it cannot go with --no-store")
     sinks = []
     for spec in args.sink or ["console"]:
         name, arg = parse_sink_spec(spec)
-        sinks.append(plugins.sinks.get(name).from_arg(arg))
+        sink = plugins.sinks.get(name).from_arg(arg)
+        if hasattr(sink, "kernel_counts"):
+            sink.kernel_counts = True  # a sink that can count from the kernel's counters (prometheus)
+        sinks.append(sink)
     services: list = []
     if not args.no_store:
         store = open_store(args.store, args.retention, exchanges_per_edge=args.exchanges_per_edge,

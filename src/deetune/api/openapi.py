@@ -86,9 +86,11 @@ _SCHEMAS: dict[str, Any] = {
         "required": [
             "requests", "errors", "latency_p50_ns", "latency_p90_ns", "latency_p99_ns", "latency_avg_ns",
             "bytes_sent", "bytes_received", "connections_opened", "connections_failed", "retransmits", "resets",
+            "decoded", "unparsed", "unsolicited",
         ],
         "properties": {
-            "requests": {"type": "integer", "minimum": 0},
+            "requests": {"type": "integer", "minimum": 0,
+                         "description": "every exchange, counted in the kernel (exact, never sampled)"},
             "errors": {"type": "integer", "minimum": 0},
             "latency_p50_ns": _INT_OR_NULL,
             "latency_p90_ns": _INT_OR_NULL,
@@ -100,6 +102,13 @@ _SCHEMAS: dict[str, Any] = {
             "connections_failed": {"type": "integer", "minimum": 0},
             "retransmits": {"type": "integer", "minimum": 0},
             "resets": {"type": "integer", "minimum": 0},
+            "decoded": {"type": "integer", "minimum": 0,
+                        "description": "exchanges decoded in detail (sampled under load): the detail's coverage "
+                                       "is decoded / requests"},
+            "unparsed": {"type": "integer", "minimum": 0,
+                         "description": "chunks the kernel's counting could not follow: requests is then a lower bound"},
+            "unsolicited": {"type": "integer", "minimum": 0,
+                            "description": "replies no request asked for (pub/sub messages, older connections)"},
         },
     },
     "Edge": {

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import pathlib
+import threading
 import time
 from typing import ClassVar, Iterable
 
@@ -33,6 +35,53 @@ class ProbeOptions:
     #: Only this network namespace (the inode number of its ``/proc/PID/ns/net``); None: all.
     #: Applied in the kernel by every object built with deetune's ``common.bpf.h``.
     netns: int | None = None
+
+
+class SharedMaps:
+    """Maps that several objects of this process use as one (``bpf/local_clients.bpf.h``):
+    the first object to load creates the map, the others reuse it; it lives while any probe
+    that uses it runs (a duplicate of its descriptor is kept meanwhile)."""
+
+    #: Names of the maps shared this way.
+    NAMES = ("dt_local_clients",)
+
+    def __init__(self) -> None:
+        self._fds: dict[str, list[int]] = {}  # name → [fd, users]
+        self._lock = threading.Lock()
+
+    def before_load(self, obj: BpfObject) -> list[str]:
+        """Make the object's shared maps the existing ones; returns the names it uses."""
+        used = [name for name in self.NAMES if name in obj.maps]
+        with self._lock:
+            for name in used:
+                entry = self._fds.get(name)
+                if entry is not None:
+                    obj.maps[name].reuse_fd(entry[0])
+        return used
+
+    def after_load(self, obj: BpfObject, names: list[str]) -> None:
+        with self._lock:
+            for name in names:
+                entry = self._fds.get(name)
+                if entry is None:
+                    self._fds[name] = [os.dup(obj.maps[name].fd), 1]
+                else:
+                    entry[1] += 1
+
+    def release(self, names: list[str]) -> None:
+        with self._lock:
+            for name in names:
+                entry = self._fds.get(name)
+                if entry is None:
+                    continue
+                entry[1] -= 1
+                if entry[1] <= 0:
+                    os.close(entry[0])
+                    del self._fds[name]
+
+
+#: The process's shared maps: every probe of the process uses these.
+SHARED_MAPS = SharedMaps()
 
 
 class Clock:
@@ -72,6 +121,7 @@ class Probe:
         self.clock = clock or Clock()
         self.obj: BpfObject | None = None
         self._rings: list[RingBuffer] = []
+        self._shared: list[str] = []
 
     # -- to override ---------------------------------------------------------
     def object_file(self) -> pathlib.Path:
@@ -89,6 +139,12 @@ class Probe:
         """Events for one ring-buffer record."""
         raise NotImplementedError
 
+    def read_counts(self) -> Iterable[Event]:
+        """The exact counters the probe's kernel side keeps in maps (deetune.accounting), as events
+        of what changed since the last call: the pipeline calls it on its tick and once at stop.
+        Default: none."""
+        return ()
+
     # -- lifecycle -------------------------------------------------------------
     def start(self) -> None:
         """Open, configure, load and attach; on any failure nothing stays loaded."""
@@ -96,6 +152,7 @@ class Probe:
         if not path.exists():
             raise LibbpfError(f"probe {self.name}: {path} not found: {self.build_hint}")
         obj = BpfObject.open(path)
+        shared: list[str] = []
         try:
             if self.options.ringbuf_bytes:
                 for m in obj.maps.values():
@@ -108,13 +165,19 @@ class Probe:
                                       f"its object was built without deetune's common.bpf.h")
                 obj.set_constant("dt_targ_netns", self.options.netns)
             self.configure(obj)
+            shared = SHARED_MAPS.before_load(obj)
             obj.load()
+            SHARED_MAPS.after_load(obj, shared)
+            self._shared = shared
             obj.attach_all()
             self._rings = [RingBuffer(m) for m in obj.maps.values() if m.type == 27]
         except BaseException:
             for ring in self._rings:
                 ring.close()
             self._rings = []
+            if obj.state == "loaded":
+                SHARED_MAPS.release(shared)
+            self._shared = []
             obj.close()
             raise
         self.obj = obj
@@ -146,6 +209,8 @@ class Probe:
         if self.obj is not None:
             self.obj.close()
             self.obj = None
+            SHARED_MAPS.release(self._shared)
+            self._shared = []
 
     def __enter__(self) -> "Probe":
         self.start()

@@ -17,8 +17,9 @@ log = logging.getLogger(__name__)
 
 #: Overload sampling never goes sparser than 1 connection (payload: connection-second) in this many.
 SPARSEST_SAMPLING = 1024
-#: Seconds without a lost record before overload sampling takes twice as many connections again.
-CALM_SECONDS = 5
+#: Seconds without a sign of overload, with room for more work, before overload sampling takes
+#: more connections again (as many more as fit: after a burst, full detail is back at once).
+CALM_SECONDS = 0.5
 #: Cores the agent allows itself while the host has no idle CPU, before it samples: 1 % of a
 #: 2-CPU host (0.05 took ~3 % of a saturated 2-CPU host's connections/s: docs/performance.md, section 1).
 DEFAULT_BUSY_CPU = 0.02
@@ -101,8 +102,9 @@ class OverloadSampling:
         tick alone is judged: the agent is behind, and waiting a whole window would have it
         decode at full tilt for that long.
 
-        After CALM_SECONDS without a loss and with room for twice the work (idle CPU for it,
-        or on a busy host, half the budget used), it takes twice as many connections again.
+        After CALM_SECONDS without a loss and with room for more work (idle CPU for it, or on a
+        busy host, room in the budget), it takes as many more connections as fit: twice, or all of
+        them at once when a burst is over.
         On a busy host, a step back that overran the budget soon after makes the next one
         wait twice as long (up to MAX_CALM_SECONDS): few busy connections make the work
         come in bursts, and without this the agent would spend its budget on them over and
@@ -143,10 +145,10 @@ class OverloadSampling:
             factor = _power_of_two_above(missed * over_budget)
             sampling = min(sampling * factor, SPARSEST_SAMPLING)
             self._calm = 0.0
-        elif sampling > 1 and (not watching_cpu or window is not None and self._room_to_double(window)):
+        elif sampling > 1 and (factor := 2 if not watching_cpu else self._room_for(window)) >= 2:
             self._calm += elapsed
             if self._calm >= self._calm_needed:
-                sampling //= 2
+                sampling = max(1, sampling // factor)
                 self._calm = 0.0
                 self._since_relax = 0.0
         else:
@@ -170,11 +172,16 @@ class OverloadSampling:
                          host_idle=sum(s.host_idle * s.seconds for s in window) / seconds,
                          own=sum(s.own * s.seconds for s in window) / seconds)
 
-    def _room_to_double(self, cpu: CpuSample) -> bool:
-        """Would twice the work fit: in the idle CPU, or on a busy host in the budget?"""
-        if cpu.host_busy:
-            return cpu.own * 2 <= self.busy_cpu
-        return cpu.host_idle >= cpu.own
+    def _room_for(self, cpu: CpuSample | None) -> int:
+        """How many times the work would fit (a power of two; 1: no more): in the idle CPU and
+        what the agent uses now, or on a busy host in the budget.  None (no whole window yet): 1."""
+        if cpu is None:
+            return 1
+        room = (self.busy_cpu if cpu.host_busy else cpu.host_idle + cpu.own) / max(cpu.own, 1e-6)
+        factor = 1
+        while factor * 2 <= room and factor < SPARSEST_SAMPLING:
+            factor *= 2
+        return factor
 
     def set_sampling(self, one_in: int) -> None:
         """Report only 1 connection in ``one_in`` (a power of two; 1: all), chosen anew every second."""

@@ -6,10 +6,11 @@ import logging
 import os
 import struct
 import threading
+import time
 from typing import Iterable
 
-from deetune import records
-from deetune.events import DataEvent, format_address
+from deetune import accounting, records
+from deetune.events import DataEvent, Event, LatencyCounts, RequestCounts, format_address
 from deetune.libbpf import BpfObject, num_possible_cpus
 from deetune.probes.base import Probe, ProbeOptions
 from deetune.probes.overload import DEFAULT_BUSY_CPU, OverloadSampling
@@ -47,6 +48,8 @@ log = logging.getLogger(__name__)
 
 #: Default prefix copied per syscall.
 DEFAULT_CAPTURE_BYTES = 4096
+#: Heads of error exchanges copied per second at most where the overload sampling copies nothing.
+DEFAULT_ERROR_HEADS_PER_SECOND = 200
 MAX_CAPTURE_BYTES = _L.DT_PAYLOAD_MAX
 class PayloadProbe(OverloadSampling, Probe):
     name = "payload"
@@ -55,8 +58,17 @@ class PayloadProbe(OverloadSampling, Probe):
 
     def __init__(self, options: ProbeOptions | None = None, clock=None, *, capture_bytes: int = DEFAULT_CAPTURE_BYTES,
                  cgroup_id: int | None = None, ports: Iterable[int] = (), exclude_self: bool | None = None,
-                 overload_sampling: bool = True, busy_cpu: float | None = DEFAULT_BUSY_CPU):
+                 overload_sampling: bool = True, busy_cpu: float | None = DEFAULT_BUSY_CPU,
+                 accounting: bool = True, error_heads_per_second: int = DEFAULT_ERROR_HEADS_PER_SECOND):
         super().__init__(options, clock)
+        #: Count every HTTP, Redis and MySQL exchange in the kernel (read_counts); off: only copies.
+        self.accounting = accounting
+        if error_heads_per_second < 0:
+            raise ValueError(f"error_heads_per_second must be 0 or more, got {error_heads_per_second}")
+        #: Heads of error exchanges copied per second, on connections the overload sampling leaves out.
+        self.error_heads_per_second = error_heads_per_second
+        self._requests: accounting.CounterMap | None = None
+        self._latency: accounting.CounterMap | None = None
         if not 0 <= capture_bytes <= MAX_CAPTURE_BYTES:
             raise ValueError(f"capture_bytes must be between 0 and {MAX_CAPTURE_BYTES}, got {capture_bytes}")
         self.capture_bytes = capture_bytes
@@ -83,8 +95,14 @@ class PayloadProbe(OverloadSampling, Probe):
             obj.set_constant("targ_cgroup_id", self.cgroup_id)
         if self.ports:
             obj.set_constant("filter_ports", 1)
+        obj.set_constant("account_l7", int(self.accounting))
+        obj.set_constant("error_heads_per_second", self.error_heads_per_second)
+        obj.set_constant("dt_latency_bounds", accounting.latency_bounds_image())
+        obj.set_constant("dt_latency_bound_count", len(accounting.LATENCY_BOUNDS_NS))
 
     def after_attach(self) -> None:
+        self._requests = accounting.CounterMap(self.obj.maps["dt_l7_counts"], 4, accounting.decode_l7_key)
+        self._latency = accounting.CounterMap(self.obj.maps["dt_l7_latency"], 1, accounting.decode_latency_key)
         # Attached first, then filled: until the first generation is written, nothing is copied.
         ports = self.obj.maps["capture_ports"]
         for port in self.ports:
@@ -129,13 +147,38 @@ class PayloadProbe(OverloadSampling, Probe):
         except Exception:  # the map is LRU: it cannot be full; anything else is not worth a crash
             pass
 
+    def read_counts(self) -> list[Event]:
+        """The exchanges the kernel counted since the last call (RequestCounts), and their
+        latencies (LatencyCounts, per edge side and method)."""
+        if self.obj is None or self._requests is None or not self.accounting:
+            return []
+        ts, mono = time.time_ns(), time.monotonic_ns()
+        out: list[Event] = []
+        for (edge, method, status, outcome), (count, req_bytes, resp_bytes, latency) in self._requests.read():
+            out.append(RequestCounts(
+                ts, ts_mono_ns=mono, role=edge.role, pid=edge.pid, peer_pid=edge.peer_pid, cgroup_id=edge.cgroup_id,
+                raddr=edge.raddr, port=edge.port, protocol=edge.protocol, method=method, status=status,
+                outcome=outcome, count=count, request_bytes=req_bytes, response_bytes=resp_bytes,
+                latency_sum_ns=latency,
+            ))
+        histograms: dict[tuple, dict[int, int]] = {}
+        for (edge, method, bucket), (count,) in self._latency.read():
+            histograms.setdefault((edge, method), {})[bucket] = count
+        for (edge, method), buckets in histograms.items():
+            out.append(LatencyCounts(
+                ts, ts_mono_ns=mono, role=edge.role, pid=edge.pid, peer_pid=edge.peer_pid, cgroup_id=edge.cgroup_id,
+                raddr=edge.raddr, port=edge.port, protocol=edge.protocol, method=method, buckets=buckets,
+            ))
+        return out
+
     def decode(self, raw: bytes) -> Iterable[DataEvent]:
         (kind, pid, ts_mono, sock_id, conn_id, cgroup_id, seq, tid, fd, size, captured, family, lport, rport,
-         direction, syscall, sample_key, sample_shift, _flags, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
+         direction, syscall, sample_key, sample_shift, flags, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
         if kind != _L.DT_REC_DATA:
             return ()
         self._read += 1
-        if self._left_out_as_read(sample_key):
+        error_head = bool(flags & _L.DT_DATA_ERROR_HEAD)
+        if not error_head and self._left_out_as_read(sample_key):
             return ()
         family = 6 if family == _AF_INET6 else 4
         return (
@@ -159,7 +202,8 @@ class PayloadProbe(OverloadSampling, Probe):
                 family=family,
                 cgroup_id=cgroup_id,
                 conn_id=conn_id,
-                seq=seq,
-                sampling=max(1 << sample_shift, self.sampling),
+                seq=-1 if error_head else seq,
+                sampling=1 if error_head else max(1 << sample_shift, self.sampling),
+                error_head=error_head,
             ),
         )

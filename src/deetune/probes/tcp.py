@@ -7,8 +7,11 @@ import os
 import struct
 from typing import Iterable
 
-from deetune import procnet, records
-from deetune.events import ConnectionEvent, failure_reason, format_address
+import ipaddress
+import time
+
+from deetune import accounting, procnet, records
+from deetune.events import ConnectionCounts, ConnectionEvent, Event, failure_reason, format_address
 from deetune.libbpf import BpfObject
 from deetune.probes.base import Probe, ProbeOptions
 from deetune.probes.overload import DEFAULT_BUSY_CPU, OverloadSampling
@@ -27,6 +30,16 @@ _PHASES = {_L.DT_REC_CONN_OPEN: "open", _L.DT_REC_CONN_CLOSE: "close", _L.DT_REC
 _ROLES = {_L.DT_ROLE_CLIENT: "client", _L.DT_ROLE_SERVER: "server"}
 _AF_INET6 = 10
 _ZERO = struct.pack("<I", 0)
+_LOCAL_CONN = struct.Struct("<16s16sHHHH")
+assert _LOCAL_CONN.size == records.ffi.sizeof("struct dt_local_conn")
+
+
+def _packed(family: int, addr: str) -> bytes:
+    """An address as the kernel keeps it for a socket of this family (IPv4: 4 bytes then zeros)."""
+    ip = ipaddress.ip_address(addr)
+    if family == 6:
+        return (ip if ip.version == 6 else ipaddress.IPv6Address(f"::ffff:{ip}")).packed
+    return ip.packed.ljust(16, b"\0")
 _CONTROLS = struct.Struct("<II")
 assert _CONTROLS.size == records.ffi.sizeof("struct dt_tcp_controls")
 
@@ -49,6 +62,7 @@ class TcpProbe(OverloadSampling, Probe):
         super().__init__(options, clock)
         self._init_overload_sampling(overload_sampling, busy_cpu)
         self._preexisting: dict[tuple, procnet.PreexistingConnection] = {}
+        self._counts: accounting.CounterMap | None = None
 
     def configure(self, obj: BpfObject) -> None:
         if self.options.exclude_self:
@@ -66,6 +80,43 @@ class TcpProbe(OverloadSampling, Probe):
         # one that closes in between is reported, just without its owner.
         self._preexisting = procnet.snapshot_connections()
         log.info("%d connections were open before the probe", len(self._preexisting))
+        self._counts = accounting.CounterMap(self.obj.maps["dt_conn_counts"], 7, accounting.decode_edge_key)
+        self._note_local_clients()
+
+    def _note_local_clients(self) -> None:
+        """Clients of this host connected before the probe: listed where the server side's
+        accounting finds its local client (bpf/local_clients.bpf.h), as a connect does."""
+        table = self.obj.maps["dt_local_clients"]
+        for (laddr, lport, raddr, rport), conn in self._preexisting.items():
+            if conn.role != "client" or conn.owner is None:
+                continue
+            try:
+                local, remote = _packed(conn.family, laddr), _packed(conn.family, raddr)
+            except ValueError:
+                continue
+            if not (remote == local or ipaddress.ip_address(raddr).is_loopback or raddr.startswith("::ffff:127.")):
+                continue
+            family = _AF_INET6 if conn.family == 6 else 2
+            key = _LOCAL_CONN.pack(local, remote, lport, rport, family, 0)
+            try:
+                table.update(key, struct.pack("<I", conn.owner.pid))
+            except Exception as exc:  # a full table: those servers name their clients by address
+                log.debug("cannot list a local client: %s", exc)
+                return
+
+    def read_counts(self) -> list[Event]:
+        """The connections the kernel counted per edge side since the last call."""
+        if self.obj is None or self._counts is None:
+            return []
+        ts, mono = time.time_ns(), time.monotonic_ns()
+        return [
+            ConnectionCounts(
+                ts, ts_mono_ns=mono, role=edge.role, pid=edge.pid, peer_pid=edge.peer_pid, cgroup_id=edge.cgroup_id,
+                raddr=edge.raddr, port=edge.port, protocol="tcp", opened=opened, closed=closed, failed=failed,
+                bytes_sent=sent, bytes_received=received, retransmits=retransmits, resets=resets,
+            )
+            for edge, (opened, closed, failed, sent, received, retransmits, resets) in self._counts.read()
+        ]
 
     def decode(self, raw: bytes) -> Iterable[ConnectionEvent]:
         (kind, pid, ts_mono, sock_id, conn_id, open_ts, bytes_sent, bytes_received, cgroup_id, retransmits, error,

@@ -6,7 +6,7 @@ import sys
 import time
 from typing import IO
 
-from deetune.events import ConnectionEvent, Event, ExchangeEvent, ProcessEvent
+from deetune.events import ConnectionCounts, ConnectionEvent, Event, ExchangeEvent, LatencyCounts, ProcessEvent, RequestCounts
 from deetune.sinks.base import Sink
 
 
@@ -52,8 +52,21 @@ def format_event(event: Event) -> str:
             f"{event.method} {event.target[:80]} -> {event.status} {latency} "
             f"req={event.request_bytes}B resp={event.response_bytes}B{error}"
         )
+    if isinstance(event, RequestCounts):
+        return (f"{head} {event.protocol:<6} {event.role:<6} pid={event.pid} {_ends(event)}  "
+                f"{event.method or '-'} {event.status if event.status is not None else '-'} x{event.count}"
+                + ("" if event.outcome in ("ok", "error") else f" ({event.outcome})"))
+    if isinstance(event, ConnectionCounts):
+        return (f"{head} tcp    {event.role:<6} pid={event.pid} {_ends(event)}  opened={event.opened} "
+                f"closed={event.closed} failed={event.failed}")
     fields = " ".join(f"{k}={v}" for k, v in event.to_json().items() if k not in ("type", "ts", "ts_mono_ns"))
     return f"{head} {fields}"
+
+
+def _ends(event) -> str:
+    if event.client_service is not None:
+        return f"{event.client_service} -> {event.server_service}" + ("" if event.counted else " (counted by the server)")
+    return f"{event.raddr} port {event.port}"
 
 
 class ConsoleSink(Sink):
@@ -64,6 +77,8 @@ class ConsoleSink(Sink):
         self._stream = stream or sys.stdout
 
     def handle(self, event: Event) -> None:
+        if isinstance(event, LatencyCounts):
+            return  # histograms are for the edges' percentiles, not for reading line by line
         self._stream.write(format_event(event) + "\n")
 
     def flush(self) -> None:

@@ -34,9 +34,10 @@ from prometheus_client.core import (
 )
 
 from deetune import procnet
-from deetune.events import ConnectionEvent, Event, ExchangeEvent
+from deetune.accounting import EXCHANGE_OUTCOMES, OUTCOME_ERROR
+from deetune.events import ConnectionCounts, ConnectionEvent, CountedEvent, Event, ExchangeEvent, LatencyCounts, RequestCounts
 from deetune.sinks.base import Sink, SinkError
-from deetune.topology.model import LATENCY_BUCKETS_NS
+from deetune.topology.model import _COARSE_OF_FINE, LATENCY_BUCKETS_NS
 
 log = logging.getLogger("deetune.sinks.prometheus")
 
@@ -53,6 +54,8 @@ MAX_TRACKED_CONNECTIONS = 65536
 REQUEST_LABELS = ("protocol", "client", "server", "method", "status")
 DURATION_LABELS = ("protocol", "client", "server", "method")
 EDGE_LABELS = ("client", "server")
+DECODED_LABELS = ("protocol", "client", "server")
+ANOMALY_LABELS = ("protocol", "client", "server", "kind")
 
 
 # -- spec ------------------------------------------------------------------------------------------
@@ -226,6 +229,16 @@ class _Family:
     def add(self, key: tuple[str, ...], value: float) -> None:
         self.series[key] = self.series.get(key, 0) + value
 
+    def observe_buckets(self, key: tuple[str, ...], fine: dict[int, int], seconds: float) -> None:
+        """Add the kernel's fine histogram counts (deetune.accounting buckets) and their sum."""
+        state = self.series.get(key)
+        if state is None:
+            state = self.series[key] = self._zero()
+        last = len(LATENCY_BUCKETS_S)
+        for bucket, count in fine.items():
+            state[_COARSE_OF_FINE[bucket] if bucket < len(_COARSE_OF_FINE) else last] += count
+        state[-1] += seconds
+
     def observe(self, key: tuple[str, ...], seconds: float) -> None:
         state = self.series.get(key)
         if state is None:
@@ -256,6 +269,17 @@ class _Family:
         for labels, value in series.items():
             family.add_metric(list(labels), value)
         return family
+
+
+def counted_edge_names(event: CountedEvent, comm_of: Callable[[int], str]) -> tuple[str, str]:
+    """(client, server) of the kernel's counts: the topology aggregator's names when it set them,
+    else as :func:`edge_names` does (our side's comm, the other's address)."""
+    if event.client_service is not None and event.server_service is not None:
+        return event.client_service, event.server_service
+    here = comm_of(event.pid)
+    if event.role == "server":
+        return event.raddr, here
+    return here, f"[{event.raddr}]:{event.port}" if ":" in event.raddr else f"{event.raddr}:{event.port}"
 
 
 def edge_names(event: ConnectionEvent | ExchangeEvent) -> tuple[str, str]:
@@ -538,7 +562,12 @@ class PrometheusSink(Sink):
     def __init__(self, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, *, max_series: int = DEFAULT_MAX_SERIES,
                  is_local_listener: Callable[[str, int, int | None], bool] | None = None,
                  service_of: Callable[[int, str], str] | None = DEFAULT_RESOLVER,
-                 proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup", serve: bool = True):
+                 proc: str = "/proc", cgroup_root: str = "/sys/fs/cgroup", serve: bool = True,
+                 kernel_counts: bool = False):
+        #: Requests and connections are counted from the kernel's counters (RequestCounts,
+        #: LatencyCounts, ConnectionCounts): exact at any load.  Exchange events then count only
+        #: as decoded detail (deetune_requests_decoded_total).  Off: counted from the events.
+        self.kernel_counts = kernel_counts
         if max_series < 1:
             raise SinkError(f"prometheus sink: max_series must be at least 1, got {max_series}")
         self.max_series = max_series
@@ -558,13 +587,22 @@ class PrometheusSink(Sink):
         self.bytes_sent = fam("deetune_bytes_sent_total", "Bytes from client to server, at connection close.", "counter", EDGE_LABELS)
         self.bytes_received = fam("deetune_bytes_received_total", "Bytes from server to client, at connection close.", "counter",
                                   EDGE_LABELS)
+        self.decoded = fam("deetune_requests_decoded_total",
+                           "Requests decoded in detail (targets, statements, errors: sampled under load; "
+                           "with deetune_requests_total, the coverage of the detail).", "counter", DECODED_LABELS)
+        self.anomalies = fam("deetune_accounting_anomalies_total",
+                             "What the kernel's counting met besides exchanges: chunks it could not follow "
+                             "(kind=unparsed: the edge's counts are then a lower bound) and replies no request "
+                             "asked for (kind=unsolicited).", "counter", ANOMALY_LABELS)
         self._families = [self.requests, self.errors, self.durations, self.opened, self.failed, self.active,
-                          self.retransmits, self.resets, self.bytes_sent, self.bytes_received]
+                          self.retransmits, self.resets, self.bytes_sent, self.bytes_received, self.decoded,
+                          self.anomalies]
         self._edge_families = [self.opened, self.failed, self.active, self.retransmits, self.resets,
                                self.bytes_sent, self.bytes_received]
         #: sock_id → (counted, edge labels, active series) of connections seen opening.
         self._conns: collections.OrderedDict[int, tuple[bool, tuple[str, str], tuple[str, str]]] = collections.OrderedDict()
         self._kernel: dict[str, tuple[int, int]] = {}
+        self._comms: dict[int, str] = {}
         self.resources = ResourceCollector(proc=proc, cgroup_root=cgroup_root, max_series=max_series, service_of=service_of)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_EventCollector(self))
@@ -592,12 +630,81 @@ class PrometheusSink(Sink):
 
     # -- events ----------------------------------------------------------------------------------
     def handle(self, event: Event) -> None:
-        if isinstance(event, ExchangeEvent):
+        if isinstance(event, CountedEvent):
             with self._lock:
-                self._on_exchange(event)
-        elif isinstance(event, ConnectionEvent):
+                self._on_counts(event)
+        elif isinstance(event, ExchangeEvent):
+            with self._lock:
+                if self.kernel_counts:
+                    self._on_decoded(event)
+                else:
+                    self._on_exchange(event)
+        elif isinstance(event, ConnectionEvent) and not self.kernel_counts:
             with self._lock:
                 self._on_connection(event)
+
+    def _on_counts(self, event: CountedEvent) -> None:
+        """The kernel's exact counts of one edge side (deetune.accounting)."""
+        counted = event.counted
+        if counted is None:  # no topology aggregator in the pipeline: the one-count rule here
+            counted = event.role == "server" or not self._is_local(event.raddr, event.port, event.ts)
+        client, server = counted_edge_names(event, self._comm_of)
+        if isinstance(event, ConnectionCounts):
+            labels = (client, server)
+            if event.failed:  # no server ever saw them: counted on the client's side
+                self._edge_slots(labels)
+                self.failed.add(self.failed.slot(labels), event.failed)
+            if not counted:
+                return
+            self._edge_slots(labels)
+            if event.opened:
+                self.opened.add(self.opened.slot(labels), event.opened)
+            if event.opened or event.closed:
+                self.active.add(self.active.slot(labels), event.opened - event.closed)
+            self.retransmits.add(self.retransmits.slot(labels), event.retransmits)
+            self.resets.add(self.resets.slot(labels), event.resets)
+            self.bytes_sent.add(self.bytes_sent.slot(labels), event.bytes_sent)
+            self.bytes_received.add(self.bytes_received.slot(labels), event.bytes_received)
+            return
+        if not counted:
+            return
+        method = event.method or "none"
+        if isinstance(event, LatencyCounts):
+            self.durations.observe_buckets(self.durations.slot((event.protocol, client, server, method)),
+                                           event.buckets, 0.0)
+            return
+        if not isinstance(event, RequestCounts):
+            return
+        if event.outcome not in EXCHANGE_OUTCOMES:
+            self.anomalies.add(self.anomalies.slot((event.protocol, client, server, event.outcome)), event.count)
+            return
+        status = "none" if event.status is None else str(event.status)
+        key = self.requests.slot((event.protocol, client, server, method, status))
+        self.requests.add(key, event.count)
+        error = event.count if event.outcome == OUTCOME_ERROR else 0
+        self.errors.add(key, error)  # the requests' series: ratios always line up
+        if error and key == self.requests.other:
+            self.errors.overflow += error
+        if event.latency_sum_ns:
+            self.durations.observe_buckets(self.durations.slot((event.protocol, client, server, method)), {},
+                                           event.latency_sum_ns / 1e9)
+
+    def _comm_of(self, pid: int) -> str:
+        """A process's comm (cached; ``pid-N`` once it is gone): names for counts without an aggregator."""
+        comm = self._comms.get(pid)
+        if comm is None:
+            comm = (_read(f"/proc/{pid}/comm") or f"pid-{pid}").strip()
+            if len(self._comms) >= 4096:
+                self._comms.clear()
+            self._comms[pid] = comm
+        return comm
+
+    def _on_decoded(self, event: ExchangeEvent) -> None:
+        """An exchange decoded in detail (kernel counts on): the coverage of the detail."""
+        if not self._counted(event):
+            return
+        client, server = edge_names(event)
+        self.decoded.add(self.decoded.slot((event.protocol, client, server)), 1)
 
     def _counted(self, event: ConnectionEvent | ExchangeEvent) -> bool:
         """The one-count rule: the server side always; the client side only when the

@@ -69,7 +69,17 @@ from typing import Any, Callable, Iterable, Protocol
 import attrs
 
 from deetune import procnet
-from deetune.events import ConnectionEvent, Event, ExchangeEvent, ProcessEvent
+from deetune.accounting import EXCHANGE_OUTCOMES, OUTCOME_ERROR, OUTCOME_UNPARSED, OUTCOME_UNSOLICITED
+from deetune.events import (
+    ConnectionCounts,
+    ConnectionEvent,
+    CountedEvent,
+    Event,
+    ExchangeEvent,
+    LatencyCounts,
+    ProcessEvent,
+    RequestCounts,
+)
 from deetune.topology.model import LATENCY_BUCKETS_NS, EdgeKey, EdgeStats, EdgeWindowEvent, Instance, InstanceEvent
 
 log = logging.getLogger("deetune.topology")
@@ -247,8 +257,13 @@ class TopologyAggregator:
         window_seconds: float = 10,
         clock: Callable[[], int] = time.time_ns,
         socket_owners: SocketOwners | None = None,
+        kernel_counts: bool = False,
     ):
         self.resolver = resolver
+        #: Counts come from the kernel (RequestCounts, LatencyCounts, ConnectionCounts: exact at any
+        #: load); exchange and connection events then only name ends and count as detail
+        #: (``decoded``).  Off: counted from those events (a pipeline with no kernel counters).
+        self.kernel_counts = kernel_counts
         self.window_ns = int(window_seconds * 1_000_000_000)
         if self.window_ns <= 0:
             raise ValueError("window_seconds must be positive")
@@ -275,8 +290,19 @@ class TopologyAggregator:
             return self._on_exchange(event)
         if isinstance(event, ConnectionEvent):
             return self._on_connection(event)
-        if isinstance(event, ProcessEvent) and event.phase in ("exec", "exit"):
-            self.resolver.forget(event.pid)
+        if isinstance(event, CountedEvent):
+            return self._on_counts(event)
+        if isinstance(event, ProcessEvent):
+            resolver = self.resolver
+            if event.phase == "exec":
+                note = getattr(resolver, "note_exec", None)
+                if note is not None:
+                    note(event.pid, event.comm, event.cmdline)
+                else:
+                    resolver.forget(event.pid)
+            elif event.phase == "exit":
+                retire = getattr(resolver, "retire", None)
+                (retire or resolver.forget)(event.pid)
         return (event,)
 
     def tick(self) -> list[Event]:
@@ -334,6 +360,13 @@ class TopologyAggregator:
             if edge is None or sock.edge_gen != self._gen or sock.edge_protocol != protocol:
                 edge = self._bind(sock, protocol)
             stats = edge.stats
+            if self.kernel_counts:
+                stats.decoded += 1
+                enriched = _enricher(type(event))(event, sock.client, sock.server)
+                if out:
+                    out.append(enriched)
+                    return out
+                return (enriched,)
             stats.requests += 1
             if event.error:
                 stats.errors += 1
@@ -353,6 +386,84 @@ class TopologyAggregator:
             return out
         return (enriched,)
 
+    # -- the kernel's counts ----------------------------------------------------------------------
+    def _on_counts(self, event: CountedEvent) -> Iterable[Event]:
+        """Exact counts of one side of an edge (see deetune.accounting): the edge's counters move
+        by them on the side that counts (see "Counting once")."""
+        now = self.clock()
+        out = self._roll(now) if now >= self._window_end else []
+        resolver = self.resolver
+        inst = resolver.instance(event.pid)
+        peer = None
+        if event.role == "server":
+            server = inst.service
+            if event.peer_pid:
+                peer = resolver.instance(event.peer_pid)
+                client = peer.service
+            else:
+                client = self._remote_client(event.raddr)
+            counted = True
+        else:
+            client = inst.service
+            server = resolver.endpoint(event.raddr, event.port)
+            counted = not resolver.is_local_listener(event.raddr, event.port)
+        if isinstance(event, ConnectionCounts):
+            protocol = self._protocols.get((client, server, event.port), "tcp")
+        else:
+            protocol = event.protocol
+            if counted:
+                memory = self._protocols
+                if memory.get((client, server, event.port)) != protocol:
+                    if len(memory) >= self.max_memory:
+                        memory.clear()
+                    memory[(client, server, event.port)] = protocol
+        if counted or (isinstance(event, ConnectionCounts) and event.failed):
+            key = (client, server, protocol, event.port)
+            edge = self._edges.get(key) or self._new_edge(key)
+            if event.role == "server":
+                edge.servers[id(inst)] = inst
+                if peer is not None:
+                    edge.clients[id(peer)] = peer
+            else:
+                edge.clients[id(inst)] = inst
+            seen = self._seen
+            for each in (inst, peer):
+                if each is not None and id(each) not in seen:
+                    seen[id(each)] = (each, now)
+            self._count(edge.stats, event, counted, protocol)
+        else:
+            self.stats.duplicates += 1
+        out.append(_counts_enricher(type(event))(event, client, server, counted))
+        return out
+
+    @staticmethod
+    def _count(stats: EdgeStats, event: CountedEvent, counted: bool, protocol: str) -> None:
+        if isinstance(event, RequestCounts):
+            outcome = event.outcome
+            if outcome in EXCHANGE_OUTCOMES:
+                stats.requests += event.count
+                if outcome == OUTCOME_ERROR:
+                    stats.errors += event.count
+                stats.latency_sum_ns += event.latency_sum_ns
+            elif outcome == OUTCOME_UNPARSED:
+                stats.unparsed += event.count
+            elif outcome == OUTCOME_UNSOLICITED:
+                stats.unsolicited += event.count
+            stats.bytes_sent += event.request_bytes
+            stats.bytes_received += event.response_bytes
+        elif isinstance(event, LatencyCounts):
+            stats.add_fine_latency(event.buckets)
+        elif isinstance(event, ConnectionCounts):
+            stats.connections_failed += event.failed  # the client's side: no server saw them
+            if not counted:
+                return
+            stats.connections_opened += event.opened
+            stats.retransmits += event.retransmits
+            stats.resets += event.resets
+            if protocol == "tcp":  # an L7 edge's bytes are its exchanges' (RequestCounts)
+                stats.bytes_sent += event.bytes_sent
+                stats.bytes_received += event.bytes_received
+
     # -- connections ---------------------------------------------------------------------------
     def _on_connection(self, event: ConnectionEvent) -> Iterable[Event]:
         now = self.clock()
@@ -364,11 +475,14 @@ class TopologyAggregator:
         if phase == "failed":
             if id(inst) not in seen:
                 seen[id(inst)] = (inst, now)
-            client, server = self._count_failed(event, inst)
+            if self.kernel_counts:
+                client, server = inst.service, self.resolver.endpoint(event.raddr, event.rport)
+            else:
+                client, server = self._count_failed(event, inst)
         else:
             if phase == "open":
                 sock = self._track(event, inst)
-                if sock.counted:
+                if sock.counted and not self.kernel_counts:
                     sock.pending = True
                     pending = self._pending
                     if len(pending) >= self.max_pending:  # count the oldest now, as the window's end would
@@ -383,7 +497,8 @@ class TopologyAggregator:
                 elif not sock.peer_known:
                     self._name_client(sock)
                 if sock.counted:
-                    self._count_close(sock, event)
+                    if not self.kernel_counts:
+                        self._count_close(sock, event)
                 else:
                     self.stats.duplicates += 1
                 if event.role == "client":
@@ -562,6 +677,27 @@ class TopologyAggregator:
         if out:
             self.stats.windows += 1
         return out
+
+
+@functools.cache
+def _counts_enricher(cls: type) -> Callable[[Any, str, str, bool], Any]:
+    """Like :func:`_enricher`, for the kernel's counts: names and ``counted`` set in place."""
+    setters = []
+    for name in ("client_service", "server_service", "counted"):
+        descriptor = next((k.__dict__[name] for k in cls.__mro__ if name in k.__dict__), None)
+        if type(descriptor).__name__ != "member_descriptor":
+            return lambda event, client, server, counted: attrs.evolve(
+                event, client_service=client, server_service=server, counted=counted)
+        setters.append(descriptor.__set__)
+    set_client, set_server, set_counted = setters
+
+    def enrich(event: Any, client: str, server: str, counted: bool) -> Any:
+        set_client(event, client)
+        set_server(event, server)
+        set_counted(event, counted)
+        return event
+
+    return enrich
 
 
 _bucket = bisect.bisect_left

@@ -23,6 +23,36 @@ LATENCY_BUCKETS_NS: tuple[int, ...] = tuple(
 )
 
 
+def _coarse_of_fine() -> tuple[int, ...]:
+    """The coarse bucket of each of the kernel's fine ones (every coarse bound is a fine bound)."""
+    from deetune.accounting import LATENCY_BOUNDS_NS as FINE
+
+    assert set(LATENCY_BUCKETS_NS) <= set(FINE), "coarse latency bounds must be fine bounds too"
+    return tuple(bisect.bisect_left(LATENCY_BUCKETS_NS, bound) for bound in FINE)
+
+
+_COARSE_OF_FINE = _coarse_of_fine()
+
+
+def fine_quantile_ns(buckets: dict[int, int], q: float) -> int | None:
+    """The q-quantile of a fine histogram (bucket → count), linear inside a bucket."""
+    from deetune.accounting import LATENCY_BOUNDS_NS as FINE
+
+    total = sum(buckets.values())
+    if total == 0:
+        return None
+    rank = q * total
+    seen = 0
+    for bucket in sorted(buckets):
+        count = buckets[bucket]
+        if count and seen + count >= rank:
+            lower = FINE[bucket - 1] if 0 < bucket <= len(FINE) else 0
+            upper = FINE[bucket] if bucket < len(FINE) else FINE[-1] * 2
+            return int(lower + (upper - lower) * ((rank - seen) / count))
+        seen += count
+    return FINE[-1] * 2
+
+
 @attrs.frozen
 class EdgeKey:
     """A directed dependency: ``client`` service calls ``server`` service."""
@@ -52,19 +82,43 @@ class EdgeStats:
     connections_failed: int = 0
     retransmits: int = 0
     resets: int = 0
+    #: Exchanges decoded in detail (payload decoding, sampled under load; each once): with
+    #: ``requests`` (every exchange, counted in the kernel) the coverage of the detail.  0 when
+    #: the requests are counted from the decoded exchanges themselves (no kernel counters).
+    decoded: int = 0
+    #: Chunks the kernel's accounting could not follow (``requests`` is then a lower bound).
+    unparsed: int = 0
+    #: Replies no request asked for (pub/sub messages, connections older than the agent).
+    unsolicited: int = 0
+    #: The kernel's latency histogram (deetune.accounting.LATENCY_BOUNDS_NS buckets → count):
+    #: fine enough for p50/p90/p99 within a few percent; empty when the latency came from events.
+    latency_fine: dict[int, int] = attrs.field(factory=dict)
 
     def add_latency(self, latency_ns: int) -> None:
         self.latency_sum_ns += latency_ns
         self.latency_buckets[bisect.bisect_left(LATENCY_BUCKETS_NS, latency_ns)] += 1
 
+    def add_fine_latency(self, buckets: dict[int, int]) -> None:
+        """Add the kernel's histogram counts (its sum comes with the request counts)."""
+        fine, coarse = self.latency_fine, self.latency_buckets
+        for bucket, count in buckets.items():
+            fine[bucket] = fine.get(bucket, 0) + count
+            coarse[_COARSE_OF_FINE[bucket] if bucket < len(_COARSE_OF_FINE) else -1] += count
+
     def merge(self, other: "EdgeStats") -> None:
         for field in ("requests", "errors", "latency_sum_ns", "bytes_sent", "bytes_received",
-                      "connections_opened", "connections_failed", "retransmits", "resets"):
+                      "connections_opened", "connections_failed", "retransmits", "resets", "decoded",
+                      "unparsed", "unsolicited"):
             setattr(self, field, getattr(self, field) + getattr(other, field))
         self.latency_buckets = [a + b for a, b in zip(self.latency_buckets, other.latency_buckets)]
+        for bucket, count in other.latency_fine.items():
+            self.latency_fine[bucket] = self.latency_fine.get(bucket, 0) + count
 
     def quantile_ns(self, q: float) -> int | None:
-        """The q-quantile of latency (linear inside a bucket); None without samples."""
+        """The q-quantile of latency (linear inside a bucket; the kernel's fine buckets when there
+        are any); None without samples."""
+        if self.latency_fine:
+            return fine_quantile_ns(self.latency_fine, q)
         total = sum(self.latency_buckets)
         if total == 0:
             return None
@@ -93,6 +147,9 @@ class EdgeStats:
             "connections_failed": self.connections_failed,
             "retransmits": self.retransmits,
             "resets": self.resets,
+            "decoded": self.decoded,
+            "unparsed": self.unparsed,
+            "unsolicited": self.unsolicited,
         }
 
 

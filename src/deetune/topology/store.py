@@ -87,14 +87,16 @@ BUCKET_COLUMNS: tuple[str, ...] = tuple(f"le{i}" for i in range(len(LATENCY_BUCK
 #: EdgeStats counters in their order in the table (and in EdgeStats.to_json).
 STAT_COLUMNS: tuple[str, ...] = (
     "requests", "errors", "latency_sum_ns", "bytes_sent", "bytes_received",
-    "connections_opened", "connections_failed", "retransmits", "resets",
+    "connections_opened", "connections_failed", "retransmits", "resets", "decoded", "unparsed", "unsolicited",
 )
 #: The running totals of edge_windows: the number of windows, the counters, the histogram.
 TOTAL_COLUMNS: tuple[str, ...] = ("windows", *STAT_COLUMNS, *BUCKET_COLUMNS)
 INSTANCE_FIELDS = ("id", "service", "host", "pid", "comm", "container_id", "container_name", "pod", "namespace")
 DIRECTIONS = ("downstream", "upstream", "both")
 
-_TOTALS_DDL = ", ".join(f"{c} INTEGER NOT NULL" for c in TOTAL_COLUMNS)
+#: The counters of edge_windows as version 1 made them (later versions add columns).
+_COUNTERS_V1 = ("windows", *STAT_COLUMNS[:9], *BUCKET_COLUMNS)
+_TOTALS_DDL = ", ".join(f"{c} INTEGER NOT NULL" for c in _COUNTERS_V1)
 
 #: Schema migrations: version N+1 is MIGRATIONS[N] applied to version N.
 MIGRATIONS: list[tuple[str, ...]] = [
@@ -125,6 +127,9 @@ MIGRATIONS: list[tuple[str, ...]] = [
     ),
     # 3: recording tasks and their exchanges (deetune.recording.storage).
     recording_storage.MIGRATION,
+    # 4: the detail's coverage and what the kernel's counting could not follow (EdgeStats).
+    tuple(f"ALTER TABLE edge_windows ADD COLUMN {c} INTEGER NOT NULL DEFAULT 0"
+          for c in ("decoded", "unparsed", "unsolicited")),
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -162,6 +167,7 @@ _QUANTILES = {"q50": 0.5, "q90": 0.9, "q99": 0.99}
 METRIC_KEYS: tuple[str, ...] = (
     "requests", "errors", "latency_p50_ns", "latency_p90_ns", "latency_p99_ns", "latency_avg_ns",
     "bytes_sent", "bytes_received", "connections_opened", "connections_failed", "retransmits", "resets",
+    "decoded", "unparsed", "unsolicited",
 )
 
 
@@ -224,7 +230,8 @@ def _edges_json(rows: Iterable[Sequence[Any]], names: dict[int, tuple[str, str, 
     append = out.append
     last: tuple = ()
     ordered = True
-    for (edge_id, requests, errors, p50, p90, p99, avg, sent, received, opened, failed, retransmits, resets) in rows:
+    for (edge_id, requests, errors, p50, p90, p99, avg, sent, received, opened, failed, retransmits, resets,
+         decoded, unparsed, unsolicited) in rows:
         name = names[edge_id]
         if name < last:
             ordered = False
@@ -236,6 +243,7 @@ def _edges_json(rows: Iterable[Sequence[Any]], names: dict[int, tuple[str, str, 
             "latency_p50_ns": p50, "latency_p90_ns": p90, "latency_p99_ns": p99, "latency_avg_ns": avg,
             "bytes_sent": sent, "bytes_received": received, "connections_opened": opened,
             "connections_failed": failed, "retransmits": retransmits, "resets": resets,
+            "decoded": decoded, "unparsed": unparsed, "unsolicited": unsolicited,
         })
     if not ordered:
         out.sort(key=_edge_sort_key)
@@ -573,7 +581,8 @@ class TopologyStore:
             edge_id = self._edge_id(key, start, end)
             s = event.stats
             delta = (1, s.requests, s.errors, s.latency_sum_ns, s.bytes_sent, s.bytes_received, s.connections_opened,
-                     s.connections_failed, s.retransmits, s.resets, *itertools.accumulate(s.latency_buckets))
+                     s.connections_failed, s.retransmits, s.resets, s.decoded, s.unparsed, s.unsolicited,
+                     *itertools.accumulate(s.latency_buckets))
             if len(delta) != len(TOTAL_COLUMNS):
                 raise StoreError(f"edge window with {len(s.latency_buckets)} latency buckets")
             latest = self._latest.get(edge_id) or self._load_latest(edge_id)

@@ -46,6 +46,7 @@ import json
 import re
 from typing import Any, Iterable
 
+from deetune.recording.patterns import compile_pattern
 from deetune.recording.tasks import Redaction
 
 MASK = b"[REDACTED]"
@@ -81,7 +82,8 @@ class Redactor:
             self.headers.setdefault(name.lower().encode("ascii"), f"header:{name.lower()}")
         self._needles = tuple(b"\n" + name + b":" for name in self.headers)
         self.json_paths = [(path, _parse_path(path)) for path in rules.json]
-        self.patterns = [(pattern, re.compile(pattern.encode("utf-8"))) for pattern in rules.patterns]
+        # RE2 (linear time): these run on the pipeline thread, over every recorded byte.
+        self.patterns = [(pattern, compile_pattern(pattern.encode("utf-8"))) for pattern in rules.patterns]
 
     def apply(self, protocol: str, method: str, request: bytes, response: bytes,
               target: str) -> tuple[bytes, bytes, str, tuple[str, ...]]:
@@ -287,7 +289,7 @@ def _children(node: Any) -> Iterable[Any]:
     return ()
 
 
-def _mask_regex(pattern: re.Pattern[bytes], data: bytes) -> tuple[bytes, bool]:
+def _mask_regex(pattern: Any, data: bytes) -> tuple[bytes, bool]:
     if not data:
         return data, False
     spans: list[tuple[int, int]] = []

@@ -410,6 +410,10 @@ class ApiServer:
         self.bind()
         from waitress.server import create_server
 
+        # Requests waiting for one of the workers are the bound at work, not a problem to warn of
+        # (waitress warns of every one).
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
         self._stopping = False
         self._server = create_server(
             _App(self), sockets=[self._socket], threads=self.threads, connection_limit=self.connection_limit,

@@ -113,3 +113,25 @@ def test_store_keeps_exchanges_with_big_integers(tmp_path):
         assert json.loads(rows[0][0])["attributes"]["affected_rows"] == 2**70
     finally:
         store.close()
+
+
+@pytest.mark.bpf
+def test_the_api_token_is_made_once_kept_0600_and_printed_once(tmp_path):
+    import os
+    import stat
+
+    from tests.servers import free_port
+
+    store = tmp_path / "s.db"
+    args = ["--probe", "process", "--store", str(store), "--sink", "jsonl:/dev/null", "--duration", "1"]
+    first = run_agent(*args, "--api", f"127.0.0.1:{free_port()}")
+    assert first.returncode == 0, first.stderr
+    token_file = tmp_path / "s.db.api-token"
+    token = token_file.read_text().strip()
+    assert len(token) == 43 and stat.S_IMODE(os.stat(token_file).st_mode) == 0o600
+    assert first.stderr.splitlines()[0] == f"deetune: API token (kept in {token_file}, mode 0600): {token}"
+    second = run_agent(*args, "--api", f"127.0.0.1:{free_port()}")
+    assert second.returncode == 0 and token not in second.stderr and token_file.read_text().strip() == token
+    os.chmod(token_file, 0o644)
+    third = run_agent(*args, "--api", f"127.0.0.1:{free_port()}")
+    assert _one_line(third) == f"deetune: --api: {token_file} is readable by others (mode 644): chmod 600 it"

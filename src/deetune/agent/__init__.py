@@ -360,13 +360,16 @@ def build_api(args: argparse.Namespace, store: TopologyStore, store_sink: StoreS
 
     host, port = args.api
     try:
-        server = ApiServer(store, host, port, token=api_token(args), recordings=manager,
+        server = ApiServer(store, host, port, token=args.api_token, recordings=manager,
                            allowed_hosts=args.api_hostname or (), health=store_sink.health)
         server.bind()
     except ValueError as exc:
         raise UsageError(f"--api: {exc}") from None
     except OSError as exc:
         raise UsageError(f"--api: {exc.strerror or exc}") from None
+    if args.api_token is None:
+        # Once the port is ours: the token kept beside the store (made and printed at the first start).
+        server.token = api_token(args)
     return server
 
 

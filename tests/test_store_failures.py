@@ -113,15 +113,18 @@ def test_a_full_disk_is_retried_and_credits_every_edge_exactly(tmp_path):
 
 def test_a_store_still_full_at_stop_counts_what_it_lost(tmp_path):
     with small_filesystem(tmp_path / "fs") as fs:
-        sink = StoreSink(TopologyStore(fs / "topology.db", clock=lambda: T0), interval=0.02, retry_interval=0.05)
+        sink = StoreSink(TopologyStore(fs / "topology.db", clock=lambda: T0), interval=0.02, retry_interval=0.05,
+                         batch_size=1000)
         sink.handle(window("a", "b", T0, 1))
         sink.flush()
         fill(fs)
         for n in range(3000):
             sink.handle(window("a", f"new{n:04}", T0 + W, 1))
         wait(lambda: sink.stats.failed_batches >= 1, "a commit to fail")
+        for n in range(50):  # while it fails, no more than one batch waits: these are dropped, counted
+            sink.handle(window("z", f"late{n}", T0 + 2 * W, 1))
         sink.close()
-        assert sink.stats.lost == 3000 and not sink.persisted_all
+        assert sink.stats.lost == 3000 and sink.stats.dropped == 50 and not sink.persisted_all
         assert sink.health()["status"] == "degraded"
         assert "3000 events never written" in sink.summary()
 

@@ -1191,7 +1191,8 @@ class StoreSink(Sink):
         self.batch_size = batch_size
         self.interval = interval
         self.maintenance_interval = maintenance_interval
-        #: A failed batch is written again this often (the queue fills meanwhile, then drops).
+        #: A failed batch is written again this often (meanwhile one more batch may queue; the
+        #: events beyond are dropped, counted).
         self.retry_interval = retry_interval
         self.attempts_at_stop = 3
         self.stats = StoreSinkStats()
@@ -1220,7 +1221,10 @@ class StoreSink(Sink):
         if not isinstance(event, self.STORED):
             return
         queue = self._queue
-        if len(queue) >= self.max_queue or self._stopping:
+        # While the store fails, one batch waits behind the failed one, no more: a full disk may
+        # last hours, and queued events are memory.
+        limit = self.batch_size if self.last_error is not None else self.max_queue
+        if len(queue) >= limit or self._stopping:
             self.stats.dropped += 1
             on_drop = getattr(event, "on_drop", None)
             if on_drop is not None:

@@ -124,9 +124,11 @@ def test_a_store_still_full_at_stop_counts_what_it_lost(tmp_path):
         for n in range(50):  # while it fails, no more than one batch waits: these are dropped, counted
             sink.handle(window("z", f"late{n}", T0 + 2 * W, 1))
         sink.close()
-        assert sink.stats.lost == 3000 and sink.stats.dropped == 50 and not sink.persisted_all
-        assert sink.health()["status"] == "degraded"
-        assert "3000 events never written" in sink.summary()
+        # (the writer may have failed before all 3000 were queued: then fewer waited, more were dropped)
+        stats = sink.stats
+        assert stats.lost + stats.dropped == 3050 and stats.dropped >= 50 and stats.lost >= 1000, stats
+        assert not sink.persisted_all and sink.health()["status"] == "degraded"
+        assert f"{stats.dropped} events dropped (queue full), {stats.lost} events never written" in sink.summary()
 
 
 def test_a_second_writer_is_refused(tmp_path):

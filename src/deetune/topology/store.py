@@ -1354,7 +1354,7 @@ class StoreSink(Sink):
             return None
         parts = [f"{stats.failed_batches} failed commits"]
         if stats.dropped:
-            parts.append(f"{stats.dropped} events dropped (queue full)")
+            parts.append(f"{stats.dropped} events dropped (queue full or store failing)")
         if stats.lost:
             parts.append(f"{stats.lost} events never written")
         if unwritten:

@@ -46,10 +46,15 @@ from common import fmt, median, pair_ratios, table  # noqa: E402
 MODES = ["none", "decode", "record"]
 
 
+#: The agents' API token (--api-token): recording tasks need one.
+TOKEN = f"bench-{os.getpid()}"
+
+
 def api(port: int, method: str, path: str, body=None) -> dict:
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data else {})
+    headers = {"Content-Type": "application/json"} if data else {}
+    headers["Authorization"] = f"Bearer {TOKEN}"
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method, headers=headers)
     with urllib.request.urlopen(request, timeout=30) as reply:
         return json.loads(reply.read())
 
@@ -89,7 +94,8 @@ def run(mode: str, nginx: Nginx, tmp: str, label: str, seconds: int) -> dict:
                 **other.stop(wall)}
     api_port = common.free_port()
     jsonl = os.path.join(tmp, f"{label}-{mode}.jsonl")
-    agent = common.Agent(["tcp", "payload"], jsonl, ["--port", str(nginx.port), "--api", f"127.0.0.1:{api_port}"])
+    agent = common.Agent(["tcp", "payload"], jsonl, ["--port", str(nginx.port), "--api", f"127.0.0.1:{api_port}",
+                                                       "--api-token", TOKEN])
     agent.start()
     task = None
     try:
@@ -145,7 +151,8 @@ def fixed_rate(mode: str, nginx: Nginx, tmp: str, rate: float, seconds: float) -
     gen = common.loadgen()
     api_port = common.free_port()
     jsonl = os.path.join(tmp, f"rate-{rate:g}-{mode}.jsonl")
-    agent = common.Agent(["tcp", "payload"], jsonl, ["--port", str(nginx.port), "--api", f"127.0.0.1:{api_port}"])
+    agent = common.Agent(["tcp", "payload"], jsonl, ["--port", str(nginx.port), "--api", f"127.0.0.1:{api_port}",
+                                                       "--api-token", TOKEN])
     agent.start()
     status, rows = None, None
     try:

@@ -105,8 +105,9 @@ class Agent:
     def api(self, method: str, path: str, body: Any = None, status: int = 200) -> Any:
         """JSON, or the bytes of a JSON Lines export."""
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"} if data else {})
+        headers = {"Content-Type": "application/json"} if data else {}
+        headers["Authorization"] = f"Bearer {self.token}"
+        request = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=10) as reply:
                 got, payload = reply.status, reply.read()
@@ -134,8 +135,18 @@ class Agent:
         wait_until(enough, f"{count} exchanges recorded by {task_id} ({self.task(task_id)})", timeout)
         return found
 
+    @property
+    def token_file(self) -> pathlib.Path:
+        """The token the agent made at its first start, beside its store."""
+        return self.store.parent / (self.store.name + ".api-token")
+
+    @property
+    def token(self) -> str:
+        return self.token_file.read_text().strip()
+
     def cli(self, *args: str) -> str:
-        result = subprocess.run([sys.executable, "-m", "deetune.record", "--api", self.url, *args],
+        result = subprocess.run([sys.executable, "-m", "deetune.record", "--api", self.url,
+                                 "--token-file", str(self.token_file), *args],
                                 capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
         return result.stdout

@@ -651,10 +651,13 @@ def api(tmp_path):
 
 
 def call(server: ApiServer, method: str, path: str, body: Any = None, headers: dict | None = None,
-         raw: bytes | None = None) -> tuple[int, dict, bytes]:
+         raw: bytes | None = None, auth: bool = True) -> tuple[int, dict, bytes]:
+    """A request with the server's token (``auth=False``: without)."""
     conn = http.client.HTTPConnection(*server.address, timeout=10)
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     hdrs = {"Content-Type": "application/json"} if data is not None else {}
+    if auth:
+        hdrs["Authorization"] = f"Bearer {server.token}"
     hdrs.update(headers or {})
     conn.request(method, path, body=data, headers=hdrs)
     reply = conn.getresponse()
@@ -740,7 +743,8 @@ def test_api_token_and_no_manager(tmp_path):
         manager = RecordingManager(store, set_port_capture=FakeKernel(), ports_of=lambda s: set())
         manager.start()
         with ApiServer(store, token="tok", recordings=manager) as server:
-            assert call(server, "POST", "/api/recordings", {"server": "x"})[0] == 401
+            assert call(server, "POST", "/api/recordings", {"server": "x"}, auth=False)[0] == 401
+            assert call(server, "POST", "/api/recordings", {"server": "x"}, {"Authorization": "Bearer to"})[0] == 401
             assert call(server, "POST", "/api/recordings", {"server": "x"}, {"Authorization": "Bearer tok"})[0] == 201
     finally:
         store.close()
@@ -797,12 +801,12 @@ if schemathesis is not None:
     @_schema.parametrize()
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
     def test_fuzz_recordings_api(case, fuzz_api):
-        case.call_and_validate(base_url=fuzz_api.url,
+        case.call_and_validate(base_url=fuzz_api.url, headers={"Authorization": f"Bearer {fuzz_api.token}"},
                                excluded_checks=[schemathesis.checks.positive_data_acceptance])
 
 
 def cli(*args: str, api: ApiServer | None = None, env: dict | None = None) -> subprocess.CompletedProcess:
-    base = ["--api", api.url] if api is not None else []
+    base = ["--api", api.url, "--token", api.token] if api is not None else []
     return subprocess.run([sys.executable, "-m", "deetune.record", *base, *args], capture_output=True, text=True,
                           timeout=60, env={**os.environ, **(env or {})})
 
@@ -819,7 +823,7 @@ def test_cli(api, tmp_path):
     api.setup.sink.flush()
     listing = cli("list", api=api)
     assert listing.returncode == 0 and task_id in listing.stdout and "running" in listing.stdout
-    status = cli("status", task_id, "--api", api.url)  # --api after the command works too
+    status = cli("status", task_id, "--api", api.url, "--token", api.token)  # --api after the command works too
     assert status.returncode == 0 and "recorded:   2" in status.stdout
     out = tmp_path / "x.jsonl"
     export = cli("export", task_id, "--output", str(out), api=api)

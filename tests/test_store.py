@@ -489,7 +489,7 @@ def test_flush_waits_for_the_commit(path, clock) -> None:
 
 def test_a_reader_while_the_writer_commits(path, clock) -> None:
     sink = StoreSink(TopologyStore(path, clock=clock), batch_size=50, interval=0.01)
-    reader = TopologyStore(path, clock=clock)
+    reader = TopologyStore(path, clock=clock, lock=False)  # a second handle that only reads
     seen: list[list[int]] = [[], []]
     errors: list[BaseException] = []
     stop = threading.Event()

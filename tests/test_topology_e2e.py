@@ -161,8 +161,9 @@ class Agent:
     PROBES = ("process", "tcp", "payload")
 
     def __init__(self, store: pathlib.Path, events: pathlib.Path, api_port: int, timeout: float = 60):
+        self.token = f"e2e-{os.getpid()}-{api_port}"
         self.args = [sys.executable, "-m", "deetune.agent", "--store", str(store), "--api", f"{HOST}:{api_port}",
-                     "--window", str(WINDOW), "--sink", f"jsonl:{events}", "-v"]
+                     "--api-token", self.token, "--window", str(WINDOW), "--sink", f"jsonl:{events}", "-v"]
         self.url = f"http://{HOST}:{api_port}"
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      stdin=subprocess.DEVNULL)
@@ -197,7 +198,8 @@ class Agent:
         query = urllib.parse.urlencode({k: v for k, v in params.items() if v is not None})
         url = self.url + path + ("?" + query if query else "")
         try:
-            with urllib.request.urlopen(url, timeout=10) as response:
+            request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
+            with urllib.request.urlopen(request, timeout=10) as response:
                 return json.load(response)
         except urllib.error.HTTPError as err:
             raise AssertionError(f"GET {url}: {err.code} {err.read()[:300]!r}") from None

@@ -16,6 +16,8 @@ from typing import Any, ClassVar
 
 import attrs
 
+from deetune.redaction import redact_exchange_text
+
 
 @functools.cache
 def _dict_builder(cls: type) -> Any:
@@ -263,8 +265,10 @@ class ExchangeEvent(Event):
     def from_exchange(cls, x: Any, *, clock_offset: int, pid: int, comm: str, role: str, laddr: str, lport: int,
                       raddr: str, rport: int, **extra: Any) -> "ExchangeEvent":
         """The event for a decoder's :class:`~deetune.decoders.base.Exchange`, seen by one side
-        (``clock_offset``: wall clock minus the exchange's clock)."""
+        (``clock_offset``: wall clock minus the exchange's clock).  Its text is redacted here, once
+        for every sink (passwords in statements, credentials in URLs: deetune.redaction)."""
         duration = None if x.response_end_ns is None else x.response_end_ns - x.request_start_ns
+        target, error_message = redact_exchange_text(x.protocol, x.target, x.error_message)
         return cls(
             ts=x.request_start_ns + clock_offset,
             ts_mono_ns=x.request_start_ns,
@@ -277,10 +281,10 @@ class ExchangeEvent(Event):
             raddr=raddr,
             rport=rport,
             method=x.method,
-            target=x.target,
+            target=target,
             status=x.status,
             error=x.error,
-            error_message=x.error_message,
+            error_message=error_message,
             latency_ns=x.latency_ns,
             duration_ns=duration,
             request_bytes=x.request_bytes,

@@ -22,7 +22,7 @@ from typing import Sequence
 
 from deetune import doctor
 from deetune.api import DEFAULT_API_HOST, DEFAULT_API_PORT
-from deetune.cli_types import parse_duration
+from deetune.cli_types import parse_duration, positive_seconds, seconds_between
 from deetune.libbpf import LibbpfError
 from deetune.pipeline import Pipeline
 from deetune.plugins import PluginImportError, Plugins, UnknownPluginError
@@ -32,7 +32,7 @@ from deetune.probes.payload import DEFAULT_CAPTURE_BYTES, MAX_CAPTURE_BYTES, Pay
 from deetune.services import EndpointMapping, MappingError, ServiceResolver
 from deetune.sinks.base import SinkError, parse_sink_spec
 from deetune.topology.aggregator import TopologyAggregator
-from deetune.topology.store import StoreError, StoreSink, TopologyStore
+from deetune.topology.store import StoreError, StoreInUse, StoreSink, TopologyStore
 
 log = logging.getLogger("deetune.agent")
 
@@ -48,13 +48,18 @@ class UsageError(Exception):
     """Bad arguments or an environment the agent cannot run in (exit code 2)."""
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+#: Ring buffer sizes a probe may ask for: the kernel takes larger ones, but each is memory locked
+#: for the run and mapped into the agent (a 2 GiB ring took the agent 30 s to set up and tear down).
+MIN_RINGBUF, MAX_RINGBUF = 4096, 256 << 20
+#: The aggregation window: a tenth of a second to a day.
+MIN_WINDOW, MAX_WINDOW = 0.1, 86400.0
+
+
+def _ringbuf_size(text: str) -> int:
+    value = int(text) if text.isascii() and text.isdigit() else -1
+    if not MIN_RINGBUF <= value <= MAX_RINGBUF or value & (value - 1):
+        raise argparse.ArgumentTypeError(
+            f"must be a power of two from {MIN_RINGBUF} to {MAX_RINGBUF} (256 MiB): {text!r}")
     return value
 
 
@@ -140,6 +145,15 @@ def enter_netns(path: str) -> int:
     return inode
 
 
+def _network(text: str):
+    import ipaddress
+
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an address or CIDR: {text!r}") from None
+
+
 def _pid(text: str) -> int:
     if not text.isdigit() or int(text) <= 0:
         raise argparse.ArgumentTypeError(f"not a process id: {text!r}")
@@ -164,13 +178,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--sink", action="append", metavar="SPEC",
         help="where events go: console, jsonl:PATH, jsonl:-, prometheus[:HOST:PORT], otlp[:URL], store:PATH (repeatable; default: console)"
     )
-    parser.add_argument("--duration", type=_positive_float, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
+    parser.add_argument("--duration", type=positive_seconds, metavar="SECONDS", help="stop after this long (default: until SIGINT/SIGTERM)")
     parser.add_argument("--pid", type=_pid, help="only this process")
     parser.add_argument("--port", type=_port, help="only connections with this local or remote port")
     parser.add_argument("--netns", type=_netns_path, metavar="NAME|PATH",
                         help="act as the host of one network namespace (an `ip netns` name or /proc/PID/ns/net): "
                              "the agent enters it and sees only its sockets and processes")
-    parser.add_argument("--ringbuf-size", type=int, metavar="BYTES", help="ring buffer size per probe (power of two)")
+    parser.add_argument("--ringbuf-size", type=_ringbuf_size, metavar="BYTES",
+                        help=f"ring buffer size per probe (a power of two, {MIN_RINGBUF} to {MAX_RINGBUF})")
     parser.add_argument(
         "--capture-bytes", type=_capture_bytes, default=DEFAULT_CAPTURE_BYTES, metavar="N",
         help=f"payload prefix copied per syscall (default {DEFAULT_CAPTURE_BYTES}, at most {MAX_CAPTURE_BYTES})",
@@ -194,8 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-store", action="store_true", help="keep no topology history (and serve no API)")
     parser.add_argument("--retention", type=parse_duration, default=7 * 86400, metavar="DURATION",
                         help="drop history older than this: 90m, 12h, 7d (default 7d)")
-    parser.add_argument("--window", type=_positive_float, default=10.0, metavar="SECONDS",
-                        help="topology aggregation window (default 10)")
+    parser.add_argument("--window", type=seconds_between(MIN_WINDOW, MAX_WINDOW), default=10.0, metavar="SECONDS",
+                        help=f"topology aggregation window ({MIN_WINDOW:g} to {MAX_WINDOW:g}; default 10)")
     parser.add_argument("--exchanges-per-edge", type=_exchanges_per_edge, default=100, metavar="N",
                         help="exchanges the store keeps per edge and window besides every error (default "
                              "%(default)s; 0: errors only; all: every exchange); the rest are counted")
@@ -205,7 +220,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"serve the HTTP API (topology, recording tasks) and web UI here; --api alone: "
                              f"{DEFAULT_API_HOST}:{DEFAULT_API_PORT} (default: no API)")
     parser.add_argument("--api-token", metavar="TOKEN", default=os.environ.get("DEETUNE_API_TOKEN"),
-                        help="bearer token for the API (required off loopback; default $DEETUNE_API_TOKEN)")
+                        help="bearer token for the API (default $DEETUNE_API_TOKEN, else one made at the first "
+                             "start and kept beside the store in STORE.api-token, mode 0600)")
+    parser.add_argument("--api-hostname", action="append", metavar="NAME",
+                        help="another name the API answers to in the Host header (a proxy's or DNS name; "
+                             "repeatable): other names are refused, against DNS rebinding")
+    parser.add_argument("--webhook-allow", action="append", type=_network, metavar="CIDR",
+                        help="let recording webhooks reach these addresses (repeatable; link-local and cloud "
+                             "metadata addresses are refused otherwise)")
     parser.add_argument("--nice", type=_nice, default=DEFAULT_NICE, metavar="N",
                         help="lower the agent's CPU priority by N (0-19; default %(default)s): on a saturated "
                              "host the applications keep their CPU and the agent drops records (counted); "
@@ -232,8 +254,6 @@ def check_names(args: argparse.Namespace, plugins: Plugins) -> None:
 def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | None = None) -> Pipeline:
     options = ProbeOptions(pid=args.pid, port=args.port, ringbuf_bytes=args.ringbuf_size, exclude_self=True,
                            netns=netns)
-    if args.ringbuf_size is not None and (args.ringbuf_size < 4096 or args.ringbuf_size & (args.ringbuf_size - 1)):
-        raise UsageError(f"--ringbuf-size must be a power of two of at least 4096, got {args.ringbuf_size}")
     clock = Clock()
     names = args.probe or plugins.probes.names()
     probes = []
@@ -289,20 +309,73 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
             # Started (as a service) once the probes are attached: resumes the tasks left running.
             manager = RecordingManager(store, set_port_capture=payload.set_port_capture,
                                        ports_of=resolver.listening_ports, refresh_ports=resolver.refresh_listeners,
-                                       recording_ports=recording_ports)
+                                       recording_ports=recording_ports, webhook_allow=args.webhook_allow or ())
             handlers.append(Recorder(manager, counted=aggregator.is_counted))
             services.append(manager)
+        store_sink = StoreSink(store)
         if args.api:
-            from deetune.api.server import ApiServer
-
-            host, port = args.api
             try:
-                services.append(ApiServer(store, host, port, token=args.api_token, recordings=manager))
-            except ValueError as exc:
-                store.close()
-                raise UsageError(f"--api: {exc}") from None
-        sinks.append(StoreSink(store))
+                services.append(build_api(args, store, store_sink, manager))
+            except UsageError:
+                store_sink.close()
+                raise
+        sinks.append(store_sink)
     return Pipeline(probes, sinks, handlers, services=services)
+
+
+def token_file(store_path: str) -> str:
+    """Where the agent keeps the API token it made: beside the store, mode 0600."""
+    return os.path.abspath(store_path) + ".api-token"
+
+
+def api_token(args: argparse.Namespace) -> str:
+    """The API's bearer token: --api-token (or $DEETUNE_API_TOKEN), else the one kept beside the
+    store, made at the first start (and printed then, once, on stderr)."""
+    if args.api_token is not None:
+        return args.api_token
+    path = token_file(args.store)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        try:
+            info = os.stat(path)
+            with open(path, encoding="ascii") as file:
+                token = file.read().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--api: cannot read the API token in {path}: {getattr(exc, 'strerror', None) or exc}") from None
+        if info.st_mode & 0o077:
+            raise UsageError(f"--api: {path} is readable by others (mode {info.st_mode & 0o777:o}): chmod 600 it")
+        if not token:
+            raise UsageError(f"--api: {path} is empty: delete it to have a new token made")
+        return token
+    except OSError as exc:
+        raise UsageError(f"--api: cannot create the API token file {path}: {exc.strerror}") from None
+    from deetune.api.server import new_token
+
+    token = new_token()
+    with os.fdopen(fd, "w", encoding="ascii") as file:
+        file.write(token + "\n")
+    print(f"deetune: API token (kept in {path}, mode 0600): {token}", file=sys.stderr)
+    return token
+
+
+def build_api(args: argparse.Namespace, store: TopologyStore, store_sink: StoreSink, manager) -> object:
+    """The API server, its socket bound already (a port in use is a usage error, before any probe loads)."""
+    from deetune.api.server import ApiServer
+
+    host, port = args.api
+    try:
+        server = ApiServer(store, host, port, token=args.api_token, recordings=manager,
+                           allowed_hosts=args.api_hostname or (), health=store_sink.health)
+        server.bind()
+    except ValueError as exc:
+        raise UsageError(f"--api: {exc}") from None
+    except OSError as exc:
+        raise UsageError(f"--api: {exc.strerror or exc}") from None
+    if args.api_token is None:
+        # Once the port is ours: the token kept beside the store (made and printed at the first start).
+        server.token = api_token(args)
+    return server
 
 
 def open_store(path: str, retention: float, *, exchanges_per_edge: int | None = 100,
@@ -312,6 +385,8 @@ def open_store(path: str, retention: float, *, exchanges_per_edge: int | None = 
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         return TopologyStore(path, retention_seconds=retention, max_exchanges_per_edge_window=exchanges_per_edge,
                              exchange_window_seconds=window)
+    except StoreInUse as exc:
+        raise UsageError(f"--store: {exc}") from None
     except (OSError, StoreError) as exc:
         raise UsageError(f"--store {path}: {getattr(exc, 'strerror', None) or exc}") from None
 
@@ -349,8 +424,16 @@ def cmd_run(argv: Sequence[str]) -> int:
     pipeline = build_pipeline(args, plugins, netns=netns)
     _tune_gc()
     stats = pipeline.run(args.duration)
-    print(f"deetune: {stats.summary()}", file=sys.stderr)
-    return EXIT_OK
+    summary = stats.summary()
+    unpersisted = False
+    for sink in pipeline.sinks:
+        if isinstance(sink, StoreSink):
+            store_line = sink.summary()
+            if store_line:
+                summary += f"; {store_line}"
+            unpersisted = unpersisted or not sink.persisted_all
+    print(f"deetune: {summary}", file=sys.stderr)
+    return EXIT_FAILURE if unpersisted else EXIT_OK
 
 
 def cmd_doctor(argv: Sequence[str]) -> int:

@@ -38,8 +38,10 @@ _RECORDING_ERRORS = {
     "405": {"$ref": "#/components/responses/NotAllowed"},
 }
 _RANGE = [_param("since"), _param("until"), _param("window")]
-#: /api/* needs the bearer token when the agent was given one; without one, nothing.
+#: Topology reads: the bearer token, except on a loopback-bound API (docs/api.md).
 _SECURITY: list[dict[str, list[str]]] = [{"bearerAuth": []}, {}]
+#: Payload content and recording tasks: the bearer token always.
+_TOKEN: list[dict[str, list[str]]] = [{"bearerAuth": []}]
 
 _INT_OR_NULL = {"type": ["integer", "null"]}
 _NS_INT = {"type": "integer", "minimum": 0, "description": _NS}
@@ -222,7 +224,21 @@ _SCHEMAS: dict[str, Any] = {
     "Health": {
         "type": "object",
         "required": ["status", "version"],
-        "properties": {"status": {"const": "ok"}, "version": {"type": "string"}},
+        "properties": {
+            "status": {"enum": ["ok", "degraded"],
+                       "description": "degraded: the store cannot write now, or did not persist everything"},
+            "version": {"type": "string"},
+            "store": {
+                "type": "object",
+                "description": "the agent's store writer (absent without one)",
+                "properties": {
+                    "writing": {"type": "boolean"}, "failed_commits": {"type": "integer"},
+                    "pending_events": {"type": "integer"}, "dropped_events": {"type": "integer"},
+                    "lost_events": {"type": "integer"}, "unwritten_exchanges": {"type": "integer"},
+                    "last_error": {"type": ["string", "null"]},
+                },
+            },
+        },
     },
     "RecordingTask": {
         "type": "object",
@@ -513,7 +529,7 @@ _PATHS: dict[str, Any] = {
                     "schema": {"type": "string", "pattern": "^[1-9][0-9]{0,3}[smhd]$"},
                 },
             ],
-            "security": _SECURITY,
+            "security": _TOKEN,
             "responses": {"200": _json(_ref("ExchangeList"), "The exchanges, most recent first."), **_ERRORS},
         }
     },
@@ -521,13 +537,13 @@ _PATHS: dict[str, Any] = {
         "get": {
             "operationId": "listRecordings",
             "summary": "Every recording task with its status",
-            "security": _SECURITY,
+            "security": _TOKEN,
             "responses": {"200": _json(_ref("RecordingList"), "The tasks, oldest first."), **_RECORDING_ERRORS},
         },
         "post": {
             "operationId": "createRecording",
             "summary": "Start a recording task (it takes effect at once, without restarting the agent)",
-            "security": _SECURITY,
+            "security": _TOKEN,
             "requestBody": {"required": True, "content": {"application/json": {"schema": _ref("RecordingTask")}}},
             "responses": {
                 "201": {**_json(_ref("Recording"), "The task, pending until the pipeline picks it up (at once)."),
@@ -544,14 +560,14 @@ _PATHS: dict[str, Any] = {
             "operationId": "getRecording",
             "summary": "A recording task's status: state, counters, ports",
             "parameters": [_param("task")],
-            "security": _SECURITY,
+            "security": _TOKEN,
             "responses": {"200": _json(_ref("Recording"), "The task."), **_RECORDING_ERRORS},
         },
         "delete": {
             "operationId": "deleteRecording",
             "summary": "Delete a task and its exchanges (a running task stops first)",
             "parameters": [_param("task")],
-            "security": _SECURITY,
+            "security": _TOKEN,
             "responses": {"200": _json(_ref("Deleted"), "Deleted."),
                           "403": _json(_ref("Error"), "A browser's cross-origin request."),
                           **_RECORDING_ERRORS},
@@ -562,7 +578,7 @@ _PATHS: dict[str, Any] = {
             "operationId": "stopRecording",
             "summary": "Stop a pending or running task (its exchanges stay)",
             "parameters": [_param("task")],
-            "security": _SECURITY,
+            "security": _TOKEN,
             "responses": {"200": _json(_ref("Recording"), "The task, stopped."),
                           "403": _json(_ref("Error"), "A browser's cross-origin request."),
                           "409": _json(_ref("Error"), "The task has ended already."),
@@ -585,7 +601,7 @@ _PATHS: dict[str, Any] = {
                 {"name": "offset", "in": "query", "required": False, "description": "Exchanges skipped first.",
                  "schema": {"type": "integer", "minimum": 0, "maximum": 9223372036854775807, "default": 0}},
             ],
-            "security": _SECURITY,
+            "security": _TOKEN,
             "responses": {
                 "200": {"description": "The exchanges in sequence order.", "content": {
                     "application/json": {"schema": {"oneOf": [_ref("RecordedExchangePage"), _ref("Har")]}},

@@ -1,20 +1,33 @@
-"""The agent's HTTP API and web UI, on the standard library's ``ThreadingHTTPServer``.
+"""The agent's HTTP API and web UI: a WSGI application served by waitress.
 
 ::
 
     server = ApiServer(store, port=8080)      # store: anything implementing TopologyQueries
-    server.start()                            # serves from a background thread
-    print(server.url)                         # http://127.0.0.1:8080
+    server.start()                            # serves from background threads
+    print(server.url, server.token)           # http://127.0.0.1:8080, the bearer token
     server.stop()
 
-Rules:
+Rules (docs/api.md):
 
-- it binds to loopback (``127.0.0.1``, ``::1``, ``localhost``) unless given a bearer token:
-  any other address without one raises :class:`ValueError`;
-- with a token, every ``/api/*`` request needs ``Authorization: Bearer <token>`` (401 otherwise);
-  ``/``, ``/static/*``, ``/openapi.json`` and ``/healthz`` stay public (they hold no data);
-- every error is JSON ``{"error": "one line"}``: 400 bad parameters, 401, 404, 405, and 500
-  when the store fails (logged with its traceback here, never sent to the client);
+- **A token always.**  Without one given, the server makes its own (:attr:`ApiServer.token`).
+  ``/api/exchanges`` and ``/api/recordings…`` (payload content, and what changes state) need
+  ``Authorization: Bearer <token>`` (401 otherwise).  The topology reads (``/api/topology``,
+  ``/api/services…``, ``/api/edges``: names and counters) go without it when the server is bound
+  to loopback (``open_reads``, on by default there), and need it elsewhere.  ``/``,
+  ``/static/*``, ``/openapi.json`` and ``/healthz`` hold no data and stay public.  Binding
+  beyond loopback needs a token given explicitly (:class:`ValueError` otherwise).
+- **The Host header names this server**: its bound address, ``localhost`` on loopback, the
+  host's own names and IP literals when bound to every address, and ``allowed_hosts``; any other
+  name is refused (403) before anything else, so a web page cannot reach the API by DNS
+  rebinding.  A request without a Host header (HTTP/1.0) passes.
+- **Bounded**: ``threads`` workers (default 4) answer requests; waitress reads and writes on
+  one I/O thread, so slow clients hold no worker; at most ``connection_limit`` connections are
+  open (then new ones wait in the listen backlog of ``backlog``); a connection idle for
+  ``channel_timeout`` seconds is closed; request heads are at most 64 KiB, bodies 64 KiB.
+- every error is JSON ``{"error": "one line"}``: 400 bad parameters (numbers of more than 19
+  digits, JSON bodies nested more than 64 deep or with numbers of more than 30 digits), 401,
+  403, 404, 405, 413, 415, and 500 when the store fails (logged with its traceback here; the
+  client gets no internal text);
 - recording tasks (``/api/recordings``, given a
   :class:`~deetune.recording.recorder.RecordingManager`) also take ``POST`` and ``DELETE``;
   those need a JSON body where they take one, and are refused (403) when a browser sends
@@ -25,10 +38,13 @@ Endpoints and parameters: :mod:`deetune.api.openapi` and docs/api.md.
 
 from __future__ import annotations
 
+import base64
 import datetime
 import hmac
+import ipaddress
 import json
 import logging
+import os
 import pathlib
 import re
 import socket
@@ -37,8 +53,7 @@ import time
 import urllib.parse
 from collections.abc import Callable
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Iterator, Self
+from typing import Any, Iterable, Iterator, Self
 
 from deetune import __version__
 from deetune.api import DEFAULT_API_HOST, DEFAULT_API_PORT  # noqa: F401 (the agent's and recording CLI's default)
@@ -57,8 +72,16 @@ MAX_TIME_NS = 2**63 - 1
 MAX_DEPTH = 10
 DEFAULT_LIMIT, MAX_LIMIT = 100, 1000
 DIRECTIONS = ("downstream", "upstream", "both")
-#: Largest request body read (a recording task's description).
+#: Largest request body read (a recording task's description), and request head.
 MAX_BODY = 64 * 1024
+MAX_HEAD = 64 * 1024
+#: A JSON body nested deeper, or with a number of more digits, is refused (400).
+MAX_JSON_DEPTH = 64
+MAX_JSON_DIGITS = 30
+#: Query parameters that are integers: at most this many digits (int64 has 19).
+MAX_PARAM_DIGITS = 19
+#: Paths whose answers hold payload content or change state: a token always.
+PAYLOAD_PATHS = ("/api/exchanges", "/api/recordings")
 #: Exchanges per request of a streamed export (jsonl, har) at most; a page of JSON at most MAX_LIMIT.
 MAX_EXPORT = 10_000_000
 EXPORT_FORMATS = ("json", "jsonl", "har")
@@ -85,10 +108,11 @@ _FRACTION = re.compile(r"(\.[0-9]{6})[0-9]+")
 class HttpError(Exception):
     """An error answered to the client as ``{"error": message}``."""
 
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(self, status: int, message: str, headers: list[tuple[str, str]] | None = None) -> None:
         super().__init__(message)
         self.status = status
         self.message = message
+        self.headers = headers or []
 
 
 def _bad(message: str) -> HttpError:
@@ -111,6 +135,8 @@ def parse_window(text: str, name: str = "window") -> int:
 def parse_time(text: str, name: str) -> int:
     """Integer nanoseconds since the epoch, or an RFC 3339 time with its UTC offset."""
     if text.isascii() and text.isdigit():
+        if len(text.lstrip("0")) > MAX_PARAM_DIGITS:
+            raise _bad(f"{name} is out of range: {_one_line(text, 40)!r}")
         value = int(text)
         if value > MAX_TIME_NS:
             raise _bad(f"{name} is out of range: {text!r}")
@@ -130,9 +156,62 @@ def parse_time(text: str, name: str) -> int:
 
 
 def _parse_int(text: str, name: str, low: int, high: int) -> int:
-    if not (text.isascii() and text.isdigit()) or not low <= int(text) <= high:
-        raise _bad(f"{name} must be an integer from {low} to {high}, got {text!r}")
+    if (not (text.isascii() and text.isdigit()) or len(text.lstrip("0")) > MAX_PARAM_DIGITS
+            or not low <= int(text) <= high):
+        raise _bad(f"{name} must be an integer from {low} to {high}, got {_one_line(text, 40)!r}")
     return int(text)
+
+
+def _json_depth(data: bytes) -> int:
+    """How deep the arrays and objects of a JSON text nest (brackets inside strings not counted)."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for byte in data:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_JSON_DEPTH:
+                    return deepest
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip("-").lstrip("0")) > MAX_JSON_DIGITS:
+        raise _bad(f"the body has a number of more than {MAX_JSON_DIGITS} digits")
+    return int(text)
+
+
+def _bounded_float(text: str) -> float:
+    if len(text) > 2 * MAX_JSON_DIGITS:
+        raise _bad(f"the body has a number of more than {MAX_JSON_DIGITS} digits")
+    return float(text)
+
+
+def _no_constant(name: str) -> Any:
+    raise _bad(f"the body is not JSON: {name} is not a JSON value")
+
+
+def parse_json_body(body: bytes | None) -> Any:
+    """A request's JSON body, or a 400 HttpError (not JSON, nested too deep, numbers too long)."""
+    data = body or b"null"
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        raise _bad(f"the body nests arrays and objects more than {MAX_JSON_DEPTH} deep")
+    try:
+        return json.loads(data, parse_int=_bounded_int, parse_float=_bounded_float, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad(f"the body is not JSON: {exc}") from None
 
 
 def _parse_bool(text: str, name: str) -> bool:
@@ -209,8 +288,46 @@ def _methods_text(methods: tuple[str, ...]) -> str:
     return methods[0] if len(methods) == 1 else ", ".join(methods[:-1]) + " and " + methods[-1]
 
 
+def new_token() -> str:
+    """A random bearer token: 32 bytes, URL-safe base64 (43 characters)."""
+    return base64.urlsafe_b64encode(os.urandom(32)).rstrip(b"=").decode("ascii")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _is_wildcard(host: str) -> bool:
+    return host in ("", "0.0.0.0", "::")
+
+
+def _host_name(header: str) -> tuple[str, int | None] | None:
+    """(name in lower case, port or None) of a Host header; None when malformed."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        end = header.find("]")
+        if end < 0:
+            return None
+        name, rest = header[1:end], header[end + 1:]
+        if rest and not rest.startswith(":"):
+            return None
+        port_text = rest[1:] if rest else None
+    else:
+        name, sep, port_text = header.partition(":")
+        if not sep:
+            port_text = None
+    if port_text is not None and not (port_text.isascii() and port_text.isdigit() and len(port_text) <= 5):
+        return None
+    return name.rstrip("."), int(port_text) if port_text is not None else None
+
+
 class ApiServer:
-    """Serves ``queries`` over HTTP from a background thread (see the module doc)."""
+    """Serves ``queries`` over HTTP from background threads (see the module doc)."""
 
     def __init__(
         self,
@@ -221,10 +338,18 @@ class ApiServer:
         *,
         clock: Callable[[], int] = time.time_ns,
         recordings: Any = None,
+        open_reads: bool | None = None,
+        allowed_hosts: Iterable[str] = (),
+        health: Callable[[], dict[str, Any]] | None = None,
+        threads: int = 4,
+        connection_limit: int = 100,
+        backlog: int = 128,
+        channel_timeout: float = 30.0,
     ) -> None:
         if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
             raise ValueError("the API token must be non-empty printable ASCII without spaces")
-        if token is None and host not in LOOPBACK_HOSTS:
+        loopback = _is_loopback(host)
+        if token is None and not loopback:
             raise ValueError(
                 f"binding the API to {host!r} needs a bearer token (only 127.0.0.1, ::1 and localhost go without)"
             )
@@ -233,44 +358,103 @@ class ApiServer:
         self.queries = queries
         self.host = host
         self.port = port
-        self.token = token
+        #: The bearer token (made here when none was given).
+        self.token = token if token is not None else new_token()
+        #: Topology reads without the token (only ever on loopback).
+        self.open_reads = loopback if open_reads is None else bool(open_reads and loopback)
+        self.allowed_hosts = {h.strip().lower().rstrip(".") for h in allowed_hosts if h.strip()}
         self.clock = clock
         #: The recording tasks' manager (deetune.recording.recorder.RecordingManager), or None.
         self.recordings = recordings
-        self._httpd: _HttpServer | None = None
+        #: More to say in /healthz ({"status": "degraded", …} when the store cannot write).
+        self.health = health
+        self.threads = threads
+        self.connection_limit = connection_limit
+        self.backlog = backlog
+        self.channel_timeout = channel_timeout
+        self._socket: socket.socket | None = None
+        self._server: Any = None
         self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._names: frozenset[str] = frozenset()
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self) -> Self:
-        if self._httpd is not None:
-            raise RuntimeError("the API server is already started")
+    def bind(self) -> Self:
+        """Open the listening socket (an OSError with a one-line message when it cannot)."""
+        if self._socket is not None:
+            return self
         try:
-            family = socket.getaddrinfo(self.host, self.port, type=socket.SOCK_STREAM)[0][0]
+            info = socket.getaddrinfo(self.host or None, self.port, type=socket.SOCK_STREAM,
+                                      flags=socket.AI_PASSIVE)[0]
         except socket.gaierror as exc:
             raise ValueError(f"cannot resolve {self.host!r}: {exc.strerror}") from None
-        server_class = type("_Server", (_HttpServer,), {"address_family": family})
+        family, _, _, _, address = info
+        sock = socket.socket(family, socket.SOCK_STREAM)
         try:
-            self._httpd = server_class((self.host, self.port), _Handler)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and self.host == "::":
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            sock.bind(address)
+            sock.listen(self.backlog)
         except OSError as exc:
+            sock.close()
             raise OSError(exc.errno, f"cannot listen on {self.host} port {self.port}: {exc.strerror}") from None
-        self._httpd.api = self
-        self._thread = threading.Thread(
-            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.2}, name="deetune-api", daemon=True
+        self._socket = sock
+        self._names = self._own_names()
+        return self
+
+    def start(self) -> Self:
+        if self._server is not None:
+            raise RuntimeError("the API server is already started")
+        self.bind()
+        from waitress.server import create_server
+
+        # Requests waiting for one of the workers are the bound at work, not a problem to warn of
+        # (waitress warns of every one).
+        logging.getLogger("waitress.queue").setLevel(logging.ERROR)
+
+        self._stopping = False
+        self._server = create_server(
+            _App(self), sockets=[self._socket], threads=self.threads, connection_limit=self.connection_limit,
+            backlog=self.backlog, channel_timeout=self.channel_timeout, cleanup_interval=min(10, self.channel_timeout),
+            max_request_header_size=MAX_HEAD, max_request_body_size=MAX_BODY, asyncore_use_poll=True,
+            ident=f"deetune/{__version__}", expose_tracebacks=False, clear_untrusted_proxy_headers=True,
         )
+        self._server.channel_class = _channel()
+        self._thread = threading.Thread(target=self._loop, name="deetune-api", daemon=True)
         self._thread.start()
         log.info("API and UI on %s", self.url)
         return self
 
+    def _loop(self) -> None:
+        from waitress import wasyncore
+
+        server = self._server
+        while not self._stopping:
+            try:
+                wasyncore.loop(timeout=0.2, map=server._map, use_poll=True, count=1)
+            except Exception:  # one connection's failure must not end the loop
+                log.exception("API I/O loop")
+
     def stop(self) -> None:
-        httpd, thread = self._httpd, self._thread
-        self._httpd = self._thread = None
-        if httpd is None:
+        server, thread, sock = self._server, self._thread, self._socket
+        self._server = self._thread = self._socket = None
+        if server is None:
+            if sock is not None:
+                sock.close()
             return
-        httpd.shutdown()
-        httpd.server_close()
+        self._stopping = True
+        server.pull_trigger()
         if thread is not None:
             thread.join(timeout=5)
+        # The loop has stopped: its connections and the listening socket are ours to close.
+        for channel in list(server._map.values()):
+            try:
+                channel.close()
+            except OSError:
+                pass
+        server.task_dispatcher.shutdown(timeout=5)
 
     def __enter__(self) -> Self:
         return self.start()
@@ -281,9 +465,9 @@ class ApiServer:
     @property
     def address(self) -> tuple[str, int]:
         """The bound (host, port): the port is the real one when 0 was asked."""
-        if self._httpd is None:
+        if self._socket is None or self._server is None:
             raise RuntimeError("the API server is not started")
-        host, port = self._httpd.server_address[:2]
+        host, port = self._socket.getsockname()[:2]
         return str(host), int(port)
 
     @property
@@ -293,15 +477,60 @@ class ApiServer:
 
     # -- requests ----------------------------------------------------------------------
 
-    def authorized(self, header: str | None) -> bool:
-        if self.token is None:
+    def _own_names(self) -> frozenset[str]:
+        """Host names (lower case) that mean this server."""
+        host = self.host.lower()
+        names = {host, *self.allowed_hosts}
+        if _is_loopback(host):
+            names |= {"localhost", "127.0.0.1", "::1"}
+        if _is_wildcard(host):
+            names |= {"localhost", socket.gethostname().lower(), socket.getfqdn().lower()}
+        return frozenset(n.rstrip(".") for n in names if n)
+
+    def host_allowed(self, header: str | None) -> bool:
+        """Whether a Host header names this server (see the module doc)."""
+        if header is None:
             return True
+        parsed = _host_name(header)
+        if parsed is None:
+            return False
+        name, port = parsed
+        if name in self.allowed_hosts:
+            return True  # a proxy's name: any port
+        if port is not None and self._socket is not None and port != self._socket.getsockname()[1]:
+            return False
+        if name in self._names:
+            return True
+        if _is_wildcard(self.host):
+            try:
+                ipaddress.ip_address(name)
+                return True
+            except ValueError:
+                return False
+        return False
+
+    def authorized(self, header: str | None) -> bool:
         if not header:
             return False
         scheme, _, value = header.strip().partition(" ")
         if scheme.lower() != "bearer":
             return False
         return hmac.compare_digest(value.strip().encode("utf-8", "replace"), self.token.encode("ascii"))
+
+    def needs_token(self, path: str) -> bool:
+        """Whether a path under /api needs the token (see the module doc)."""
+        if not self.open_reads:
+            return True
+        return any(path == p or path.startswith(p + "/") for p in PAYLOAD_PATHS) or path.rstrip("/") == "/api"
+
+    def health_status(self) -> dict[str, Any]:
+        status: dict[str, Any] = {"status": "ok", "version": __version__}
+        if self.health is not None:
+            extra = self.health()
+            status.update(extra)
+            if extra.get("status") not in (None, "ok"):
+                status["status"] = extra["status"]
+        return status
 
     def handle_api(self, path: str, query: str) -> Any:
         """The JSON for an /api/* path, or raises HttpError."""
@@ -385,10 +614,7 @@ class ApiServer:
             if not parts:
                 if method == "POST":
                     _Params(query, ())
-                    try:
-                        data = json.loads(body or b"null")
-                    except (ValueError, UnicodeDecodeError) as exc:
-                        raise _bad(f"the body is not JSON: {exc}") from None
+                    data = parse_json_body(body)
                     status = manager.create(data)
                     return Created(status, f"/api/recordings/{status['id']}")
                 _Params(query, ())
@@ -448,187 +674,121 @@ class ApiServer:
         raise HttpError(HTTPStatus.NOT_FOUND, f"no service {name!r} seen in the time range")
 
 
-class _HttpServer(ThreadingHTTPServer):
-    daemon_threads = True
-    api: ApiServer
+# -- the WSGI application -------------------------------------------------------------------------
+
+_JSON_HEADERS = [("Content-Type", "application/json"), ("Cache-Control", "no-store"),
+                 ("X-Content-Type-Options", "nosniff")]
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _HttpServer
-    server_version = f"deetune/{__version__}"
-    sys_version = ""
-    #: Seconds a connection may sit idle or half-sent before it is dropped.
-    timeout = 30
+def _status_line(status: int) -> str:
+    try:
+        return f"{status} {HTTPStatus(status).phrase}"
+    except ValueError:
+        return f"{status} Error"
 
-    # -- plumbing ----------------------------------------------------------------------
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("%s %s", self.address_string(), format % args)
+def _json_body(data: Any) -> bytes:
+    return json.dumps(data, allow_nan=False).encode("utf-8")
 
-    def _send(self, status: int, body: bytes, content_type: str, headers: dict[str, str] | None = None) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        for name, value in (headers or {}).items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
 
-    def _send_json(self, status: int, data: Any, headers: dict[str, str] | None = None) -> None:
-        body = json.dumps(data, allow_nan=False).encode("utf-8")
-        self._send(status, body, "application/json", {"Cache-Control": "no-store", **(headers or {})})
+def _error_body(message: str) -> bytes:
+    return _json_body({"error": _one_line(message)})
 
-    def _send_error_json(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        self._send_json(status, {"error": _one_line(message)}, headers)
 
-    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
-        """The stdlib's own errors (malformed request line, header too long, …) as JSON."""
-        self.close_connection = True
-        try:
-            phrase = HTTPStatus(code).phrase
-        except ValueError:
-            phrase = "error"
-        if not hasattr(self, "command") or self.command is None:
-            self.command = ""
-        self._send_error_json(code, message or phrase, {"Connection": "close"})
+class _App:
+    """The WSGI application: one call per request, on one of waitress's worker threads."""
 
-    # -- methods -----------------------------------------------------------------------
+    def __init__(self, api: ApiServer) -> None:
+        self.api = api
 
-    def do_GET(self) -> None:
-        self._dispatch()
-
-    def do_HEAD(self) -> None:
-        self._dispatch()
-
-    def do_POST(self) -> None:
-        self._dispatch_write()
-
-    def do_DELETE(self) -> None:
-        self._dispatch_write()
-
-    def _dispatch_write(self) -> None:
-        """POST and DELETE: only recording paths take them."""
-        path = urllib.parse.urlsplit(self.path).path or "/"
-        if ApiServer.recording_methods(path) is None:
-            try:
-                self._drain_body()
-            except HttpError:
-                pass  # too large or malformed: the connection closes after the 405
-            self._not_allowed()
-            return
-        self._dispatch()
-
-    def _drain_body(self) -> bytes | None:
-        """The request body (at most MAX_BODY; a longer one is an HttpError)."""
-        length = self.headers.get("Content-Length")
-        if length is None:
-            return None
-        if not length.isdigit():
-            self.close_connection = True
-            raise HttpError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number")
-        size = int(length)
-        if size > MAX_BODY:
-            self.close_connection = True
-            raise HttpError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the body is larger than {MAX_BODY} bytes")
-        return self.rfile.read(size) if size else b""
-
-    def _not_allowed(self) -> None:
-        methods = ApiServer.recording_methods(urllib.parse.urlsplit(self.path).path or "/") or ("GET", "HEAD")
-        self._send_error_json(HTTPStatus.METHOD_NOT_ALLOWED,
-                              f"method {self.command} not allowed ({_methods_text(methods)} only)",
-                              {"Allow": ", ".join(methods)})
-
-    def __getattr__(self, name: str) -> Any:
-        # Every other method, standard or not (POST, TRACE, QUERY …): 405 rather than the stdlib's 501.
-        if name.startswith("do_"):
-            return self._not_allowed
-        raise AttributeError(name)
-
-    def _dispatch(self) -> None:
-        api = self.server.api
-        split = urllib.parse.urlsplit(self.path)
+    def __call__(self, environ: dict[str, Any], start_response: Callable) -> Iterable[bytes]:
+        method = environ["REQUEST_METHOD"]
+        # The raw target: PATH_INFO comes percent-decoded, and a name may hold an encoded "/".
+        split = urllib.parse.urlsplit(environ.get("REQUEST_URI") or environ.get("PATH_INFO") or "/")
         path = split.path or "/"
         try:
-            recording = ApiServer.recording_methods(path)
-            body = self._drain_body() if self.command in ("POST", "DELETE") else None
-            if path == "/api" or path.startswith("/api/"):
-                if not api.authorized(self.headers.get("Authorization")):
-                    self._send_error_json(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token",
-                                          {"WWW-Authenticate": 'Bearer realm="deetune"'})
-                    return
-                if recording is not None:
-                    self._recording(api, recording, path, split.query, body)
-                    return
-                self._send_json(HTTPStatus.OK, api.handle_api(path, split.query))
-            elif path == "/healthz":
-                self._send_json(HTTPStatus.OK, {"status": "ok", "version": __version__})
-            elif path == "/openapi.json":
-                from deetune.api.openapi import openapi_document
-
-                self._send_json(HTTPStatus.OK, openapi_document())
-            elif path in ("/", "/index.html"):
-                self._static("index.html")
-            elif path.startswith("/static/"):
-                self._static(urllib.parse.unquote(path[len("/static/"):]))
-            else:
-                raise HttpError(HTTPStatus.NOT_FOUND, f"not found: {path}")
+            return self._dispatch(environ, start_response, method, path, split.query)
         except HttpError as exc:
-            self._send_error_json(exc.status, exc.message)
-        except (BrokenPipeError, ConnectionResetError):
-            self.close_connection = True
-        except Exception as exc:
-            log.exception("%s %s failed", self.command, path)
-            self._send_error_json(HTTPStatus.INTERNAL_SERVER_ERROR,
-                                  f"internal error: {type(exc).__name__}: {exc}")
+            return self._error(start_response, exc.status, exc.message, exc_headers(exc))
+        except Exception:
+            log.exception("%s %s failed", method, path)
+            return self._error(start_response, HTTPStatus.INTERNAL_SERVER_ERROR,
+                               "internal error: the request failed (the agent's log says why)")
 
-    def _recording(self, api: ApiServer, methods: tuple[str, ...], path: str, query: str, body: bytes | None) -> None:
-        if self.command not in methods:
-            self._send_error_json(HTTPStatus.METHOD_NOT_ALLOWED,
-                                  f"method {self.command} not allowed ({_methods_text(methods)} only)",
-                                  {"Allow": ", ".join(methods)})
-            return
-        if self.command in ("POST", "DELETE"):
-            origin = self.headers.get("Origin")
-            if origin is not None and urllib.parse.urlsplit(origin).netloc != self.headers.get("Host"):
-                raise HttpError(HTTPStatus.FORBIDDEN, f"cross-origin {self.command} refused (Origin {origin})")
-            if body and self.command == "POST" and path.rstrip("/") == "/api/recordings":  # a task: JSON only
-                content_type = (self.headers.get("Content-Type") or "").split(";")[0].strip().lower()
+    @staticmethod
+    def _error(start_response: Callable, status: int, message: str,
+               headers: list[tuple[str, str]] | None = None) -> list[bytes]:
+        body = _error_body(message)
+        start_response(_status_line(status), [*_JSON_HEADERS, ("Content-Length", str(len(body))), *(headers or [])])
+        return [body]
+
+    @staticmethod
+    def _json(start_response: Callable, status: int, data: Any, headers: list[tuple[str, str]] | None = None
+              ) -> list[bytes]:
+        body = _json_body(data)
+        start_response(_status_line(status), [*_JSON_HEADERS, ("Content-Length", str(len(body))), *(headers or [])])
+        return [body]
+
+    def _dispatch(self, environ: dict[str, Any], start_response: Callable, method: str, path: str,
+                  query: str) -> Iterable[bytes]:
+        api = self.api
+        if not api.host_allowed(environ.get("HTTP_HOST")):
+            raise HttpError(HTTPStatus.FORBIDDEN,
+                            f"Host {environ.get('HTTP_HOST')!r} does not name this server (see --api-hostname)")
+        recording = ApiServer.recording_methods(path)
+        if method not in ("GET", "HEAD") and (recording is None or method not in recording):
+            methods = recording or ("GET", "HEAD")
+            raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED,
+                            f"method {method} not allowed ({_methods_text(methods)} only)",
+                            [("Allow", ", ".join(methods))])
+        if path == "/api" or path.startswith("/api/"):
+            if api.needs_token(path) and not api.authorized(environ.get("HTTP_AUTHORIZATION")):
+                raise HttpError(HTTPStatus.UNAUTHORIZED, "missing or wrong bearer token",
+                                [("WWW-Authenticate", 'Bearer realm="deetune"')])
+            if recording is not None:
+                return self._recording(environ, start_response, method, recording, path, query)
+            return self._json(start_response, HTTPStatus.OK, api.handle_api(path, query))
+        if path == "/healthz":
+            return self._json(start_response, HTTPStatus.OK, api.health_status())
+        if path == "/openapi.json":
+            from deetune.api.openapi import openapi_document
+
+            return self._json(start_response, HTTPStatus.OK, openapi_document())
+        if path in ("/", "/index.html"):
+            return self._static(start_response, "index.html")
+        if path.startswith("/static/"):
+            return self._static(start_response, urllib.parse.unquote(path[len("/static/"):]))
+        raise HttpError(HTTPStatus.NOT_FOUND, f"not found: {path}")
+
+    def _recording(self, environ: dict[str, Any], start_response: Callable, method: str,
+                   methods: tuple[str, ...], path: str, query: str) -> Iterable[bytes]:
+        if method not in methods:
+            raise HttpError(HTTPStatus.METHOD_NOT_ALLOWED, f"method {method} not allowed ({_methods_text(methods)} only)",
+                            [("Allow", ", ".join(methods))])
+        body = None
+        if method in ("POST", "DELETE"):
+            origin = environ.get("HTTP_ORIGIN")
+            if origin is not None and urllib.parse.urlsplit(origin).netloc != environ.get("HTTP_HOST"):
+                raise HttpError(HTTPStatus.FORBIDDEN, f"cross-origin {method} refused (Origin {_one_line(origin, 100)})")
+            body = environ["wsgi.input"].read(MAX_BODY + 1)
+            if body and method == "POST" and path.rstrip("/") == "/api/recordings":  # a task: JSON only
+                content_type = (environ.get("CONTENT_TYPE") or "").split(";")[0].strip().lower()
                 if content_type != "application/json":
                     raise HttpError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, "the body must be application/json")
-        answer = api.handle_recordings(self.command, path, query, body)
+        answer = self.api.handle_recordings(method, path, query, body)
         if isinstance(answer, Created):
-            self._send_json(HTTPStatus.CREATED, answer.data, {"Location": answer.location})
-        elif isinstance(answer, Stream):
-            self._send_stream(answer)
-        else:
-            self._send_json(HTTPStatus.OK, answer)
+            return self._json(start_response, HTTPStatus.CREATED, answer.data, [("Location", answer.location)])
+        if isinstance(answer, Stream):
+            chunks = iter(answer.chunks)
+            first = next(chunks, b"")  # errors before anything is sent still get a JSON error
+            start_response(_status_line(answer.status),
+                           [("Content-Type", answer.content_type), ("Cache-Control", "no-store"),
+                            ("X-Content-Type-Options", "nosniff"), *answer.headers.items()])
+            return _streamed(first, chunks, method, path)
+        return self._json(start_response, HTTPStatus.OK, answer)
 
-    def _send_stream(self, answer: Stream) -> None:
-        chunks = iter(answer.chunks)
-        first = next(chunks, b"")  # errors before anything is sent still get a JSON error
-        self.close_connection = True
-        self.send_response(answer.status)
-        self.send_header("Content-Type", answer.content_type)
-        self.send_header("Cache-Control", "no-store")
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Connection", "close")
-        for name, value in answer.headers.items():
-            self.send_header(name, value)
-        self.end_headers()
-        if self.command == "HEAD":
-            return
-        try:
-            self.wfile.write(first)
-            for chunk in chunks:
-                self.wfile.write(chunk)
-        except (BrokenPipeError, ConnectionResetError):
-            return
-        except Exception:
-            log.exception("%s %s failed while streaming", self.command, self.path)
-
-    def _static(self, relative: str) -> None:
+    @staticmethod
+    def _static(start_response: Callable, relative: str) -> list[bytes]:
         parts = relative.split("/")
         if not relative or not all(_STATIC_NAME.match(p) for p in parts):
             raise HttpError(HTTPStatus.NOT_FOUND, f"no such file: /static/{relative}")
@@ -637,7 +797,55 @@ class _Handler(BaseHTTPRequestHandler):
         if content_type is None or not file.is_file():
             hint = " (run `make ui`)" if parts[0] == "vendor" else ""
             raise HttpError(HTTPStatus.NOT_FOUND, f"no such file: /static/{relative}{hint}")
-        headers = {"Cache-Control": "no-cache"}
+        body = file.read_bytes()
+        headers = [("Content-Type", content_type), ("Content-Length", str(len(body))), ("Cache-Control", "no-cache"),
+                   ("X-Content-Type-Options", "nosniff")]
         if file.suffix == ".html":
-            headers.update({"Content-Security-Policy": _CSP, "Referrer-Policy": "no-referrer"})
-        self._send(HTTPStatus.OK, file.read_bytes(), content_type, headers)
+            headers += [("Content-Security-Policy", _CSP), ("Referrer-Policy", "no-referrer")]
+        start_response("200 OK", headers)
+        return [body]
+
+
+def exc_headers(exc: HttpError) -> list[tuple[str, str]]:
+    return list(getattr(exc, "headers", None) or [])
+
+
+def _streamed(first: bytes, chunks: Iterator[bytes], method: str, path: str) -> Iterator[bytes]:
+    try:
+        yield first
+        yield from chunks
+    except Exception:  # the head is sent: the client sees the body end early
+        log.exception("%s %s failed while streaming", method, path)
+        raise
+
+
+def _make_channel_class() -> type:
+    """waitress's connection class with errors of its own (bad request line, head or body too
+    large) answered as JSON like the API's."""
+    from waitress.channel import HTTPChannel
+    from waitress.task import ErrorTask
+
+    class _JsonErrorTask(ErrorTask):
+        def execute(self) -> None:
+            error = self.request.error
+            message = {413: f"the body is larger than {MAX_BODY} bytes",
+                       431: f"the request head is larger than {MAX_HEAD} bytes"}.get(error.code)
+            body = _error_body(message or (f"{error.reason}: {error.body}" if error.body else error.reason))
+            self.status = f"{error.code} {error.reason}"
+            self.response_headers.extend([("Content-Type", "application/json"), ("Cache-Control", "no-store")])
+            self.set_close_on_finish()
+            self.content_length = len(body)
+            self.write(body)
+
+    return type("_Channel", (HTTPChannel,), {"error_task_class": _JsonErrorTask})
+
+
+_channel_class: type | None = None
+
+
+def _channel() -> type:
+    """Built at first use: waitress is imported only by an agent that serves the API."""
+    global _channel_class
+    if _channel_class is None:
+        _channel_class = _make_channel_class()
+    return _channel_class

@@ -11,7 +11,8 @@
     python -m deetune.record delete rec-3f2a1b9c0d4e
 
 ``--api URL`` (default ``$DEETUNE_API``, else http://127.0.0.1:9477, the agent's ``--api``
-default) and ``--token`` (default ``$DEETUNE_API_TOKEN``) go before or after the command.
+default), ``--token`` (default ``$DEETUNE_API_TOKEN``, else the token file an agent with the default
+store keeps, /var/lib/deetune/deetune.db.api-token) and ``--token-file`` go before or after the command.
 
 Exit codes: 0 done; 1 the agent is unreachable or answered an error (unknown task, …);
 2 bad usage (arguments, or a task the agent refused as invalid).  Errors are one line on stderr.
@@ -29,7 +30,7 @@ import urllib.parse
 import urllib.request
 from typing import Any, Sequence
 
-from deetune.api import DEFAULT_API_HOST, DEFAULT_API_PORT
+from deetune.api import DEFAULT_API_HOST, DEFAULT_API_PORT, DEFAULT_TOKEN_FILE, default_token
 from deetune.cli_types import parse_duration
 from deetune.recording.tasks import MAX_LIMIT
 
@@ -81,7 +82,10 @@ def _connection_args(parser: argparse.ArgumentParser, top: bool) -> None:
     parser.add_argument("--api", metavar="URL", default=default,
                         help=f"the agent's API (default $DEETUNE_API, else {DEFAULT_API})")
     parser.add_argument("--token", metavar="TOKEN", default=default,
-                        help="bearer token (default $DEETUNE_API_TOKEN)")
+                        help="bearer token (default $DEETUNE_API_TOKEN, else the one in --token-file)")
+    parser.add_argument("--token-file", metavar="PATH", default=default,
+                        help=f"file holding the token (default {DEFAULT_TOKEN_FILE}: the agent's with the default "
+                             f"store; an agent with --store PATH keeps it in PATH.api-token)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,7 +239,12 @@ def _task_path(task_id: str) -> str:
 
 def run(args: argparse.Namespace, out=sys.stdout) -> int:
     api = args.api or os.environ.get("DEETUNE_API") or DEFAULT_API
-    token = args.token if args.token is not None else os.environ.get("DEETUNE_API_TOKEN")
+    token = args.token
+    if token is None:
+        try:
+            token = default_token(getattr(args, "token_file", None))
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--token-file {args.token_file}: {getattr(exc, 'strerror', None) or exc}") from None
     client = Client(api, token)
     command = args.command
     if command == "create":

@@ -34,14 +34,12 @@ import logging
 import threading
 import time
 import types
-import urllib.error
-import urllib.request
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import attrs
 
 from deetune.events import Event, ExchangeEvent
-from deetune.recording import storage
+from deetune.recording import storage, webhook
 from deetune.recording.capture import RecordingPorts
 from deetune.recording.events import RecordedEvent, RecordingStatusEvent
 from deetune.recording.model import RecordedExchange
@@ -98,8 +96,11 @@ class RecordingManager:
         refresh_ports: Callable[[], object] | None = None,
         recording_ports: RecordingPorts | None = None,
         clock: Callable[[], int] = time.time_ns,
+        webhook_allow: Sequence[webhook.Network] = (),
     ) -> None:
         self.store = store
+        #: Networks webhooks may reach although refused by default (link-local, metadata).
+        self.webhook_allow = tuple(webhook_allow)
         self.set_port_capture = set_port_capture
         #: The ports a server service's local instances listen on, and how to read them again now
         #: (when a task is created: its server may have started a moment ago).
@@ -150,6 +151,11 @@ class RecordingManager:
         """Validate and start a task (JSON description, see :class:`TaskSpec`); its status.
         Raises TaskError (bad description), RecordingUnavailable."""
         spec = TaskSpec.from_json(data)
+        if spec.webhook is not None:
+            try:
+                webhook.resolve(spec.webhook, self.webhook_allow)
+            except webhook.WebhookRefused as exc:
+                raise TaskError(str(exc)) from None
         if self.set_port_capture is None:
             raise RecordingUnavailable("recording needs the payload probe, which this agent does not run")
         with self._lock:
@@ -338,17 +344,7 @@ class RecordingManager:
 
     def _call_webhook(self, task: Task, status: dict[str, Any]) -> None:
         body = json.dumps({"event": f"recording.{task.state}", "task": status}).encode()
-        request = urllib.request.Request(task.spec.webhook, data=body, method="POST",
-                                         headers={"Content-Type": "application/json",
-                                                  "User-Agent": "deetune-recording"})
-        try:
-            with urllib.request.urlopen(request, timeout=self.webhook_timeout) as reply:
-                outcome = f"sent: HTTP {reply.status}"
-        except urllib.error.HTTPError as exc:
-            outcome = f"failed: HTTP {exc.code}"
-        except Exception as exc:
-            reason = getattr(exc, "reason", None) or exc
-            outcome = f"failed: {getattr(reason, 'strerror', None) or reason}"
+        outcome = webhook.post(task.spec.webhook, body, timeout=self.webhook_timeout, allowed=self.webhook_allow)
         task.webhook_status = outcome
         log.info("recording task %s: webhook %s", task.id, outcome)
         try:

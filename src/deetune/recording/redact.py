@@ -2,17 +2,20 @@
 
 Built-in rules (on unless a task sets ``redact.defaults`` to false):
 
-``http.authorization``, ``http.proxy-authorization``, ``http.cookie``, ``http.set-cookie``
+``http.authorization``, ``http.proxy-authorization``, ``http.cookie``, ``http.set-cookie``, ``http.x-api-key``, ``http.x-auth-token``
     The header's value becomes ``[REDACTED]`` (the name and the line stay; the head gets
-    shorter or longer, the body and its Content-Length are unchanged).
+    shorter or longer, the body and its Content-Length are unchanged), in every layout a
+    server may accept: CRLF or bare LF line ends, spaces before the colon
+    (``Authorization :``), and values folded onto continuation lines (each masked too).
 ``mysql.auth``
     The handshake response of a login keeps its capabilities, user, database and
     attributes; its authentication data becomes empty (the packet length is fixed).
     Further packets the client sends during the login (auth switch responses, …) and the
     authentication data of ``COM_CHANGE_USER`` are emptied the same way.
 ``mysql.password``
-    String literals after ``IDENTIFIED BY``/``AS`` and inside ``PASSWORD('…')`` in
-    statements become ``[REDACTED]`` (packet length fixed; the exchange's target too).
+    Password literals in statements become ``[REDACTED]`` (packet length fixed; the exchange's
+    target too): the SQL rule of :mod:`deetune.redaction` (``IDENTIFIED BY '…'``,
+    ``PASSWORD('…')``, ``SET PASSWORD = '…'``, ``MASTER_PASSWORD='…'`` …).
 ``redis.auth``
     The arguments of ``AUTH``, those after ``AUTH`` in ``HELLO`` (user and password),
     after ``AUTH``/``AUTH2`` in ``MIGRATE``: ``[REDACTED]`` (the RESP lengths are fixed).
@@ -46,6 +49,8 @@ import json
 import re
 from typing import Any, Iterable
 
+from deetune.recording.patterns import compile_pattern
+from deetune.redaction import redact_sql, redact_sql_bytes
 from deetune.recording.tasks import Redaction
 
 MASK = b"[REDACTED]"
@@ -56,6 +61,8 @@ _DEFAULT_HEADERS = {
     b"proxy-authorization": "http.proxy-authorization",
     b"cookie": "http.cookie",
     b"set-cookie": "http.set-cookie",
+    b"x-api-key": "http.x-api-key",
+    b"x-auth-token": "http.x-auth-token",
 }
 
 # MySQL capability flags.
@@ -64,11 +71,9 @@ _CLIENT_SSL = 0x00000800
 _CLIENT_SECURE_CONNECTION = 0x00008000
 _CLIENT_PLUGIN_AUTH_LENENC = 0x00200000
 _COM_QUERY, _COM_CHANGE_USER, _COM_STMT_PREPARE = 0x03, 0x11, 0x16
-_SQL_STRING = r"'((?:[^'\\]|\\.|'')*)'|\"((?:[^\"\\]|\\.|\"\")*)\""
-_MYSQL_PASSWORD = re.compile(
-    rb"(?i)(?:IDENTIFIED\s+(?:WITH\s+\S+\s+)?(?:BY|AS)\s+(?:PASSWORD\s+)?|PASSWORD\s*\(\s*|SET\s+PASSWORD\s*"
-    rb"(?:FOR\s+\S+\s*)?=\s*(?:PASSWORD\s*\(\s*)?)(?:" + _SQL_STRING.encode() + rb")")
 _REDIS_SECRET_CONFIG = {b"requirepass", b"masterauth", b"masteruser"}
+#: The blank line ending an HTTP head: CRLF CRLF, LF LF, or a mix.
+_BLANK_LINE = re.compile(rb"\r?\n\r?\n")
 
 
 class Redactor:
@@ -79,9 +84,9 @@ class Redactor:
         self.headers: dict[bytes, str] = dict(_DEFAULT_HEADERS) if rules.defaults else {}
         for name in rules.headers:
             self.headers.setdefault(name.lower().encode("ascii"), f"header:{name.lower()}")
-        self._needles = tuple(b"\n" + name + b":" for name in self.headers)
         self.json_paths = [(path, _parse_path(path)) for path in rules.json]
-        self.patterns = [(pattern, re.compile(pattern.encode("utf-8"))) for pattern in rules.patterns]
+        # RE2 (linear time): these run on the pipeline thread, over every recorded byte.
+        self.patterns = [(pattern, compile_pattern(pattern.encode("utf-8"))) for pattern in rules.patterns]
 
     def apply(self, protocol: str, method: str, request: bytes, response: bytes,
               target: str) -> tuple[bytes, bytes, str, tuple[str, ...]]:
@@ -119,40 +124,55 @@ class Redactor:
     def _http(self, message: bytes, applied: list[str]) -> bytes:
         if not message:
             return message
-        end = message.find(b"\r\n\r\n")
-        head = message if end < 0 else message[:end]
-        body = b"" if end < 0 else message[end + 4:]
+        # The head ends at the first blank line, however its lines end (CRLF, or bare LF, which
+        # the HTTP decoder and many servers accept).
+        blank = _BLANK_LINE.search(message)
+        head = message if blank is None else message[:blank.start()]
+        separator = b"" if blank is None else blank.group()
+        body = b"" if blank is None else message[blank.end():]
         if self.headers:
             head = self._mask_headers(head, applied)
-        if end < 0:
+        if blank is None:
             return head
         if self.json_paths and body:
             head, body = self._json_body(head, body, applied)
-        return head + b"\r\n\r\n" + body
+        return head + separator + body
 
     def _mask_headers(self, head: bytes, applied: list[str]) -> bytes:
+        """Mask the values of the rules' headers in every layout a server may accept: CRLF or bare
+        LF line ends, spaces or tabs before the colon (``Authorization :``), values folded onto
+        continuation lines (obsolete line folding: a line starting with a space or a tab)."""
         lowered = head.lower()
-        for needle in self._needles:
-            if needle in lowered:
+        for name in self.headers:
+            if name in lowered:
                 break
         else:
-            return head  # the common case, without splitting the head (no space may precede the colon)
-        lines = head.split(b"\r\n")
+            return head  # the common case, without splitting the head
+        lines = head.split(b"\n")
         changed = False
+        masking = False  # the previous header was masked: its continuation lines are its value
         for i in range(1, len(lines)):
             line = lines[i]
-            colon = line.find(b":")
+            cr = b"\r" if line.endswith(b"\r") else b""
+            text = line[:-1] if cr else line
+            if text[:1] in (b" ", b"\t"):
+                if masking and text.strip():
+                    lines[i] = text[:len(text) - len(text.lstrip(b" \t"))] + MASK + cr
+                    changed = True
+                continue
+            masking = False
+            colon = text.find(b":")
             if colon <= 0:
                 continue
-            rule = self.headers.get(line[:colon].strip().lower())
+            rule = self.headers.get(text[:colon].strip(b" \t").lower())
             if rule is None:
                 continue
-            rest = line[colon + 1:]
+            rest = text[colon + 1:]
             space = rest[:len(rest) - len(rest.lstrip(b" \t"))]
-            lines[i] = line[:colon + 1] + (space or b" ") + MASK
+            lines[i] = text[:colon + 1] + (space or b" ") + MASK + cr
             applied.append(rule)
-            changed = True
-        return b"\r\n".join(lines) if changed else head
+            changed = masking = True
+        return b"\n".join(lines) if changed else head
 
     def _json_body(self, head: bytes, body: bytes, applied: list[str]) -> tuple[bytes, bytes]:
         lowered = head.lower()
@@ -287,7 +307,7 @@ def _children(node: Any) -> Iterable[Any]:
     return ()
 
 
-def _mask_regex(pattern: re.Pattern[bytes], data: bytes) -> tuple[bytes, bool]:
+def _mask_regex(pattern: Any, data: bytes) -> tuple[bytes, bool]:
     if not data:
         return data, False
     spans: list[tuple[int, int]] = []
@@ -523,14 +543,14 @@ def _mysql(method: str, request: bytes, target: str, applied: list[str]) -> tupl
     changed = False
     for seq, payload in packets:
         if payload[:1] in (bytes([_COM_QUERY]), bytes([_COM_STMT_PREPARE])):
-            new = _MYSQL_PASSWORD.sub(_mask_sql_literal, payload)
+            new = redact_sql_bytes(payload)
             changed = changed or new != payload
             out.append(_packet(seq, new))
         else:
             out.append(_packet(seq, payload))
     if rest:
         cut = rest[4:]
-        new = _MYSQL_PASSWORD.sub(_mask_sql_literal, cut)
+        new = redact_sql_bytes(cut)
         if new == cut and re.search(rb"(?i)IDENTIFIED|PASSWORD", cut):
             # A cut statement naming a password: drop from the keyword on.
             new = cut[:re.search(rb"(?i)IDENTIFIED|PASSWORD", cut).start()]
@@ -539,16 +559,8 @@ def _mysql(method: str, request: bytes, target: str, applied: list[str]) -> tupl
     if not changed:
         return request, target
     applied.append("mysql.password")
-    raw = target.encode("utf-8", "surrogateescape")
-    target = _MYSQL_PASSWORD.sub(_mask_sql_literal, raw).decode("utf-8", "replace")
+    target = redact_sql(target)[0]
     return b"".join(out), target
-
-
-def _mask_sql_literal(match: re.Match[bytes]) -> bytes:
-    whole = match.group(0)
-    group = 1 if match.group(1) is not None else 2
-    start, end = match.start(group) - match.start(0), match.end(group) - match.start(0)
-    return whole[:start] + MASK + whole[end:]
 
 
 __all__ = ["MASK", "Redactor"]

@@ -26,6 +26,8 @@ from typing import Any
 
 import attrs
 
+from deetune.recording.patterns import PatternError, compile_pattern
+
 #: States: pending (created, not yet picked up by the pipeline), running, then one of the final three.
 PENDING, RUNNING, COMPLETED, STOPPED, FAILED = "pending", "running", "completed", "stopped", "failed"
 STATES = (PENDING, RUNNING, COMPLETED, STOPPED, FAILED)
@@ -83,7 +85,8 @@ class TaskSpec:
     path: str | None = None
     #: Redis command (case-insensitive).
     command: str | None = None
-    #: MySQL statement: a Python regular expression searched in the statement text.
+    #: MySQL statement: a regular expression (RE2: linear time; no backreferences or lookaround)
+    #: searched in the statement text.
     statement: str | None = None
     #: Stop after this many seconds running and/or this many exchanges recorded.
     duration: float | None = None
@@ -154,8 +157,8 @@ class TaskSpec:
         statement = _opt_str(data, "statement", 1024)
         if statement is not None:
             try:
-                re.compile(statement)
-            except re.error as exc:
+                compile_pattern(statement)
+            except PatternError as exc:
                 raise TaskError(f"statement is not a regular expression: {exc}") from None
         values["statement"] = statement
         implied = {p for n, p in _FILTER_PROTOCOL.items() if values[n] is not None}
@@ -232,8 +235,8 @@ def _redaction(data: Any) -> Redaction:
 
 def _regex_ok(pattern: str) -> bool:
     try:
-        compiled = re.compile(pattern.encode("utf-8"))
-    except re.error:
+        compiled = compile_pattern(pattern.encode("utf-8"))
+    except PatternError:
         return False
     return compiled.search(b"") is None  # a pattern matching nothing at all would mask nothing useful
 
@@ -262,7 +265,8 @@ class Matcher:
         self.method = spec.method
         self.path = re.compile(fnmatch.translate(spec.path)) if spec.path is not None else None
         self.command = spec.command
-        self.statement = re.compile(spec.statement) if spec.statement is not None else None
+        # RE2: linear in the statement's length, whatever the pattern (deetune.recording.patterns).
+        self.statement = compile_pattern(spec.statement) if spec.statement is not None else None
 
     def matches(self, protocol: str, method: str, target: str, client: str | None) -> bool:
         if self.client is not None and client != self.client:

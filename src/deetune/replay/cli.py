@@ -21,6 +21,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Sequence
 
+from deetune.api import default_token
 from deetune.recording.model import RecordedExchange
 from deetune.replay.compare import DEFAULT_IGNORED_HEADERS, Rules
 from deetune.replay.handlers import Handler, HttpHandler, MysqlHandler, RedisHandler
@@ -96,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--from", dest="source", metavar="FILE", help="JSONL export of recorded exchanges (- for stdin)")
     source.add_argument("--task", metavar="ID", help="a recording task of the agent's API (with --api)")
     source.add_argument("--api", metavar="URL", help="the agent's API, e.g. http://127.0.0.1:9180")
-    source.add_argument("--token", metavar="T", help="bearer token of the API (default: $DEETUNE_API_TOKEN)")
+    source.add_argument("--token", metavar="T", help="bearer token of the API (default: $DEETUNE_API_TOKEN, else "
+                                                     "/var/lib/deetune/deetune.db.api-token when readable)")
     source.add_argument("--protocol", choices=PROTOCOLS,
                         help="replay only the exchanges of this protocol (default: the records' one protocol)")
     target = parser.add_argument_group("where and how")
@@ -301,7 +303,7 @@ def cmd_replay(argv: Sequence[str]) -> int:
         exchanges = load_file(args.source)
         source = args.source
     else:
-        token = args.token if args.token is not None else os.environ.get("DEETUNE_API_TOKEN")
+        token = args.token if args.token is not None else default_token()  # $DEETUNE_API_TOKEN, the agent's file
         exchanges = load_task(args.api, args.task, token, args.timeout)
         source = exchanges_url(args.api, args.task)
     if not exchanges:

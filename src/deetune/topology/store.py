@@ -67,6 +67,7 @@ import os
 import sqlite3
 import threading
 import time
+import urllib.parse
 from typing import Any, Callable, ClassVar, Iterable, Sequence
 
 import attrs
@@ -138,6 +139,47 @@ class StoreError(RuntimeError):
     """The database cannot be used (one-line message)."""
 
 
+class StoreInUse(StoreError):
+    """Another process (agent) writes this store."""
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back the open transaction, if any.  SQLite rolls back by itself on some errors (a
+    full disk, SQLITE_FULL): a ROLLBACK then fails ("no transaction is active"), and that error
+    must not replace the one that matters, nor skip what the caller does after."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.debug("rollback: %s", exc)
+
+
+def lock_path(path: str | os.PathLike) -> str:
+    """The lock file of a store: one writing process per store."""
+    return os.fspath(path) + ".lock"
+
+
+def _take_lock(path: str) -> int:
+    """An exclusive lock on the store's lock file (fd), or StoreInUse naming the holder."""
+    import fcntl
+
+    name = lock_path(path)
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        os.close(fd)
+        who = f"process {holder}" if holder.isdigit() else "another process"
+        raise StoreInUse(f"{path} is in use by {who} (another agent?): one agent per store") from None
+    except OSError:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     """Bring a database to schema ``target``, one transaction per version; returns the version found."""
     found = conn.execute("PRAGMA user_version").fetchone()[0]
@@ -153,7 +195,7 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
             conn.execute(f"PRAGMA user_version = {version + 1}")
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
+            _rollback(conn)
             raise
     return found
 
@@ -292,6 +334,16 @@ class _ExchangePairs:
         """Copies wait for their expiry."""
         return self._head < len(self._arrivals)
 
+    @property
+    def held_count(self) -> int:
+        """Client copies held now."""
+        return self.held_count_except(set())
+
+    def held_count_except(self, ids: set[int]) -> int:
+        """Client copies held now, but for the events whose id() is in ``ids``."""
+        return sum(1 for copy in self._events[self._head:]
+                   if copy is not None and copy is not _SERVER and id(copy) not in ids)
+
     def add(self, event: ExchangeEvent, now: int) -> bool:
         """True: store the event now; False: it was held or dropped."""
         return bool(self.add_all((event,), now))
@@ -390,6 +442,9 @@ class WriteStats:
     #: Exchanges not kept (not stored, or stored and then replaced) because their edge had
     #: ``max_exchanges_per_edge_window`` more recent ones without errors in the same window.
     exchanges_not_kept: int = 0
+    #: Client copies of exchanges held for pairing when a write failed (or at a close that
+    #: failed): forgotten, never written.
+    unwritten: int = 0
 
 
 class TopologyStore:
@@ -401,7 +456,15 @@ class TopologyStore:
     ``max_exchanges``: exchanges kept at most, the most recent; ``max_exchanges_per_edge_window``
     (default 100, None: no bound) and ``exchange_window_seconds`` (default 10): exchanges without
     errors kept per edge and window, the most recent (see "Exchanges" in the module doc);
-    ``exchange_hold_seconds``: how long a client's copy of an exchange waits for the server's."""
+    ``exchange_hold_seconds``: how long a client's copy of an exchange waits for the server's;
+    ``lock``: take the store's lock file (``PATH.lock``) for as long as it is open, so that a
+    second writer (another agent) is refused with :class:`StoreInUse` (False: for a second
+    handle in the same process that only reads).
+
+    A write that fails (a full disk, an I/O error) leaves nothing behind: the transaction is
+    rolled back and what the store had cached about it (edge ids, latest totals, exchanges
+    counted per window, held client copies) is forgotten, so the same batch may be written again
+    (:class:`StoreSink` does) and later batches add to the totals on disk."""
 
     #: A floor's latency sum above this is subtracted from all of its edge's totals (int64 headroom).
     REBASE_ABOVE = 1 << 61
@@ -416,8 +479,11 @@ class TopologyStore:
         exchange_window_seconds: float = 10.0,
         exchange_hold_seconds: float = 2.0,
         clock: Callable[[], int] = time.time_ns,
+        lock: bool = True,
     ):
         self.path = os.fspath(path)
+        # Percent-encoded: a path may hold '#', '?' or '%', which a URI would take for its own.
+        self._read_uri = "file:" + urllib.parse.quote(os.path.abspath(self.path)) + "?mode=ro"
         self.retention_ns = int(retention_seconds * SEC)
         self.max_exchanges = max_exchanges
         self.clock = clock
@@ -425,6 +491,7 @@ class TopologyStore:
         #: Idle read connections (a pool, not one per thread: the API may start a thread per request).
         self._idle_readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
+        self._reader_slots = threading.BoundedSemaphore(self.MAX_READERS)
         #: Edge id → (client, server, protocol, port) for readers; ids are never reused.
         self._names: dict[int, tuple[str, str, str, int]] = {}
         self._pairs = _ExchangePairs(int(exchange_hold_seconds * SEC))
@@ -443,7 +510,17 @@ class TopologyStore:
         self._edge_ids: dict[tuple[str, str, str, int], int] = {}
         self._latest: dict[int, tuple[int, list[int]]] = {}
         self._since_prune = 0
+        self._released_in_write = 0
         self._closed = False
+        #: One writing process per store (two would each add to totals they cached: double counts).
+        self._lock_fd: int | None = None
+        if lock:
+            try:
+                self._lock_fd = _take_lock(self.path)
+            except StoreInUse:
+                raise
+            except OSError as exc:
+                raise StoreError(f"{lock_path(self.path)}: {exc.strerror}") from None
         try:
             self._writer = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=10)
             self._writer.execute("PRAGMA journal_mode = WAL")
@@ -451,8 +528,16 @@ class TopologyStore:
             self._writer.execute("PRAGMA synchronous = NORMAL")
             migrate(self._writer)
             self._check_buckets()
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, StoreError) as exc:
+            self._release_lock()
+            if isinstance(exc, StoreError):
+                raise
             raise StoreError(f"{self.path}: {exc}") from None
+
+    def _release_lock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def bound_exchanges(self, per_edge_window: int | None, window_seconds: float | None = None) -> None:
         """Keep at most ``per_edge_window`` exchanges without errors per edge and window of
@@ -474,17 +559,27 @@ class TopologyStore:
             raise StoreError(f"{self.path}: latency buckets differ from this deetune's; the schema needs a migration")
 
     def close(self) -> None:
-        """Store the exchanges still held, close every connection (idempotent)."""
+        """Store the exchanges still held, close every connection (idempotent).  Raises
+        StoreError when the held exchanges could not be written (the store is closed all the same)."""
+        failure = None
         with self._write_lock:
             if self._closed:
                 return
             self._closed = True
-            self._write([], self.clock(), final=True)
-            self._writer.close()
+            try:
+                self._write([], self.clock(), final=True)
+            except (sqlite3.Error, OSError) as exc:
+                failure = exc
+                self.stats.unwritten += self._pairs.held_count
+            finally:
+                self._writer.close()
+                self._release_lock()
         with self._readers_lock:
             for conn in self._idle_readers:
                 conn.close()
             self._idle_readers.clear()
+        if failure is not None:
+            raise StoreError(f"{self.path}: the exchanges held at close could not be written: {failure}")
 
     # -- writing -----------------------------------------------------------------------------
     def write(self, events: Iterable[Event]) -> None:
@@ -502,8 +597,29 @@ class TopologyStore:
         """Client copies of exchanges wait for their server copy (a later write stores them)."""
         return self._pairs.holding
 
+    def _forget(self, stats: WriteStats, since_prune: int, batch: list[Event]) -> None:
+        """After a rollback: what memory says about the store goes back to what is on disk."""
+        # The caches may describe rows that were just rolled back (an edge id SQLite gives
+        # again to another edge, totals that never reached the disk).
+        self._edge_ids.clear()
+        self._latest.clear()
+        self._kept.clear()
+        self._newest_window = -(1 << 63)
+        self._names = {}
+        # The pairing starts afresh: the batch, written again, pairs its copies again; client
+        # copies held from earlier batches, and those released by the failed write, are lost
+        # (counted).
+        mine = {id(e) for e in batch}
+        stats.unwritten += self._pairs.held_count_except(mine) + self._released_in_write
+        self._pairs = _ExchangePairs(self._pairs.hold_ns)
+        for field in attrs.fields(WriteStats):
+            setattr(self.stats, field.name, getattr(stats, field.name))
+        self._since_prune = since_prune
+
     def _write(self, events: list[Event], now: int, final: bool = False) -> None:
         conn = self._writer
+        stats, since_prune = attrs.evolve(self.stats), self._since_prune
+        self._released_in_write = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
             instances, windows, exchanges, recorded, statuses = [], [], [], [], []
@@ -533,11 +649,8 @@ class TopologyStore:
                 self._prune_exchanges()
             conn.execute("COMMIT")
         except BaseException:
-            conn.execute("ROLLBACK")
-            # The caches may describe rows that were just rolled back.
-            self._edge_ids.clear()
-            self._latest.clear()
-            self._kept.clear()
+            _rollback(conn)
+            self._forget(stats, since_prune, events)
             raise
 
     @staticmethod
@@ -649,7 +762,9 @@ class TopologyStore:
         pairs = self._pairs
         duplicates = pairs.duplicates
         keep = pairs.add_all(events, now)
-        keep.extend(pairs.release(None if final else now))
+        released = pairs.release(None if final else now)
+        self._released_in_write = len(released)
+        keep.extend(released)
         self.stats.duplicate_exchanges += pairs.duplicates - duplicates
         if not keep:
             return
@@ -737,9 +852,10 @@ class TopologyStore:
                 self._prune_exchanges()
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 self._edge_ids.clear()
                 self._latest.clear()
+                self._names = {}
                 raise
             if gone:
                 gone_ids = set(gone)
@@ -776,7 +892,7 @@ class TopologyStore:
                 result = work(conn)
                 conn.execute("COMMIT")
             except BaseException:
-                conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
             return result
 
@@ -788,15 +904,27 @@ class TopologyStore:
     #: Idle read connections kept open; more may be open during a burst of concurrent queries.
     MAX_IDLE_READERS = 4
 
+    #: Read connections open at once at most: a burst of queries waits for one rather than
+    #: opening a connection (three descriptors: database, WAL, shared memory) each.
+    MAX_READERS = 8
+
     def _read(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         """Run several SELECTs on one snapshot, on a pooled read-only connection."""
+        if not self._reader_slots.acquire(timeout=30):
+            raise StoreError(f"{self.path}: every read connection is busy")
+        try:
+            return self._read_in_slot(work)
+        finally:
+            self._reader_slots.release()
+
+    def _read_in_slot(self, work: Callable[[sqlite3.Connection], Any]) -> Any:
         with self._readers_lock:
             if self._closed:
                 raise StoreError(f"{self.path}: store is closed")
             conn = self._idle_readers.pop() if self._idle_readers else None
         if conn is None:
-            conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, isolation_level=None,
-                                   check_same_thread=False, timeout=10)
+            conn = sqlite3.connect(self._read_uri, uri=True, isolation_level=None, check_same_thread=False,
+                                   timeout=10)
         try:
             conn.execute("BEGIN")
             try:
@@ -1025,12 +1153,19 @@ _STORE_DEFAULT: Any = object()
 @attrs.define
 class StoreSinkStats:
     queued: int = 0
-    #: Events not queued because the queue was full (the writer fell behind).
+    #: Events not queued because the queue was full (the writer fell behind, or the store failed).
     dropped: int = 0
     written: int = 0
     batches: int = 0
-    #: Batches that failed to commit (logged; their events are lost).
+    #: Commits that failed (a full disk, an I/O error): their batch is written again later.
     failed_batches: int = 0
+    #: Events never written: still failing at close (the batch, and what was queued behind it).
+    lost: int = 0
+
+    @property
+    def not_persisted(self) -> int:
+        """Events handed to the sink that the store does not have."""
+        return self.dropped + self.lost
 
 
 class StoreSink(Sink):
@@ -1049,6 +1184,7 @@ class StoreSink(Sink):
         batch_size: int = 10_000,
         interval: float = 1.0,
         maintenance_interval: float = 60.0,
+        retry_interval: float = 1.0,
         max_exchanges_per_edge_window: int | None | object = _STORE_DEFAULT,
         exchange_window_seconds: float | object = _STORE_DEFAULT,
     ):
@@ -1064,7 +1200,14 @@ class StoreSink(Sink):
         self.batch_size = batch_size
         self.interval = interval
         self.maintenance_interval = maintenance_interval
+        #: A failed batch is written again this often (meanwhile one more batch may queue; the
+        #: events beyond are dropped, counted).
+        self.retry_interval = retry_interval
+        self.attempts_at_stop = 3
         self.stats = StoreSinkStats()
+        #: The batch whose commit failed, written again before anything else; the last error.
+        self._retry: list[Event] | None = None
+        self.last_error: str | None = None
         # deque append/popleft are atomic: handle() takes no lock.
         self._queue: collections.deque[Event] = collections.deque()
         self._wake = threading.Event()
@@ -1087,7 +1230,10 @@ class StoreSink(Sink):
         if not isinstance(event, self.STORED):
             return
         queue = self._queue
-        if len(queue) >= self.max_queue or self._stopping:
+        # While the store fails, one batch waits behind the failed one, no more: a full disk may
+        # last hours, and queued events are memory.
+        limit = self.batch_size if self.last_error is not None else self.max_queue
+        if len(queue) >= limit or self._stopping:
             self.stats.dropped += 1
             on_drop = getattr(event, "on_drop", None)
             if on_drop is not None:
@@ -1106,52 +1252,129 @@ class StoreSink(Sink):
             self._done.wait_for(lambda: self.stats.written >= target or not self._thread.is_alive(), timeout)
 
     def close(self) -> None:
-        """Commit everything queued, the held exchanges too, and close the store."""
+        """Commit everything queued, the held exchanges too, and close the store (a store that
+        still fails is tried ``attempts_at_stop`` times, ``retry_interval`` apart; the rest is
+        counted as lost)."""
         if self._closed:
             return
         self._closed = True
         self._stopping = True
         self._wake.set()
         self._thread.join()
-        self.store.close()
+        try:
+            self.store.close()
+        except StoreError as exc:
+            self.last_error = " ".join(str(exc).split())
+            log.error("topology store: %s", exc)
 
     def _run(self) -> None:
         next_maintenance = time.monotonic()
+        attempts_at_stop = 0
         while True:
-            self._wake.wait(self.interval)
+            self._wake.wait(self.retry_interval if self._retry is not None else self.interval)
             self._wake.clear()
             stopping = self._stopping
-            while self._queue:
-                self._commit_batch()
-            if time.monotonic() >= next_maintenance and not stopping:
+            while self._retry is not None or self._queue:
+                if not self._commit_next():
+                    break  # failing: try again after retry_interval
+            healthy = self._retry is None
+            if healthy and time.monotonic() >= next_maintenance and not stopping:
                 next_maintenance = time.monotonic() + self.maintenance_interval
                 try:
                     self.store.maintain()
                 except Exception:
                     log.exception("topology store maintenance failed")
-            elif not stopping and self.store.holding:
+            elif healthy and not stopping and self.store.holding:
                 self._commit([])  # releases exchanges held past their time
-            if stopping and not self._queue:
-                return
+            if stopping:
+                if healthy and not self._queue:
+                    return
+                attempts_at_stop += 1
+                if attempts_at_stop >= self.attempts_at_stop:
+                    self._give_up()
+                    return
 
-    def _commit_batch(self) -> None:
-        queue = self._queue
-        batch = []
-        for _ in range(min(len(queue), self.batch_size)):
-            batch.append(queue.popleft())
-        self._commit(batch)
+    def _commit_next(self) -> bool:
+        """Commit the batch that failed last, else the next batch of the queue; False if it failed."""
+        batch = self._retry
+        if batch is None:
+            queue = self._queue
+            batch = [queue.popleft() for _ in range(min(len(queue), self.batch_size))]
+        return self._commit(batch)
 
-    def _commit(self, batch: list[Event]) -> None:
+    def _commit(self, batch: list[Event]) -> bool:
         try:
             self.store.write(batch)
-            if batch:
-                self.stats.batches += 1
-        except Exception:
+        except Exception as exc:
             self.stats.failed_batches += 1
-            log.exception("topology store: a batch of %d events could not be written", len(batch))
+            self._retry = batch
+            message = " ".join(str(exc).split()) or type(exc).__name__
+            if self.last_error is None:
+                log.error("topology store: a batch of %d events could not be written (%s); writing it again "
+                          "every %g s, meanwhile queueing at most %d events", len(batch), message,
+                          self.retry_interval, self.max_queue)
+            self.last_error = message
+            return False
+        if self.last_error is not None:
+            log.warning("topology store: writing again after %d failed commits", self.stats.failed_batches)
+            self.last_error = None
+        self._retry = None
+        if batch:
+            self.stats.batches += 1
         with self._done:
             self.stats.written += len(batch)
             self._done.notify_all()
+        return True
+
+    def _give_up(self) -> None:
+        """At stop, the store still failing: what is left is lost, counted."""
+        left = list(self._retry or ())
+        self._retry = None
+        while self._queue:
+            left.append(self._queue.popleft())
+        self.stats.lost += len(left)
+        log.error("topology store: %d events could not be written (%s)", len(left), self.last_error)
+        for event in left:
+            on_drop = getattr(event, "on_drop", None)
+            if on_drop is not None:
+                on_drop(event)
+        with self._done:
+            self._done.notify_all()
+
+    def health(self) -> dict[str, Any]:
+        """For /healthz: ``{"status": "ok" | "degraded", "store": {…}}``; degraded while writes
+        fail and once anything was not persisted."""
+        stats, store_stats = self.stats, self.store.stats
+        failing = self.last_error is not None
+        store = {
+            "writing": not failing, "failed_commits": stats.failed_batches,
+            "pending_events": len(self._queue) + len(self._retry or ()),
+            "dropped_events": stats.dropped, "lost_events": stats.lost, "unwritten_exchanges": store_stats.unwritten,
+            "last_error": self.last_error,
+        }
+        degraded = failing or stats.not_persisted or store_stats.unwritten
+        return {"status": "degraded" if degraded else "ok", "store": store}
+
+    def summary(self) -> str | None:
+        """What was not persisted, for the agent's stop line (None: everything was)."""
+        stats = self.stats
+        unwritten = self.store.stats.unwritten
+        if not (stats.not_persisted or stats.failed_batches or unwritten):
+            return None
+        parts = [f"{stats.failed_batches} failed commits"]
+        if stats.dropped:
+            parts.append(f"{stats.dropped} events dropped (queue full or store failing)")
+        if stats.lost:
+            parts.append(f"{stats.lost} events never written")
+        if unwritten:
+            parts.append(f"{unwritten} exchanges lost")
+        if self.last_error:
+            parts.append(f"last error: {self.last_error}")
+        return "store: " + ", ".join(parts)
+
+    @property
+    def persisted_all(self) -> bool:
+        return not (self.stats.not_persisted or self.store.stats.unwritten)
 
 
 __all__ = ["TopologyStore", "StoreSink", "StoreError", "migrate", "MIGRATIONS", "SCHEMA_VERSION"]

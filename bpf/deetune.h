@@ -134,10 +134,10 @@ struct dt_conn_record {
 
 /* Bits of dt_data_record.flags */
 enum dt_data_flags {
-	/* Copied because the accounting saw an error response on a connection the
-	 * overload sampling leaves out: the request's head (kept when it was sent)
-	 * and the response's head, two records in that order, to be decoded on
-	 * their own. */
+	/* Copied because the accounting saw an error response (every one, whatever
+	 * the overload sampling copies; up to a rate): the request's head (kept
+	 * when it was sent) and the response's head, two records in that order,
+	 * to be decoded on their own. */
 	DT_DATA_ERROR_HEAD = 1,
 };
 

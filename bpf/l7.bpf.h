@@ -150,6 +150,7 @@ struct l7_sock {
 	__u8 mysql_stash_len;     /* MySQL: a packet header read alone (4 bytes) */
 	__u8 mysql_stash_dir;
 	__u8 head_wanted;         /* the call just seen began a request: keep its head */
+	__u8 head_stashed;        /* MySQL: that request's 4-byte header came alone, before it */
 	__u8 classified_now;      /* l7_classify_call settled the protocol on this call */
 	__u16 last_status;
 	__u16 head_len;
@@ -158,6 +159,7 @@ struct l7_sock {
 	__u32 popped;             /* Redis: replies matched */
 	__u32 mysql_left;         /* MySQL: bytes of the request packet still to come */
 	__u8 mysql_stash[4];
+	__u8 mysql_stash_head[4]; /* the header the current call's packet began with, when stashed */
 	__u64 req_end_ns;         /* the last request chunk */
 	__u64 head_ns;            /* when the saved head was sent */
 	__u64 req_bytes;          /* of the requests not answered yet */
@@ -186,19 +188,20 @@ struct l7_call {
 	__u32 size;               /* bytes the call moved */
 	__u64 ts;
 	__u8 direction;           /* enum dt_direction */
-	__u8 save_head;           /* keep a request's head for an error's detail (its copy is not made) */
+	__u8 save_head;           /* keep requests' heads for errors' detail */
 };
 
 /* What l7_account asks of its caller. */
 enum l7_action {
 	L7_NOTHING = 0,
-	/* An error response on a connection whose calls are not copied: emit the
-	 * saved request head and this response's head for decoding. */
+	/* An error response: emit the saved request head and this response's head
+	 * for decoding, whatever the overload sampling copies (user space keeps one
+	 * report of each error: deetune.l7). */
 	L7_ERROR_DETAIL = 1,
 };
 
-/* How many bytes of the next call on this socket the accounting needs. */
-static __always_inline __u32 l7_bytes_wanted(struct l7_sock *st, bool save_head)
+/* How many bytes of a call on this socket the accounting needs. */
+static __always_inline __u32 l7_bytes_wanted(struct l7_sock *st, bool save_head, __u8 direction)
 {
 	if (st->protocol == DT_L7_NONE)
 		return 0;
@@ -206,7 +209,7 @@ static __always_inline __u32 l7_bytes_wanted(struct l7_sock *st, bool save_head)
 		return L7_HEAD_BYTES; /* enough to classify; then what the protocol needs (l7_classify_call) */
 	if (st->protocol == DT_L7_REDIS)
 		return L7_PARSE_WINDOW;
-	return save_head ? L7_SAVED_HEAD : L7_HEAD_BYTES;
+	return save_head && direction == st->request_dir ? L7_SAVED_HEAD : L7_HEAD_BYTES;
 }
 
 static __always_inline __u8 l7_byte(const struct l7_bytes *buf, __u32 i)
@@ -639,6 +642,8 @@ static __always_inline int account_mysql(struct l7_sock *st, struct l7_call *cal
 	}
 	bool stashed = off == 0;
 	st->mysql_stash_len = 0;
+	if (stashed)
+		__builtin_memcpy(st->mysql_stash_head, h, 4);
 	if (len < off + 1)
 		return L7_NOTHING;
 	__u8 first = l7_byte(b, off);
@@ -680,6 +685,7 @@ static __always_inline int account_mysql(struct l7_sock *st, struct l7_call *cal
 		st->method[1] = first;
 		st->req_bytes += moved;
 		st->head_wanted = 1;
+		st->head_stashed = stashed;
 		if (mysql_expects_response(first)) {
 			st->pending = 1;
 			st->phase = L7_REQUEST;
@@ -1008,7 +1014,7 @@ __attribute__((noinline)) int l7_classify_call(struct l7_sock *st, const struct 
 }
 
 /* Count what this call does to the socket's exchanges (global: its own frame, checked once).
- * `lengths`: bytes copied << 32 | bytes moved; `how`: the direction | keep the head << 1;
+ * `lengths`: bytes copied << 32 | bytes moved; `how`: the direction | keep requests' heads << 1;
  * the time is st->now, set by the caller. */
 __attribute__((noinline)) int l7_account(struct l7_sock *st, const struct l7_bytes *buf, __u64 lengths, __u64 how)
 {
@@ -1038,12 +1044,22 @@ __attribute__((noinline)) int l7_account(struct l7_sock *st, const struct l7_byt
 	 * every read, also while a keep-alive connection waits for its next request. */
 	if (st->resp_bytes)
 		l7_flush_response_bytes(st);
-	/* A request's head, kept while its calls are not copied: an error's detail. */
+	/* Each request's head is kept (the overload sampling may leave its response out, or
+	 * have left it out): an error's detail.  Its copy is 32 words, cheap beside the call. */
 	if (call->save_head && st->head_wanted) {
-		__builtin_memcpy(st->head, call->buf->b, L7_SAVED_HEAD);
-		st->head_len = call->len < L7_SAVED_HEAD ? call->len : L7_SAVED_HEAD;
+		if (st->head_stashed) { /* the packet's header, read alone before, comes first */
+			__builtin_memcpy(st->head, st->mysql_stash_head, 4);
+			__builtin_memcpy(st->head + 4, call->buf->b, L7_SAVED_HEAD - 4);
+			st->head_len = call->len < L7_SAVED_HEAD - 4 ? call->len + 4 : L7_SAVED_HEAD;
+		} else {
+			__builtin_memcpy(st->head, call->buf->b, L7_SAVED_HEAD);
+			st->head_len = call->len < L7_SAVED_HEAD ? call->len : L7_SAVED_HEAD;
+		}
 		st->head_ns = call->ts;
+		st->head_stashed = 0;
 	}
+	if (action == L7_ERROR_DETAIL && !call->save_head)
+		return L7_NOTHING;
 	return action;
 }
 

@@ -514,9 +514,10 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	identify_call(task, direction, call);
 	resolve_buffer(task, call);
 	__u32 want = copy ? v->capture : 0;
-	/* Not copied: the accounting keeps a request's head in case its response is an error. */
-	bool save_head = !copy && error_heads_per_second;
-	__u32 need = account ? l7_bytes_wanted(&v->l7, save_head) : 0;
+	/* The accounting keeps each request's head in case its response is an error that the
+	 * sampling leaves out (or left its request out). */
+	bool save_head = error_heads_per_second != 0;
+	__u32 need = account ? l7_bytes_wanted(&v->l7, save_head, direction) : 0;
 	__u32 captured = copy_call(s, call, want > need ? want : need, ret);
 	__u64 now = bpf_ktime_get_ns();
 	int action = L7_NOTHING;
@@ -529,7 +530,7 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 			l7_note_endpoints(st, sk);
 			/* Classified on this call: copy what the protocol needs of it (Redis: its whole window). */
 			if (l7_classify_call(st, bytes, (__u64)captured << 32 | (__u32)ret, how)) {
-				need = l7_bytes_wanted(st, save_head);
+				need = l7_bytes_wanted(st, save_head, direction);
 				if (need > captured && captured < (__u32)ret)
 					captured = copy_call(s, call, want > need ? want : need, ret);
 			}
@@ -541,9 +542,9 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 		fill_record(&s->rec, sk, call, now, pid, tid, direction, ret, captured < want ? captured : want, seq,
 			    key, ctl->sample_shift, 0);
 		output_record(s);
-	} else if (action == L7_ERROR_DETAIL && save_head) {
-		emit_error_detail(s, sk, call, &v->l7, now, pid, tid, direction, ret);
 	}
+	if (action == L7_ERROR_DETAIL)
+		emit_error_detail(s, sk, call, &v->l7, now, pid, tid, direction, ret);
 	return 0;
 }
 

@@ -248,6 +248,7 @@ http {{
         root {dir}/html;
         location / {{ }}
         location /nosendfile/ {{ sendfile off; }}
+        location = /fail {{ return 503; }}
         location /api/ {{
             proxy_pass http://backend;
             proxy_http_version 1.1;

@@ -160,10 +160,11 @@ class Agent:
 
     PROBES = ("process", "tcp", "payload")
 
-    def __init__(self, store: pathlib.Path, events: pathlib.Path, api_port: int, timeout: float = 60):
+    def __init__(self, store: pathlib.Path, events: pathlib.Path, api_port: int, timeout: float = 60,
+                 extra: tuple[str, ...] = ()):
         self.token = f"e2e-{os.getpid()}-{api_port}"
         self.args = [sys.executable, "-m", "deetune.agent", "--store", str(store), "--api", f"{HOST}:{api_port}",
-                     "--api-token", self.token, "--window", str(WINDOW), "--sink", f"jsonl:{events}", "-v"]
+                     "--api-token", self.token, "--window", str(WINDOW), "--sink", f"jsonl:{events}", "-v", *extra]
         self.url = f"http://{HOST}:{api_port}"
         self.proc = subprocess.Popen(self.args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      stdin=subprocess.DEVNULL)
@@ -634,7 +635,8 @@ def same_history(now: dict, before: dict, app: App, pids: set[int], tmp_path: pa
     if now_history == before_history:
         return
     for name, data in (("before", before), ("now", now)):
-        (tmp_path / f"snapshot-{name}.json").write_text(json.dumps(data, default=str, indent=1))
+        readable = {**data, "dependencies": {str(k): v for k, v in data["dependencies"].items()}}
+        (tmp_path / f"snapshot-{name}.json").write_text(json.dumps(readable, default=str, indent=1))
     differences = []
     for key, old_value in before_history.items():
         if now_history[key] != old_value:

@@ -231,9 +231,10 @@ class ExchangeEvent(Event):
     cgroup_id: int = attrs.field(kw_only=True, default=0)
     #: The socket's cookie: unique per connection while the kernel runs (0: not known).
     conn_id: int = attrs.field(kw_only=True, default=0)
-    #: How many exchanges this detail stands for: under overload sampling the payload of
-    #: 1 connection-period in N is decoded, and each exchange decoded stands for N (1: itself).
-    sampling: int = attrs.field(kw_only=True, default=1)
+    #: How many exchanges this detail stands for (1: itself).  Under overload sampling the payload
+    #: of 1 connection-period in N is decoded; the exchanges the kernel counts are weighted so that
+    #: the decoded ones of an edge side add up to its exact count (deetune.detail), others by N.
+    sampling: int | float = attrs.field(kw_only=True, default=1)
     #: Protocol specifics (``host``, ``version``, ``traceparent``, ``user`` …).
     attributes: dict[str, Any] = attrs.field(kw_only=True, factory=dict)
     #: Service names of both ends, set in place by the topology aggregator (None before it; the

@@ -54,8 +54,10 @@ class L7Stats:
     #: Recorded connections decoded again from a request after their decoder gave up (e.g. when
     #: the kernel lost a record of theirs).
     resynced: int = 0
-    #: Errors whose heads the kernel copied from connections it was not copying (overload sampling).
+    #: Errors whose heads the kernel copied (every error, up to a rate).
     error_heads: int = 0
+    #: ... of them that the connection's own decoding had reported already.
+    error_heads_duplicate: int = 0
 
 
 @attrs.define
@@ -145,6 +147,8 @@ class L7Handler:
         self._data_ns = 0
         #: The request heads of error heads waiting for their response heads, by connection.
         self._error_requests: collections.OrderedDict[int, DataEvent] = collections.OrderedDict()
+        #: (connection, response start) of the errors the connections' decoding reported lately.
+        self._errors_reported: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
 
     def __call__(self, event: Event) -> Iterable[Event]:
         if isinstance(event, DataEvent):
@@ -259,9 +263,10 @@ class L7Handler:
         return out
 
     def _on_error_head(self, event: DataEvent) -> list[Event]:
-        """An error the kernel's accounting saw on a connection whose calls were not copied comes as
-        two records: the request's head, then the response's.  Decoded on their own (the
-        connection's session, if any, never sees them): every error has its detail."""
+        """Every error the kernel's accounting saw comes as two records: the request's head, then
+        the response's.  Decoded on their own (the connection's session, if any, never sees them):
+        every error has its detail, once: when the connection's own decoding reported it already
+        (its records came first, from the same call), the heads are dropped."""
         key = event.conn_id or event.sock_id
         request = self._error_requests.pop(key, None)
         if request is None:
@@ -277,7 +282,14 @@ class L7Handler:
         exchanges += session.close(event.ts_mono_ns)
         conn = _Conn(session, event.pid, event.comm, event.laddr, event.lport, event.raddr, event.rport,
                      event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id)
-        out: list[Event] = [self._exchange_event(conn, x, event.sock_id) for x in exchanges if x.error]
+        out: list[Event] = []
+        for x in exchanges:
+            if not x.error:
+                continue
+            if (key, x.response_start_ns) in self._errors_reported:
+                self.stats.error_heads_duplicate += 1  # its connection's own decoding reported it
+                continue
+            out.append(self._exchange_event(conn, x, event.sock_id))
         self.stats.error_heads += 1
         self.stats.exchanges += len(out)
         return out
@@ -359,6 +371,11 @@ class L7Handler:
             self.mute(sock_id)
 
     def _exchange_event(self, conn: _Conn, x: Exchange, sock_id: int) -> ExchangeEvent:
+        if x.error and x.response_start_ns is not None and x.protocol in KERNEL_COUNTED:
+            reported = self._errors_reported
+            reported[(conn.conn_id or sock_id, x.response_start_ns)] = None
+            if len(reported) > 4096:
+                reported.popitem(last=False)
         conn.rep_req += x.request_bytes
         conn.rep_resp += x.response_bytes
         request_payload = response_payload = None

@@ -278,6 +278,9 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
         # Recording tasks need the payload (their bytes) and the store (where they go).
         recording_ports = RecordingPorts() if not args.no_store else None
         handlers.append(L7Handler(decoders, mute=payload.mute, emit_data=args.emit_data, recording=recording_ports))
+        from deetune.detail import DetailWeigher
+
+        handlers.append(DetailWeigher())  # the detail weighted by the kernel's exact counts
     mapping = None
     if args.mapping:
         try:

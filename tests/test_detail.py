@@ -1,0 +1,100 @@
+"""The detail's weights: decoded exchanges add up to the kernel's exact counts (deetune.detail)."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deetune.detail import DetailWeigher
+from deetune.events import ExchangeEvent, RequestCounts
+
+
+def exchange(*, error: bool = False, protocol: str = "http", pid: int = 10, sampling: int = 1, ts: int = 1) -> ExchangeEvent:
+    return ExchangeEvent(ts, ts_mono_ns=ts, protocol=protocol, pid=pid, comm="srv", role="server", laddr="127.0.0.1",
+                         lport=8080, raddr="10.0.0.9", rport=40000, method="GET", target="/", status=500 if error else 200,
+                         error=error, latency_ns=1, request_bytes=1, response_bytes=1, sampling=sampling)
+
+
+def counted(count: int, *, outcome: str = "ok", protocol: str = "http", pid: int = 10) -> RequestCounts:
+    return RequestCounts(1, role="server", pid=pid, raddr="10.0.0.9", port=8080, protocol=protocol, method="GET",
+                         status=500 if outcome == "error" else 200, outcome=outcome, count=count)
+
+
+def test_decoded_exchanges_are_held_until_the_counts_and_share_them():
+    weigher = DetailWeigher()
+    held = [exchange(ts=i) for i in range(4)]
+    assert all(list(weigher(e)) == [] for e in held)  # held until the next read of the counts
+    error = exchange(error=True, ts=9)
+    assert list(weigher(error)) == [error] and error.sampling == 1  # every error is decoded: itself
+    assert list(weigher(c := counted(40))) == [c]
+    assert list(weigher(c := counted(1, outcome="error"))) == [c]
+    released = weigher.tick()
+    assert released == held[:4]  # oldest first; the error passed at once
+    assert [e.sampling for e in released] == [10, 10, 10, 10]  # 40 counted, 4 decoded
+    assert weigher.tick() == []
+
+
+def test_a_weight_is_never_below_one_and_what_it_took_ahead_is_carried():
+    weigher = DetailWeigher()
+    first = exchange(ts=1)
+    weigher(first)  # decoded before the kernel's count of it moved
+    assert [e.sampling for e in weigher.tick()] == [1]
+    weigher(counted(1))
+    assert weigher.tick() == []
+    later = [exchange(ts=i) for i in (2, 3, 4)]
+    for e in later:
+        weigher(e)
+    weigher(counted(10))
+    # 11 counted in all, 1 already stood for: 10 over 3.
+    weights = [e.sampling for e in weigher.tick()]
+    assert weights == [10 / 3] * 3 and 1 + sum(weights) == 11
+
+
+def test_protocols_the_kernel_does_not_count_pass_at_once_with_their_own_weight():
+    weigher = DetailWeigher()
+    plugin = exchange(protocol="kafka", sampling=8)
+    assert list(weigher(plugin)) == [plugin] and plugin.sampling == 8
+
+
+def test_the_unanswered_and_the_unparsed_count_as_they_are():
+    weigher = DetailWeigher()
+    weigher(exchange())
+    weigher(counted(3, outcome="no_response"))
+    weigher(counted(5, outcome="unparsed"))  # chunks, not exchanges
+    assert [e.sampling for e in weigher.tick()] == [3]
+
+
+def test_edge_sides_are_apart():
+    weigher = DetailWeigher()
+    a, b = exchange(pid=1), exchange(pid=2)
+    weigher(a), weigher(b)
+    weigher(counted(6, pid=1)), weigher(counted(2, pid=2))
+    weigher.flush()
+    assert (a.sampling, b.sampling) == (6, 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 20), st.integers(0, 20)), min_size=1, max_size=30))
+def test_weights_add_up_to_the_counts(ticks):
+    """Each weight is at least one; the weights add up to the kernel's count whenever each read
+    counted at least what was decoded since the last (the usual case: the detail is a sample),
+    and otherwise exceed it by no more than the exchanges decoded ahead of their count."""
+    weigher = DetailWeigher()
+    weights: list[float] = []
+    total_counted = total_decoded = counted_when_last_weighed = 0
+    for counted_now, decoded_now in ticks:
+        for i in range(decoded_now):
+            weigher(exchange(ts=i))
+        if counted_now:
+            weigher(counted(counted_now))
+        total_counted += counted_now
+        total_decoded += decoded_now
+        released = [e.sampling for e in weigher.tick()]
+        if released:
+            counted_when_last_weighed = total_counted
+        weights += released
+    assert len(weights) == total_decoded
+    assert all(w >= 1 for w in weights)
+    if all(c >= d for c, d in ticks):  # counts after the last release have no exchange to stand for them yet
+        assert abs(sum(weights) - counted_when_last_weighed) < 1e-6
+    assert sum(weights) <= total_counted + total_decoded + 1e-6

@@ -602,6 +602,117 @@ def test_unexpected_internal_errors_become_undecodable(monkeypatch):
         HttpDecoder().feed(chunk(REQ, GET, 1))
 
 
+# -- tolerance: what servers accept, each departure named ---------------------------------------
+
+
+def one_exchange(request: bytes, response: bytes = OK_HELLO, decoder=None):
+    (got,) = decode([chunk(REQ, request, 1), chunk(RESP, response, 2)], decoder=decoder)
+    return got
+
+
+@pytest.mark.parametrize(
+    "request_line, method, target, version, anomalies",
+    [
+        (b"GET HTTP/1.1", "GET", "", "1.1", ["no_target"]),
+        (b"OPTIONS HTTP/1.1", "OPTIONS", "", "1.1", ["no_target"]),
+        (b"CONNECT host:25 / HTTP/1.0", "CONNECT", "host:25 /", "1.0", ["space_in_target"]),
+        (b"GET /a b c HTTP/1.1", "GET", "/a b c", "1.1", ["space_in_target"]),
+        (b"GET /x http/1.1", "GET", "/x", "1.1", ["version_case"]),
+        (b"GET /x Http/1.0", "GET", "/x", "1.0", ["version_case"]),
+    ],
+)
+def test_request_lines_servers_accept(request_line, method, target, version, anomalies):
+    response = b"HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n"
+    got = one_exchange(request_line + b"\r\nHost: h\r\n\r\n", response)
+    assert (got.method, got.target, got.status, got.attributes["version"]) == (method, target, 502, version)
+    assert got.attributes["anomalies"] == anomalies
+
+
+def test_lower_case_version_in_a_status_line():
+    response = b"http/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+    got = one_exchange(GET, response)
+    assert (got.status, got.response_bytes, got.attributes["anomalies"]) == (200, len(response), ["version_case"])
+
+
+def test_http09_request_and_response_until_close():
+    decoder = HttpDecoder()
+    document = b"<html>a document, no status line</html>"
+    got = decode([chunk(REQ, b"GET /old.html\r\n", 1), chunk(RESP, document[:10], 2), chunk(RESP, document[10:], 3)],
+                 close_ts=9, decoder=decoder)
+    assert got == [exchange(
+        target="/old.html", status=None, request_start_ns=1, request_end_ns=1, response_start_ns=2, response_end_ns=3,
+        request_bytes=15, response_bytes=len(document),
+        attributes={"host": None, "version": "0.9", "reason": None, "response_body_bytes": len(document),
+                    "anomalies": ["http09"]})]
+
+
+@pytest.mark.parametrize("value, length", [(b"0" * 25, 0), (b"0" * 30 + b"5", 5), (b"5, 5", 5)])
+def test_content_length_with_leading_zeros_or_repeated(value, length):
+    body = b"x" * length
+    response = b"HTTP/1.1 200 OK\r\nContent-Length: " + value + b"\r\n\r\n" + body
+    got = decode([chunk(REQ, GET, 1), chunk(RESP, response, 2), chunk(REQ, GET, 3), chunk(RESP, OK_HELLO, 4)])
+    assert [(e.status, e.response_bytes, e.attributes["response_body_bytes"]) for e in got] == [
+        (200, len(response), length), (200, len(OK_HELLO), 5)]
+    assert "anomalies" not in got[0].attributes
+
+
+@pytest.mark.parametrize("direction", [REQ, RESP])
+def test_chunked_not_the_last_coding_is_still_chunked(direction):
+    body = b"5\r\nhello\r\n0\r\n\r\n"
+    if direction is REQ:
+        request = b"POST /p HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked, identity\r\n\r\n" + body
+        got = one_exchange(request)
+        assert (got.request_bytes, got.attributes["request_body_bytes"]) == (len(request), 5)
+    else:
+        response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, identity\r\n\r\n" + body
+        got = one_exchange(GET, response)
+        assert (got.response_bytes, got.attributes["response_body_bytes"]) == (len(response), 5)
+    assert got.attributes["anomalies"] == ["chunked_not_last"]
+
+
+def test_obsolete_line_folding_is_unfolded():
+    request = b"POST /f HTTP/1.1\r\nHost: a\r\n  b\r\nContent-Length:\r\n\t3\r\n\r\nabc"
+    got = decode([chunk(REQ, request, 1), chunk(RESP, OK_HELLO, 2), chunk(REQ, GET, 3), chunk(RESP, OK_HELLO, 4)])
+    assert [(e.target, e.attributes["host"], e.request_bytes) for e in got] == [
+        ("/f", "a b", len(request)), ("/items?id=7&x=%20y", "example.com", len(GET))]
+    assert got[0].attributes["request_body_bytes"] == 3
+    assert got[0].attributes["anomalies"] == ["obs_fold"]
+
+
+def test_a_blank_before_the_colon():
+    request = b"POST /s HTTP/1.1\r\nHost : h\r\nContent-Length : 2\r\n\r\nok"
+    got = one_exchange(request)
+    assert (got.attributes["host"], got.request_bytes, got.attributes["anomalies"]) == (
+        "h", len(request), ["space_before_colon"])
+
+
+def test_empty_lines_before_a_request_are_skipped():
+    got = one_exchange(b"\r\n\r\n" + GET)
+    assert (got.target, got.request_bytes, got.attributes["anomalies"]) == (
+        "/items?id=7&x=%20y", len(GET), ["leading_empty_line"])
+
+
+def test_mixed_line_ends_in_one_head():
+    request = b"GET /m HTTP/1.1\r\nHost: h\nAccept: */*\n\n"
+    got = one_exchange(request)
+    assert (got.target, got.attributes["host"], got.request_bytes, got.attributes["anomalies"]) == (
+        "/m", "h", len(request), ["bare_lf"])
+
+
+def test_an_early_response_with_bare_lf_and_a_stray_line_feed_after_it():
+    """The server answers before the request body is all there, with bare LF line ends and an extra LF after
+    its body; the exchange and the next one are both reported."""
+    post = b"POST /upload HTTP/1.1\r\nHost: h\r\nContent-Length: 10\r\n\r\n"
+    early = b"HTTP/1.1 413 Payload Too Large\nContent-Length: 4\n\nnope\n"
+    chunks = [chunk(REQ, post + b"abc", 1), chunk(RESP, early, 2), chunk(REQ, b"defghij", 3),
+              chunk(REQ, GET, 4), chunk(RESP, OK_HELLO, 5)]
+    got = decode(chunks)
+    assert [(e.target, e.status, e.request_end_ns, e.response_bytes, e.attributes.get("anomalies")) for e in got] == [
+        ("/upload", 413, 3, len(early) - 1, ["bare_lf"]),
+        ("/items?id=7&x=%20y", 200, 4, len(OK_HELLO), ["leading_empty_line"]),
+    ]
+
+
 # -- properties --------------------------------------------------------------------
 
 TOKEN_CHARS = string.ascii_letters + string.digits + "-._~/?=&%"

@@ -341,9 +341,10 @@ def test_too_many_requests_without_response_are_reported_unanswered():
     assert len(got) == MAX_PENDING and {(e.status, e.request_start_ns) for e in got[:1]} == {(None, 0)}
     assert [e.request_start_ns for e in got] == list(range(MAX_PENDING))
     assert decoder.take_counts() == {"pending_limit": 1}
-    # A response now answers the first request queued after the cut (it started after that request ended).
-    (answered,) = decoder.feed(chunk(RESP, OK_HELLO, 5000))
-    assert (answered.request_start_ns, answered.status) == (MAX_PENDING, 200)
+    # A response now answers the last request sent before it; those passed over are reported without one.
+    got = decoder.feed(chunk(RESP, OK_HELLO, 5000))
+    assert [(e.request_start_ns, e.status, e.attributes.get("gap")) for e in got] == [
+        (i, None, True) for i in range(MAX_PENDING, 1999)] + [(1999, 200, None)]
 
 
 # -- truncated captures ------------------------------------------------------------

@@ -45,11 +45,12 @@ class Undecodable(Exception):
 
     Raised from :meth:`Decoder.feed`.  The message is one line.  ``exchanges``
     are the ones this feed completed before the failure: the caller reports them.
-    ``reason`` is a short name for counting (``"gap"``, ``"garbage"``,
-    ``"pending_limit"`` …; default ``"undecodable"``).  The caller then closes the
-    decoder and, when the protocol was recognised, starts a fresh one at the next
-    chunk that looks like a request (counted as a resync), or gives the connection
-    up when that keeps failing.
+    ``reason`` is a short name for counting (``"gap"``, ``"garbage"`` …; default
+    ``"undecodable"``).  The caller then closes the decoder and, when the protocol
+    was recognised, starts a fresh one at the next chunk that looks like a request
+    (counted as a resync), or gives the connection up when that keeps failing.
+    ``reason="unsupported"`` (TLS, a compressed protocol, a replication stream)
+    gives the connection up at once.
     """
 
     def __init__(self, message: str = "", *, exchanges: Iterable["Exchange"] = (), reason: str = "undecodable"):
@@ -165,6 +166,8 @@ class Decoder:
 
     def count(self, what: str, n: int = 1) -> None:
         """Count ``n`` occurrences of ``what`` (a short name: ``"unsolicited_response"`` …)."""
+        if not n:
+            return
         counts = self.counts
         if counts is None:
             counts = self.counts = {}

@@ -44,6 +44,7 @@ import re
 from collections import deque
 from typing import Iterable
 
+from deetune.decoders._barrier import past_barrier
 from deetune.decoders.base import Chunk, Decoder, Direction, Exchange, Undecodable
 
 #: Largest head (start line and headers) or trailer line buffered; longer means we lost the framing.
@@ -561,9 +562,11 @@ class HttpDecoder(Decoder):
         return True
 
     def _answered_request(self, side: _Side, status: int) -> _Pending | None:
-        """The request a response head answers: the first waiting, unless a barrier stands first
-        and this response started before the end of the request behind it (it answers a request
-        that was not seen).  Unsolicited responses are framed with a stand-in (see _orphan)."""
+        """The request a response head answers: the first waiting.  Behind a barrier (requests or
+        responses were lost), the first of the last requests written together that ended before
+        this response started; those before it lost their responses with the framing (reported
+        with ``gap``), and a response that started before any of them answers a request that was
+        not seen.  Unsolicited responses are framed with a stand-in (see _orphan)."""
         unanswered = self._unanswered
         if not unanswered:
             if self._request.state == _HEAD and self._request.buf and self._request.buf.rfind(b"\n") >= 0:
@@ -571,10 +574,8 @@ class HttpDecoder(Decoder):
                 # an oversized head): report that request with what we saw.
                 self._finish_partial(self._request, True)
         if unanswered and unanswered[0] is _BARRIER:
-            following = unanswered[1] if len(unanswered) > 1 else None
-            if (following is not None and following.request_end_ns is not None
-                    and side.start_ns >= following.request_end_ns):
-                unanswered.popleft()
+            for lost in past_barrier(unanswered, side.start_ns, _request_end) or ():
+                lost.response_done = lost.gap = True
         if not unanswered or unanswered[0] is _BARRIER:
             if status >= 200 or status == 101:
                 self.count("unsolicited_response")
@@ -655,36 +656,39 @@ class HttpDecoder(Decoder):
     def _seek(self, side: _Side, data: bytes, pos: int, ts: int, is_request: bool) -> int:
         """Skip to the next message start in ``data[pos:]`` (at the chunk's first byte or after a line
         feed); return the position to go on from (the end when none is here)."""
-        carry = side.buf
         end = len(data)
         at_start = _REQUEST_START if is_request else _RESPONSE_START
-        after_lf = _REQUEST_START_AFTER_LF if is_request else _RESPONSE_START_AFTER_LF
-        if carry:  # the end of the previous chunk, from its last line feed
-            joined = bytes(carry) + data[pos : pos + 64]
-            match = after_lf.search(joined, 0)
-            carry.clear()
-            if match is not None and match.start() + 1 < len(joined) - (end - pos if end - pos < 64 else 64):
-                start = match.start() + 1
-                side.buf += joined[start:]
-                # What follows in this chunk continues the head begun in the carry.
-                del side.buf[len(joined) - start - min(64, end - pos):]
+        carry = side.buf  # a possible start at the end of the previous chunk, too short to tell
+        if carry:
+            joined = bytes(carry) + data[pos : pos + _SEEK_CARRY]
+            if at_start.match(joined):  # the message began in the previous chunk
                 side.start_ns = side.carry_ns
+                side.wire = side.scanned = len(carry)
                 side.state = _HEAD
-                side.scanned = 0
-                side.wire = len(side.buf)
+                side.skipped = 0
                 return pos
+            if len(joined) == len(carry) + end - pos and _could_start(joined, is_request):
+                carry += data[pos:]  # still too short to tell
+                return end
+            self.count("skipped_bytes", len(carry))
+            side.skipped += len(carry)
+            carry.clear()
         if (pos == 0 or data[pos - 1] == 10) and at_start.match(data, pos):
             found = pos
         else:
-            match = after_lf.search(data, pos)
+            match = (_REQUEST_START_AFTER_LF if is_request else _RESPONSE_START_AFTER_LF).search(data, pos)
             found = -1 if match is None else match.start() + 1
         if found < 0:
-            side.skipped += end - pos
-            self.count("skipped_bytes", end - pos)
-            tail = data.rfind(b"\n", max(pos, end - _SEEK_CARRY))
-            if tail >= 0:
-                carry += data[tail:]
-                side.carry_ns = ts
+            # A start line may begin near the end and go on in the next chunk: keep those bytes.
+            tail = data.rfind(b"\n", max(pos, end - _SEEK_CARRY)) + 1
+            if not tail and (pos or end > _SEEK_CARRY):
+                tail = end
+            elif not tail:
+                tail = pos
+            carry += data[tail:]
+            side.carry_ns = ts
+            side.skipped += tail - pos
+            self.count("skipped_bytes", tail - pos)
             if side.skipped > MAX_SEEK_BYTES:
                 raise Undecodable(f"http: no message start in {MAX_SEEK_BYTES} bytes", reason="garbage")
             return end
@@ -772,6 +776,24 @@ class HttpDecoder(Decoder):
             if state != _UNTIL_CLOSE:
                 side.pending.incomplete = True
             self._complete(side, side.last_ns, is_request)
+
+
+_RESPONSE_START_PREFIX = re.compile(
+    rb"[Hh](?:[Tt](?:[Tt](?:[Pp](?:/(?:1(?:\.(?:[0-9](?: (?:[0-9](?:[0-9](?:[0-9])?)?)?)?)?)?)?)?)?)?)?")
+
+
+def _could_start(head: bytes, is_request: bool) -> bool:
+    """Whether ``head``, too short to match a start line, is the beginning of one."""
+    if not is_request:
+        return _RESPONSE_START_PREFIX.fullmatch(head) is not None
+    method, space, rest = head.partition(b" ")
+    if not space:
+        return any(known.startswith(method) for known in _KNOWN_METHODS)
+    return method in _KNOWN_METHODS and not rest
+
+
+def _request_end(pending: _Pending) -> int | None:
+    return pending.request_end_ns
 
 
 def _orphan() -> _Pending:

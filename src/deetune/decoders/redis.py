@@ -13,10 +13,11 @@ from __future__ import annotations
 
 import re
 from collections import deque
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import attrs
 
+from deetune.decoders._barrier import past_barrier
 from deetune.decoders.base import Chunk, Decoder, Direction, Exchange, Undecodable
 
 #: Longest header or inline line accepted (Redis' own inline limit).
@@ -540,8 +541,21 @@ class _Command:
         self.confirmations: tuple[bytes, int | None] | None = None
 
 
+def _too_short(data: bytes, request: bool) -> bool:
+    """Whether ``data`` is too short to tell whether it starts a message: a command's start takes
+    two lines and the command name's first byte (``*2\\r\\n$3\\r\\nG``), a reply's one line."""
+    lines = data.count(b"\r\n")
+    if not request:
+        return lines < 1
+    return lines < 2 or (lines == 2 and data.endswith(b"\r\n"))
+
+
 #: In the queue of commands: an unknown number of commands was lost here (see RedisDecoder).
 _BARRIER = _Command(_Message(0), "", "", {}, True)
+
+
+def _command_end(command: _Command) -> int | None:
+    return None if command is _BARRIER else command.msg.end_ns
 
 
 def _command_target(method: str, items: list[bytes | None]) -> str:
@@ -641,24 +655,34 @@ class RedisDecoder(Decoder):
         #: A direction whose framing was lost waits for a chunk that starts a message.
         self._commands_lost = False
         self._replies_lost = False
+        #: Short chunks held while telling whether they start a message (see _take_up).
+        self._held_start: list[Chunk] = []
 
     def feed(self, chunk: Chunk) -> Iterable[Exchange]:
         out: list[Exchange] = []
         try:
             if chunk.direction is _REQUEST:
-                if self._commands_lost and not self._take_up_commands(chunk):
-                    return out
-                for msg in self._commands.feed(chunk.data, chunk.size, chunk.ts_ns):
-                    self._on_command(msg)
+                chunks = [chunk]
+                if self._commands_lost:
+                    chunks = self._take_up(chunk, self._command_start, True)
+                    if not chunks:
+                        return out
+                for piece in chunks:
+                    for msg in self._commands.feed(piece.data, piece.size, piece.ts_ns):
+                        self._on_command(msg)
                 if self._commands.error is not None:
                     self._lose_commands(*self._commands.error)
                 if len(self._pending) > self.max_pending:
                     self._too_many_pending(out)
             else:
-                if self._replies_lost and not self._take_up_replies(chunk):
-                    return out
-                for msg in self._replies.feed(chunk.data, chunk.size, chunk.ts_ns):
-                    self._on_reply(msg, out)
+                chunks = [chunk]
+                if self._replies_lost:
+                    chunks = self._take_up(chunk, self._reply_start, False)
+                    if not chunks:
+                        return out
+                for piece in chunks:
+                    for msg in self._replies.feed(piece.data, piece.size, piece.ts_ns):
+                        self._on_reply(msg, out)
                 if self._replies.error is not None:
                     self._lose_replies(*self._replies.error, out)
         except Undecodable as exc:
@@ -710,26 +734,41 @@ class RedisDecoder(Decoder):
         if not self._pending or self._pending[-1] is not _BARRIER:
             self._pending.append(_BARRIER)
 
-    def _take_up_commands(self, chunk: Chunk) -> bool:
-        """Whether this chunk starts a command (the framing is then followed again from it)."""
-        if not chunk.data or not self._command_start(chunk.data):
-            self.count("skipped_bytes", chunk.size)
-            return False
-        self._commands = _RespReader(request_side=True)
-        self._commands_lost = False
-        return True
+    def _take_up(self, chunk: Chunk, starts: Callable[[bytes], bool], request: bool) -> list[Chunk]:
+        """The chunks to follow the lost direction again from, when this one (or it joined to short
+        ones held before it: a message's first line may come in pieces) starts a message; else none."""
+        held, self._held_start = self._held_start, []
+        if held and held[-1].size > len(held[-1].data):
+            self.count("skipped_bytes", sum(c.size for c in held))
+            held = []
+        chunks = [*held, chunk]
+        joined = [b"".join(c.data for c in chunks[i:]) for i in range(len(chunks))]
 
-    def _take_up_replies(self, chunk: Chunk) -> bool:
-        """Whether this chunk starts a reply to a command queued since the replies were lost."""
+        for i, data in enumerate(joined):
+            if chunk.data and starts(data) and (request or self._reply_may_start(chunks[i])):
+                if request:
+                    self._commands, self._commands_lost = _RespReader(request_side=True), False
+                else:
+                    self._replies, self._replies_lost = _RespReader(request_side=False), False
+                self.count("skipped_bytes", sum(c.size for c in chunks[:i]))
+                return chunks[i:]
+        if chunk.data and chunk.size == len(chunk.data):
+            for i, data in enumerate(joined):
+                if data and len(data) < 64 and _too_short(data, request):
+                    self._held_start = chunks[i:]  # too short to tell yet
+                    self.count("skipped_bytes", sum(c.size for c in chunks[:i]))
+                    return []
+        self.count("skipped_bytes", sum(c.size for c in chunks))
+        return []
+
+    def _reply_may_start(self, chunk: Chunk) -> bool:
+        """Replies lost: only a reply that started after a command seen since can be paired."""
         pending = self._pending
         following = pending[1] if len(pending) > 1 and pending[0] is _BARRIER else None
-        if (not chunk.data or following is None or chunk.ts_ns < following.msg.end_ns
-                or self._REPLY_START.match(chunk.data) is None):
-            self.count("skipped_bytes", chunk.size)
-            return False
-        self._replies = _RespReader(request_side=False)
-        self._replies_lost = False
-        return True
+        return following is not None and chunk.ts_ns >= following.msg.end_ns
+
+    def _reply_start(self, data: bytes) -> bool:
+        return self._REPLY_START.match(data) is not None
 
     def _too_many_pending(self, out: list[Exchange]) -> None:
         self.count("pending_limit")
@@ -806,9 +845,10 @@ class RedisDecoder(Decoder):
                 return
         pending = self._pending
         if pending and pending[0] is _BARRIER:
-            following = pending[1] if len(pending) > 1 else None
-            if following is not None and msg.start_ns >= following.msg.end_ns:
-                pending.popleft()
+            for lost in past_barrier(pending, msg.start_ns, _command_end) or ():
+                exchange = self._unanswered(lost)
+                exchange.attributes["gap"] = True
+                out.append(exchange)
         if not pending or pending[0] is _BARRIER:
             self.orphan_replies += 1
             self.count("unsolicited_response")

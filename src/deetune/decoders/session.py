@@ -197,6 +197,7 @@ class StreamSession:
             self._starts[egress] = live[-MAX_CANDIDATES:]
         first = min((c.index for s in self._starts.values() for c in s), default=len(self._held))
         if first:
+            self._count("skipped_bytes", sum(item[2] for item in self._held[:first]))
             del self._held[:first]
             for starts in self._starts.values():
                 for candidate in starts:
@@ -286,11 +287,12 @@ class StreamSession:
             self._take_decoder_counts()
         self._count(f"resync:{reason}")
         self.resyncs += 1
-        self._resyncs_in_a_row = 0 if out else self._resyncs_in_a_row + 1
+        self._resyncs_in_a_row = 0 if completed else self._resyncs_in_a_row + 1
         self.reason = message
         self.decoder = None
         log.debug("stream %s resynchronising: %s", self.protocol, message)
-        if self.role is None or self.protocol is None or self._resyncs_in_a_row > MAX_RESYNCS:
+        if (self.role is None or self.protocol is None or reason == "unsupported"
+                or self._resyncs_in_a_row > MAX_RESYNCS):
             self._give_up(State.UNDECODABLE, message)
         else:
             self.state = State.RESYNCING

@@ -91,7 +91,7 @@ class _Conn:
     conn_id: int = 0
     #: The overload sampling the latest data was copied under (see ExchangeEvent.sampling).
     sampling: int = 1
-    #: The kernel's stream position expected next, written and read (-1: not known yet).
+    #: The kernel's stream position expected next, written and read (-1: not known).
     next_out: int = -1
     next_in: int = -1
     #: The kernel socket (its address, reused once the socket is freed).
@@ -388,6 +388,10 @@ class L7Handler:
         session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
         conn = _Conn(session, event.pid, event.comm, event.laddr, event.lport, event.raddr, event.rport,
                      event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id, sock_id=event.sock_id)
+        if event.seq >= 0:
+            # The kernel counts both directions from the first call it saw on the socket: bytes
+            # before a direction's first event here moved unseen (calls left out by sampling).
+            conn.next_out = conn.next_in = 0
         self._conns[key] = conn
         self._by_sock[event.sock_id] = key
         if len(self._conns) > MAX_CONNECTIONS:

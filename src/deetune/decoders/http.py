@@ -633,17 +633,27 @@ class HttpDecoder(Decoder):
         side.anomalies = None
         if not is_request:
             # Responses to the requests waiting may have gone by unseen.
-            self._clear_unanswered(gap=True)
+            self._clear_unanswered(gap=True, since_barrier=True)
         if not self._unanswered or self._unanswered[-1] is not _BARRIER:
             self._unanswered.append(_BARRIER)
         side.state = _SEEK
         side.skipped = 0
         side.carry_ns = ts
 
-    def _clear_unanswered(self, gap: bool) -> None:
-        """Report the requests waiting for a response as answered by nothing."""
+    def _clear_unanswered(self, gap: bool, since_barrier: bool = False) -> None:
+        """Report the requests waiting for a response as answered by nothing; with ``since_barrier``,
+        only those queued before the last barrier: the requests seen after requests were lost came
+        after those lost ones, and lost responses (sampled out with them) answered the earlier."""
         request_side = self._request
-        for pending in self._unanswered:
+        unanswered = self._unanswered
+        keep = 0
+        if since_barrier:
+            for index in range(len(unanswered) - 1, -1, -1):
+                if unanswered[index] is _BARRIER:
+                    keep = len(unanswered) - index
+                    break
+        while len(unanswered) > keep:
+            pending = unanswered.popleft()
             if pending is _BARRIER:
                 continue
             pending.response_done = True
@@ -651,7 +661,6 @@ class HttpDecoder(Decoder):
             if pending.request_end_ns is None and request_side.pending is not pending:
                 pending.request_end_ns = pending.request_start_ns
                 pending.incomplete = True
-        self._unanswered.clear()
 
     def _seek(self, side: _Side, data: bytes, pos: int, ts: int, is_request: bool) -> int:
         """Skip to the next message start in ``data[pos:]`` (at the chunk's first byte or after a line

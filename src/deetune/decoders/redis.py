@@ -634,7 +634,11 @@ class RedisDecoder(Decoder):
         line = _INLINE_START.match(data)
         if line is None or line.group(1).upper().decode() not in _INLINE_COMMANDS:
             return False
-        return b" HTTP/1." not in line.group(0)[-12:]  # an HTTP request line on Redis' port
+        if b" HTTP/1." in line.group(0)[-12:]:  # an HTTP request line on Redis' port
+            return False
+        # What follows is more inline commands, not RESP (the tail of a command whose start was lost).
+        following = data[line.end() : line.end() + 1]
+        return following not in (b"$", b"*")
 
     def __init__(self) -> None:
         self._commands = _RespReader(request_side=True)
@@ -720,7 +724,10 @@ class RedisDecoder(Decoder):
         self._replies_lost = True
         pending = self._pending
         out.extend(self._release_queued(None))
-        while pending:
+        # Commands seen after commands were lost (behind the last barrier) came after those lost
+        # ones: the replies lost with these answered the earlier commands (see HttpDecoder).
+        keep = next((len(pending) - i for i in range(len(pending) - 1, -1, -1) if pending[i] is _BARRIER), 0)
+        while len(pending) > keep:
             command = pending.popleft()
             if command is _BARRIER:
                 continue

@@ -172,11 +172,13 @@ def test_a_sampling_gap_reports_the_waiting_request_without_pairing_it_with_a_la
         seen_in += len(request(i))
         seen_out += len(response(i))
     got = run(h, events)
+    # /10 came while /0 waited (its response not yet known lost): whether its answer is the next
+    # response cannot be told from a client that pipelines, so it is given up rather than guessed.
     assert [(e.target, e.status, e.attributes.get("gap"), e.latency_ns) for e in got] == [
-        ("/0", None, True, None), ("/10", 200, None, 5), ("/11", 200, None, 5), ("/12", 200, None, 5)]
+        ("/0", None, True, None), ("/10", None, True, None), ("/11", 200, None, 5), ("/12", 200, None, 5)]
     assert (h.stats.gaps, h.stats.gap_bytes) == (2, seen_in - len(request(0)) - sum(
         len(request(i)) for i in range(10, 13)) + sum(len(response(i)) for i in range(10)))
-    assert h.stats.skipped == {"http": {"resync:gap": 2}}
+    assert h.stats.skipped == {"http": {"resync:gap": 2, "unsolicited_response": 1}}
 
 
 def test_a_call_seen_twice_is_passed_once():

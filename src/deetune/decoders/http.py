@@ -103,6 +103,7 @@ class _Pending:
         "request_start_ns", "request_end_ns", "request_bytes", "request_body_bytes",
         "status", "reason", "response_start_ns", "response_end_ns", "response_bytes",
         "response_body_bytes", "response_done", "continued", "incomplete", "anomalies", "gap", "orphan",
+        "eligible",
     )  # fmt: skip
 
     def __init__(self, method: str, target: str, version: str, host: str | None,
@@ -128,6 +129,7 @@ class _Pending:
         self.anomalies: list[str] | None = None
         self.gap = False  # its response was lost with the framing
         self.orphan = False  # a stand-in for the request an unsolicited response answers: never reported
+        self.eligible = True  # may be paired past a barrier (see deetune.decoders._barrier)
 
     def to_exchange(self) -> Exchange:
         attributes = {
@@ -449,6 +451,8 @@ class HttpDecoder(Decoder):
             if version == "0.9":  # its line end is not a head's blank line
                 pending.anomalies = [a for a in pending.anomalies if a != "bare_lf"] or None
         self._open.append(pending)
+        if unanswered and unanswered[0] is not _BARRIER:
+            pending.eligible = False
         unanswered.append(pending)
         side.pending = pending
         if partial:
@@ -574,8 +578,9 @@ class HttpDecoder(Decoder):
                 # an oversized head): report that request with what we saw.
                 self._finish_partial(self._request, True)
         if unanswered and unanswered[0] is _BARRIER:
-            for lost in past_barrier(unanswered, side.start_ns, _request_end) or ():
-                lost.response_done = lost.gap = True
+            for lost in past_barrier(unanswered, side.start_ns, _request_end, _eligible) or ():
+                if lost is not _BARRIER:
+                    lost.response_done = lost.gap = True
         if not unanswered or unanswered[0] is _BARRIER:
             if status >= 200 or status == 101:
                 self.count("unsolicited_response")
@@ -802,7 +807,11 @@ def _could_start(head: bytes, is_request: bool) -> bool:
 
 
 def _request_end(pending: _Pending) -> int | None:
-    return pending.request_end_ns
+    return -1 if pending is _BARRIER else pending.request_end_ns
+
+
+def _eligible(pending: _Pending) -> bool:
+    return pending.eligible and pending is not _BARRIER
 
 
 def _orphan() -> _Pending:

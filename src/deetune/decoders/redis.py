@@ -11,6 +11,7 @@ frames are not replies at all (pub/sub messages, RESP3 pushes).
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import deque
 from typing import Any, Callable, Iterable
@@ -528,7 +529,7 @@ def _check_scalar(kind: int, line: bytes) -> None:
 class _Command:
     """A command waiting for its reply."""
 
-    __slots__ = ("msg", "method", "target", "attributes", "replies", "confirmations")
+    __slots__ = ("msg", "method", "target", "attributes", "replies", "confirmations", "eligible")
 
     def __init__(self, msg: _Message, method: str, target: str, attributes: dict[str, Any],
                  replies: bool) -> None:
@@ -539,6 +540,7 @@ class _Command:
         self.replies = replies  # False: the server sends nothing back (CLIENT REPLY OFF/SKIP)
         #: For (un)subscribe commands: the confirmation kind, and how many come (None: unknown).
         self.confirmations: tuple[bytes, int | None] | None = None
+        self.eligible = True  # may be paired past a barrier (see deetune.decoders._barrier)
 
 
 def _too_short(data: bytes, request: bool) -> bool:
@@ -555,7 +557,11 @@ _BARRIER = _Command(_Message(0), "", "", {}, True)
 
 
 def _command_end(command: _Command) -> int | None:
-    return None if command is _BARRIER else command.msg.end_ns
+    return -1 if command is _BARRIER else command.msg.end_ns
+
+
+def _eligible(command: _Command) -> bool:
+    return command.eligible and command is not _BARRIER
 
 
 def _command_target(method: str, items: list[bytes | None]) -> str:
@@ -771,8 +777,9 @@ class RedisDecoder(Decoder):
     def _reply_may_start(self, chunk: Chunk) -> bool:
         """Replies lost: only a reply that started after a command seen since can be paired."""
         pending = self._pending
-        following = pending[1] if len(pending) > 1 and pending[0] is _BARRIER else None
-        return following is not None and chunk.ts_ns >= following.msg.end_ns
+        if len(pending) < 2 or pending[0] is not _BARRIER:
+            return False
+        return any(_eligible(c) and c.msg.end_ns <= chunk.ts_ns for c in itertools.islice(pending, 1, None))
 
     def _reply_start(self, data: bytes) -> bool:
         return self._REPLY_START.match(data) is not None
@@ -797,7 +804,10 @@ class RedisDecoder(Decoder):
         command = _Command(msg, method, _command_target(method, items), attributes, True)
         if method in _REPLY_SHAPING or self._replies_off or self._skip_next:
             self._shape_reply(command)
-        self._pending.append(command)
+        pending = self._pending
+        if pending and pending[0] is not _BARRIER:
+            command.eligible = False
+        pending.append(command)
 
     def _shape_reply(self, command: _Command) -> None:
         """Whether the command gets a reply, and of which form (CLIENT REPLY, subscriptions)."""
@@ -852,7 +862,9 @@ class RedisDecoder(Decoder):
                 return
         pending = self._pending
         if pending and pending[0] is _BARRIER:
-            for lost in past_barrier(pending, msg.start_ns, _command_end) or ():
+            for lost in past_barrier(pending, msg.start_ns, _command_end, _eligible) or ():
+                if lost is _BARRIER:
+                    continue
                 exchange = self._unanswered(lost)
                 exchange.attributes["gap"] = True
                 out.append(exchange)

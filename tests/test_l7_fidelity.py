@@ -125,3 +125,131 @@ def test_redis_py_pipelines_over_the_capture_size(redis_server, count):
         assert min(count, per_prefix) <= answered <= seen <= count, (role, results)
         assert results[(65536, role)] == (count, count), (role, results)
     print(results)
+
+
+# -- HTTP -----------------------------------------------------------------------------------------
+
+
+def http_get(port: int, path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n\r\n".encode()
+
+
+def read_responses(sock: socket.socket, count: int, body: int) -> int:
+    """Read ``count`` responses of ``body`` bytes each (in whatever reads the kernel gives); the bytes read."""
+    total = 0
+    data = b""
+    while data.count(b"HTTP/1.1 200 OK") < count or len(data) < total_expected(data, count, body):
+        block = sock.recv(262144)
+        assert block, "server closed"
+        data += block
+    total = len(data)
+    return total
+
+
+def total_expected(data: bytes, count: int, body: int) -> int:
+    head = data.index(b"\r\n\r\n") + 4 if b"\r\n\r\n" in data else 0
+    return count * (head + body) if head else 1 << 62
+
+
+def test_http_pipelining_with_large_responses(nginx_server):
+    """Ten pipelined requests for a 3 KiB file: the client reads several responses per call (over the
+    capture size).  nginx's side decodes all ten; the client's decodes those inside the copied part
+    and reports the others without a response, never paired with another's."""
+    nginx = nginx_server
+    body = bytes(range(256)) * 12  # 3 KiB
+    name = f"/pipelined-{os.urandom(4).hex()}.bin"
+    (nginx.dir / "html" / name.lstrip("/")).write_bytes(body)
+    count = 10
+    with capture(nginx.port) as collector:
+        with socket.create_connection((HOST, nginx.port)) as sock:
+            sock.sendall(b"".join(http_get(nginx.port, f"{name}?{i}") for i in range(count)))
+            read = read_responses(sock, count, len(body))
+        wait_quiet(collector, nginx.port, 2 * count)
+    response_bytes = read // count
+    server = [e for e in exchanges(collector, nginx.port, "server") if name in e.target]
+    client = [e for e in exchanges(collector, nginx.port, "client") if name in e.target]
+    assert [(e.target, e.status, e.response_bytes) for e in server] == [
+        (f"{name}?{i}", 200, response_bytes) for i in range(count)]
+    assert [e.target for e in client] == [f"{name}?{i}" for i in range(count)]
+    answered = [e for e in client if e.status is not None]
+    assert answered, client
+    for e in client:
+        if e.status is None:
+            assert e.attributes.get("gap") and e.response_bytes == 0, e
+        else:
+            assert (e.status, e.response_bytes) == (200, response_bytes), e
+    print("client answered", len(answered), "of", count)
+
+
+def test_short_connections_with_large_bodies_come_out_whole(nginx_server):
+    """New connections one after the other, each for a 2 MB body: the next connection on the same
+    kernel socket came before the previous one's last data, and responses were cut short
+    (2 MB bodies ending at 1,179,853 bytes) or had no status."""
+    nginx = nginx_server
+    body = os.urandom(2 << 20)
+    name = f"/large-{os.urandom(4).hex()}.bin"
+    (nginx.dir / "html" / name.lstrip("/")).write_bytes(body)
+    count = 12
+    sizes = []
+    with capture(nginx.port) as collector:
+        for i in range(count):
+            with socket.create_connection((HOST, nginx.port)) as sock:
+                sock.sendall(f"GET {name}?{i} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+                got = b""
+                while block := sock.recv(1 << 20):
+                    got += block
+            assert got.endswith(body)
+            sizes.append(len(got))
+        wait_quiet(collector, nginx.port, 2 * count)
+    for role in ("client", "server"):
+        mine = sorted((e for e in exchanges(collector, nginx.port, role) if name in e.target),
+                      key=lambda e: int(e.target.rsplit("?", 1)[1]))
+        assert [(e.target, e.status, e.response_bytes, e.attributes["response_body_bytes"]) for e in mine] == [
+            (f"{name}?{i}", 200, sizes[i], len(body)) for i in range(count)], role
+        assert len({e.conn_id for e in mine}) == count
+
+
+# -- MySQL ----------------------------------------------------------------------------------------
+
+ROWS = 10_000
+TEXT_ROWS = f"SELECT seq, seq * seq, CONCAT('row-', seq) FROM seq_1_to_{ROWS}"
+PREPARED_ROWS = f"SELECT seq, CONCAT('row-', seq) FROM seq_1_to_{ROWS} WHERE seq > ?"
+
+
+def mysql_rows(collector, port: int, role: str, target: str) -> list[tuple]:
+    return [(e.status, e.attributes.get("rows"), e.attributes.get("rows_truncated"))
+            for e in exchanges(collector, port, role) if e.target == target and e.method in ("QUERY", "STMT_EXECUTE")]
+
+
+@pytest.mark.parametrize("capture_bytes", [DEFAULT_CAPTURE_BYTES, 16384, 65536])
+def test_mysql_ten_thousand_rows_plain_and_prepared(mariadb_server, capture_bytes):
+    """A 10,000-row result reported 263 rows.  Rows are counted by their packet headers where the bytes
+    were seen; a count that could not be had exactly says so (rows_truncated).  mariadbd writes 16 KB at
+    a time and pymysql reads as much: a 16 KiB capture sees every row header (mysql-connector reads a
+    packet at a time: 4 KiB is enough for its side)."""
+    pymysql = need_module("pymysql", "pymysql")
+    connector = need_module("mysql.connector", "mysql-connector-python")
+    db = mariadb_server
+    with capture(db.port, capture_bytes=capture_bytes) as collector:
+        conn = pymysql.connect(host=HOST, port=db.port, user=DB_USER, password=DB_PASSWORD, database=DB_NAME)
+        with conn.cursor() as cur:
+            assert cur.execute(TEXT_ROWS) == ROWS
+        conn.close()
+        conn = connector.connect(host=HOST, port=db.port, user=DB_USER, password=DB_PASSWORD, database=DB_NAME,
+                                 use_pure=True, ssl_disabled=True)
+        cur = conn.cursor(prepared=True)
+        cur.execute(PREPARED_ROWS, (0,))
+        assert len(cur.fetchall()) == ROWS
+        cur.close()
+        conn.close()
+        wait_quiet(collector, db.port, 100)
+    for role in ("client", "server"):
+        for target in (TEXT_ROWS, PREPARED_ROWS):
+            (got,) = mysql_rows(collector, db.port, role, target)
+            print(capture_bytes, role, target[:20], got)
+            status, rows, truncated = got
+            assert status == "OK"
+            if capture_bytes >= 16384 or (role, target) == ("client", PREPARED_ROWS):
+                assert (rows, truncated) == (ROWS, None), (role, target, got)
+            else:
+                assert (rows, truncated) == (ROWS, None) or (truncated is True and rows < ROWS), (role, target, got)

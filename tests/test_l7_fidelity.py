@@ -44,7 +44,10 @@ WAIT = 30.0
 
 @contextlib.contextmanager
 def capture(*ports: int, capture_bytes: int = DEFAULT_CAPTURE_BYTES):
-    payload = PayloadProbe(ProbeOptions(), ports=ports, exclude_self=False, capture_bytes=capture_bytes)
+    # No CPU budget: on a shared test host the budget would sample connections out, and these tests
+    # are about what the decoders make of what is copied (sampling gaps: tests/test_l7_handler.py).
+    payload = PayloadProbe(ProbeOptions(), ports=ports, exclude_self=False, capture_bytes=capture_bytes,
+                           busy_cpu=None)
     handler = L7Handler(DECODERS, mute=payload.mute, listening=ListeningPorts(reader=lambda: set(ports)))
     with running_pipeline([TcpProbe(ProbeOptions(port=ports[0])), payload], handlers=[handler]) as collector:
         collector.handler = handler

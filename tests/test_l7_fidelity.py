@@ -256,3 +256,42 @@ def test_mysql_ten_thousand_rows_plain_and_prepared(mariadb_server, capture_byte
                 assert (rows, truncated) == (ROWS, None), (role, target, got)
             else:
                 assert (rows, truncated) == (ROWS, None) or (truncated is True and rows < ROWS), (role, target, got)
+
+
+# -- connections older than the capture -------------------------------------------------------------
+
+
+def test_connections_older_than_the_capture_are_decoded_from_their_next_message(mariadb_server, nginx_server):
+    """mariadbd reads a packet's header and its body in two calls: neither alone looked like a command,
+    and its side of a connection opened before the capture was never decoded.  nginx's side of a
+    keep-alive connection starts at the next request."""
+    import http.client
+
+    pymysql = need_module("pymysql", "pymysql")
+    db, nginx = mariadb_server, nginx_server
+    conn = pymysql.connect(host=HOST, port=db.port, user=DB_USER, password=DB_PASSWORD, database=DB_NAME,
+                           autocommit=True)
+    web = http.client.HTTPConnection(HOST, nginx.port)
+    web.request("GET", "/static.bin")
+    web.getresponse().read()
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT 1")  # before the capture
+        with capture(db.port, nginx.port) as collector:
+            with conn.cursor() as cur:
+                for i in range(3):
+                    cur.execute(f"SELECT n FROM numbers WHERE n = {i + 1}")
+            for i in range(3):
+                web.request("GET", f"/static.bin?older={i}")
+                web.getresponse().read()
+            wait_quiet(collector, db.port, 6)
+            wait_quiet(collector, nginx.port, 6)
+    finally:
+        conn.close()
+        web.close()
+    for role in ("client", "server"):
+        queries = [(e.method, e.target, e.status, e.attributes.get("rows"))
+                   for e in exchanges(collector, db.port, role) if e.method == "QUERY"]
+        assert queries == [("QUERY", f"SELECT n FROM numbers WHERE n = {i + 1}", "OK", 1) for i in range(3)], role
+        gets = [(e.target, e.status) for e in exchanges(collector, nginx.port, role) if "older" in e.target]
+        assert gets == [(f"/static.bin?older={i}", 200) for i in range(3)], role

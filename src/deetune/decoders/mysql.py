@@ -10,9 +10,13 @@ The decoder follows packet boundaries from the declared lengths, so a capture
 gap inside a payload is stepped over; a gap that swallows a packet header loses
 the framing.  In the response direction it then waits for the client's next
 command (the classic protocol is strictly request/response) and resynchronises
-on the next response chunk; in the request direction it gives up.
+on the next response chunk; responses that answer nothing seen, or cannot be
+read, are skipped the same way (counted).  In the request direction it raises
+:class:`Undecodable` and the session starts a fresh decoder at the next command.
+At most MAX_PENDING commands wait for a response.
 
-Compressed (CLIENT_COMPRESS / zstd) and TLS connections are not decoded.
+Compressed (CLIENT_COMPRESS / zstd) and TLS connections are not decoded
+(``reason="unsupported"``: the connection is given up).
 """
 
 from __future__ import annotations

@@ -285,16 +285,16 @@ class StreamSession:
         out.extend(held)
         if decoder is not None and getattr(decoder, "counts", None):
             self._take_decoder_counts()
-        self._count(f"resync:{reason}")
-        self.resyncs += 1
         self._resyncs_in_a_row = 0 if completed else self._resyncs_in_a_row + 1
         self.reason = message
         self.decoder = None
-        log.debug("stream %s resynchronising: %s", self.protocol, message)
         if (self.role is None or self.protocol is None or reason == "unsupported"
                 or self._resyncs_in_a_row > MAX_RESYNCS):
             self._give_up(State.UNDECODABLE, message)
         else:
+            self._count(f"resync:{reason}")
+            self.resyncs += 1
+            log.debug("stream %s resynchronising: %s", self.protocol, message)
             self.state = State.RESYNCING
             self._held = []
             self._starts = {True: [], False: []}

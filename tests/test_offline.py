@@ -394,7 +394,8 @@ def test_cli_decode_to_stdout(tmp_path, capsys):
     assert {json.loads(line)["type"] for line in lines} == {"request"}
     assert json.loads(lines[0])["target"] == "/index.html"
     assert lines[0] == json.dumps(json.loads(lines[0]), separators=(",", ":"))  # compact, as the jsonl sink
-    assert err == "deetune: 2 exchanges from 2 connections (0 unknown, 0 undecodable), 21 packets\n"
+    assert err == ("deetune: 2 exchanges from 2 connections (0 unknown, 0 undecodable), 21 packets\n"
+                   "deetune:   http: 2 exchanges on 2 connections\n")
 
 
 def test_cli_output_file_and_protocol(tmp_path, capsys):
@@ -404,7 +405,7 @@ def test_cli_output_file_and_protocol(tmp_path, capsys):
     assert main(["decode", str(path), "--protocol", "http", "--output", str(output)]) == 0
     assert [json.loads(line)["method"] for line in output.read_text().splitlines()] == ["GET", "POST"]
     out, err = capsys.readouterr()
-    assert out == "" and err.endswith("21 packets\n")
+    assert out == "" and err.splitlines()[0].endswith("21 packets")
 
 
 def test_cli_several_files(tmp_path, capsys):
@@ -412,7 +413,8 @@ def test_cli_several_files(tmp_path, capsys):
     assert main(["decode", str(path), str(path), "-o", "-"]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 4
-    assert err.splitlines()[-1] == "deetune: 4 exchanges from 4 connections (0 unknown, 0 undecodable), 42 packets"
+    assert err.splitlines()[-2:] == ["deetune: 4 exchanges from 4 connections (0 unknown, 0 undecodable), 42 packets",
+                                     "deetune:   http: 4 exchanges on 4 connections"]
 
 
 @pytest.mark.parametrize("name, content, message", [
@@ -459,7 +461,8 @@ def test_cli_truncated_capture_warns(tmp_path, capsys):
     assert main(["decode", str(path)]) == 0
     out, err = capsys.readouterr()
     assert len(out.splitlines()) == 2  # the connections close at the end of what was read
-    assert "capture ends early" in err.splitlines()[0]
+    assert err.splitlines()[0] == (f"deetune: {path}: capture damaged: the file ends inside a packet "
+                                   "(its captured part is decoded)")
 
 
 # -- robustness -----------------------------------------------------------------------------
@@ -514,3 +517,134 @@ def test_random_segments_never_crash(tmp_path, segments):
                for i, (fc, seq, ack, flags, data) in enumerate(segments)]  # fmt: skip
     stats = read_all(write_pcap(tmp_path / "segments.pcap", packets))
     assert stats.tcp_packets == len(segments)
+
+
+# -- damaged captures: nothing lost without a word ----------------------------------------------
+
+
+def http_keep_alive(count: int) -> list[tuple[int, bytes]]:
+    """One HTTP keep-alive connection with ``count`` exchanges, a packet per message."""
+    c = Tcp(("10.0.0.1", 40000), ("10.0.0.2", 80))
+    packets = c.handshake(0)
+    for i in range(count):
+        packets.append((1000 + 20 * i, c.packet(True, b"GET /%d HTTP/1.1\r\nHost: h\r\n\r\n" % i)))
+        packets.append((1010 + 20 * i, c.packet(False, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")))
+    return packets
+
+
+def record_offsets(data: bytes) -> list[int]:
+    """Where each record header of a little-endian pcap starts."""
+    offsets, pos = [], 24
+    while pos + 16 <= len(data):
+        offsets.append(pos)
+        pos += 16 + struct.unpack_from("<I", data, pos + 8)[0]
+    return offsets
+
+
+@pytest.mark.parametrize("fmt", ["pcap", "gz"])
+def test_a_record_header_with_a_huge_length_costs_that_record_only(tmp_path, capsys, fmt):
+    """A record header claiming 3 GB swallowed 49 of 50 packets, exit 0, no warning."""
+    path = write_pcap(tmp_path / "damaged.pcap", http_keep_alive(25))
+    data = bytearray(path.read_bytes())
+    offsets = record_offsets(bytes(data))
+    damaged = offsets[5]  # the third request's record (after the handshake's 3 and a request and response)
+    struct.pack_into("<I", data, damaged + 8, 3_000_000_000)
+    path.write_bytes(gzip.compress(bytes(data)) if fmt == "gz" else bytes(data))
+    assert main(["decode", str(path)]) == 0
+    out, err = capsys.readouterr()
+    targets = [json.loads(line)["target"] for line in out.splitlines()]
+    assert targets == ["/0"] + [f"/{i}" for i in range(2, 25)]  # /1's request is the record lost
+    assert err.splitlines()[0] == (f"deetune: {path}: capture damaged: 1 damaged record skipped "
+                                   f"({offsets[6] - offsets[5]} bytes)")
+    assert "capture damage: 1 damaged records skipped" in err
+
+
+def test_a_file_cut_inside_a_packet_decodes_what_it_has(tmp_path):
+    path = write_pcap(tmp_path / "cut.pcap", http_keep_alive(3))
+    data = path.read_bytes()
+    offsets = record_offsets(data)
+    path.write_bytes(data[: offsets[-1] + 16 + 54 + 38])  # the last response: its headers but not its body
+    stats = DecodeStats()
+    got = list(decode_file(str(path), None, stats))
+    # The body's last 2 bytes were never written: its length says where it ends, the exchange is whole.
+    assert [(e.target, e.status, e.response_bytes) for e in got] == [("/0", 200, 40), ("/1", 200, 40), ("/2", 200, 40)]
+    assert (stats.cut_captures, stats.damaged_records, stats.read_error) == (1, 0, None)
+
+
+def test_a_damaged_pcapng_block_is_skipped(tmp_path):
+    path = write_pcap(tmp_path / "damaged.pcapng", http_keep_alive(10), fmt="pcapng")
+    data = bytearray(path.read_bytes())
+    # Find the enhanced packet blocks (type 6) and break the length of the fifth.
+    blocks, pos = [], 0
+    while pos + 8 <= len(data):
+        kind, length = struct.unpack_from("<II", data, pos)
+        if kind == 6:
+            blocks.append(pos)
+        pos += length
+    struct.pack_into("<I", data, blocks[5] + 4, 0x7FFFFFF0)  # the second request's
+    path.write_bytes(bytes(data))
+    stats = DecodeStats()
+    got = list(decode_file(str(path), None, stats))
+    assert [e.target for e in got] == ["/0"] + [f"/{i}" for i in range(2, 10)]
+    assert stats.damaged_records == 1 and stats.read_error is None
+
+
+def test_decode_summary_lists_what_each_protocol_skipped(tmp_path, capsys):
+    c = Tcp(("10.0.0.1", 40000), ("10.0.0.2", 80))
+    packets = c.handshake(0) + [
+        (1000, c.packet(True, b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n")),
+        (1010, c.packet(False, b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")),
+        (1020, c.packet(False, b"HTTP/1.1 408 Request Timeout\r\nContent-Length: 0\r\n\r\n")),  # unsolicited
+    ]
+    path = write_pcap(tmp_path / "extra.pcap", packets)
+    assert main(["decode", str(path)]) == 0
+    err = capsys.readouterr().err
+    assert err.splitlines()[1:] == ["deetune:   http: 1 exchanges on 1 connections; 1 unsolicited response"]
+
+
+def test_decode_shows_progress_on_a_terminal(tmp_path):
+    """On a terminal, a progress bar per file (rich) while decoding; then the summary."""
+    import os
+    import pty
+
+    path = write_pcap(tmp_path / "big.pcap", http_keep_alive(2000))
+    master, slave = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "deetune", "decode", str(path), "-o", str(tmp_path / "out.jsonl")],
+                            stderr=slave, stdout=subprocess.DEVNULL)
+    os.close(slave)
+    screen = b""
+    while True:
+        try:
+            block = os.read(master, 65536)
+        except OSError:  # the child closed the terminal
+            break
+        if not block:
+            break
+        screen += block
+    assert proc.wait(60) == 0
+    os.close(master)
+    text = screen.decode(errors="replace")
+    assert "big.pcap" in text and "exchanges" in text  # the progress line
+    assert "deetune: 2000 exchanges from 1 connections" in text
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == 2000
+
+
+def test_decode_mysql_affected_rows_adding_past_two_to_the_64th(tmp_path, capsys):
+    """Two OK packets of one multi-statement query whose affected rows add past 2^64: a traceback."""
+    def packet(seq, payload):
+        return struct.pack("<I", len(payload) | seq << 24) + payload
+
+    huge = b"\xfe" + struct.pack("<Q", (1 << 64) - 1)
+    c = Tcp(("10.0.0.1", 40000), ("10.0.0.2", 3306))
+    query = packet(0, b"\x03UPDATE a SET x=1; UPDATE b SET x=1")
+    oks = packet(1, b"\x00" + huge + b"\x00" + struct.pack("<HH", 0x000A, 0)) + packet(
+        2, b"\x00" + huge + b"\x00" + struct.pack("<HH", 0x0002, 0))
+    path = write_pcap(tmp_path / "mysql.pcap", c.handshake(0) + [(1000, c.packet(True, query)),
+                                                                 (1100, c.packet(False, oks))])
+    assert main(["decode", str(path)]) == 0
+    out, err = capsys.readouterr()
+    (line,) = out.splitlines()
+    exchange = json.loads(line)
+    assert exchange["attributes"]["affected_rows"] == (1 << 64) - 1
+    assert exchange["attributes"]["anomalies"] == ["affected_rows_overflow"]
+    assert "Traceback" not in err

@@ -858,27 +858,32 @@ def test_cli_usage_errors(args, code, message):
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
 
 
-def test_l7_decodes_a_recorded_connection_again_after_its_decoder_gave_up():
+def only_conn(handler: L7Handler, sock: int):
+    (conn,) = [c for c in handler._conns.values() if c.sock_id == sock]
+    return conn
+
+
+def test_l7_records_a_connection_again_after_bytes_were_skipped():
     handler, recording = l7({8080: 65536})
     req = b"GET /a HTTP/1.1\r\n\r\n"
     resp = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
     out = [*handler(data_event(9, False, req)), *handler(data_event(9, True, resp))]
-    assert len(exchanges_of(out)) == 1
-    # the kernel lost the next request's record: its response comes without a request
-    out = [*handler(data_event(9, True, resp))]
-    assert exchanges_of(out) == [] and not handler._conns[9].session.active
-    # a response chunk does not restart it; the next request does, with its bytes
+    [x] = exchanges_of(out)
+    assert (x.request_payload, x.response_payload) == (req, resp)
+    # the kernel lost the next request's record: its response comes without a request, and is skipped
     assert exchanges_of([*handler(data_event(9, True, resp))]) == []
+    assert only_conn(handler, 9).session.active and only_conn(handler, 9).log is None
+    assert exchanges_of([*handler(data_event(9, True, resp))]) == []
+    # the next request starts the recording again, with its bytes
     out = [*handler(data_event(9, False, req)), *handler(data_event(9, True, resp))]
     [x] = exchanges_of(out)
     assert (x.target, x.request_payload, x.response_payload) == ("/a", req, resp)
-    assert handler.stats.resynced == 1
-    # on ports no task records too (decoding resumes; nothing is recorded)
+    assert handler.stats.skipped == {"http": {"unsolicited_response": 2}}
+    # on ports no task records too (decoding goes on; nothing is recorded)
     recording.ports = {}
-    handler._conns[9].session._give_up(handler._conns[9].session.state.UNDECODABLE, "test")
+    assert exchanges_of([*handler(data_event(9, True, resp))]) == []
     [x] = exchanges_of([*handler(data_event(9, False, req)), *handler(data_event(9, True, resp))])
     assert (x.target, x.status, x.request_payload, x.response_payload) == ("/a", 200, None, None)
-    assert handler.stats.resynced == 2
 
 
 def test_l7_mutes_only_streams_with_no_protocol():
@@ -890,7 +895,7 @@ def test_l7_mutes_only_streams_with_no_protocol():
     handler(data_event(9, False, req))
     handler(data_event(9, True, resp))
     handler(data_event(9, True, resp))  # a response without its request: a record was lost
-    assert not handler._conns[9].session.active and muted == []  # kept: it resyncs at the next request
+    assert only_conn(handler, 9).session.active and muted == []  # kept: it goes on at the next request
     for i in range(20):  # never a protocol: given up and muted in the kernel
         handler(data_event(11, False, b"\x00\x01garbage%d" % i, rport=40001))
     assert muted == [11]

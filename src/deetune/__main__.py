@@ -11,9 +11,11 @@ on stderr.  (The live agent is ``python -m deetune.agent``.)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 
 from deetune.offline import CaptureError, DecodeStats, decode_capture, open_capture
@@ -67,24 +69,64 @@ def cmd_decode(args: argparse.Namespace) -> int:
                 raise UsageError(f"{path}: {exc}") from None
         sink = _open_output(args.output)
         total = DecodeStats()
+        unwritten: list[str] = []
         try:
-            for capture in captures:
-                stats = DecodeStats()
-                for event in decode_capture(capture, decoders, stats):
-                    sink.handle(event)
-                if stats.read_error:
-                    print(f"deetune: {capture.path}: capture ends early ({stats.read_error}); "
-                          "decoded what came before", file=sys.stderr)  # fmt: skip
-                if len(captures) > 1:
-                    print(f"deetune: {capture.path}: {stats.summary()}", file=sys.stderr)
-                total.add(stats)
+            with _progress(captures, enabled=sys.stderr.isatty() and not args.verbose) as advance:
+                for capture in captures:
+                    stats = DecodeStats()
+                    for event in decode_capture(capture, decoders, stats):
+                        try:
+                            sink.handle(event)
+                        except (TypeError, ValueError, OverflowError) as exc:  # an event the sink cannot write
+                            unwritten.append(f"{type(exc).__name__}: {exc}")
+                        advance(capture, stats)
+                    advance(capture, stats, done=True)
+                    damage = capture.damage.describe()
+                    if damage:
+                        print(f"deetune: {capture.path}: capture damaged: {damage}", file=sys.stderr)
+                    if len(captures) > 1:
+                        print(f"deetune: {capture.path}: {stats.summary()}", file=sys.stderr)
+                    total.add(stats)
         finally:
             sink.close()
     finally:
         for capture in captures:
             capture.close()
     print(f"deetune: {total.summary()}", file=sys.stderr)
+    for line in total.details():
+        print(f"deetune:   {line}", file=sys.stderr)
+    if unwritten:
+        print(f"deetune:   {len(unwritten)} exchanges could not be written ({unwritten[0]})", file=sys.stderr)
     return EXIT_OK
+
+
+@contextlib.contextmanager
+def _progress(captures, enabled: bool):
+    """Yields ``advance(capture, stats, done=False)``: a progress bar per file on a terminal (rich),
+    nothing otherwise.  Redrawn at most ten times a second, whatever the packet rate."""
+    if not enabled:
+        yield lambda capture, stats, done=False: None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
+                        TextColumn("{task.fields[exchanges]} exchanges"), console=Console(stderr=True),
+                        transient=True, refresh_per_second=10)  # fmt: skip
+    tasks = {id(c): progress.add_task(os.path.basename(c.path), total=c.size or None, exchanges=0) for c in captures}
+    last = [0.0]
+
+    def advance(capture, stats, done: bool = False) -> None:
+        now = time.monotonic()
+        if not done and now - last[0] < 0.1:
+            return
+        last[0] = now
+        task = tasks[id(capture)]
+        completed = capture.size if done and capture.size else capture.position
+        progress.update(task, completed=completed, exchanges=stats.exchanges)
+
+    with progress:
+        yield advance
 
 
 def _open_output(path: str) -> JsonlSink:

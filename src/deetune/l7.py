@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Sequence
 import attrs
 
 from deetune import procnet
-from deetune.decoders.base import Decoder, Direction, Exchange
+from deetune.decoders.base import Decoder, Exchange
 from deetune.decoders.session import State, StreamSession
 from deetune.events import ConnectionEvent, DataEvent, Event, ExchangeEvent
 from deetune.recording.capture import ConnLog, RecordingPorts
@@ -51,9 +51,18 @@ class L7Stats:
     #: Recorded connections whose byte log stopped matching the decoder's exchanges (restarted
     #: at the next message boundary; the exchanges in between carry no payload).
     payload_misaligned: int = 0
-    #: Recorded connections decoded again from a request after their decoder gave up (e.g. when
-    #: the kernel lost a record of theirs).
+    #: Times a decoder lost the framing (a gap, bytes it could not follow) and decoding started
+    #: again at the connection's next request (see deetune.decoders.session).
     resynced: int = 0
+    #: Calls not copied (overload sampling, a lost record), told by a jump in the stream
+    #: position, and the bytes they moved: fed to the decoders as gaps.
+    gaps: int = 0
+    gap_bytes: int = 0
+    #: Data events whose bytes had been passed already (out of order behind a later call).
+    reordered: int = 0
+    #: What the decoders skipped or repaired, per protocol and reason (``resync:gap``,
+    #: ``unsolicited_response``, ``skipped_bytes`` …).
+    skipped: dict[str, dict[str, int]] = attrs.field(factory=dict)
     #: Errors whose heads the kernel copied (every error, up to a rate).
     error_heads: int = 0
     #: ... of them that the connection's own decoding had reported already.
@@ -84,16 +93,25 @@ class _Conn:
     conn_id: int = 0
     #: The overload sampling the latest data was copied under (see ExchangeEvent.sampling).
     sampling: int = 1
+    #: The kernel's stream position expected next, written and read (-1: not known).
+    next_out: int = -1
+    next_in: int = -1
+    #: The kernel socket (its address, reused once the socket is freed).
+    sock_id: int = 0
+    #: Whether the last chunk fed was a response that completed exchanges (nothing in flight, as
+    #: far as a request/response protocol goes): where a recording may start again after a skip.
+    answered_last: bool = False
 
 
-def _resyncable(session: StreamSession) -> bool:
-    """Whether a session that stopped decoding may start again at a later request: its
-    protocol and role were known before a decoder gave up (not a stream of no protocol)."""
-    return session.state is State.UNDECODABLE and session.protocol is not None and session.role is not None
+#: A connection's identity in the table: its socket cookie, or where the source has none (0),
+#: the socket's address with both ends' ports (the address alone is reused by later sockets).
+ConnKey = int | tuple[int, int, int, str]
 
 
-def _same_ports(conn: _Conn, event: DataEvent | ConnectionEvent) -> bool:
-    return conn.lport == event.lport and conn.rport == event.rport and conn.raddr == event.raddr
+def conn_key(event: DataEvent | ConnectionEvent) -> ConnKey:
+    if event.conn_id:
+        return event.conn_id
+    return (event.sock_id, event.lport, event.rport, event.raddr)
 
 
 class ListeningPorts:
@@ -137,12 +155,14 @@ class L7Handler:
         self.emit_data = emit_data
         self.listening = listening if listening is not None else ListeningPorts()
         self.stats = L7Stats()
-        self._conns: collections.OrderedDict[int, _Conn] = collections.OrderedDict()
-        #: Roles from open events not followed by data yet: sock_id → (role, lport, rport).
-        self._roles: dict[int, tuple[str, int, int]] = {}
+        self._conns: collections.OrderedDict[ConnKey, _Conn] = collections.OrderedDict()
+        #: The connection whose data was seen last on each kernel socket: sock_id → key.
+        self._by_sock: dict[int, ConnKey] = {}
+        #: Roles from open events not followed by data yet: key → role.
+        self._roles: collections.OrderedDict[ConnKey, str] = collections.OrderedDict()
         #: Closed connections whose last data may still be on its way:
-        #: sock_id → (close time, when the close was handled), both monotonic ns.
-        self._closing: collections.OrderedDict[int, tuple[int, int]] = collections.OrderedDict()
+        #: key → (close time, when the close was handled), both monotonic ns.
+        self._closing: collections.OrderedDict[ConnKey, tuple[int, int]] = collections.OrderedDict()
         #: Latest data event time seen (monotonic ns).
         self._data_ns = 0
         #: The request heads of error heads waiting for their response heads, by connection.
@@ -162,36 +182,31 @@ class L7Handler:
         return out
 
     # -- connection lifecycle ---------------------------------------------------------------
-    # A sock_id is the kernel's socket address: a new socket may reuse it as soon as the old one
-    # is freed.  Connection events come through another ring buffer than data events, so a close
-    # may be handled after the data of a newer socket at the same address, or be lost when that
-    # ring overflows.  The ports tell the connections apart: state found under a sock_id belongs
-    # to the event only when the ports match.  For the same reason a close may be handled before
-    # the connection's last data: the session is finished only once data events from after the
-    # close have been seen (the data ring is in time order), or CLOSE_GRACE_NS later.
+    # Connections are told apart by their socket cookie (conn_id): a sock_id is the kernel's
+    # socket address, which a new socket may reuse as soon as the old one is freed.  Connection
+    # events come through another ring buffer than data events, and the pipeline orders the
+    # events of one drain round by time; but a round takes a bounded batch from each ring, so a
+    # ring that fell behind (a large response copied in many records) delivers older events in
+    # later rounds than the other ring's newer ones.  Hence: an open never ends another
+    # connection (it may come before the previous connection's last data on the same socket),
+    # and a close is finished only once data events from after it have been seen (the data ring
+    # is in time order), or CLOSE_GRACE_NS later.  Data of a new connection on a socket does end
+    # the previous connection there: both come through the data ring, in order.
     def _on_connection(self, event: ConnectionEvent) -> list[Event]:
+        key = conn_key(event)
         if event.phase == "open":
-            out: list[Event] = []
             if event.role in ("client", "server"):
-                conn = self._conns.get(event.sock_id)
-                if conn is not None and not _same_ports(conn, event):
-                    out = self._end_conn(event.sock_id, event.ts_mono_ns)
-                    conn = None
+                conn = self._conns.get(key)
                 if conn is not None:
                     conn.session.set_role(event.role)
                 else:
-                    self._roles[event.sock_id] = (event.role, event.lport, event.rport)
+                    self._roles[key] = event.role
                     if len(self._roles) > MAX_CONNECTIONS:
-                        self._roles.pop(next(iter(self._roles)))
-            out.append(event)
-            return out
-        role = self._roles.get(event.sock_id)
-        if role is not None and role[1:] == (event.lport, event.rport):
-            del self._roles[event.sock_id]
-        conn = self._conns.get(event.sock_id)
-        if conn is None or not _same_ports(conn, event):
-            return [event]  # never decoded, or a newer connection already reuses the sock_id
-        self._closing[event.sock_id] = (event.ts_mono_ns, time.monotonic_ns())
+                        self._roles.popitem(last=False)
+            return [event]
+        self._roles.pop(key, None)
+        if key in self._conns:
+            self._closing[key] = (event.ts_mono_ns, time.monotonic_ns())
         return [event]
 
     def _finish_closes(self) -> list[Event]:
@@ -199,21 +214,24 @@ class L7Handler:
         out: list[Event] = []
         expired = time.monotonic_ns() - CLOSE_GRACE_NS
         while self._closing:
-            sock_id, (closed_ns, handled_ns) = next(iter(self._closing.items()))
+            key, (closed_ns, handled_ns) = next(iter(self._closing.items()))
             if closed_ns > self._data_ns and handled_ns > expired:
                 break
-            del self._closing[sock_id]
-            out.extend(self._end_conn(sock_id, closed_ns))
+            del self._closing[key]
+            out.extend(self._end_conn(key, closed_ns))
         return out
 
-    def _end_conn(self, sock_id: int, ts_ns: int) -> list[Event]:
-        """Finish the session of the connection under ``sock_id``: it closed, or ended unseen
-        (its close lost, or not handled yet when a new connection reused the sock_id)."""
-        self._closing.pop(sock_id, None)
-        conn = self._conns.pop(sock_id, None)
+    def _end_conn(self, key: ConnKey, ts_ns: int) -> list[Event]:
+        """Finish the session of the connection ``key``: it closed, or ended unseen (its close
+        lost, or not handled yet when a new connection's data came on the same socket)."""
+        self._closing.pop(key, None)
+        conn = self._conns.pop(key, None)
         if conn is None:  # evicted meanwhile
             return []
-        out: list[Event] = [self._exchange_event(conn, x, sock_id) for x in conn.session.close(ts_ns)]
+        if self._by_sock.get(conn.sock_id) == key:
+            del self._by_sock[conn.sock_id]
+        out: list[Event] = [self._exchange_event(conn, x) for x in conn.session.close(ts_ns)]
+        self._take_counts(conn.session)
         self.stats.exchanges += len(out)
         return out
 
@@ -225,41 +243,76 @@ class L7Handler:
         out: list[Event] = []
         if event.ts_mono_ns > self._data_ns:
             self._data_ns = event.ts_mono_ns
-        conn = self._conns.get(event.sock_id)
-        closing = self._closing.get(event.sock_id)
-        if conn is not None and (not _same_ports(conn, event)
-                                 or (closing is not None and closing[0] < event.start_mono_ns)):
-            out = self._end_conn(event.sock_id, event.start_mono_ns)
-            conn = None
+        key = conn_key(event)
+        conn = self._conns.get(key)
+        if conn is not None and not event.conn_id:
+            closing = self._closing.get(key)
+            if closing is not None and closing[0] < event.start_mono_ns:
+                # No cookie to tell them apart: data from after the close is a new connection.
+                out = self._end_conn(key, event.start_mono_ns)
+                conn = None
         if conn is None:
-            conn = self._new_conn(event)
+            previous = self._by_sock.get(event.sock_id)
+            if previous is not None and previous != key:
+                out.extend(self._end_conn(previous, event.start_mono_ns))
+            conn = self._new_conn(event, key)
         else:
-            self._conns.move_to_end(event.sock_id)
-        session = conn.session
+            self._conns.move_to_end(key)
         conn.sampling = event.sampling
         if self.emit_data:
             out.append(event)
+        session = conn.session
         if not session.active:
-            if not self._resync(conn, event):
-                return out
-            session = conn.session
+            return out
         egress = event.direction == "egress"
-        recording = self.recording
-        if recording is not None and (recording.ports or conn.log is not None):
-            self._record(conn, egress, event, recording.ports)
-        if egress:
-            conn.fed_out += event.size
-        else:
-            conn.fed_in += event.size
+        data, size = event.data, event.size
         # A write starts when the call does; a read completes when the call returns.
         ts = event.start_mono_ns if egress else event.ts_mono_ns
-        exchanges = session.feed(egress, event.data, event.size, ts)
+        resyncs = session.resyncs
+        exchanges: list[Exchange] = []
+        if event.seq >= 0:
+            expected = conn.next_out if egress else conn.next_in
+            if expected >= 0 and event.seq != expected:
+                if event.seq + size <= expected:
+                    self.stats.reordered += 1
+                    return out
+                if event.seq > expected:
+                    # Calls in between were not copied: their bytes are a gap.
+                    gap = event.seq - expected
+                    self.stats.gaps += 1
+                    self.stats.gap_bytes += gap
+                    conn.log = None
+                    self._advance(conn, egress, gap)
+                    exchanges.extend(session.feed(egress, b"", gap, ts))
+                else:  # overlaps bytes already passed: only the rest is new
+                    cut = expected - event.seq
+                    data, size = data[cut:], size - cut
+            if egress:
+                conn.next_out = event.seq + event.size
+            else:
+                conn.next_in = event.seq + event.size
+        recording = self.recording
+        if recording is not None and (recording.ports or conn.log is not None) and session.active:
+            self._record(conn, egress, data, size, recording.ports)
+        self._advance(conn, egress, size)
+        if session.active:
+            exchanges.extend(session.feed(egress, data, size, ts))
+        self.stats.resynced += session.resyncs - resyncs
         for exchange in exchanges:
-            out.append(self._exchange_event(conn, exchange, event.sock_id))
+            out.append(self._exchange_event(conn, exchange))
         self.stats.exchanges += len(exchanges)
+        request_chunk = session.role is not None and egress == (session.role == "client")
+        conn.answered_last = not request_chunk and (bool(exchanges) or conn.answered_last)
+        if session.counts:
+            # Bytes were skipped (an unsolicited response, a resync …): the stream positions of the
+            # reported exchanges no longer tell where messages start; a recording starts again at a
+            # request that follows an answered one (see _record).
+            conn.rep_req = conn.rep_resp = -1
+            conn.log = None
+            self._take_counts(session)
         if not session.active:
             conn.log = None
-            self._on_gave_up(session, event.sock_id)
+            self._on_gave_up(session, conn)
         return out
 
     def _on_error_head(self, event: DataEvent) -> list[Event]:
@@ -281,7 +334,7 @@ class L7Handler:
         exchanges += session.feed(event.direction == "egress", event.data, event.size, event.ts_mono_ns)
         exchanges += session.close(event.ts_mono_ns)
         conn = _Conn(session, event.pid, event.comm, event.laddr, event.lport, event.raddr, event.rport,
-                     event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id)
+                     event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id, sock_id=event.sock_id)
         out: list[Event] = []
         for x in exchanges:
             if not x.error:
@@ -289,37 +342,26 @@ class L7Handler:
             if (key, x.response_start_ns) in self._errors_reported:
                 self.stats.error_heads_duplicate += 1  # its connection's own decoding reported it
                 continue
-            out.append(self._exchange_event(conn, x, event.sock_id))
+            out.append(self._exchange_event(conn, x))
         self.stats.error_heads += 1
         self.stats.exchanges += len(out)
         return out
 
-    def _resync(self, conn: _Conn, event: DataEvent) -> bool:
-        """A connection whose decoder gave up (a lost record broke its framing: one record lost on
-        a keep-alive connection would otherwise hide every later request on it) starts again with
-        a fresh session at its next chunk that its protocol's decoder recognises as the start of a
-        request.  The kernel keeps copying such a connection (see _on_gave_up)."""
-        session = conn.session
-        if not _resyncable(session):
-            return False
-        client = session.role == "client"
-        if (event.direction == "egress") != client or not event.data:
-            return False
-        cls = next((d for d in self.decoders if d.protocol == session.protocol), None)
-        try:
-            if cls is None or not cls.detect(Direction.REQUEST, event.data):
-                return False
-        except Exception:  # detect must not raise; a plugin's that does is not resynced
-            return False
-        conn.session = StreamSession([cls], session.role, ports=(conn.rport, conn.lport), options=LIVE_DECODER_OPTIONS)
-        # Everything before this chunk is behind us: a recording starts here (see _record).
-        conn.rep_req = conn.fed_out if client else conn.fed_in
-        conn.rep_resp = conn.fed_in if client else conn.fed_out
-        conn.log = None
-        self.stats.resynced += 1
-        return True
+    @staticmethod
+    def _advance(conn: _Conn, egress: bool, size: int) -> None:
+        if egress:
+            conn.fed_out += size
+        else:
+            conn.fed_in += size
 
-    def _record(self, conn: _Conn, egress: bool, event: DataEvent, ports) -> None:
+    def _take_counts(self, session: StreamSession) -> None:
+        counts = session.take_counts()
+        if counts:
+            mine = self.stats.skipped.setdefault(session.protocol or "?", {})
+            for name, n in counts.items():
+                mine[name] = mine.get(name, 0) + n
+
+    def _record(self, conn: _Conn, egress: bool, data: bytes, size: int, ports) -> None:
         """Keep the bytes of a connection on a recorded port (see deetune.recording.capture)."""
         limit = ports.get(conn.lport) or ports.get(conn.rport)
         log = conn.log
@@ -331,10 +373,17 @@ class L7Handler:
             if conn.fed_out or conn.fed_in:
                 # Already open: start at a request chunk with no request in flight.
                 session = conn.session
-                if not session.active or session.role is None:
+                if session.state is not State.DECODING or session.role is None:
                     return
                 client = session.role == "client"
-                if egress != client or (conn.fed_out if client else conn.fed_in) != conn.rep_req:
+                if egress != client:
+                    return
+                if conn.rep_req < 0:  # positions lost: start after an answered request
+                    if not conn.answered_last:
+                        return
+                    conn.rep_req = conn.fed_out if client else conn.fed_in
+                    conn.rep_resp = conn.fed_in if client else conn.fed_out
+                elif (conn.fed_out if client else conn.fed_in) != conn.rep_req:
                     return
             log = conn.log = ConnLog(conn.fed_out, conn.fed_in, limit)
         elif limit is None:
@@ -342,42 +391,51 @@ class L7Handler:
             return
         elif limit != log.limit:
             log.set_limit(limit)
-        log.feed(egress, event.data, event.size)
+        log.feed(egress, data, size)
 
-    def _new_conn(self, event: DataEvent) -> _Conn:
-        known = self._roles.pop(event.sock_id, None)
-        role = known[0] if known is not None and known[1:] == (event.lport, event.rport) else None
+    def _new_conn(self, event: DataEvent, key: ConnKey) -> _Conn:
+        role = self._roles.pop(key, None)
         if role is None and event.lport in self.listening:
             role = "server"
         session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
         conn = _Conn(session, event.pid, event.comm, event.laddr, event.lport, event.raddr, event.rport,
-                     event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id)
-        self._conns[event.sock_id] = conn
+                     event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id, sock_id=event.sock_id)
+        if event.seq >= 0:
+            # The kernel counts both directions from the first call it saw on the socket: bytes
+            # before a direction's first event here moved unseen (calls left out by sampling).
+            conn.next_out = conn.next_in = 0
+        self._conns[key] = conn
+        self._by_sock[event.sock_id] = key
         if len(self._conns) > MAX_CONNECTIONS:
-            self._conns.popitem(last=False)
+            old_key, old = self._conns.popitem(last=False)
+            self._closing.pop(old_key, None)
+            if self._by_sock.get(old.sock_id) == old_key:
+                del self._by_sock[old.sock_id]
             self.stats.evicted += 1
         return conn
 
-    def _on_gave_up(self, session: StreamSession, sock_id: int) -> None:
+    def _on_gave_up(self, session: StreamSession, conn: _Conn) -> None:
         if session.state is State.UNKNOWN:
             self.stats.unknown += 1
         else:
             protocol = session.protocol or "?"
             self.stats.undecodable[protocol] = self.stats.undecodable.get(protocol, 0) + 1
-            log.info("connection %x: %s stream undecodable: %s", sock_id, protocol, session.reason)
-        # Muted in the kernel only when it can never be decoded again: a stream that was
-        # decodable until a gap is resynced at its next request (see _resync).
-        if self.mute is not None and not _resyncable(session):
-            self.mute(sock_id)
+            log.info("connection %x: %s stream undecodable: %s", conn.conn_id or conn.sock_id, protocol,
+                     session.reason)  # fmt: skip
+        # Muted in the kernel: it can never be decoded again (a stream that lost its framing
+        # resynchronises at its next request and stays active, see deetune.decoders.session).
+        if self.mute is not None:
+            self.mute(conn.sock_id)
 
-    def _exchange_event(self, conn: _Conn, x: Exchange, sock_id: int) -> ExchangeEvent:
+    def _exchange_event(self, conn: _Conn, x: Exchange) -> ExchangeEvent:
         if x.error and x.response_start_ns is not None and x.protocol in KERNEL_COUNTED:
             reported = self._errors_reported
-            reported[(conn.conn_id or sock_id, x.response_start_ns)] = None
+            reported[(conn.conn_id or conn.sock_id, x.response_start_ns)] = None
             if len(reported) > 4096:
                 reported.popitem(last=False)
-        conn.rep_req += x.request_bytes
-        conn.rep_resp += x.response_bytes
+        if conn.rep_req >= 0:
+            conn.rep_req += x.request_bytes
+            conn.rep_resp += x.response_bytes
         request_payload = response_payload = None
         log = conn.log
         if log is not None:
@@ -398,7 +456,7 @@ class L7Handler:
             lport=conn.lport,
             raddr=conn.raddr,
             rport=conn.rport,
-            sock_id=sock_id,
+            sock_id=conn.sock_id,
             cgroup_id=conn.cgroup_id,
             conn_id=conn.conn_id,
             # Errors of the kernel-counted protocols are all decoded (the kernel copies the heads of
@@ -412,11 +470,16 @@ class L7Handler:
         """At stop: exchanges still pending in open connections (e.g. requests without a response yet)."""
         out: list[Event] = []
         now = time.monotonic_ns()
-        for sock_id, conn in self._conns.items():
-            closing = self._closing.get(sock_id)
+        for key, conn in self._conns.items():
+            closing = self._closing.get(key)
             for x in conn.session.close(now if closing is None else closing[0]):
-                out.append(self._exchange_event(conn, x, sock_id))
+                out.append(self._exchange_event(conn, x))
+            self._take_counts(conn.session)
         self._conns.clear()
+        self._by_sock.clear()
         self._closing.clear()
         self.stats.exchanges += len(out)
+        if self.stats.resynced or self.stats.gaps or self.stats.skipped:
+            log.info("L7: %d gaps (%d bytes), %d resyncs; skipped: %s", self.stats.gaps, self.stats.gap_bytes,
+                     self.stats.resynced, self.stats.skipped)  # fmt: skip
         return out

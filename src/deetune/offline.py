@@ -38,11 +38,11 @@ from __future__ import annotations
 import collections
 import gzip
 import logging
+import os
 import socket
 import struct
 import zlib
 from collections.abc import Iterator, Sequence
-from decimal import Decimal
 from typing import IO, Self
 
 import attrs
@@ -70,16 +70,11 @@ _ETH_IPV4, _ETH_IPV6 = 0x0800, 0x86DD
 _IPV6_EXTENSIONS = {0, 43, 60}
 _IPV6_AH, _IPV6_FRAGMENT = 51, 44
 
-_PCAP_MAGICS = {b"\xa1\xb2\xc3\xd4", b"\xd4\xc3\xb2\xa1", b"\xa1\xb2\x3c\x4d", b"\x4d\x3c\xb2\xa1"}
 _PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 _GZIP_MAGIC = b"\x1f\x8b"
 #: Errors dpkt, gzip and zlib raise on damaged input: the capture ends there.
 _READ_ERRORS = (dpkt.Error, ValueError, struct.error, IndexError, TypeError, EOFError, OSError, zlib.error,
                 OverflowError, MemoryError)  # fmt: skip
-
-
-class CaptureError(Exception):
-    """The file cannot be read as a capture; the message is one line."""
 
 
 @attrs.define
@@ -108,49 +103,232 @@ class DecodeStats:
     gap_bytes: int = 0
     #: Why reading stopped before the end of the file (damaged or cut capture); None when it did not.
     read_error: str | None = None
+    #: Per protocol: ``exchanges``, ``connections``, ``undecodable`` and what its decoders skipped
+    #: or repaired, by reason (``resync:gap``, ``unsolicited_response``, ``skipped_bytes`` …).
+    protocols: dict[str, dict[str, int]] = attrs.field(factory=dict)
+    #: Why connections were given up, by reason (one line each), with how many.
+    gave_up: dict[str, int] = attrs.field(factory=dict)
+    #: Damaged records or blocks skipped, the bytes they took, and captures cut inside a packet.
+    damaged_records: int = 0
+    damaged_bytes: int = 0
+    cut_captures: int = 0
 
     def add(self, other: DecodeStats) -> None:
         for field in attrs.fields(DecodeStats):
-            if field.name != "read_error":
+            if field.type in (int, "int"):
                 setattr(self, field.name, getattr(self, field.name) + getattr(other, field.name))
         self.read_error = self.read_error or other.read_error
+        for protocol, counts in other.protocols.items():
+            mine = self.protocols.setdefault(protocol, {})
+            for name, n in counts.items():
+                mine[name] = mine.get(name, 0) + n
+        for reason, n in other.gave_up.items():
+            self.gave_up[reason] = self.gave_up.get(reason, 0) + n
+
+    def count(self, protocol: str, name: str, n: int = 1) -> None:
+        counts = self.protocols.setdefault(protocol, {})
+        counts[name] = counts.get(name, 0) + n
 
     def summary(self) -> str:
         return (f"{self.exchanges} exchanges from {self.connections} connections "
                 f"({self.unknown} unknown, {self.undecodable} undecodable), {self.packets} packets")  # fmt: skip
 
+    def details(self) -> list[str]:
+        """The summary's detail, one line per protocol and one for what was not decoded or read."""
+        lines = []
+        for protocol in sorted(self.protocols):
+            counts = dict(self.protocols[protocol])
+            exchanges, connections = counts.pop("exchanges", 0), counts.pop("connections", 0)
+            undecodable = counts.pop("undecodable", 0)
+            line = f"{protocol}: {exchanges} exchanges on {connections} connections"
+            if undecodable:
+                line += f", {undecodable} given up"
+            skipped = _describe_skips(counts)
+            if skipped:
+                line += f"; {skipped}"
+            lines.append(line)
+        not_decoded = []
+        if self.unknown:
+            not_decoded.append(f"{self.unknown} connections of no protocol decoded here")
+        for reason, n in sorted(self.gave_up.items(), key=lambda item: -item[1]):
+            not_decoded.append(f"{n} given up: {reason}")
+        if not_decoded:
+            lines.append("not decoded: " + "; ".join(not_decoded))
+        skipped_packets = [f"{n} {what}" for n, what in ((self.non_tcp, "not TCP"), (self.malformed, "malformed"),
+                                                          (self.fragments, "IP fragments")) if n]  # fmt: skip
+        if skipped_packets:
+            lines.append("packets skipped: " + ", ".join(skipped_packets))
+        if self.gaps:
+            lines.append(f"capture holes: {self.gaps} ({self.gap_bytes} bytes the capture never had)")
+        if self.damaged_records or self.cut_captures or self.read_error:
+            damage = []
+            if self.damaged_records:
+                damage.append(f"{self.damaged_records} damaged records skipped ({self.damaged_bytes} bytes)")
+            if self.cut_captures:
+                damage.append(f"{self.cut_captures} file(s) end inside a packet")
+            if self.read_error:
+                damage.append(f"reading stopped early: {self.read_error}")
+            lines.append("capture damage: " + "; ".join(damage))
+        return lines
+
+
+def _describe_skips(counts: dict[str, int]) -> str:
+    """``resync:gap`` … as words: "3 resyncs (gap 2, garbage 1), 1 unsolicited response, 120 bytes skipped"."""
+    resyncs = {name.split(":", 1)[1]: n for name, n in counts.items() if name.startswith("resync:")}
+    parts = []
+    if resyncs:
+        total = sum(resyncs.values())
+        reasons = ", ".join(f"{reason} {n}" for reason, n in sorted(resyncs.items(), key=lambda item: -item[1]))
+        parts.append(f"{total} resync{'s' if total != 1 else ''} ({reasons})")
+    for name, n in sorted(counts.items()):
+        if name.startswith("resync:"):
+            continue
+        if name == "skipped_bytes":
+            parts.append(f"{n} bytes skipped")
+        else:
+            parts.append(f"{n} {name.replace('_', ' ')}{'s' if n != 1 and not name.endswith('s') else ''}")
+    return ", ".join(parts)
+
 
 # -- capture files ----------------------------------------------------------------------------
 
+#: A record or block claiming more than this is damage, not a packet (the largest snap length
+#: tools write is 262,144 bytes; pcapng blocks carry one packet and its options).
+MAX_RECORD_BYTES = 1 << 20
+#: How far past a damaged record the reader looks for the next good one before giving up.
+MAX_RESYNC_BYTES = 64 << 20
+_PCAP_MICRO = {b"\xa1\xb2\xc3\xd4": ">", b"\xd4\xc3\xb2\xa1": "<"}
+_PCAP_NANO = {b"\xa1\xb2\x3c\x4d": ">", b"\x4d\x3c\xb2\xa1": "<"}
+_PCAPNG_BLOCKS = {0x0A0D0D0A, 1, 2, 3, 4, 5, 6, 7, 0x0B, 0x0BAD, 0x40000BAD}
+
+
+class CaptureError(Exception):
+    """The file cannot be read as a capture; the message is one line."""
+
+
+@attrs.define
+class CaptureDamage:
+    """What a damaged capture cost: nothing is skipped without being counted here."""
+
+    #: Records (pcap) or blocks (pcapng) whose header could not be true, skipped to the next good one.
+    records: int = 0
+    #: Bytes skipped doing so.
+    bytes: int = 0
+    #: The file ends inside a packet (tcpdump killed mid-write): its captured part is decoded.
+    cut_at_end: bool = False
+    #: Why reading stopped before the end of the file, when it did (no good record after damage).
+    stopped: str | None = None
+
+    def describe(self) -> str | None:
+        """One line, or None when the capture was whole."""
+        parts = []
+        if self.records:
+            parts.append(f"{self.records} damaged record{'s' if self.records != 1 else ''} skipped "
+                         f"({self.bytes} bytes)")  # fmt: skip
+        if self.cut_at_end:
+            parts.append("the file ends inside a packet (its captured part is decoded)")
+        if self.stopped:
+            parts.append(f"reading stopped: {self.stopped}")
+        return "; ".join(parts) or None
+
+
+class _Bytes:
+    """A file read forward through a window, with look-ahead for finding the next good record."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self._f = f
+        self._buf = bytearray()
+        self._pos = 0  # offset in _buf of the next byte to read
+        self.offset = 0  # file offset of the next byte to read
+        self._eof = False
+
+    def peek(self, n: int) -> bytes:
+        """Up to ``n`` bytes from the read position, without consuming them (fewer at the end)."""
+        while len(self._buf) - self._pos < n and not self._eof:
+            block = self._f.read(max(n, 1 << 16))
+            if not block:
+                self._eof = True
+                break
+            if self._pos > (1 << 20):
+                del self._buf[: self._pos]
+                self._pos = 0
+            self._buf += block
+        return bytes(self._buf[self._pos : self._pos + n])
+
+    def skip(self, n: int) -> None:
+        self.peek(n)
+        n = min(n, len(self._buf) - self._pos)
+        self._pos += n
+        self.offset += n
+
+    def read(self, n: int) -> bytes:
+        data = self.peek(n)
+        self.skip(len(data))
+        return data
+
+    def at_end(self) -> bool:
+        return not self.peek(1)
+
 
 class Capture:
-    """An open capture file: its link type and its packets as ``(ts_ns, frame)``."""
+    """An open capture file: its packets as ``(ts_ns, linktype, frame)`` (:meth:`packets`).
+
+    Damage does not end the reading: a record or block whose header cannot be true is skipped,
+    and reading goes on at the next header that can (its successor must be one too, or the end
+    of the file); a file cut inside a packet yields what it has of that packet.  :attr:`damage`
+    counts both; :attr:`read_error` says why reading stopped early, when it did.
+    """
 
     def __init__(self, path: str):
         self.path = path
-        self.read_error: str | None = None
+        self.damage = CaptureDamage()
         self._file = _open_raw(path)
         try:
-            self._reader = _open_reader(self._file)
+            self._raw = getattr(self._file, "fileobj", None) or self._file
+            try:
+                self.size = os.fstat(self._raw.fileno()).st_size
+            except (OSError, AttributeError, ValueError):
+                self.size = 0
+            self._in = _Bytes(self._file)
+            try:
+                magic = self._in.peek(4)
+            except _READ_ERRORS as exc:
+                raise CaptureError(f"not a valid capture: {_one_line(exc) or type(exc).__name__}") from None
+            if magic == _PCAPNG_MAGIC:
+                self._format = "pcapng"
+                self._reader = _PcapngReader(self._in, self.damage)
+            elif magic in _PCAP_MICRO or magic in _PCAP_NANO:
+                self._format = "pcap"
+                self._reader = _PcapReader(self._in, self.damage)
+            else:
+                raise CaptureError("not a pcap or pcapng capture")
+            #: The link type of the first interface (pcap: the file's).
+            self.linktype: int = self._reader.first_linktype()
         except BaseException:
             self._file.close()
             raise
-        self.linktype: int = self._reader.datalink()
-        # Float timestamps are rounded back to the file's resolution (exact up to µs).
-        self._divisor = getattr(self._reader, "_divisor", 1e6)
+
+    @property
+    def read_error(self) -> str | None:
+        return self.damage.stopped
+
+    @property
+    def position(self) -> int:
+        """Bytes of the file (compressed, when gzipped) read so far: for progress."""
+        try:
+            return self._raw.tell()
+        except (OSError, ValueError):
+            return self._in.offset
+
+    def packets(self) -> Iterator[tuple[int, int, bytes]]:
+        try:
+            yield from self._reader.packets()
+        except _READ_ERRORS as exc:  # the compressed stream itself is damaged
+            self.damage.stopped = _one_line(exc) or type(exc).__name__
 
     def __iter__(self) -> Iterator[tuple[int, bytes]]:
-        packets = iter(self._reader)
-        while True:
-            try:
-                ts, frame = next(packets)
-                ts_ns = _ts_ns(ts, self._divisor)
-            except StopIteration:
-                return
-            except _READ_ERRORS as exc:
-                self.read_error = _one_line(exc) or type(exc).__name__
-                return
-            yield ts_ns, bytes(frame)
+        for ts_ns, _, frame in self.packets():
+            yield ts_ns, frame
 
     def close(self) -> None:
         self._file.close()
@@ -160,6 +338,223 @@ class Capture:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class _PcapReader:
+    """Classic pcap: a 24-byte file header, then 16-byte record headers each followed by its frame."""
+
+    def __init__(self, src: _Bytes, damage: CaptureDamage) -> None:
+        header = src.read(24)
+        if len(header) < 24:
+            raise CaptureError("not a valid capture: the file header is cut short")
+        magic = header[:4]
+        self._order = _PCAP_MICRO.get(magic) or _PCAP_NANO[magic]
+        self._nano = magic in _PCAP_NANO
+        _, _, _, _, snaplen, linktype = struct.unpack(self._order + "HHiIII", header[4:])
+        self._linktype = linktype & 0x0FFFFFFF  # the upper bits carry FCS information
+        self._limit = min(max(snaplen, 262144), MAX_RECORD_BYTES)
+        self._record = struct.Struct(self._order + "IIII")
+        self._src = src
+        self._damage = damage
+        self._last_sec: int | None = None
+
+    def first_linktype(self) -> int:
+        return self._linktype
+
+    def _plausible(self, header: bytes) -> bool:
+        sec, frac, caplen, origlen = self._record.unpack(header)
+        if frac >= (1_000_000_000 if self._nano else 1_000_000) or caplen > self._limit or caplen > max(origlen, 1 << 18):
+            return False
+        return self._last_sec is None or abs(sec - self._last_sec) <= 86400
+
+    def packets(self) -> Iterator[tuple[int, int, bytes]]:
+        src = self._src
+        record = self._record
+        scale = 1 if self._nano else 1000
+        while True:
+            header = src.peek(16)
+            if not header:
+                return
+            if len(header) < 16:
+                self._damage.cut_at_end = True
+                src.skip(len(header))
+                return
+            if not self._plausible(header):
+                if not self._resync():
+                    return
+                continue
+            sec, frac, caplen, _ = record.unpack(header)
+            src.skip(16)
+            frame = src.read(caplen)
+            if len(frame) < caplen:
+                self._damage.cut_at_end = True
+            self._last_sec = sec
+            yield sec * 1_000_000_000 + frac * scale, self._linktype, frame
+            if len(frame) < caplen:
+                return
+
+    def _resync(self) -> bool:
+        """Skip to the next record header that can be true and is followed by another (or the end)."""
+        src = self._src
+        start = src.offset
+        src.skip(1)
+        while src.offset - start < MAX_RESYNC_BYTES:
+            header = src.peek(16)
+            if len(header) < 16:
+                break
+            if self._plausible(header):
+                caplen = self._record.unpack(header)[2]
+                following = src.peek(16 + caplen + 16)[16 + caplen :]
+                if not following or (len(following) == 16 and self._plausible(following)):
+                    self._damage.records += 1
+                    self._damage.bytes += src.offset - start
+                    return True
+            src.skip(1)
+        self._damage.records += 1
+        self._damage.bytes += src.offset - start
+        self._damage.stopped = f"no good record in the {src.offset - start} bytes after damage at byte {start}"
+        return False
+
+
+class _PcapngReader:
+    """pcapng: blocks (section headers, interface descriptions, packets …), each framed by its length."""
+
+    def __init__(self, src: _Bytes, damage: CaptureDamage) -> None:
+        self._src = src
+        self._damage = damage
+        self._order = "<"
+        #: Per interface: (link type, ns per timestamp unit, or a divisor as a negative power).
+        self._interfaces: list[tuple[int, int, int]] = []
+        self._first: int | None = None
+        head = src.peek(12)
+        if len(head) < 12 or head[8:12] not in (b"\x1a\x2b\x3c\x4d", b"\x4d\x3c\x2b\x1a"):
+            raise CaptureError("not a valid capture: bad pcapng section header")
+        # The first interface's link type, for callers that want one: read ahead without consuming.
+        self._peeked = list(self._blocks(stop_at_packet=True))
+
+    def first_linktype(self) -> int:
+        return self._interfaces[0][0] if self._interfaces else dpkt.pcap.DLT_EN10MB
+
+    def packets(self) -> Iterator[tuple[int, int, bytes]]:
+        yield from self._peeked
+        self._peeked = []
+        yield from self._blocks(stop_at_packet=False)
+
+    def _blocks(self, stop_at_packet: bool) -> Iterator[tuple[int, int, bytes]]:
+        src = self._src
+        while True:
+            head = src.peek(8)
+            if not head:
+                return
+            if len(head) < 8:
+                self._damage.cut_at_end = True
+                src.skip(len(head))
+                return
+            if head[:4] == _PCAPNG_MAGIC:  # a section header sets the byte order for what follows
+                order_bytes = src.peek(12)[8:12]
+                if order_bytes == b"\x1a\x2b\x3c\x4d":
+                    self._order = ">"
+                elif order_bytes == b"\x4d\x3c\x2b\x1a":
+                    self._order = "<"
+            kind, length = struct.unpack(self._order + "II", head)
+            if not self._block_ok(kind, length):
+                if not self._resync():
+                    return
+                continue
+            block = src.peek(length)
+            if len(block) < length:
+                self._damage.cut_at_end = True
+                packet = self._packet(kind, block[8:], cut=True)
+                src.skip(len(block))
+                if packet is not None:
+                    yield packet
+                return
+            src.skip(length)
+            if kind == _PCAPNG_MAGIC_INT:
+                self._interfaces = []
+                continue
+            if kind == 1:
+                self._interface(block[8:-4])
+                continue
+            packet = self._packet(kind, block[8:-4])
+            if packet is not None:
+                yield packet
+                if stop_at_packet:
+                    return
+
+    def _block_ok(self, kind: int, length: int) -> bool:
+        if length < 12 or length % 4 or length > MAX_RECORD_BYTES or kind not in _PCAPNG_BLOCKS:
+            return False
+        tail = self._src.peek(length)[length - 4 : length]
+        return len(tail) < 4 or struct.unpack(self._order + "I", tail)[0] == length  # cut at the end: see caller
+
+    def _interface(self, body: bytes) -> None:
+        if len(body) < 8:
+            return
+        linktype = struct.unpack(self._order + "H", body[:2])[0]
+        unit_ns, divisor_power = 1000, 0  # microseconds by default
+        pos = 8
+        while pos + 4 <= len(body):
+            code, size = struct.unpack(self._order + "HH", body[pos : pos + 4])
+            if code == 0:
+                break
+            if code == 9 and size >= 1:  # if_tsresol
+                value = body[pos + 4]
+                if value & 0x80:
+                    unit_ns, divisor_power = 0, value & 0x7F  # 2^-n seconds
+                else:
+                    unit_ns = 10 ** (9 - value) if value <= 9 else 0
+                    divisor_power = 0 if value <= 9 else -value
+            pos += 4 + (size + 3) // 4 * 4
+        self._interfaces.append((linktype, unit_ns, divisor_power))
+
+    def _packet(self, kind: int, body: bytes, cut: bool = False) -> tuple[int, int, bytes] | None:
+        if kind == 6 and len(body) >= 20:  # enhanced packet block
+            interface, high, low, caplen, _ = struct.unpack(self._order + "IIIII", body[:20])
+            frame = body[20 : 20 + caplen]
+            return self._stamp(interface, high << 32 | low), self._linktype(interface), frame
+        if kind == 3 and len(body) >= 4:  # simple packet block: no timestamp
+            origlen = struct.unpack(self._order + "I", body[:4])[0]
+            return 0, self._linktype(0), body[4 : 4 + origlen]
+        if kind == 2 and len(body) >= 20:  # obsolete packet block
+            interface, _, high, low, caplen, _ = struct.unpack(self._order + "HHIIII", body[:20])
+            return self._stamp(interface, high << 32 | low), self._linktype(interface), body[20 : 20 + caplen]
+        return None
+
+    def _linktype(self, interface: int) -> int:
+        if interface < len(self._interfaces):
+            return self._interfaces[interface][0]
+        return self.first_linktype()
+
+    def _stamp(self, interface: int, units: int) -> int:
+        unit_ns, power = (self._interfaces[interface][1:] if interface < len(self._interfaces) else (1000, 0))
+        if unit_ns:
+            return units * unit_ns
+        if power > 0:  # 2^-power seconds
+            return (units * 1_000_000_000) >> power
+        return units * 1_000_000_000 // 10 ** (-power)
+
+    def _resync(self) -> bool:
+        src = self._src
+        start = src.offset
+        src.skip(1)
+        while src.offset - start < MAX_RESYNC_BYTES:
+            head = src.peek(8)
+            if len(head) < 8:
+                break
+            kind, length = struct.unpack(self._order + "II", head)
+            if kind in _PCAPNG_BLOCKS and self._block_ok(kind, length) and len(src.peek(length)) == length:
+                self._damage.records += 1
+                self._damage.bytes += src.offset - start
+                return True
+            src.skip(1)
+        self._damage.records += 1
+        self._damage.bytes += src.offset - start
+        self._damage.stopped = f"no good block in the {src.offset - start} bytes after damage at byte {start}"
+        return False
+
+
+_PCAPNG_MAGIC_INT = 0x0A0D0D0A
 
 
 def open_capture(path: str) -> Capture:
@@ -180,27 +575,6 @@ def _open_raw(path: str) -> IO[bytes]:
         raise CaptureError(exc.strerror or str(exc)) from None
     # Sniffed rather than trusting ".gz": renamed files are common.
     return gzip.GzipFile(fileobj=f, mode="rb") if gzipped else f  # type: ignore[return-value]
-
-
-def _open_reader(f: IO[bytes]):
-    try:
-        magic = f.read(4)
-        f.seek(0)
-        if magic == _PCAPNG_MAGIC:
-            return dpkt.pcapng.Reader(f)
-        if magic in _PCAP_MAGICS:
-            return dpkt.pcap.Reader(f)
-    except _READ_ERRORS as exc:
-        raise CaptureError(f"not a valid capture: {_one_line(exc) or type(exc).__name__}") from None
-    raise CaptureError("not a pcap or pcapng capture")
-
-
-def _ts_ns(ts: float | Decimal, divisor: float | Decimal) -> int:
-    if isinstance(ts, Decimal):  # dpkt's nanosecond pcap: exact
-        return int(ts * 1_000_000_000)
-    if divisor in (1, 10, 100, 1e3, 1e4, 1e5, 1e6):
-        return round(ts * divisor) * (1_000_000_000 // int(divisor))
-    return round(ts * 1e9)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -475,6 +849,7 @@ class OfflineDecoder:
             return
         self._emit(conn, session.close(conn.last_ts if ts is None else ts))
         self._count_gave_up(conn, closing=True)
+        self._take_counts(session)
 
     # -- bytes ------------------------------------------------------------------------------------
     def _data(self, conn: _Conn, sender: tuple[str, int], flow: _Flow, off: int, data: bytes, size: int,
@@ -538,7 +913,12 @@ class OfflineDecoder:
             self.stats.connections += 1
         if not session.active:
             return
+        protocol = session.protocol
         self._emit(conn, session.feed(sender == conn.client, data, size, ts))
+        if session.protocol is not None and protocol is None:
+            self.stats.count(session.protocol, "connections")
+        if session.counts:
+            self._take_counts(session)
         if not session.active:
             self._count_gave_up(conn)
 
@@ -553,10 +933,17 @@ class OfflineDecoder:
         client = self._endpoints(conn)[0]
         if session.state is State.UNDECODABLE:
             self.stats.undecodable += 1
+            self.stats.count(session.protocol or "?", "undecodable")
+            reason = f"{session.protocol}: {session.reason}"
+            self.stats.gave_up[reason] = self.stats.gave_up.get(reason, 0) + 1
             log.info("connection from %s:%d: %s stream undecodable: %s", *client, session.protocol, session.reason)
         else:
             self.stats.unknown += 1
             log.info("connection from %s:%d: no decoder recognised the bytes", *client)
+
+    def _take_counts(self, session: StreamSession) -> None:
+        for name, n in session.take_counts().items():
+            self.stats.count(session.protocol or "?", name, n)
 
     def _other(self, conn: _Conn, endpoint: tuple[str, int]) -> tuple[str, int]:
         return next((ep for ep in conn.flows if ep != endpoint), endpoint)
@@ -576,6 +963,7 @@ class OfflineDecoder:
         for x in exchanges:
             self._out.append(_exchange_event(x, client, server))
         self.stats.exchanges += len(exchanges)
+        self.stats.count(exchanges[0].protocol, "exchanges", len(exchanges))
 
 
 def _exchange_event(x: Exchange, client: tuple[str, int], server: tuple[str, int]) -> ExchangeEvent:
@@ -588,10 +976,14 @@ def decode_capture(capture: Capture, decoders: Sequence[type[Decoder]],
                    stats: DecodeStats | None = None) -> Iterator[ExchangeEvent]:  # fmt: skip
     """Exchange events of an open capture, as connections complete them."""
     decoder = OfflineDecoder(decoders, stats)
-    for ts, frame in capture:
-        yield from decoder.packet(ts, capture.linktype, frame)
+    for ts, linktype, frame in capture.packets():
+        yield from decoder.packet(ts, linktype, frame)
     yield from decoder.finish()
-    decoder.stats.read_error = capture.read_error
+    damage = capture.damage
+    decoder.stats.read_error = damage.stopped
+    decoder.stats.damaged_records += damage.records
+    decoder.stats.damaged_bytes += damage.bytes
+    decoder.stats.cut_captures += damage.cut_at_end
 
 
 def decode_file(path: str, decoders: Sequence[type[Decoder]] | None = None,

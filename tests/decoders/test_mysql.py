@@ -662,32 +662,91 @@ def after_login(*messages) -> None:
     decode(login() + list(messages))
 
 
-@pytest.mark.parametrize("messages", [
-    [(REQ, pkt(3, b"\x03SELECT 1"))],  # not a command boundary
-    [(REQ, pkt(0, b"\x42whatever"))],  # unknown command
-    [(REQ, pkt(0, b""))],  # empty command
-    [(RESP, pkt(1, ok()))],  # response without request
-    [(REQ, query(b"SELECT 1")), (RESP, pkt(1, b"\xfc\x00\x20"))],  # 8192 columns
-    [(REQ, pkt(0, b"\x16SELECT ?")), (RESP, pkt(1, b"\x00\x01\x00"))],  # short STMT_PREPARE_OK
-    [(REQ, pkt(0, b"\x12" + b"\x00" * 10))],  # binlog dump: a stream, not request/response
+@pytest.mark.parametrize("messages, reason", [
+    ([(REQ, pkt(3, b"\x03SELECT 1"))], "garbage"),  # not a command boundary
+    ([(REQ, pkt(0, b"\x42whatever"))], "garbage"),  # unknown command
+    ([(REQ, pkt(0, b""))], "garbage"),  # empty command
+    ([(REQ, pkt(0, b"\x12" + b"\x00" * 10))], "unsupported"),  # binlog dump: a stream, not request/response
 ])
-def test_malformed_streams_are_undecodable(messages):
-    with pytest.raises(Undecodable):
+def test_requests_that_cannot_be_followed_are_undecodable(messages, reason):
+    """The session starts a fresh decoder at the next command (or, unsupported, gives the connection up)."""
+    with pytest.raises(Undecodable) as raised:
         after_login(*messages)
+    assert raised.value.reason == reason
 
 
-def test_greeting_then_another_server_packet_is_undecodable():
-    with pytest.raises(Undecodable):
-        decode([(RESP, pkt(0, greeting())), (RESP, pkt(1, ok()))])
-
-
-def test_undecodable_is_sticky():
+@pytest.mark.parametrize("messages, first", [
+    ([(RESP, pkt(1, ok()))], None),  # response without request
+    ([(REQ, query(b"SELECT 1")), (RESP, pkt(1, b"\xfc\x00\x20"))], ("QUERY", "SELECT 1")),  # 8192 columns
+    ([(REQ, pkt(0, b"\x16SELECT ?")), (RESP, pkt(1, b"\x00\x01\x00"))], ("STMT_PREPARE", "SELECT ?")),  # short OK
+])
+def test_responses_that_cannot_be_read_are_skipped_to_the_next_command(messages, first):
     decoder = MysqlDecoder()
+    chunks = chunks_of(login() + messages + [(REQ, query(b"SELECT 2")), (RESP, pkt(1, ok(affected=3)))])
+    got = run(chunks, decoder)
+    assert got[0].method == "LOGIN"
+    reported = [(e.method, e.target, e.status, e.attributes.get("response_truncated")) for e in got[1:]]
+    assert reported == ([] if first is None else [(*first, None, True)]) + [("QUERY", "SELECT 2", "OK", None)]
+    assert got[-1].attributes["affected_rows"] == 3
+    counts = decoder.take_counts()
+    assert counts == ({"unsolicited_response": 1} if first is None else {"resync:garbage": 1})
+
+
+def test_greeting_then_another_server_packet_is_skipped():
+    decoder = MysqlDecoder()
+    got = run(chunks_of([(RESP, pkt(0, greeting())), (RESP, pkt(1, ok()))] + login()[1:]), decoder)
+    assert [(e.method, e.status) for e in got] == [("LOGIN", "OK")]
+    assert decoder.take_counts() == {"unsolicited_response": 1}
+
+
+def test_unsupported_is_sticky():
+    decoder = MysqlDecoder()
+    for chunk in chunks_of(login()):
+        decoder.feed(chunk)
     with pytest.raises(Undecodable):
-        decoder.feed(Chunk(REQ, pkt(5, b"\x03x"), 6, 1))
-    with pytest.raises(Undecodable):
-        decoder.feed(Chunk(REQ, query(b"SELECT 1"), 13, 2))
-    assert list(decoder.close(3)) == []
+        decoder.feed(Chunk(REQ, pkt(0, b"\x12" + b"\x00" * 10), 15, 5000))
+    with pytest.raises(Undecodable, match="binlog"):
+        decoder.feed(Chunk(REQ, query(b"SELECT 1"), 13, 6000))
+    assert list(decoder.close(7000)) == []
+
+
+def test_commands_never_answered_are_bounded_and_late_responses_skipped():
+    """5.2 MB of COM_PING to a server that does not answer queued a million commands; now at most
+    MAX_PENDING wait, the others are reported unanswered, and responses that do come later are
+    matched to the commands they answer (by count) and skipped."""
+    from deetune.decoders.mysql import MAX_PENDING
+
+    decoder = MysqlDecoder()
+    ping = pkt(0, b"\x0e")
+    for chunk in chunks_of(login()):
+        decoder.feed(chunk)
+    got = list(decoder.feed(Chunk(REQ, ping * (3 * MAX_PENDING), 15 * MAX_PENDING, 5000)))
+    assert len(decoder._pending) <= MAX_PENDING + 1
+    assert {(e.method, e.status) for e in got} == {("PING", None)}
+    assert decoder.take_counts() == {"pending_limit": 3}  # each time MAX_PENDING were waiting again
+    waiting = len(got)
+    # The server answers every ping after all: the first still waiting pairs with the first answer...
+    answers = list(decoder.feed(Chunk(RESP, pkt(1, ok()) * (3 * MAX_PENDING), 11 * 3 * MAX_PENDING, 6000)))
+    assert len(answers) == 3 * MAX_PENDING - waiting
+    assert all((e.method, e.status) == ("PING", "OK") for e in answers)
+    # ... and a query after them pairs with its own response.
+    got = list(decoder.feed(Chunk(REQ, query(b"SELECT 1"), 13, 7000)))
+    got += decoder.feed(Chunk(RESP, pkt(1, ok(affected=4)), 11, 8000))
+    assert [(e.method, e.attributes.get("affected_rows")) for e in got] == [("QUERY", 4)]
+
+
+def test_affected_rows_adding_past_two_to_the_64th_saturate():
+    """Two OK packets of one multi-statement query, each saying 2^64-1 rows: their sum is no u64."""
+    huge = (1 << 64) - 1
+    more = 0x0008 | AUTOCOMMIT  # SERVER_MORE_RESULTS_EXISTS
+    got = decode(login() + [(REQ, query(b"UPDATE a; UPDATE b")),
+                            (RESP, pkt(1, ok(affected=huge, status=more)) + pkt(2, ok(affected=huge)))])
+    update = got[1]
+    assert (update.status, update.attributes["affected_rows"]) == ("OK", huge)
+    assert update.attributes["anomalies"] == ["affected_rows_overflow"]
+    import orjson
+
+    orjson.dumps(update.attributes)  # a sink can write it
 
 
 # ---------------------------------------------------------------- detect
@@ -1052,17 +1111,17 @@ def test_kindling_query_cmd_payload_longer_than_declared(vectors):
 
 def test_kindling_commit_until_the_inconsistent_packet(vectors):
     """The third request declares a 49-byte payload but moves 7 (a copy of the second's header);
-    the response that follows cannot belong to an unfinished request."""
+    the response that follows cannot belong to an unfinished request: it is skipped, counted."""
     doc, chunks = kindling_trace(vectors, "server-trace-commit.yml")
     decoder = MysqlDecoder()
     exchanges = []
-    with pytest.raises(Undecodable, match="request packet was complete"):
-        for chunk in chunks:
-            exchanges.extend(decoder.feed(chunk))
+    for chunk in chunks:
+        exchanges.extend(decoder.feed(chunk))
     expects = doc["trace"]["expects"]
     assert [(e.target, e.request_bytes, e.response_bytes) for e in exchanges] == [
         (x["Labels"]["sql"], x["Values"]["request_io"], x["Values"]["response_io"]) for x in expects[:2]
     ]
+    assert decoder.take_counts() == {"unsolicited_response": 1}
 
 
 def test_kindling_oneway_quit(vectors):

@@ -4,10 +4,17 @@ A decoder sees one TCP connection as two ordered byte streams, the request
 direction (client → server) and the response direction (server → client),
 delivered as :class:`Chunk` objects in the order the bytes moved.  A chunk may
 carry fewer bytes than moved (``len(data) < size``): the kernel copied only a
-prefix.  The missing tail is a *gap* the decoder must step over using lengths
-the protocol declares (Content-Length, chunk sizes, RESP bulk lengths, MySQL
-packet lengths).  When it cannot, it raises :class:`Undecodable` and the
-connection is marked undecodable, counted and skipped.
+prefix.  A chunk may carry no bytes at all (``data == b""``, ``size > 0``): calls
+that were not copied (overload sampling, a lost record) or a hole in a capture.
+The missing bytes are a *gap* the decoder steps over using lengths the protocol
+declares (Content-Length, chunk sizes, RESP bulk lengths, MySQL packet lengths).
+When it cannot, it finds the next message it recognises (a later chunk, or later
+in the same one) and goes on from there; requests waiting for a response when the
+framing was lost are reported without one (``attributes["gap"] = True``) rather
+than paired with a later response.  A decoder that cannot do that raises
+:class:`Undecodable` with the exchanges it completed before; the caller reports
+those, closes the decoder (which reports what it still holds) and starts a new one
+at the next chunk that ``detect`` recognises as a request.
 
 Decoders are incremental: ``feed`` returns the exchanges completed by this
 chunk (often none).  They never see sockets, pids or addresses: the caller
@@ -34,11 +41,22 @@ class Direction(enum.Enum):
 
 
 class Undecodable(Exception):
-    """The stream is not (or no longer) this protocol; stop decoding it.
+    """The stream cannot be followed from here; stop feeding this decoder.
 
-    Raised from :meth:`Decoder.feed`; the caller marks the connection
-    undecodable, counts it, and stops feeding it.  The message is one line.
+    Raised from :meth:`Decoder.feed`.  The message is one line.  ``exchanges``
+    are the ones this feed completed before the failure: the caller reports them.
+    ``reason`` is a short name for counting (``"gap"``, ``"garbage"`` …; default
+    ``"undecodable"``).  The caller then closes the decoder and, when the protocol
+    was recognised, starts a fresh one at the next chunk that looks like a request
+    (counted as a resync), or gives the connection up when that keeps failing.
+    ``reason="unsupported"`` (TLS, a compressed protocol, a replication stream)
+    gives the connection up at once.
     """
+
+    def __init__(self, message: str = "", *, exchanges: Iterable["Exchange"] = (), reason: str = "undecodable"):
+        super().__init__(message)
+        self.exchanges: list[Exchange] = list(exchanges)
+        self.reason = reason
 
 
 @attrs.frozen
@@ -87,7 +105,10 @@ class Exchange:
     #: Error text (Redis error reply, MySQL ERR message); ``None`` otherwise.
     error_message: str | None = None
     #: Protocol-specific fields (``host``, ``version``, ``traceparent``, ``db_user`` …).
-    #: Values are JSON-serialisable.
+    #: Values are JSON-serialisable.  Shared by every decoder: ``anomalies`` (a list of short
+    #: names, each a departure from the standard the decoder tolerated, e.g. ``"bare_lf"``),
+    #: ``gap`` (true: bytes of this exchange were not captured and its response, or part of
+    #: it, is unknown).
     attributes: dict[str, Any] = attrs.field(factory=dict)
 
     @property
@@ -116,8 +137,13 @@ class Decoder:
 
     @classmethod
     def detect(cls, direction: Direction, data: bytes) -> bool:
-        """Whether ``data``, the first bytes seen on a connection in
-        ``direction``, look like this protocol.  Must not raise."""
+        """Whether ``data`` looks like the start of this protocol's messages in ``direction``.
+
+        ``data`` starts at a chunk's first byte: the first bytes seen on a connection, or a later
+        chunk where a message may start (a connection older than the capture is taken up at its
+        first recognisable message; a stream is resynchronised at its next request).  It may join
+        consecutive chunks (a message header read apart from its body), and ``detect`` is asked
+        again with more bytes of the same start when it said no.  Must not raise."""
         raise NotImplementedError
 
     def feed(self, chunk: Chunk) -> Iterable[Exchange]:
@@ -131,3 +157,23 @@ class Decoder:
         """The connection closed: return what is still pending and complete
         enough to report (e.g. a request whose response never came).  Default: nothing."""
         return ()
+
+    # What a decoder skipped or repaired outside any exchange (an unsolicited response, bytes
+    # skipped to find the next message, a bound that cut in) is counted by name; the caller
+    # sums the counts per protocol (the agent's L7 stats, `deetune decode`'s summary).
+    #: Counts not yet taken by the caller; None while there are none.
+    counts: dict[str, int] | None = None
+
+    def count(self, what: str, n: int = 1) -> None:
+        """Count ``n`` occurrences of ``what`` (a short name: ``"unsolicited_response"`` …)."""
+        if not n:
+            return
+        counts = self.counts
+        if counts is None:
+            counts = self.counts = {}
+        counts[what] = counts.get(what, 0) + n
+
+    def take_counts(self) -> dict[str, int]:
+        """The counts since the last call, and start again from none."""
+        counts, self.counts = self.counts, None
+        return counts or {}

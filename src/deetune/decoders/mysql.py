@@ -10,9 +10,13 @@ The decoder follows packet boundaries from the declared lengths, so a capture
 gap inside a payload is stepped over; a gap that swallows a packet header loses
 the framing.  In the response direction it then waits for the client's next
 command (the classic protocol is strictly request/response) and resynchronises
-on the next response chunk; in the request direction it gives up.
+on the next response chunk; responses that answer nothing seen, or cannot be
+read, are skipped the same way (counted).  In the request direction it raises
+:class:`Undecodable` and the session starts a fresh decoder at the next command.
+At most MAX_PENDING commands wait for a response.
 
-Compressed (CLIENT_COMPRESS / zstd) and TLS connections are not decoded.
+Compressed (CLIENT_COMPRESS / zstd) and TLS connections are not decoded
+(``reason="unsupported"``: the connection is given up).
 """
 
 from __future__ import annotations
@@ -52,6 +56,12 @@ RESPONSE_PREFIX_CAP = 4096
 MAX_STATEMENTS = 1024
 #: MySQL's own limit on columns in a table / result set.
 MAX_COLUMNS = 4096
+#: Commands waiting for a response; beyond, the oldest are reported unanswered (counted as
+#: ``pending_limit``) and their responses, when they come, skipped by their framing.
+MAX_PENDING = 1024
+#: Runs of (command, kind) a stand-in for such commands keeps at most.
+_MAX_SKIP_RUNS = 64
+_MAX_U64 = (1 << 64) - 1
 
 _HEADER = struct.Struct("<I")
 _U16 = struct.Struct("<H")
@@ -187,7 +197,7 @@ class _Command:
         "code", "method", "target", "kind", "stage", "left", "attrs",
         "req_start", "req_end", "req_bytes", "resp_start", "resp_end", "resp_bytes",
         "status", "error_message", "columns", "rows", "results", "affected", "last_id",
-        "prep_params", "prep_cols", "text",
+        "prep_params", "prep_cols", "text", "runs",
     )
 
     def __init__(self, code: int, method: str, kind: int, target: str, ts0: int, ts1: int, wire: int) -> None:
@@ -214,6 +224,9 @@ class _Command:
         self.prep_params = 0
         self.prep_cols = 0
         self.text = ""  # STMT_PREPARE: the statement, remembered once the server accepts it
+        #: A stand-in for commands reported already whose responses are still to come (see
+        #: MAX_PENDING): [code, kind, count] runs, in order; None for a real command.
+        self.runs: collections.deque[list[int]] | None = None
 
 
 def _lenenc(p, pos: int) -> tuple[int, int]:
@@ -408,25 +421,42 @@ class MysqlDecoder(Decoder):
 
     def feed(self, chunk: Chunk) -> Iterable[Exchange]:
         if self._failed is not None:
-            raise Undecodable(self._failed)
+            raise Undecodable(self._failed, reason="unsupported")
         if self._ignore_rest:
             return ()
         self._out = []
+        request = chunk.direction is Direction.REQUEST
         try:
-            if chunk.direction is Direction.REQUEST:
+            if request:
                 self._frame(self._req, chunk.data, chunk.size, chunk.ts_ns, self._on_request, self._on_request_lost)
             else:
                 self._frame(self._resp, chunk.data, chunk.size, chunk.ts_ns, self._on_response, self._on_response_lost)
         except Undecodable as exc:
-            self._failed = str(exc) or "undecodable"
+            if exc.reason == "unsupported":
+                self._failed = str(exc) or "undecodable"
+            elif not request and exc.reason != "gap":
+                self._response_garbage()
+                return self._out
+            exc.exchanges[:0] = self._out
             raise
         except (IndexError, struct.error, ValueError, OverflowError, UnicodeError) as exc:
-            self._failed = f"malformed packet ({type(exc).__name__})"
-            raise Undecodable(self._failed) from None
+            if not request:
+                self._response_garbage()
+                return self._out
+            raise Undecodable(f"malformed packet ({type(exc).__name__})", exchanges=self._out,
+                              reason="garbage") from None  # fmt: skip
         except Exception as exc:  # a decoder bug must not take the caller down
-            self._failed = f"internal error: {type(exc).__name__}: {exc}"
-            raise Undecodable(self._failed) from None
+            raise Undecodable(f"internal error: {type(exc).__name__}: {exc}", exchanges=self._out,
+                              reason="decoder_error") from None  # fmt: skip
         return self._out
+
+    def _response_garbage(self) -> None:
+        """A response that cannot be read: what is waiting keeps what was seen of its response and
+        is reported when the client sends its next command (the responses start afresh then)."""
+        self.count("resync:garbage")
+        self._resp.reset()
+        self._resp.lost = True
+        self._resp.cont = None
 
     def close(self, ts_ns: int) -> Iterable[Exchange]:
         if self._failed is not None:
@@ -440,6 +470,8 @@ class MysqlDecoder(Decoder):
                 in_flight += self._resp.cont.wire
             pending[0].resp_bytes += in_flight
         for cmd in pending:
+            if cmd.runs is not None:
+                continue
             if cmd.stage == _TAIL_EOF:
                 cmd.status = "OK"
             else:
@@ -600,7 +632,7 @@ class MysqlDecoder(Decoder):
     # ------------------------------------------------------------------ requests
 
     def _on_request_lost(self, ts0: int, nbytes: int, ts1: int) -> None:
-        raise Undecodable("request framing lost in a capture gap")
+        raise Undecodable("request framing lost in a capture gap", reason="gap")
 
     def _on_request(self, seq: int, p, length: int, wire: int, ts0: int, ts1: int) -> None:
         pending = self._pending
@@ -615,7 +647,7 @@ class MysqlDecoder(Decoder):
         phase = self._phase
         if phase == _COMMANDS_PHASE:
             if seq != 0:
-                raise Undecodable(f"request packet with sequence id {seq} outside a command")
+                raise Undecodable(f"request packet with sequence id {seq} outside a command", reason="garbage")
             self._on_command(p, length, wire, ts0, ts1)
         elif phase == _GREETED:
             self._on_handshake_response(p, length, wire, ts0, ts1)
@@ -623,15 +655,15 @@ class MysqlDecoder(Decoder):
             self._on_handshake_response(p, length, wire, ts0, ts1)
         elif seq == 0:  # started mid-connection, at a command
             if _looks_compressed(p, length):  # the handshake that negotiated it was missed
-                raise Undecodable("compressed protocol")
+                raise Undecodable("compressed protocol", reason="unsupported")
             self._phase = _COMMANDS_PHASE
             self._on_command(p, length, wire, ts0, ts1)
         else:
-            raise Undecodable(f"stream does not start at a packet boundary (sequence id {seq})")
+            raise Undecodable(f"stream does not start at a packet boundary (sequence id {seq})", reason="garbage")
 
     def _on_command(self, p, length: int, wire: int, ts0: int, ts1: int) -> None:
         if length == 0 or not p:
-            raise Undecodable("empty command packet")
+            raise Undecodable("empty command packet", reason="garbage")
         pending = self._pending
         if self._resp.lost:
             # The response to what is pending lost its framing; the client has moved
@@ -639,6 +671,8 @@ class MysqlDecoder(Decoder):
             while pending:
                 self._emit_unfinished(pending.popleft())
             self._resp.resync()
+        elif len(pending) >= MAX_PENDING:
+            self._too_many_pending()
         elif pending and pending[0].stage == _TAIL_EOF:
             # No EOF came after the prepare metadata before the client went on.
             cmd = pending.popleft()
@@ -649,11 +683,11 @@ class MysqlDecoder(Decoder):
         entry = _COMMANDS.get(code)
         if code == 0 or entry is None:
             if _looks_compressed(p, length):
-                raise Undecodable("compressed protocol")
+                raise Undecodable("compressed protocol", reason="unsupported")
             if code in _STREAMING_COMMANDS:
-                raise Undecodable(f"{_STREAMING_COMMANDS[code]} is not decoded")
+                raise Undecodable(f"{_STREAMING_COMMANDS[code]} is not decoded", reason="unsupported")
             if entry is None:
-                raise Undecodable(f"unknown command byte 0x{code:02x}")
+                raise Undecodable(f"unknown command byte 0x{code:02x}", reason="garbage")
         method, kind = entry
         cmd = _Command(code, method, kind, "", ts0, ts1, wire)
         if code == COM_QUERY or code == COM_STMT_PREPARE:
@@ -732,7 +766,7 @@ class MysqlDecoder(Decoder):
         if flags16 & CLIENT_PROTOCOL_41:
             flags = _U32.unpack_from(p, 0)[0]
             if length == 32 and flags & CLIENT_SSL:
-                raise Undecodable("switched to TLS")
+                raise Undecodable("switched to TLS", reason="unsupported")
             pos = 32
         else:  # HandshakeResponse320: 2-byte flags, 3-byte max packet size
             flags = flags16
@@ -785,12 +819,10 @@ class MysqlDecoder(Decoder):
 
     def _on_response_lost(self, ts0: int, nbytes: int, ts1: int) -> None:
         if not self._pending:
-            if self._phase == _GREETED:
-                raise Undecodable("response framing lost before the login")
             return  # nothing asked (or started mid-response): these bytes belong to no exchange
         cmd = self._pending[0]
         if cmd.kind == _AUTH and cmd.code == -1:
-            raise Undecodable("response framing lost during login")
+            raise Undecodable("response framing lost during login", reason="gap")
         if cmd.resp_start is None:
             cmd.resp_start = ts0
         cmd.resp_end = ts1
@@ -810,7 +842,8 @@ class MysqlDecoder(Decoder):
             pending.popleft()
             self._emit(cmd)
             if not pending:
-                raise Undecodable("response without a request")
+                self._on_unsolicited_response(seq, p, length, wire, ts0, ts1)
+                return False
             cmd = pending[0]
         if not p:
             if length:  # its first byte was not captured: cannot tell what it is
@@ -834,7 +867,7 @@ class MysqlDecoder(Decoder):
 
     def _lose_response(self, cmd: _Command, wire: int, ts0: int, ts1: int) -> None:
         if cmd.kind == _AUTH and cmd.code == -1:
-            raise Undecodable("response framing lost during login")
+            raise Undecodable("response framing lost during login", reason="gap")
         if cmd.resp_start is None:
             cmd.resp_start = ts0
         cmd.resp_end = ts1
@@ -858,13 +891,12 @@ class MysqlDecoder(Decoder):
             # Started mid-response: skip until the client's next command.
             self._resp.lost = True
             return
-        if self._phase == _GREETED:
-            raise Undecodable("server sent more than a greeting before the login")
         if seq == 0 and first == 0xFF:
             return  # the server's farewell before closing (e.g. idle timeout): no request
-        if self._req.length >= 0 or self._req.header:
-            raise Undecodable("response before the request packet was complete")
-        raise Undecodable("response without a request")
+        # Answers a request not seen (or sent while the request was still arriving): skipped, with
+        # whatever follows it, until the client's next command.
+        self.count("unsolicited_response")
+        self._resp.lost = True
 
     def _on_greeting(self, p) -> None:
         version, pos = _cstring(p, 1, 256)
@@ -961,7 +993,11 @@ class MysqlDecoder(Decoder):
                         raise Undecodable("malformed OK packet") from None
                     affected = 0
                 flags = _status_flags(p, length)
-            cmd.affected = affected + (cmd.affected or 0)
+            total = affected + (cmd.affected or 0)
+            if total > _MAX_U64:  # several results' counts added up past what the protocol can say
+                cmd.attrs["anomalies"] = ["affected_rows_overflow"]
+                total = _MAX_U64
+            cmd.affected = total
             if flags & SERVER_MORE_RESULTS_EXISTS:
                 return False  # stage stays _FIRST: the next result follows
             cmd.status = "OK"
@@ -1089,10 +1125,47 @@ class MysqlDecoder(Decoder):
             cmd.status = "OK"
 
     def _emit_unfinished(self, cmd: _Command) -> None:
+        if cmd.runs is not None:  # responses of commands reported already: nothing more to say
+            return
         self._mark_unfinished(cmd)
         self._emit(cmd)
 
+    def _too_many_pending(self) -> None:
+        """Report the commands waiting (but the first, whose response may be under way) as
+        unanswered, and put in their place a stand-in that follows and skips their responses."""
+        pending = self._pending
+        self.count("pending_limit")
+        head = pending.popleft()
+        runs: collections.deque[list[int]] = collections.deque()
+        for cmd in pending:
+            for code, kind, n in cmd.runs if cmd.runs is not None else ((cmd.code, cmd.kind, 1),):
+                if runs and runs[-1][0] == code and runs[-1][1] == kind:
+                    runs[-1][2] += n
+                else:
+                    runs.append([code, kind, n])
+            if cmd.runs is None:
+                self._emit(cmd)  # status None: no response seen (yet)
+        pending.clear()
+        pending.append(head)
+        if len(runs) <= _MAX_SKIP_RUNS:
+            stand_in = _Command(-2, "", _RESULT, "", 0, 0, 0)
+            stand_in.runs = runs
+            _restart(stand_in)
+            pending.append(stand_in)
+        else:  # too mixed to follow: the responses start afresh at the next command
+            self._resp.lost = True
+
     def _emit(self, cmd: _Command) -> None:
+        runs = cmd.runs
+        if runs is not None:
+            # One response of the commands it stands for is over: on to the next, if any.
+            runs[0][2] -= 1
+            if not runs[0][2]:
+                runs.popleft()
+            if runs:
+                _restart(cmd)
+                self._pending.appendleft(cmd)
+            return
         attrs = cmd.attrs
         if cmd.columns is not None:
             attrs["columns"] = cmd.columns
@@ -1124,6 +1197,17 @@ class MysqlDecoder(Decoder):
                 attributes=attrs,
             )
         )
+
+
+def _restart(stand_in: _Command) -> None:
+    """Make a stand-in (see MysqlDecoder._too_many_pending) read the response of its next command."""
+    code, kind, _ = stand_in.runs[0]
+    stand_in.code, stand_in.kind = code, kind
+    stand_in.stage = _ROWS if kind == _FETCH else _FIRST
+    stand_in.left = 0
+    stand_in.columns = stand_in.affected = stand_in.last_id = stand_in.status = None
+    stand_in.rows = stand_in.results = 0
+    stand_in.attrs = {}
 
 
 def _skip_binary_value(p, pos: int, field_type: int) -> int:

@@ -11,10 +11,14 @@ frames are not replies at all (pub/sub messages, RESP3 pushes).
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections import deque
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
+import attrs
+
+from deetune.decoders._barrier import past_barrier
 from deetune.decoders.base import Chunk, Decoder, Direction, Exchange, Undecodable
 
 #: Longest header or inline line accepted (Redis' own inline limit).
@@ -26,6 +30,9 @@ _MAX_ITEMS = 4
 _MAX_CAPTURE = 4096
 #: Upper bound of declared lengths and counts: anything larger is garbage, not Redis.
 _MAX_LENGTH = 1 << 32
+#: Aggregates nested deeper than this are not followed (real replies nest a few levels; a peer
+#: nesting `*1` a million times must not cost a million stack entries).
+MAX_DEPTH = 64
 
 # RESP type bytes.
 _SIMPLE, _ERROR, _INTEGER, _BULK, _ARRAY = 0x2B, 0x2D, 0x3A, 0x24, 0x2A  # + - : $ *
@@ -40,6 +47,7 @@ _REPLY_TYPES = {
     _VERBATIM: "verbatim", _BIGNUM: "bignum", _MAP: "map", _SET: "set", _PUSH: "push",
 }
 _ERROR_TYPES = (_ERROR, _BLOB_ERROR)
+_TYPE_BYTES = frozenset({*_REPLY_TYPES, _ATTRIBUTE})
 
 _DOUBLE_RE = re.compile(rb"[-+]?(?:[0-9]+(?:\.[0-9]*)?(?:[eE][-+]?[0-9]+)?|inf|nan)")
 _INLINE_RE = re.compile(rb"[A-Za-z][^\x00-\x08\x0a-\x1f\x7f]*")  # no control bytes but tab
@@ -176,7 +184,7 @@ def _whole_reply(buf: bytes, pos: int, end: int, kind: int) -> int:
 class _Message:
     """One top-level RESP message: a command, a reply or a push."""
 
-    __slots__ = ("kind", "count", "items", "text", "start_ns", "end_ns", "nbytes", "truncated")
+    __slots__ = ("kind", "count", "items", "text", "start_ns", "end_ns", "nbytes", "truncated", "errors")
 
     def __init__(self, start_ns: int, kind: int = 0, count: int = 0,
                  items: list[bytes | None] | None = None, text: bytes | None = None,
@@ -188,7 +196,8 @@ class _Message:
         self.start_ns = start_ns
         self.end_ns = end_ns
         self.nbytes = nbytes
-        self.truncated = False  # a capture gap was stepped over inside it
+        self.truncated = False  # a capture gap was stepped over inside it (or cut it short)
+        self.errors: dict[int, bytes] | None = None  # error elements of a top-level array, by index
 
 
 class _RespReader:
@@ -205,29 +214,56 @@ class _RespReader:
         self._stack: list[list[Any]] = []  # [elements left, is_attribute] per open aggregate
         self._bulk_left = 0  # bytes of the current bulk payload + CRLF not consumed yet
         self._bulk_parts: list[bytes] | None = None  # kept pieces of that payload
+        #: An unfinished line: its stream offset and how much of it was searched for its end
+        #: (fed a byte at a time, a long line must not be searched from its start every time).
+        self._line_at = -1
+        self._line_scanned = 0
         self.last_ts = 0
+        #: (reason, message) once the stream could not be followed; the reader then stops.
+        self.error: tuple[str, str] | None = None
 
     def feed(self, data: bytes, size: int, ts: int) -> list[_Message]:
+        """The messages this chunk completes; on bytes that cannot be followed, those completed
+        before them, with :attr:`error` set."""
         out: list[_Message] = []
+        if self.error is not None:
+            return out
         carry = len(self._buf) - self._pos
         if carry:
+            buf = self._buf
+            if not isinstance(buf, bytearray):
+                buf = self._buf = bytearray(buf[self._pos:])
+            elif self._pos:
+                del buf[: self._pos]
             self._base += self._pos
-            self._buf = self._buf[self._pos:] + data
+            buf += data  # amortised: one long line fed in pieces costs linear time
         else:
             self._base += len(self._buf)
             self._buf = data
             self._carry_ts = ts
         self._pos = 0
         self.last_ts = ts
-        if not carry and self._msg is None:
-            self._pos = self._whole_messages(data, 0, ts, ts, out)
-        if self._pos < len(self._buf):
-            self._parse(ts, carry, out)
-        if self._pos or not carry:
-            self._carry_ts = ts
-        if size > len(data):
-            self._skip_gap(size - len(data), ts, out)
+        try:
+            if not carry and self._msg is None:
+                self._pos = self._whole_messages(data, 0, ts, ts, out)
+            if self._pos < len(self._buf):
+                self._parse(ts, carry, out)
+            if self._pos or not carry:
+                self._carry_ts = ts
+            if size > len(data):
+                self._skip_gap(size - len(data), ts, out)
+        except Undecodable as exc:  # bytes that are not RESP, unless said otherwise
+            self._stop("garbage" if exc.reason == "undecodable" else exc.reason, str(exc))
         return out
+
+    def _stop(self, reason: str, message: str) -> None:
+        self.error = (reason, message)
+        self._buf = b""
+        self._pos = 0
+        self._msg = None
+        self._stack = []
+        self._bulk_left = 0
+        self._bulk_parts = None
 
     def partial(self) -> tuple[_Message, int] | None:
         """The message being received, with its bytes so far."""
@@ -252,12 +288,15 @@ class _RespReader:
                     continue
                 msg = self._msg
                 kind = buf[pos]
+                if kind not in _TYPE_BYTES and not (request_side and msg is None):
+                    raise Undecodable(f"not a RESP type byte: 0x{kind:02x}", reason="garbage")
                 if msg is None:
                     start_ns = self._carry_ts if pos < carry else ts
-                    stop = self._whole_messages(buf, pos, start_ns, ts, out)
-                    if stop > pos:
-                        pos = stop
-                        continue
+                    if type(buf) is bytes:  # the fast path keeps slices of its buffer as they are
+                        stop = self._whole_messages(buf, pos, start_ns, ts, out)
+                        if stop > pos:
+                            pos = stop
+                            continue
                     if request_side and kind != _ARRAY:
                         stop = self._inline(buf, pos, end, start_ns, ts, out)
                         if stop < 0:
@@ -266,14 +305,17 @@ class _RespReader:
                         continue
                     msg = self._msg = _Message(start_ns)
                     self._msg_offset = self._base + pos
-                eol = buf.find(b"\r\n", pos, pos + _MAX_LINE)
+                line_at = self._base + pos
+                start = pos + self._line_scanned - 1 if line_at == self._line_at else pos
+                eol = buf.find(b"\r\n", start, pos + _MAX_LINE)
                 if eol < 0:
                     if end - pos >= _MAX_LINE:
-                        raise Undecodable("RESP line longer than 64 KiB")
+                        raise Undecodable("RESP line longer than 64 KiB", reason="line_limit")
+                    self._line_at, self._line_scanned = line_at, end - pos
                     break
                 top = not stack
                 if request_side and kind != (_ARRAY if top else _BULK):
-                    raise Undecodable("command is not an array of bulk strings")
+                    raise Undecodable("command is not an array of bulk strings", reason="garbage")
                 if kind == _BULK or kind == _BLOB_ERROR or kind == _VERBATIM:
                     length = _length(buf, pos + 1, eol)
                     pos = eol + 2
@@ -293,8 +335,8 @@ class _RespReader:
                             self._bulk_parts = [] if keep else None
                             continue
                         if buf[stop] != _CR or buf[stop + 1] != _LF:
-                            raise Undecodable("bulk string not followed by CRLF")
-                        value = buf[pos:min(stop, pos + _MAX_CAPTURE)] if keep else None
+                            raise Undecodable("bulk string not followed by CRLF", reason="garbage")
+                        value = bytes(buf[pos:min(stop, pos + _MAX_CAPTURE)]) if keep else None
                         pos = stop + 2
                 elif kind in (_ARRAY, _MAP, _SET, _PUSH, _ATTRIBUTE):
                     count = _length(buf, pos + 1, eol)
@@ -306,6 +348,9 @@ class _RespReader:
                     if top and kind != _ATTRIBUTE:
                         msg.kind, msg.count = kind, count
                     if count > 0:
+                        if len(stack) >= MAX_DEPTH:
+                            raise Undecodable(f"RESP aggregates nested deeper than {MAX_DEPTH}",
+                                              reason="nesting_limit")
                         stack.append([count, kind == _ATTRIBUTE])
                         continue
                     if request_side:  # *0 / *-1: Redis ignores it, no reply
@@ -315,11 +360,16 @@ class _RespReader:
                         continue
                     value = None
                 else:
-                    value = buf[pos + 1:eol]
+                    value = bytes(buf[pos + 1:eol])
                     _check_scalar(kind, value)
                     pos = eol + 2
                     if top:
                         msg.kind = kind
+                    elif (kind == _ERROR) and len(stack) == 1 and not stack[0][1]:
+                        # An error inside an array (an EXEC reply): which element, and why.
+                        if msg.errors is None:
+                            msg.errors = {}
+                        msg.errors[msg.count - stack[0][0]] = value[:_MAX_CAPTURE]
                 if self._element_done(value):
                     self._finish(ts, pos, out)
         finally:
@@ -358,16 +408,19 @@ class _RespReader:
                 out: list[_Message]) -> int:
         """An inline command (``PING\\r\\n``, as typed in telnet); -1 when incomplete."""
         if not (buf[pos:pos + 1].isalpha() or buf[pos:pos + 1].isspace()):
-            raise Undecodable("neither a RESP array nor an inline command")
-        newline = buf.find(b"\n", pos, pos + _MAX_LINE)
+            raise Undecodable("neither a RESP array nor an inline command", reason="garbage")
+        line_at = self._base + pos
+        start = pos + self._line_scanned - 1 if line_at == self._line_at else pos
+        newline = buf.find(b"\n", start, pos + _MAX_LINE)
         if newline < 0:
             if end - pos >= _MAX_LINE:
-                raise Undecodable("inline command longer than 64 KiB")
+                raise Undecodable("inline command longer than 64 KiB", reason="line_limit")
+            self._line_at, self._line_scanned = line_at, end - pos
             return -1
-        line = buf[pos:newline].rstrip(b"\r")
+        line = bytes(buf[pos:newline]).rstrip(b"\r")
         if line.strip():  # Redis ignores empty lines
             if not _INLINE_RE.fullmatch(line):
-                raise Undecodable("neither a RESP array nor an inline command")
+                raise Undecodable("neither a RESP array nor an inline command", reason="garbage")
             words = line.split()
             items: list[bytes | None] = [word[:_MAX_CAPTURE] for word in words[:_MAX_ITEMS]]
             out.append(_Message(start_ns, _ARRAY, len(words), items, None, ts, newline + 1 - pos))
@@ -383,11 +436,11 @@ class _RespReader:
             room = _MAX_CAPTURE - sum(map(len, parts))
             keep = min(take, payload_left, room)
             if keep > 0:
-                parts.append(buf[pos:pos + keep])
+                parts.append(bytes(buf[pos:pos + keep]))
         if take > payload_left:  # this piece holds (part of) the CRLF: check it
             crlf = b"\r\n"[2 - (left - payload_left):]
             if buf[pos + payload_left:pos + take] != crlf[:take - payload_left]:
-                raise Undecodable("bulk string not followed by CRLF")
+                raise Undecodable("bulk string not followed by CRLF", reason="garbage")
         self._bulk_left = left - take
         return pos + take
 
@@ -426,22 +479,30 @@ class _RespReader:
         self._msg = None
 
     def _skip_gap(self, gap: int, ts: int, out: list[_Message]) -> None:
-        """Step over bytes that moved but were not captured, using declared bulk lengths."""
-        if self._pos < len(self._buf):
-            raise Undecodable("capture cut inside a RESP line: cannot resynchronise")
-        self._base += len(self._buf)
-        self._buf = b""
-        self._pos = 0
-        while gap:
-            if not self._bulk_left:
-                raise Undecodable("capture cut outside a bulk string: cannot resynchronise")
-            step = min(gap, self._bulk_left)
-            self._bulk_left -= step
-            self._base += step
-            gap -= step
-            self._msg.truncated = True
-            if not self._bulk_left and self._element_done(self._kept_bulk()):
-                self._finish(ts, 0, out)
+        """Step over bytes that moved but were not captured, using declared bulk lengths.  When they
+        hide framing, the message they cut ends with them (where the call ended) and the reader
+        stops (:attr:`error`): how many messages the rest of the gap held is unknown."""
+        if self._pos >= len(self._buf):
+            self._base += len(self._buf)
+            self._buf = b""
+            self._pos = 0
+            while gap and self._bulk_left:
+                step = min(gap, self._bulk_left)
+                self._bulk_left -= step
+                self._base += step
+                gap -= step
+                self._msg.truncated = True
+                if not self._bulk_left and self._element_done(self._kept_bulk()):
+                    self._finish(ts, 0, out)
+            if not gap:
+                return
+        msg = self._msg
+        if msg is not None and (msg.kind if not self._request_side else msg.items and msg.items[0] is not None):
+            msg.truncated = True
+            msg.end_ns = ts
+            msg.nbytes = self._base + len(self._buf) + gap - self._msg_offset
+            out.append(msg)
+        raise Undecodable("a capture gap hides the RESP framing", reason="gap")
 
 
 def _check_scalar(kind: int, line: bytes) -> None:
@@ -468,7 +529,7 @@ def _check_scalar(kind: int, line: bytes) -> None:
 class _Command:
     """A command waiting for its reply."""
 
-    __slots__ = ("msg", "method", "target", "attributes", "replies", "confirmations")
+    __slots__ = ("msg", "method", "target", "attributes", "replies", "confirmations", "eligible")
 
     def __init__(self, msg: _Message, method: str, target: str, attributes: dict[str, Any],
                  replies: bool) -> None:
@@ -479,6 +540,28 @@ class _Command:
         self.replies = replies  # False: the server sends nothing back (CLIENT REPLY OFF/SKIP)
         #: For (un)subscribe commands: the confirmation kind, and how many come (None: unknown).
         self.confirmations: tuple[bytes, int | None] | None = None
+        self.eligible = True  # may be paired past a barrier (see deetune.decoders._barrier)
+
+
+def _too_short(data: bytes, request: bool) -> bool:
+    """Whether ``data`` is too short to tell whether it starts a message: a command's start takes
+    two lines and the command name's first byte (``*2\\r\\n$3\\r\\nG``), a reply's one line."""
+    lines = data.count(b"\r\n")
+    if not request:
+        return lines < 1
+    return lines < 2 or (lines == 2 and data.endswith(b"\r\n"))
+
+
+#: In the queue of commands: an unknown number of commands was lost here (see RedisDecoder).
+_BARRIER = _Command(_Message(0), "", "", {}, True)
+
+
+def _command_end(command: _Command) -> int | None:
+    return -1 if command is _BARRIER else command.msg.end_ns
+
+
+def _eligible(command: _Command) -> bool:
+    return command.eligible and command is not _BARRIER
 
 
 def _command_target(method: str, items: list[bytes | None]) -> str:
@@ -491,13 +574,38 @@ def _command_target(method: str, items: list[bytes | None]) -> str:
     return _text(items[index]) if index < len(items) else ""
 
 
+#: Command names an inline command (``PING\r\n``, as typed in telnet) is recognised by when a
+#: connection is detected; once it is, any word is a command.
+_INLINE_COMMANDS = frozenset({
+    "APPEND", "AUTH", "BGSAVE", "CLIENT", "CONFIG", "DBSIZE", "DECR", "DECRBY", "DEL", "ECHO", "EXISTS", "EXPIRE",
+    "FLUSHALL", "FLUSHDB", "GET", "GETSET", "HDEL", "HELLO", "HGET", "HGETALL", "HMSET", "HSET", "INCR", "INCRBY",
+    "INFO", "KEYS", "LLEN", "LPOP", "LPUSH", "LRANGE", "MGET", "MONITOR", "MSET", "PING", "PSUBSCRIBE", "PUBLISH",
+    "QUIT", "RPOP", "RPUSH", "SADD", "SAVE", "SCAN", "SELECT", "SET", "SETEX", "SMEMBERS", "SUBSCRIBE", "TTL",
+    "TYPE", "UNSUBSCRIBE", "ZADD", "ZRANGE",
+})
+_INLINE_START = re.compile(rb"([A-Za-z]{2,16})(?:[ \t][^\r\n]{0,200})?\r?\n")
+
+
 class RedisDecoder(Decoder):
-    """Redis RESP2/RESP3 commands and replies of one connection."""
+    """Redis RESP2/RESP3 commands and replies of one connection.
+
+    Losing the framing (a gap the declared lengths cannot step over, bytes that are not RESP):
+    the message cut is reported as ``truncated``, and the direction is taken up again at the next
+    chunk that starts a message.  Commands lost in between put a barrier in the queue: replies
+    after those of the commands seen before it are skipped until one starts after a command
+    queued behind it ended.  Replies lost report the commands waiting as answered by nothing
+    (``gap``) and put the same barrier.  Counts: ``unsolicited_response``, ``skipped_bytes``,
+    ``resync:<reason>``, ``pending_limit``.  Commands between MULTI and EXEC are reported when
+    EXEC is answered, each with its own outcome from EXEC's reply (``transaction``).
+    """
 
     protocol = "redis"
     default_ports = (6379,)
-    #: Commands awaiting replies beyond which the reply direction is deemed lost (memory bound).
-    max_pending = 1 << 17
+    #: Commands awaiting replies beyond which the replies are deemed lost: those commands are
+    #: reported unanswered (counted as ``pending_limit``), and replies for them skipped.
+    max_pending = 8192
+    #: Commands of one MULTI held for EXEC's outcome; beyond, they are reported as answered (QUEUED).
+    max_queued = 1024
 
     _REQUEST_START = re.compile(rb"\*[1-9][0-9]{0,6}\r\n\$([1-9][0-9]{0,8})\r\n")
     _COMMAND_NAME = re.compile(rb"[A-Za-z][A-Za-z0-9|_-]*")
@@ -506,7 +614,7 @@ class RedisDecoder(Decoder):
         rb"|-[A-Z]+[ \r]"  # -ERR …, -NOAUTH …, -WRONGTYPE …
         rb"|:-?[0-9]{1,19}\r\n"
         rb"|\$(?:-1|[0-9]{1,10})\r\n"
-        rb"|[*%~>](?:-1|[0-9]{1,10})\r\n(?:[-+:$*%~>_,#!=(|]|$)"
+        rb"|[*%~>|](?:-1|[0-9]{1,10})\r\n(?:[-+:$*%~>_,#!=(|]|$)"
         rb"|_\r\n|#[tf]\r\n"
     )
 
@@ -514,14 +622,29 @@ class RedisDecoder(Decoder):
     def detect(cls, direction: Direction, data: bytes) -> bool:
         try:
             if direction is Direction.REQUEST:
-                head = cls._REQUEST_START.match(data)
-                if head is None:
-                    return False
-                name = data[head.end():head.end() + int(head.group(1))]
-                return bool(name) and cls._COMMAND_NAME.fullmatch(name) is not None
+                return cls._command_start(data) or cls._inline_start(data)
             return cls._REPLY_START.match(data) is not None
         except Exception:  # detection must never raise, whatever it is given
             return False
+
+    @classmethod
+    def _command_start(cls, data: bytes) -> bool:
+        head = cls._REQUEST_START.match(data)
+        if head is None:
+            return False
+        name = data[head.end():head.end() + int(head.group(1))]
+        return bool(name) and cls._COMMAND_NAME.fullmatch(name) is not None
+
+    @staticmethod
+    def _inline_start(data: bytes) -> bool:
+        line = _INLINE_START.match(data)
+        if line is None or line.group(1).upper().decode() not in _INLINE_COMMANDS:
+            return False
+        if b" HTTP/1." in line.group(0)[-12:]:  # an HTTP request line on Redis' port
+            return False
+        # What follows is more inline commands, not RESP (the tail of a command whose start was lost).
+        following = data[line.end() : line.end() + 1]
+        return following not in (b"$", b"*")
 
     def __init__(self) -> None:
         self._commands = _RespReader(request_side=True)
@@ -537,37 +660,138 @@ class RedisDecoder(Decoder):
         self._extra_left: int | None = 0
         #: Replies that matched no command (capture started mid-stream).
         self.orphan_replies = 0
+        #: Between MULTI's OK and EXEC: the exchanges of the queued commands, held for EXEC's reply.
+        self._queued: list[Exchange] | None = None
+        #: A direction whose framing was lost waits for a chunk that starts a message.
+        self._commands_lost = False
+        self._replies_lost = False
+        #: Short chunks held while telling whether they start a message (see _take_up).
+        self._held_start: list[Chunk] = []
 
     def feed(self, chunk: Chunk) -> Iterable[Exchange]:
         out: list[Exchange] = []
         try:
             if chunk.direction is _REQUEST:
-                for msg in self._commands.feed(chunk.data, chunk.size, chunk.ts_ns):
-                    self._on_command(msg)
+                chunks = [chunk]
+                if self._commands_lost:
+                    chunks = self._take_up(chunk, self._command_start, True)
+                    if not chunks:
+                        return out
+                for piece in chunks:
+                    for msg in self._commands.feed(piece.data, piece.size, piece.ts_ns):
+                        self._on_command(msg)
+                if self._commands.error is not None:
+                    self._lose_commands(*self._commands.error)
                 if len(self._pending) > self.max_pending:
-                    raise Undecodable(f"over {self.max_pending} commands without a reply")
+                    self._too_many_pending(out)
             else:
-                for msg in self._replies.feed(chunk.data, chunk.size, chunk.ts_ns):
-                    self._on_reply(msg, out)
-        except Undecodable:
+                chunks = [chunk]
+                if self._replies_lost:
+                    chunks = self._take_up(chunk, self._reply_start, False)
+                    if not chunks:
+                        return out
+                for piece in chunks:
+                    for msg in self._replies.feed(piece.data, piece.size, piece.ts_ns):
+                        self._on_reply(msg, out)
+                if self._replies.error is not None:
+                    self._lose_replies(*self._replies.error, out)
+        except Undecodable as exc:
+            exc.exchanges[:0] = out
             raise
         except Exception as exc:  # a bug must not escape as anything but "stop decoding"
-            raise Undecodable(f"redis decoder error: {exc!r}") from exc
+            raise Undecodable(f"redis decoder error: {exc!r}", exchanges=out, reason="decoder_error") from exc
         if self._pending and not self._pending[0].replies:
             self._flush_unanswered(out)
         return out
 
     def close(self, ts_ns: int) -> Iterable[Exchange]:
-        out: list[Exchange] = []
-        partial = self._replies.partial()
+        out: list[Exchange] = self._release_queued(None)
+        partial = None if self._replies_lost else self._replies.partial()
         while self._pending:
             command = self._pending.popleft()
+            if command is _BARRIER:
+                continue
             if command.replies and partial is not None and partial[0].kind != _PUSH:
                 out.append(self._incomplete(command, *partial))
                 partial = None
             else:
                 out.append(self._unanswered(command))
         return out
+
+    # Losing and taking up the framing.
+
+    def _lose_commands(self, reason: str, message: str) -> None:
+        self.count(f"resync:{reason}")
+        self._commands_lost = True
+        self._add_barrier()
+
+    def _lose_replies(self, reason: str, message: str, out: list[Exchange]) -> None:
+        self.count(f"resync:{reason}")
+        self._replies_lost = True
+        pending = self._pending
+        out.extend(self._release_queued(None))
+        # Commands seen after commands were lost (behind the last barrier) came after those lost
+        # ones: the replies lost with these answered the earlier commands (see HttpDecoder).
+        keep = next((len(pending) - i for i in range(len(pending) - 1, -1, -1) if pending[i] is _BARRIER), 0)
+        while len(pending) > keep:
+            command = pending.popleft()
+            if command is _BARRIER:
+                continue
+            exchange = self._unanswered(command)
+            if command.replies:
+                exchange.attributes["gap"] = True
+            out.append(exchange)
+        self._add_barrier()
+
+    def _add_barrier(self) -> None:
+        if not self._pending or self._pending[-1] is not _BARRIER:
+            self._pending.append(_BARRIER)
+
+    def _take_up(self, chunk: Chunk, starts: Callable[[bytes], bool], request: bool) -> list[Chunk]:
+        """The chunks to follow the lost direction again from, when this one (or it joined to short
+        ones held before it: a message's first line may come in pieces) starts a message; else none."""
+        held, self._held_start = self._held_start, []
+        if held and held[-1].size > len(held[-1].data):
+            self.count("skipped_bytes", sum(c.size for c in held))
+            held = []
+        chunks = [*held, chunk]
+        joined = [b"".join(c.data for c in chunks[i:]) for i in range(len(chunks))]
+
+        for i, data in enumerate(joined):
+            if chunk.data and starts(data) and (request or self._reply_may_start(chunks[i])):
+                if request:
+                    self._commands, self._commands_lost = _RespReader(request_side=True), False
+                else:
+                    self._replies, self._replies_lost = _RespReader(request_side=False), False
+                self.count("skipped_bytes", sum(c.size for c in chunks[:i]))
+                return chunks[i:]
+        if chunk.data and chunk.size == len(chunk.data):
+            for i, data in enumerate(joined):
+                if data and len(data) < 64 and _too_short(data, request):
+                    self._held_start = chunks[i:]  # too short to tell yet
+                    self.count("skipped_bytes", sum(c.size for c in chunks[:i]))
+                    return []
+        self.count("skipped_bytes", sum(c.size for c in chunks))
+        return []
+
+    def _reply_may_start(self, chunk: Chunk) -> bool:
+        """Replies lost: only a reply that started after a command seen since can be paired."""
+        pending = self._pending
+        if len(pending) < 2 or pending[0] is not _BARRIER:
+            return False
+        return any(_eligible(c) and c.msg.end_ns <= chunk.ts_ns for c in itertools.islice(pending, 1, None))
+
+    def _reply_start(self, data: bytes) -> bool:
+        return self._REPLY_START.match(data) is not None
+
+    def _too_many_pending(self, out: list[Exchange]) -> None:
+        self.count("pending_limit")
+        pending = self._pending
+        while pending:
+            command = pending.popleft()
+            if command is not _BARRIER:
+                out.append(self._unanswered(command))
+        self._add_barrier()
 
     # Commands.
 
@@ -580,7 +804,10 @@ class RedisDecoder(Decoder):
         command = _Command(msg, method, _command_target(method, items), attributes, True)
         if method in _REPLY_SHAPING or self._replies_off or self._skip_next:
             self._shape_reply(command)
-        self._pending.append(command)
+        pending = self._pending
+        if pending and pending[0] is not _BARRIER:
+            command.eligible = False
+        pending.append(command)
 
     def _shape_reply(self, command: _Command) -> None:
         """Whether the command gets a reply, and of which form (CLIENT REPLY, subscriptions)."""
@@ -633,18 +860,57 @@ class RedisDecoder(Decoder):
                     and not self._resp3 and (self._channels or self._shard_channels)):
                 out.append(self._push(msg, name))
                 return
-        if not self._pending:
+        pending = self._pending
+        if pending and pending[0] is _BARRIER:
+            for lost in past_barrier(pending, msg.start_ns, _command_end, _eligible) or ():
+                if lost is _BARRIER:
+                    continue
+                exchange = self._unanswered(lost)
+                exchange.attributes["gap"] = True
+                out.append(exchange)
+        if not pending or pending[0] is _BARRIER:
             self.orphan_replies += 1
+            self.count("unsolicited_response")
             return
-        command = self._pending.popleft()
-        if command.method == "HELLO" and kind not in _ERROR_TYPES:
+        command = pending.popleft()
+        method = command.method
+        if method == "HELLO" and kind not in _ERROR_TYPES:
             self._resp3 = kind == _MAP  # HELLO 3 answers with a map, HELLO 2 with an array
-        elif command.method == "RESET":
+        elif method == "RESET":
             self._resp3 = False
             self._channels = self._shard_channels = 0
-        out.append(self._answered(command, msg))
-        if self._pending and not self._pending[0].replies:
+        exchange = self._answered(command, msg)
+        queued = self._queued
+        if queued is not None and method not in ("EXEC", "DISCARD", "MULTI") and len(queued) < self.max_queued:
+            queued.append(exchange)  # its outcome comes with EXEC's reply
+        elif method == "EXEC" or method == "DISCARD":
+            out.extend(self._release_queued(msg if method == "EXEC" else None))
+            out.append(exchange)
+        else:
+            out.append(exchange)
+            if method == "MULTI" and kind not in _ERROR_TYPES:
+                self._queued = []
+        if pending and not pending[0].replies:
             self._flush_unanswered(out)
+
+    def _release_queued(self, exec_reply: _Message | None) -> list[Exchange]:
+        """The commands of a transaction, each with its outcome from EXEC's reply (an array with
+        one reply per command, errors among them); without it (DISCARD, EXECABORT, a null reply
+        after WATCH, or the connection ended), as discarded."""
+        queued, self._queued = self._queued, None
+        if not queued:
+            return []
+        executed = exec_reply is not None and exec_reply.kind == _ARRAY and exec_reply.count == len(queued)
+        out = []
+        errors = exec_reply.errors or {} if executed else {}
+        for index, exchange in enumerate(queued):
+            attributes = exchange.attributes
+            attributes["transaction"] = "executed" if executed else "discarded"
+            text = errors.get(index)
+            if text is not None:
+                exchange = attrs.evolve(exchange, status="ERR", error=True, error_message=_text(text))
+            out.append(exchange)
+        return out
 
     def _expects_confirmation(self, name: bytes) -> bool:
         if self._extra_kind == name and self._extra_left != 0:
@@ -653,7 +919,7 @@ class RedisDecoder(Decoder):
         return confirmations is not None and confirmations[0] == name
 
     def _head_confirmations(self) -> tuple[bytes, int | None] | None:
-        return self._pending[0].confirmations if self._pending else None
+        return self._pending[0].confirmations if self._pending else None  # a barrier's is None
 
     def _on_confirmation(self, msg: _Message, name: bytes, out: list[Exchange]) -> None:
         """(Un)subscribe confirmations: one per channel; the first one answers the command."""

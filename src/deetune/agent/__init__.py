@@ -328,7 +328,7 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
         store_sink = StoreSink(store)
         if args.api:
             try:
-                services.append(build_api(args, store, store_sink, manager))
+                services.append(build_api(args, store, store_sink, manager, place))
             except UsageError:
                 store_sink.close()
                 raise
@@ -372,14 +372,17 @@ def api_token(args: argparse.Namespace) -> str:
     return token
 
 
-def build_api(args: argparse.Namespace, store: TopologyStore, store_sink: StoreSink, manager) -> object:
+def build_api(args: argparse.Namespace, store: TopologyStore, store_sink: StoreSink, manager,
+              place: Place | None = None) -> object:
     """The API server, its socket bound already (a port in use is a usage error, before any probe loads)."""
+    from deetune.api.routes import AgentPlaceRoutes
     from deetune.api.server import ApiServer
 
     host, port = args.api
     try:
         server = ApiServer(store, host, port, token=args.api_token, recordings=manager,
-                           allowed_hosts=args.api_hostname or (), health=store_sink.health)
+                           allowed_hosts=args.api_hostname or (), health=store_sink.health,
+                           extensions=[AgentPlaceRoutes(place)] if place is not None else ())
         server.bind()
     except ValueError as exc:
         raise UsageError(f"--api: {exc}") from None

@@ -1,0 +1,578 @@
+"""The fleet's topology, from the series every agent exports, asked of Prometheus (docs/fleet.md).
+
+:class:`FleetQueries` implements :class:`deetune.topology.model.TopologyQueries` (what the
+agent's API serves from its store) over a whole fleet: the server's API is the agent's API
+with this as its data source.  It keeps nothing between requests; each answer is a handful of
+PromQL queries run side by side, joined here.
+
+How a range's numbers are read
+    A counter's increase over ``[since, until]`` is its value at ``until`` minus its value at
+    ``since`` (0 for a series that did not exist yet, and for a host whose agent started
+    after ``since``: its counters began at 0 then), computed in PromQL with ``@``.  Exact:
+    no extrapolation, unlike ``increase()``.  A host whose agent no longer reports (its
+    series went stale) is read at its last sample in the range instead of at ``until``.
+
+How the halves of an edge are joined
+    Each agent counts an exchange once on its host: on the server's side, and on the
+    client's side only when the server is not on that host.  So a call from host A to host
+    B is counted twice, once by each: A's series name the server by address (``ip:port``, or
+    a mapping file's name), B's name the client by address.  A's series for that edge are
+    told apart by ``deetune_remote_endpoint`` (the endpoints a client edge counted on A
+    called), and each endpoint is matched to the host with that address
+    (``deetune_host_address``) and a listener on that port (``deetune_listen_endpoint``,
+    ``0.0.0.0``/``::`` included): the edge becomes ``client → the listener's service``.
+    B's series for clients at A's addresses are that edge's server side: its latency beside
+    the client's is the network and queueing time between them.  An endpoint no agent's host
+    owns stays an external endpoint; a client address no agent's host owns, an external
+    client.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import time
+from typing import Any, Iterable
+
+import attrs
+
+from deetune.server.prom import Prometheus, Sample, quote, quote_regex
+
+NS = 1_000_000_000
+DIRECTIONS = ("downstream", "upstream", "both")
+WILDCARDS = ("0.0.0.0", "::")
+#: The RED families (docs/metrics.md) and the label sets the fleet reads them by.
+ROW = ("host", "protocol", "client", "server")
+PAIR = ("host", "client", "server")
+QUANTILES = {"latency_p50_ns": 0.5, "latency_p90_ns": 0.9, "latency_p99_ns": 0.99}
+CONNECTION_COUNTERS = {
+    "connections_opened": "deetune_connections_opened_total",
+    "connections_failed": "deetune_connections_failed_total",
+    "bytes_sent": "deetune_bytes_sent_total",
+    "bytes_received": "deetune_bytes_received_total",
+    "retransmits": "deetune_tcp_retransmits_total",
+    "resets": "deetune_tcp_resets_total",
+}
+EDGE_FIELDS = ("requests", "errors", "latency_p50_ns", "latency_p90_ns", "latency_p99_ns", "latency_avg_ns",
+               *CONNECTION_COUNTERS)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def _duration(seconds: float) -> str:
+    return f"{max(1, int(seconds + 0.999))}s"
+
+
+@attrs.define
+class Host:
+    name: str
+    labels: dict[str, str]
+    target: str
+    api_port: int
+    version: str
+    reporting: bool
+    started: float | None = None
+    last_seen: float | None = None
+    addresses: set[str] = attrs.field(factory=set)
+    #: (service, pid, address, port)
+    listeners: list[tuple[str, int, str, int]] = attrs.field(factory=list)
+
+    def to_json(self, idc_label: str, services: Iterable[str] = ()) -> dict[str, Any]:
+        return {"name": self.name, "labels": dict(self.labels), "idc": self.labels.get(idc_label),
+                "reporting": self.reporting,
+                "last_seen": int(self.last_seen * NS) if self.last_seen is not None else None,
+                "started": int(self.started * NS) if self.started is not None else None,
+                "addresses": sorted(self.addresses), "target": self.target, "api_port": self.api_port,
+                "version": self.version, "services": sorted(services)}
+
+
+@attrs.define
+class Side:
+    """One agent's counts of one edge (a row of the RED families, and its connections)."""
+
+    host: str
+    protocol: str
+    client: str
+    server: str
+    metrics: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class Edge:
+    client: str
+    server: str
+    protocol: str
+    port: int
+    client_sides: list[Side] = attrs.field(factory=list)
+    server_sides: list[Side] = attrs.field(factory=list)
+    client_hosts: set[str] = attrs.field(factory=set)
+    server_hosts: set[str] = attrs.field(factory=set)
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.client, self.server, self.protocol, self.port)
+
+
+def _sum_sides(sides: list[Side]) -> dict[str, Any]:
+    """The counts of several rows added up; a latency quantile only when one row has them all."""
+    out: dict[str, Any] = {}
+    for name in ("requests", "errors", *CONNECTION_COUNTERS):
+        out[name] = int(round(sum(s.metrics.get(name, 0) for s in sides)))
+    with_latency = [s for s in sides if s.metrics.get("latency_count")]
+    count = sum(s.metrics["latency_count"] for s in with_latency)
+    total = sum(s.metrics.get("latency_sum", 0.0) for s in with_latency)
+    out["latency_avg_ns"] = int(total / count * NS) if count else None
+    for name in QUANTILES:
+        if len(with_latency) == 1:
+            value = with_latency[0].metrics.get(name)
+            out[name] = int(value * NS) if value is not None else None
+        else:
+            out[name] = None  # merged from the buckets by the caller when asked for
+    return out
+
+
+class FleetQueries:
+    """The fleet topology from Prometheus (see the module doc); every method is one round of queries."""
+
+    def __init__(self, prometheus: Prometheus, *, idc_label: str = "idc", selector: str = "",
+                 agents: Any = None, clock: Any = time.time) -> None:
+        self.prom = prometheus
+        #: deetune.server.agents.Agents: asks the agents for per-request detail.
+        self.agents = agents
+        self.idc_label = idc_label
+        #: Extra label matchers for every series (e.g. ``job="deetune"``), without braces.
+        self.selector = selector
+        self.clock = clock
+
+    # -- PromQL ----------------------------------------------------------------------------------
+
+    def _sel(self, metric: str, extra: str = "") -> str:
+        matchers = ",".join(m for m in (self.selector, extra) if m)
+        return f"{metric}{{{matchers}}}" if matchers else metric
+
+    @staticmethod
+    def _and(*matchers: str) -> str:
+        return ",".join(m for m in matchers if m)
+
+    def _delta(self, metric: str, by: tuple[str, ...], since: float, until: float, stale: set[str],
+               extra: str = "") -> str:
+        """The increase of a counter family over [since, until], summed by ``by`` (module doc)."""
+        rng = _duration(until - since)
+        series = self._sel(metric, extra)
+        if stale:
+            stale_series = self._sel(metric, self._and(extra, f'host=~"{quote_regex(stale)}"'))
+            series = f"({series} or last_over_time({stale_series}[{rng}]))"
+        labels = ", ".join(by)
+        end = f"sum by ({labels}) ({series})"
+        restarted = f"last_over_time({self._sel('deetune_agent_start_time_seconds')}[{rng}]) > {since:.3f}"
+        start = f"(sum by ({labels}) ({self._sel(metric, extra)} @ {since:.3f}) unless on (host) ({restarted}))"
+        return f"({end} - {start}) or {end}"
+
+    # -- the fleet's state -----------------------------------------------------------------------
+
+    def hosts(self, since: float, until: float) -> dict[str, Host]:
+        rng = _duration(until - since)
+        step = _duration(max(1.0, (until - since) / 100))
+        got = self.prom.many({
+            "seen": (f"max_over_time({self._sel('deetune_agent_info')}[{rng}])", until),
+            "now": (self._sel("deetune_agent_info"), until),
+            "last": (f"max_over_time(timestamp({self._sel('deetune_agent_info')})[{rng}:{step}])", until),
+            "started": (f"last_over_time({self._sel('deetune_agent_start_time_seconds')}[{rng}])", until),
+            "addresses": (f"max_over_time({self._sel('deetune_host_address')}[{rng}])", until),
+            "listeners": (f"max_over_time({self._sel('deetune_listen_endpoint')}[{rng}])", until),
+        })
+        reporting = {labels.get("host") for labels, _ in got["now"]}
+        hosts: dict[str, Host] = {}
+        for labels, _ in got["seen"]:
+            name = labels.get("host")
+            if not name:
+                continue
+            extra = {k: v for k, v in labels.items()
+                     if k not in ("__name__", "host", "instance", "job", "version", "api_port")}
+            port = labels.get("api_port", "0")
+            hosts[name] = Host(name, extra, labels.get("instance", ""), int(port) if port.isdigit() else 0,
+                               labels.get("version", ""), name in reporting)
+        for key, attribute in (("last", "last_seen"), ("started", "started")):
+            for labels, value in got[key]:
+                if labels.get("host") in hosts:
+                    setattr(hosts[labels["host"]], attribute, value)
+        for labels, _ in got["addresses"]:
+            if labels.get("host") in hosts:
+                hosts[labels["host"]].addresses.add(labels.get("address", ""))
+        for labels, _ in got["listeners"]:
+            host = hosts.get(labels.get("host", ""))
+            port = labels.get("port", "")
+            if host is not None and port.isdigit():
+                pid = labels.get("pid", "")
+                host.listeners.append((labels.get("service", ""), int(pid) if pid.isdigit() else 0,
+                                       labels.get("address", ""), int(port)))
+        return hosts
+
+    def _rows(self, since: float, until: float, hosts: dict[str, Host], *, extra: str = "",
+              quantiles: bool = True) -> tuple[dict[tuple, Side], dict[tuple, dict[str, float]], set[tuple]]:
+        """Every agent's RED rows (host, protocol, client, server), their connection counters by
+        (host, client, server), and which (host, client, server) are client edges with remote
+        endpoints (with those endpoints)."""
+        stale = {name for name, host in hosts.items() if not host.reporting}
+        queries: dict[str, tuple[str, float]] = {
+            "requests": (self._delta("deetune_requests_total", ROW, since, until, stale, extra), until),
+            "errors": (self._delta("deetune_request_errors_total", ROW, since, until, stale, extra), until),
+            "latency_sum": (self._delta("deetune_request_duration_seconds_sum", ROW, since, until, stale, extra), until),
+            "latency_count": (self._delta("deetune_request_duration_seconds_count", ROW, since, until, stale, extra),
+                              until),
+        }
+        if quantiles:
+            buckets = self._delta("deetune_request_duration_seconds_bucket", (*ROW, "le"), since, until, stale, extra)
+            for name, q in QUANTILES.items():
+                queries[name] = (f"histogram_quantile({q}, {buckets})", until)
+        for name, metric in CONNECTION_COUNTERS.items():
+            queries[name] = (self._delta(metric, PAIR, since, until, stale, extra), until)
+        remote = self._sel("deetune_remote_endpoint", extra)
+        if stale:
+            rng = _duration(until - since)
+            stale_series = self._sel("deetune_remote_endpoint", self._and(extra, f'host=~"{quote_regex(stale)}"'))
+            remote = f"{remote} or last_over_time({stale_series}[{rng}])"
+        queries["remote"] = (remote, until)
+        got = self.prom.many(queries)
+        rows: dict[tuple, Side] = {}
+        for name in ("requests", "errors", "latency_sum", "latency_count", *(QUANTILES if quantiles else ())):
+            for labels, value in got[name]:
+                key = tuple(labels.get(k, "") for k in ROW)
+                if key[0] not in hosts:
+                    continue
+                side = rows.get(key)
+                if side is None:
+                    side = rows[key] = Side(*key)
+                if value == value:  # NaN: no observation in the range
+                    side.metrics[name] = value
+        pairs: dict[tuple, dict[str, float]] = collections.defaultdict(dict)
+        for name in CONNECTION_COUNTERS:
+            for labels, value in got[name]:
+                key = tuple(labels.get(k, "") for k in PAIR)
+                if key[0] in hosts:
+                    pairs[key][name] = value
+        remote_rows: dict[tuple, set[tuple[str, int]]] = collections.defaultdict(set)
+        for labels, _ in got["remote"]:
+            port = labels.get("port", "")
+            if labels.get("host") in hosts and port.isdigit():
+                remote_rows[tuple(labels.get(k, "") for k in PAIR)].add((labels.get("address", ""), int(port)))
+        return rows, pairs, remote_rows
+
+    # -- the join --------------------------------------------------------------------------------
+
+    def fleet(self, since_ns: int, until_ns: int, *, quantiles: bool = True) -> "Fleet":
+        since, until = since_ns / NS, until_ns / NS
+        hosts = self.hosts(since, until)
+        if not hosts:
+            return Fleet(self.idc_label, hosts, {}, since_ns, until_ns)
+        rows, pairs, remote = self._rows(since, until, hosts, quantiles=quantiles)
+        return Fleet.join(self.idc_label, hosts, rows, pairs, remote, since_ns, until_ns)
+
+    # -- TopologyQueries -------------------------------------------------------------------------
+
+    def graph(self, since: int, until: int, service: str | None = None) -> dict[str, Any]:
+        return self.fleet(since, until).graph(service)
+
+    def services(self, since: int, until: int) -> list[dict[str, Any]]:
+        return self.fleet(since, until).services()
+
+    def dependencies(self, service: str, depth: int, direction: str, since: int, until: int) -> dict[str, Any]:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
+        return self.fleet(since, until).dependencies(service, depth, direction)
+
+    def edges(self, since: int, until: int, *, errors_only: bool = False,
+              service: str | None = None) -> list[dict[str, Any]]:
+        edges = self.fleet(since, until).graph(service)["edges"]
+        if errors_only:
+            edges = [e for e in edges if e["errors"] or e["connections_failed"]]
+        return edges
+
+    def exchanges(self, *, service: str | None = None, limit: int = 100, since: int | None = None) -> list[dict[str, Any]]:
+        """Asked of every reporting agent with an API (per-request detail stays on the agents)."""
+        if self.agents is None:
+            return []
+        now = self.clock()
+        hosts = [h for h in self.hosts(now - 3600, now).values() if h.reporting]
+        return self.agents.exchanges(hosts, service=service, limit=limit, since=since)
+
+    # -- fleet-only answers ----------------------------------------------------------------------
+
+    def host_list(self, since: int, until: int) -> dict[str, Any]:
+        fleet = self.fleet(since, until, quantiles=False)
+        hosts = fleet.hosts_json()
+        errors = dict(self.agents.errors) if self.agents is not None else {}
+        for host in hosts:
+            host["agent_error"] = errors.get(host["name"])
+        return {"since": since, "until": until, "idc_label": self.idc_label, "hosts": hosts}
+
+    def cross_idc(self, since: int, until: int) -> dict[str, Any]:
+        fleet = self.fleet(since, until)
+        edges = [e for e in fleet.graph(None)["edges"] if e["cross_idc"]]
+        return {"since": since, "until": until, "idc_label": self.idc_label, "edges": edges}
+
+    def series(self, since: int, until: int, step: int, *, service: str | None = None,
+               edge: tuple[str, str, str, int] | None = None) -> dict[str, Any]:
+        """RED over time of a service (what it serves) or an edge: requests and errors per step,
+        latency p50/p99, from the rows the join assigns them."""
+        fleet = self.fleet(since, until, quantiles=False)
+        if edge is not None:
+            found = fleet.edges.get(edge)
+            sides = (found.client_sides or found.server_sides) if found else []
+        else:
+            sides = [s for e in fleet.edges.values() if e.server == service
+                     for s in (e.client_sides if e.client_sides and not e.server_sides else e.server_sides)]
+            sides = list({(s.host, s.protocol, s.client, s.server): s for s in sides}.values())
+        return self._series(sides, since, until, step)
+
+    def _series(self, sides: list[Side], since: int, until: int, step_ns: int) -> dict[str, Any]:
+        step = step_ns / NS
+        points = [{"t": t, "requests": 0, "errors": 0, "latency_p50_ns": None, "latency_p99_ns": None}
+                  for t in range(since + step_ns, until + 1, step_ns)]
+        if not sides or not points:
+            return {"since": since, "until": until, "step": step_ns, "points": points}
+        selectors = ["{" + ",".join([f'{k}="{quote(getattr(s, k))}"' for k in ROW] + ([self.selector] if self.selector else []))
+                     + "}" for s in sides]
+        win = _duration(step)
+
+        def over(metric: str, by: str = "") -> str:
+            return f"sum {by}({' or '.join(f'increase({metric}{selector}[{win}])' for selector in selectors)})"
+
+        start, end = (since + step_ns) / NS, until / NS
+        queries = {
+            "requests": over("deetune_requests_total"),
+            "errors": over("deetune_request_errors_total"),
+            "latency_p50_ns": f"histogram_quantile(0.5, {over('deetune_request_duration_seconds_bucket', 'by (le) ')})",
+            "latency_p99_ns": f"histogram_quantile(0.99, {over('deetune_request_duration_seconds_bucket', 'by (le) ')})",
+        }
+        futures = {name: self.prom._pool.submit(self.prom.query_range, expr, start, end, step)
+                   for name, expr in queries.items()}
+        index = {p["t"]: p for p in points}
+        for name, future in futures.items():
+            for _labels, values in future.result():
+                for t, value in values:
+                    point = index.get(int(round(t * NS / step_ns)) * step_ns) or index.get(int(t * NS))
+                    if point is None or value != value:
+                        continue
+                    point[name] = int(value * NS) if name.startswith("latency") else int(round(value))
+        return {"since": since, "until": until, "step": step_ns, "points": points}
+
+
+@attrs.define
+class Fleet:
+    """One joined picture of the fleet over a range."""
+
+    idc_label: str
+    hosts: dict[str, Host]
+    edges: dict[tuple, Edge]
+    since: int
+    until: int
+    #: service → hosts it runs on
+    placed: dict[str, set[str]] = attrs.field(factory=dict)
+
+    @classmethod
+    def join(cls, idc_label: str, hosts: dict[str, Host], rows: dict[tuple, Side],
+             pairs: dict[tuple, dict[str, float]], remote: dict[tuple, set[tuple[str, int]]],
+             since: int, until: int) -> "Fleet":
+        owner: dict[str, str] = {}  # address → host (the first by name when two claim one)
+        for host in sorted(hosts.values(), key=lambda h: h.name):
+            for address in host.addresses:
+                owner.setdefault(address, host.name)
+        listening: dict[tuple[str, str, int], str] = {}  # (host, address, port) → service
+        ports: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
+        placed: dict[str, set[str]] = collections.defaultdict(set)
+        for host in hosts.values():
+            for service, _pid, address, port in host.listeners:
+                listening.setdefault((host.name, address, port), service)
+                ports[(host.name, service)].add(port)
+                placed[service].add(host.name)
+
+        def resolve(address: str, port: int) -> tuple[str, str] | None:
+            host = owner.get(address.strip("[]"))
+            if host is None:
+                return None
+            for candidate in (address.strip("[]"), *WILDCARDS):
+                service = listening.get((host, candidate, port))
+                if service is not None:
+                    return host, service
+            return None
+
+        # Connection counters go to the row of their pair with the most requests; a pair with
+        # no row becomes a "tcp" row (traffic nothing decoded).
+        by_pair: dict[tuple, list[Side]] = collections.defaultdict(list)
+        for side in rows.values():
+            by_pair[(side.host, side.client, side.server)].append(side)
+        for pair, counters in pairs.items():
+            found = by_pair.get(pair)
+            if not found:
+                side = rows[(pair[0], "tcp", pair[1], pair[2])] = Side(pair[0], "tcp", pair[1], pair[2])
+                by_pair[pair] = found = [side]
+            target = max(found, key=lambda s: (s.metrics.get("requests", 0), s.protocol))
+            for name, value in counters.items():
+                target.metrics[name] = target.metrics.get(name, 0) + value
+
+        edges: dict[tuple, Edge] = {}
+
+        def edge(client: str, server: str, protocol: str, port: int) -> Edge:
+            key = (client, server, protocol, port)
+            found = edges.get(key)
+            if found is None:
+                found = edges[key] = Edge(client, server, protocol, port)
+            return found
+
+        # Client sides first: they name both services once joined.
+        joined: dict[tuple[str, str, str], list[Edge]] = collections.defaultdict(list)  # (client host, server, proto)
+        server_rows: list[Side] = []
+        for key, side in sorted(rows.items()):
+            endpoints = remote.get((side.host, side.client, side.server))
+            if endpoints is None:
+                server_rows.append(side)
+                continue
+            placed[side.client].add(side.host)
+            targets = {resolve(address, port) for address, port in endpoints}
+            port_set = {port for _, port in endpoints}
+            port = port_set.pop() if len(port_set) == 1 else 0
+            services = {t[1] for t in targets if t is not None}
+            if None not in targets and len(services) == 1:
+                found = edge(side.client, services.pop(), side.protocol, port)
+                found.server_hosts |= {t[0] for t in targets if t is not None}
+                if found not in joined[(side.host, found.server, side.protocol)]:
+                    joined[(side.host, found.server, side.protocol)].append(found)
+            else:
+                found = edge(side.client, side.server, side.protocol, port)
+            found.client_sides.append(side)
+            found.client_hosts.add(side.host)
+        # Server sides: a local client, a client on another agent's host (the joined edge's
+        # other half), or an external client.
+        for side in server_rows:
+            placed[side.server].add(side.host)
+        for side in server_rows:
+            client_host = owner.get(side.client.strip("[]")) if _is_address(side.client) else None
+            halves = joined.get((client_host, side.server, side.protocol), []) if client_host else []
+            halves = [e for e in halves if side.host in e.server_hosts]
+            if halves:
+                for found in halves:
+                    found.server_sides.append(side)
+                continue
+            service_ports = ports.get((side.host, side.server), set())
+            port = next(iter(service_ports)) if len(service_ports) == 1 else 0
+            found = edge(side.client, side.server, side.protocol, port)
+            found.server_sides.append(side)
+            found.server_hosts.add(side.host)
+            if side.client in placed and side.host in placed[side.client]:
+                found.client_hosts.add(side.host)  # a local client
+            elif client_host is not None:
+                found.client_hosts.add(client_host)
+        return cls(idc_label, hosts, edges, since, until, dict(placed))
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    def _idc(self, host: str) -> str | None:
+        found = self.hosts.get(host)
+        return found.labels.get(self.idc_label) if found else None
+
+    def edge_json(self, e: Edge) -> dict[str, Any]:
+        counted = e.client_sides or e.server_sides
+        out: dict[str, Any] = {"client": e.client, "server": e.server, "protocol": e.protocol, "port": e.port,
+                               **_sum_sides(counted)}
+        out["client_hosts"] = sorted(e.client_hosts)
+        out["server_hosts"] = sorted(e.server_hosts)
+        out["joined"] = bool(e.client_sides and e.server_sides)
+        if out["joined"]:
+            server = _sum_sides(e.server_sides)
+            out["client_side"] = {k: out[k] for k in EDGE_FIELDS}
+            out["server_side"] = {k: server[k] for k in ("requests", "errors", *QUANTILES, "latency_avg_ns")}
+            # True when several client services of one host call this server: its rows name the
+            # client host's address, not the service, and are shared by their edges (graph() says).
+            out["server_side"]["shared"] = False
+            if out["latency_avg_ns"] is not None and server["latency_avg_ns"] is not None:
+                out["network_latency_avg_ns"] = out["latency_avg_ns"] - server["latency_avg_ns"]
+            else:
+                out["network_latency_avg_ns"] = None
+        idc_pairs = sorted({(self._idc(c), self._idc(s)) for c in e.client_hosts for s in e.server_hosts},
+                           key=lambda p: (str(p[0]), str(p[1])))
+        out["idcs"] = [{"client": c, "server": s} for c, s in idc_pairs]
+        out["cross_idc"] = any(c is not None and s is not None and c != s for c, s in idc_pairs)
+        return out
+
+    def _node(self, name: str) -> dict[str, Any]:
+        hosts = sorted(self.placed.get(name, ()))
+        instances = []
+        for host_name in hosts:
+            host = self.hosts[host_name]
+            pids = sorted({pid for service, pid, _a, _p in host.listeners if service == name and pid})
+            instances.append({"id": f"{host_name}/{name}", "service": name, "host": host_name, "pids": pids,
+                              "idc": host.labels.get(self.idc_label), "reporting": host.reporting})
+        return {"name": name, "instances": instances, "external": not hosts, "hosts": hosts}
+
+    def _names(self) -> set[str]:
+        names = {e.client for e in self.edges.values()} | {e.server for e in self.edges.values()}
+        return names
+
+    def graph(self, service: str | None) -> dict[str, Any]:
+        edges = [e for e in self.edges.values() if service is None or service in (e.client, e.server)]
+        edges.sort(key=lambda e: e.key)
+        answer = [self.edge_json(e) for e in edges]
+        counts = collections.Counter(id(s) for e in edges for s in e.server_sides if e.client_sides)
+        for e, data in zip(edges, answer):
+            if data["joined"]:
+                data["server_side"]["shared"] = any(counts[id(s)] > 1 for s in e.server_sides)
+        names = {e.client for e in edges} | {e.server for e in edges}
+        if service is not None and service in self.placed:
+            names.add(service)
+        return {"nodes": [self._node(n) for n in sorted(names)], "edges": answer, "since": self.since,
+                "until": self.until, "idc_label": self.idc_label, "hosts": self.hosts_json()}
+
+    def hosts_json(self) -> list[dict[str, Any]]:
+        services: dict[str, set[str]] = collections.defaultdict(set)
+        for name, hosts in self.placed.items():
+            for host in hosts:
+                services[host].add(name)
+        return [self.hosts[h].to_json(self.idc_label, services.get(h, ())) for h in sorted(self.hosts)]
+
+    def services(self) -> list[dict[str, Any]]:
+        requests_in: collections.Counter[str] = collections.Counter()
+        requests_out: collections.Counter[str] = collections.Counter()
+        for e in self.edges.values():
+            count = _sum_sides(e.client_sides or e.server_sides)["requests"]
+            requests_out[e.client] += count
+            requests_in[e.server] += count
+        names = self._names() | set(self.placed)
+        return [{**self._node(n), "first_seen": None, "last_seen": None, "requests_in": requests_in[n],
+                 "requests_out": requests_out[n]} for n in sorted(names)]
+
+    def dependencies(self, service: str, depth: int, direction: str) -> dict[str, Any]:
+        walks = [("client", "server"), ("server", "client")]
+        if direction == "downstream":
+            walks = walks[:1]
+        elif direction == "upstream":
+            walks = walks[1:]
+        hops: dict[str, int] = {service: 0}
+        used: dict[tuple, Edge] = {}
+        for near, far in walks:
+            distance = {service: 0}
+            frontier = {service}
+            for hop in range(1, depth + 1):
+                following = set()
+                for e in self.edges.values():
+                    if getattr(e, near) in frontier:
+                        used[e.key] = e
+                        other = getattr(e, far)
+                        if other not in distance:
+                            distance[other] = hop
+                            following.add(other)
+                frontier = following
+                if not frontier:
+                    break
+            for name, hop in distance.items():
+                hops[name] = min(hop, hops.get(name, hop))
+        nodes = [{"name": n, "hops": h, "external": n not in self.placed, "hosts": sorted(self.placed.get(n, ()))}
+                 for n, h in sorted(hops.items(), key=lambda item: (item[1], item[0]))]
+        return {"service": service, "depth": depth, "direction": direction, "nodes": nodes,
+                "edges": [self.edge_json(used[k]) for k in sorted(used)]}

@@ -15,7 +15,6 @@ import urllib.parse
 
 import pytest
 
-from tests.conftest import IN_CI
 from tests.fleet_hosts import Fleet, http_json
 from tests.servers import free_port, require_binary
 
@@ -304,7 +303,14 @@ def test_fleet_exchanges_come_from_the_agents(fleet_server):
 def test_fleet_series(fleet_server):
     answer = fleet_server.api("/api/series", service="nginx", window="5m", step="10s")
     assert len(answer["points"]) == 30
-    assert sum(p["requests"] for p in answer["points"]) >= REQUESTS - 1  # increase() per step is extrapolated
+    # Exact per step: each series' value at the step's end minus at its start (0 before it existed).
+    assert sum(p["requests"] for p in answer["points"]) == REQUESTS
+    assert sum(p["errors"] for p in answer["points"]) == FAILED_REQUESTS
+    busy = [p for p in answer["points"] if p["requests"]]
+    assert busy and all(p["latency_p50_ns"] > 0 and p["latency_p99_ns"] >= p["latency_p50_ns"] for p in busy)
+    edge = fleet_server.api("/api/series", client="client", server="redis-server", protocol="redis",
+                            port=str(REDIS_PORT), window="5m", step="10s")
+    assert (sum(p["requests"] for p in edge["points"]), sum(p["errors"] for p in edge["points"])) == (4, 1)
 
 
 def test_fleet_ui_draws_the_hosts(fleet_server):

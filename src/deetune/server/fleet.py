@@ -178,11 +178,10 @@ class FleetQueries:
 
     def hosts(self, since: float, until: float) -> dict[str, Host]:
         rng = _duration(until - since)
-        step = _duration(max(1.0, (until - since) / 100))
         got = self.prom.many({
             "seen": (f"max_over_time({self._sel('deetune_agent_info')}[{rng}])", until),
             "now": (self._sel("deetune_agent_info"), until),
-            "last": (f"max_over_time(timestamp({self._sel('deetune_agent_info')})[{rng}:{step}])", until),
+            "last": (f"max_over_time({self._sel('deetune_agent_time_seconds')}[{rng}])", until),
             "started": (f"last_over_time({self._sel('deetune_agent_start_time_seconds')}[{rng}])", until),
             "addresses": (f"max_over_time({self._sel('deetune_host_address')}[{rng}])", until),
             "listeners": (f"max_over_time({self._sel('deetune_listen_endpoint')}[{rng}])", until),
@@ -332,36 +331,66 @@ class FleetQueries:
         return self._series(sides, since, until, step)
 
     def _series(self, sides: list[Side], since: int, until: int, step_ns: int) -> dict[str, Any]:
-        step = step_ns / NS
+        """Per step, each series' increase (its value at the step's end minus at its start; a series
+        that did not exist yet started at 0, one that went stale stays at its last value, one that
+        went down restarted), added up; latency quantiles from the buckets' increases."""
+        count = (until - since) // step_ns
+        end = until - until % 1_000_000  # Prometheus's times are in milliseconds
+        start = end - count * step_ns
+        times = [start + k * step_ns for k in range(count + 1)]
         points = [{"t": t, "requests": 0, "errors": 0, "latency_p50_ns": None, "latency_p99_ns": None}
-                  for t in range(since + step_ns, until + 1, step_ns)]
+                  for t in times[1:]]
         if not sides or not points:
             return {"since": since, "until": until, "step": step_ns, "points": points}
-        selectors = ["{" + ",".join([f'{k}="{quote(getattr(s, k))}"' for k in ROW] + ([self.selector] if self.selector else []))
-                     + "}" for s in sides]
-        win = _duration(step)
-
-        def over(metric: str, by: str = "") -> str:
-            return f"sum {by}({' or '.join(f'increase({metric}{selector}[{win}])' for selector in selectors)})"
-
-        start, end = (since + step_ns) / NS, until / NS
-        queries = {
-            "requests": over("deetune_requests_total"),
-            "errors": over("deetune_request_errors_total"),
-            "latency_p50_ns": f"histogram_quantile(0.5, {over('deetune_request_duration_seconds_bucket', 'by (le) ')})",
-            "latency_p99_ns": f"histogram_quantile(0.99, {over('deetune_request_duration_seconds_bucket', 'by (le) ')})",
-        }
-        futures = {name: self.prom._pool.submit(self.prom.query_range, expr, start, end, step)
-                   for name, expr in queries.items()}
-        index = {p["t"]: p for p in points}
-        for name, future in futures.items():
-            for _labels, values in future.result():
-                for t, value in values:
-                    point = index.get(int(round(t * NS / step_ns)) * step_ns) or index.get(int(t * NS))
-                    if point is None or value != value:
-                        continue
-                    point[name] = int(value * NS) if name.startswith("latency") else int(round(value))
+        names = "deetune_requests_total|deetune_request_errors_total|deetune_request_duration_seconds_bucket"
+        selectors = []
+        for side in sides:
+            matchers = [f'__name__=~"{names}"'] + [f'{k}="{quote(getattr(side, k))}"' for k in ROW]
+            selectors.append("{" + ",".join(matchers + ([self.selector] if self.selector else [])) + "}")
+        got = self.prom.query_range(" or ".join(selectors), start / NS, end / NS, step_ns / NS)
+        buckets: list[dict[float, float]] = [collections.defaultdict(float) for _ in points]
+        for labels, values in got:
+            at = {int(round(t * 1000)): v for t, v in values}
+            previous = at.get(times[0] // 1_000_000, 0.0)
+            name = labels.get("__name__", "")
+            for index, t in enumerate(times[1:]):
+                current = at.get(t // 1_000_000, previous)
+                delta = current - previous if current >= previous else current
+                previous = current
+                if not delta:
+                    continue
+                if name == "deetune_requests_total":
+                    points[index]["requests"] += int(round(delta))
+                elif name == "deetune_request_errors_total":
+                    points[index]["errors"] += int(round(delta))
+                else:
+                    le = labels.get("le", "+Inf")
+                    buckets[index][float("inf") if le == "+Inf" else float(le)] += delta
+        for point, cumulative in zip(points, buckets):
+            point["latency_p50_ns"] = _bucket_quantile(0.5, cumulative)
+            point["latency_p99_ns"] = _bucket_quantile(0.99, cumulative)
         return {"since": since, "until": until, "step": step_ns, "points": points}
+
+
+def _bucket_quantile(q: float, cumulative: dict[float, float]) -> int | None:
+    """A quantile (ns) from cumulative bucket counts by upper bound (seconds), interpolated linearly
+    inside a bucket as Prometheus's histogram_quantile does; None without observations."""
+    bounds = sorted(cumulative)
+    if not bounds or cumulative[bounds[-1]] <= 0:
+        return None
+    total = cumulative[bounds[-1]]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = cumulative[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return int(lower * NS)  # beyond the last finite bound: that bound
+            inside = count - below
+            fraction = (rank - below) / inside if inside else 1.0
+            return int((lower + (bound - lower) * fraction) * NS)
+        lower, below = bound, count
+    return int(lower * NS)
 
 
 @attrs.define

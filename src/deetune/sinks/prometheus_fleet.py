@@ -9,6 +9,7 @@ every series, and the endpoints that let a server join two hosts' halves of an e
   ``deetune_agent_info{version, api_port}``  1 — this agent, and the port of its API (the fleet
   server fetches per-request detail there);
   ``deetune_agent_start_time_seconds`` — when this agent started (counters restart then);
+  ``deetune_agent_time_seconds`` — its clock at the scrape (when a host last reported);
   ``deetune_host_address{address}``  1 — the host's addresses (not loopback or link-local);
   ``deetune_listen_endpoint{service, pid, address, port}``  1 — the TCP endpoints its services
   listen on (``0.0.0.0``/``::`` as such: the host's addresses complete them; loopback
@@ -160,6 +161,8 @@ class FleetCollector:
         yield info
         yield GaugeMetricFamily("deetune_agent_start_time_seconds", "When this agent started (Unix time).",
                                 value=self.started)
+        yield GaugeMetricFamily("deetune_agent_time_seconds", "This agent's clock at the scrape (Unix time): "
+                                "the last one Prometheus holds says when the host last reported.", value=time.time())
         with self._lock:
             if time.monotonic() - self._read_at >= LISTENERS_TTL:
                 self._read()

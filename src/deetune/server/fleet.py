@@ -297,9 +297,34 @@ class FleetQueries:
         """Asked of every reporting agent with an API (per-request detail stays on the agents)."""
         if self.agents is None:
             return []
-        now = self.clock()
-        hosts = [h for h in self.hosts(now - 3600, now).values() if h.reporting]
-        return self.agents.exchanges(hosts, service=service, limit=limit, since=since)
+        now_ns = int(self.clock() * NS)
+        fleet = self.fleet(now_ns - 3600 * NS, now_ns, quantiles=False)
+        # Each agent names the other host's end by address: ask each for its own names of the
+        # service, and name both ends of what it answers as the fleet does.
+        fleet_names: dict[tuple[str, str, str], tuple[str, str]] = {}
+        local_names: dict[str, set[str]] = collections.defaultdict(set)
+        for e in fleet.edges.values():
+            for side in (*e.client_sides, *e.server_sides):
+                fleet_names[(side.host, side.client, side.server)] = (e.client, e.server)
+                if service is not None and service == e.server:
+                    local_names[side.host].add(side.server)
+                if service is not None and service == e.client:
+                    local_names[side.host].add(side.client)
+        reporting = [h for h in fleet.hosts.values() if h.reporting]
+        asks: dict[str | None, list[Host]] = collections.defaultdict(list)
+        for host in reporting:
+            for name in (sorted(local_names[host.name] | {service}) if service is not None else [None]):
+                asks[name].append(host)
+        merged = []
+        for name, hosts in asks.items():
+            for exchange in self.agents.exchanges(hosts, service=name, limit=limit, since=since):
+                key = (exchange["host"], exchange.get("client"), exchange.get("server"))
+                if key in fleet_names:
+                    exchange["agent_client"], exchange["agent_server"] = key[1], key[2]
+                    exchange["client"], exchange["server"] = fleet_names[key]
+                merged.append(exchange)
+        merged.sort(key=lambda x: x.get("ts") or 0, reverse=True)
+        return merged[:limit]
 
     # -- fleet-only answers ----------------------------------------------------------------------
 

@@ -53,6 +53,12 @@ CONNECTION_COUNTERS = {
     "retransmits": "deetune_tcp_retransmits_total",
     "resets": "deetune_tcp_resets_total",
 }
+#: Above this many edges, a graph comes without latency quantiles (averages only): the histograms
+#: of 20,000 edges are more than a topology answer should wait for; a service's graph and its
+#: dependencies ask for theirs.
+QUANTILE_EDGES = 5000
+#: Read even without detail: an edge of connections only (nothing decoded) is part of the shape.
+SHAPE_COUNTERS = ("connections_opened", "connections_failed")
 EDGE_FIELDS = ("requests", "errors", "latency_p50_ns", "latency_p90_ns", "latency_p99_ns", "latency_avg_ns",
                *CONNECTION_COUNTERS)
 
@@ -213,82 +219,123 @@ class FleetQueries:
                                        labels.get("address", ""), int(port)))
         return hosts
 
-    def _rows(self, since: float, until: float, hosts: dict[str, Host], *, extra: str = "",
-              quantiles: bool = True) -> tuple[dict[tuple, Side], dict[tuple, dict[str, float]], set[tuple]]:
-        """Every agent's RED rows (host, protocol, client, server), their connection counters by
-        (host, client, server), and which (host, client, server) are client edges with remote
-        endpoints (with those endpoints)."""
+    def _queries(self, since: float, until: float, hosts: dict[str, Host], names: Iterable[str],
+                 extra: str = "") -> dict[str, list[Sample]]:
+        """The named row queries (requests, errors, latency_sum, latency_count, the quantiles,
+        the connection counters, remote) over [since, until], run side by side."""
         stale = {name for name, host in hosts.items() if not host.reporting}
-        queries: dict[str, tuple[str, float]] = {
-            "requests": (self._delta("deetune_requests_total", ROW, since, until, stale, extra), until),
-            "errors": (self._delta("deetune_request_errors_total", ROW, since, until, stale, extra), until),
-            "latency_sum": (self._delta("deetune_request_duration_seconds_sum", ROW, since, until, stale, extra), until),
-            "latency_count": (self._delta("deetune_request_duration_seconds_count", ROW, since, until, stale, extra),
-                              until),
-        }
-        if quantiles:
-            buckets = self._delta("deetune_request_duration_seconds_bucket", (*ROW, "le"), since, until, stale, extra)
-            for name, q in QUANTILES.items():
-                queries[name] = (f"histogram_quantile({q}, {buckets})", until)
-        for name, metric in CONNECTION_COUNTERS.items():
-            queries[name] = (self._delta(metric, PAIR, since, until, stale, extra), until)
-        remote = self._sel("deetune_remote_endpoint", extra)
-        if stale:
-            rng = _duration(until - since)
-            stale_series = self._sel("deetune_remote_endpoint", self._and(extra, f'host=~"{quote_regex(stale)}"'))
-            remote = f"{remote} or last_over_time({stale_series}[{rng}])"
-        queries["remote"] = (remote, until)
-        got = self.prom.many(queries)
-        rows: dict[tuple, Side] = {}
-        for name in ("requests", "errors", "latency_sum", "latency_count", *(QUANTILES if quantiles else ())):
-            for labels, value in got[name]:
+        queries: dict[str, tuple[str, float]] = {}
+        red = {"requests": "deetune_requests_total", "errors": "deetune_request_errors_total",
+               "latency_sum": "deetune_request_duration_seconds_sum",
+               "latency_count": "deetune_request_duration_seconds_count"}
+        for name in names:
+            if name in red:
+                queries[name] = (self._delta(red[name], ROW, since, until, stale, extra), until)
+            elif name in QUANTILES:
+                buckets = self._delta("deetune_request_duration_seconds_bucket", (*ROW, "le"), since, until, stale,
+                                      extra)
+                queries[name] = (f"histogram_quantile({QUANTILES[name]}, {buckets})", until)
+            elif name in CONNECTION_COUNTERS:
+                queries[name] = (self._delta(CONNECTION_COUNTERS[name], PAIR, since, until, stale, extra), until)
+            elif name == "remote":
+                remote = self._sel("deetune_remote_endpoint", extra)
+                if stale:
+                    stale_series = self._sel("deetune_remote_endpoint",
+                                             self._and(extra, f'host=~"{quote_regex(stale)}"'))
+                    remote = f"{remote} or last_over_time({stale_series}[{_duration(until - since)}])"
+                queries[name] = (remote, until)
+        return self.prom.many(queries)
+
+    @staticmethod
+    def _read_rows(got: dict[str, list[Sample]], hosts: dict[str, Host], rows: dict[tuple, Side],
+                   only: set[tuple] | None = None) -> None:
+        for name in ("requests", "errors", "latency_sum", "latency_count", *QUANTILES):
+            for labels, value in got.get(name, ()):
                 key = tuple(labels.get(k, "") for k in ROW)
-                if key[0] not in hosts:
+                if key[0] not in hosts or (only is not None and key not in only):
                     continue
                 side = rows.get(key)
                 if side is None:
                     side = rows[key] = Side(*key)
                 if value == value:  # NaN: no observation in the range
                     side.metrics[name] = value
+
+    @staticmethod
+    def _read_pairs(got: dict[str, list[Sample]], hosts: dict[str, Host]) -> dict[tuple, dict[str, float]]:
         pairs: dict[tuple, dict[str, float]] = collections.defaultdict(dict)
         for name in CONNECTION_COUNTERS:
-            for labels, value in got[name]:
+            for labels, value in got.get(name, ()):
                 key = tuple(labels.get(k, "") for k in PAIR)
                 if key[0] in hosts:
                     pairs[key][name] = value
-        remote_rows: dict[tuple, set[tuple[str, int]]] = collections.defaultdict(set)
-        for labels, _ in got["remote"]:
-            port = labels.get("port", "")
-            if labels.get("host") in hosts and port.isdigit():
-                remote_rows[tuple(labels.get(k, "") for k in PAIR)].add((labels.get("address", ""), int(port)))
-        return rows, pairs, remote_rows
+        return pairs
 
     # -- the join --------------------------------------------------------------------------------
 
-    def fleet(self, since_ns: int, until_ns: int, *, quantiles: bool = True) -> "Fleet":
+    def fleet(self, since_ns: int, until_ns: int, *, detail: bool = True) -> "Fleet":
+        """The joined fleet.  ``detail``: with latency averages and connection counters (without,
+        requests and errors only: enough for its shape)."""
         since, until = since_ns / NS, until_ns / NS
         hosts = self.hosts(since, until)
         if not hosts:
             return Fleet(self.idc_label, hosts, {}, since_ns, until_ns)
-        rows, pairs, remote = self._rows(since, until, hosts, quantiles=quantiles)
-        return Fleet.join(self.idc_label, hosts, rows, pairs, remote, since_ns, until_ns)
+        names = ["requests", "errors", "remote", *SHAPE_COUNTERS]
+        if detail:
+            names += ["latency_sum", "latency_count", *(c for c in CONNECTION_COUNTERS if c not in SHAPE_COUNTERS)]
+        got = self._queries(since, until, hosts, names)
+        rows: dict[tuple, Side] = {}
+        self._read_rows(got, hosts, rows)
+        remote: dict[tuple, set[tuple[str, int]]] = collections.defaultdict(set)
+        for labels, _ in got["remote"]:
+            port = labels.get("port", "")
+            if labels.get("host") in hosts and port.isdigit():
+                remote[tuple(labels.get(k, "") for k in PAIR)].add((labels.get("address", ""), int(port)))
+        return Fleet.join(self.idc_label, hosts, rows, self._read_pairs(got, hosts), remote, since_ns, until_ns)
+
+    def add_detail(self, fleet: "Fleet", edges: Iterable["Edge"], *, latency: bool = True,
+                   connections: bool = True) -> None:
+        """Latency quantiles (and, for a fleet read without detail, latency averages and connection
+        counters) of these edges' rows, asked of Prometheus for those rows only."""
+        sides = {(s.host, s.protocol, s.client, s.server): s for e in edges for s in (*e.client_sides, *e.server_sides)}
+        if not sides:
+            return
+        matchers = self._and(*(f'{k}=~"{quote_regex({key[i] for key in sides})}"' for i, k in enumerate(ROW)))
+        names = list(QUANTILES)
+        if latency:
+            names += ["latency_sum", "latency_count"]
+        if connections:  # those a fleet without detail lacks
+            names += [c for c in CONNECTION_COUNTERS if c not in SHAPE_COUNTERS]
+        got = self._queries(fleet.since / NS, fleet.until / NS, fleet.hosts, names, extra=matchers)
+        self._read_rows(got, fleet.hosts, fleet.rows, only=set(sides))
+        if connections:
+            fleet.assign_connections(self._read_pairs(got, fleet.hosts), only={k[0:1] + k[2:] for k in sides})
 
     # -- TopologyQueries -------------------------------------------------------------------------
 
     def graph(self, since: int, until: int, service: str | None = None) -> dict[str, Any]:
-        return self.fleet(since, until).graph(service)
+        fleet = self.fleet(since, until)
+        edges = [e for e in fleet.edges.values() if service is None or service in (e.client, e.server)]
+        quantiles = len(edges) <= QUANTILE_EDGES
+        if quantiles:
+            self.add_detail(fleet, edges, latency=False, connections=False)
+        answer = fleet.graph(service)
+        answer["latency_quantiles"] = quantiles
+        return answer
 
     def services(self, since: int, until: int) -> list[dict[str, Any]]:
-        return self.fleet(since, until).services()
+        return self.fleet(since, until, detail=False).services()
 
     def dependencies(self, service: str, depth: int, direction: str, since: int, until: int) -> dict[str, Any]:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
-        return self.fleet(since, until).dependencies(service, depth, direction)
+        fleet = self.fleet(since, until, detail=False)
+        used = fleet.walk(service, depth, direction)[1]
+        self.add_detail(fleet, used)
+        return fleet.dependencies(service, depth, direction)
 
     def edges(self, since: int, until: int, *, errors_only: bool = False,
               service: str | None = None) -> list[dict[str, Any]]:
-        edges = self.fleet(since, until).graph(service)["edges"]
+        edges = self.graph(since, until, service)["edges"]
         if errors_only:
             edges = [e for e in edges if e["errors"] or e["connections_failed"]]
         return edges
@@ -298,7 +345,7 @@ class FleetQueries:
         if self.agents is None:
             return []
         now_ns = int(self.clock() * NS)
-        fleet = self.fleet(now_ns - 3600 * NS, now_ns, quantiles=False)
+        fleet = self.fleet(now_ns - 3600 * NS, now_ns, detail=False)
         # Each agent names the other host's end by address: ask each for its own names of the
         # service, and name both ends of what it answers as the fleet does.
         fleet_names: dict[tuple[str, str, str], tuple[str, str]] = {}
@@ -329,7 +376,7 @@ class FleetQueries:
     # -- fleet-only answers ----------------------------------------------------------------------
 
     def host_list(self, since: int, until: int) -> dict[str, Any]:
-        fleet = self.fleet(since, until, quantiles=False)
+        fleet = self.fleet(since, until, detail=False)
         hosts = fleet.hosts_json()
         errors = dict(self.agents.errors) if self.agents is not None else {}
         for host in hosts:
@@ -337,15 +384,14 @@ class FleetQueries:
         return {"since": since, "until": until, "idc_label": self.idc_label, "hosts": hosts}
 
     def cross_idc(self, since: int, until: int) -> dict[str, Any]:
-        fleet = self.fleet(since, until)
-        edges = [e for e in fleet.graph(None)["edges"] if e["cross_idc"]]
+        edges = [e for e in self.graph(since, until)["edges"] if e["cross_idc"]]
         return {"since": since, "until": until, "idc_label": self.idc_label, "edges": edges}
 
     def series(self, since: int, until: int, step: int, *, service: str | None = None,
                edge: tuple[str, str, str, int] | None = None) -> dict[str, Any]:
         """RED over time of a service (what it serves) or an edge: requests and errors per step,
         latency p50/p99, from the rows the join assigns them."""
-        fleet = self.fleet(since, until, quantiles=False)
+        fleet = self.fleet(since, until, detail=False)
         if edge is not None:
             found = fleet.edges.get(edge)
             sides = (found.client_sides or found.server_sides) if found else []
@@ -429,6 +475,25 @@ class Fleet:
     until: int
     #: service → hosts it runs on
     placed: dict[str, set[str]] = attrs.field(factory=dict)
+    #: every agent's rows, by (host, protocol, client, server)
+    rows: dict[tuple, Side] = attrs.field(factory=dict)
+
+    def assign_connections(self, pairs: dict[tuple, dict[str, float]], only: set[tuple] | None = None) -> None:
+        """Connection counters (by host, client, server) go to that pair's row with the most
+        requests; a pair with no row becomes a "tcp" row (traffic nothing decoded)."""
+        by_pair: dict[tuple, list[Side]] = collections.defaultdict(list)
+        for side in self.rows.values():
+            by_pair[(side.host, side.client, side.server)].append(side)
+        for pair, counters in pairs.items():
+            if only is not None and pair not in only:
+                continue
+            found = by_pair.get(pair)
+            if not found:
+                side = self.rows[(pair[0], "tcp", pair[1], pair[2])] = Side(pair[0], "tcp", pair[1], pair[2])
+                by_pair[pair] = found = [side]
+            target = max(found, key=lambda s: (s.metrics.get("requests", 0), s.protocol))
+            for name, value in counters.items():
+                target.metrics[name] = target.metrics.get(name, 0) + value
 
     @classmethod
     def join(cls, idc_label: str, hosts: dict[str, Host], rows: dict[tuple, Side],
@@ -457,20 +522,8 @@ class Fleet:
                     return host, service
             return None
 
-        # Connection counters go to the row of their pair with the most requests; a pair with
-        # no row becomes a "tcp" row (traffic nothing decoded).
-        by_pair: dict[tuple, list[Side]] = collections.defaultdict(list)
-        for side in rows.values():
-            by_pair[(side.host, side.client, side.server)].append(side)
-        for pair, counters in pairs.items():
-            found = by_pair.get(pair)
-            if not found:
-                side = rows[(pair[0], "tcp", pair[1], pair[2])] = Side(pair[0], "tcp", pair[1], pair[2])
-                by_pair[pair] = found = [side]
-            target = max(found, key=lambda s: (s.metrics.get("requests", 0), s.protocol))
-            for name, value in counters.items():
-                target.metrics[name] = target.metrics.get(name, 0) + value
-
+        fleet = cls(idc_label, hosts, {}, since, until, rows=rows)
+        fleet.assign_connections(pairs)
         edges: dict[tuple, Edge] = {}
 
         def edge(client: str, server: str, protocol: str, port: int) -> Edge:
@@ -523,7 +576,8 @@ class Fleet:
                 found.client_hosts.add(side.host)  # a local client
             elif client_host is not None:
                 found.client_hosts.add(client_host)
-        return cls(idc_label, hosts, edges, since, until, dict(placed))
+        fleet.edges, fleet.placed = edges, dict(placed)
+        return fleet
 
     # -- answers ---------------------------------------------------------------------------------
 
@@ -601,7 +655,9 @@ class Fleet:
         return [{**self._node(n), "first_seen": None, "last_seen": None, "requests_in": requests_in[n],
                  "requests_out": requests_out[n]} for n in sorted(names)]
 
-    def dependencies(self, service: str, depth: int, direction: str) -> dict[str, Any]:
+    def walk(self, service: str, depth: int, direction: str) -> tuple[dict[str, int], list[Edge]]:
+        """Breadth-first from ``service``: each service reached with its hop distance, and the
+        edges walked.  ``both`` is the union of the downstream and the upstream walks."""
         walks = [("client", "server"), ("server", "client")]
         if direction == "downstream":
             walks = walks[:1]
@@ -626,7 +682,11 @@ class Fleet:
                     break
             for name, hop in distance.items():
                 hops[name] = min(hop, hops.get(name, hop))
+        return hops, [used[k] for k in sorted(used)]
+
+    def dependencies(self, service: str, depth: int, direction: str) -> dict[str, Any]:
+        hops, used = self.walk(service, depth, direction)
         nodes = [{"name": n, "hops": h, "external": n not in self.placed, "hosts": sorted(self.placed.get(n, ()))}
                  for n, h in sorted(hops.items(), key=lambda item: (item[1], item[0]))]
         return {"service": service, "depth": depth, "direction": direction, "nodes": nodes,
-                "edges": [self.edge_json(used[k]) for k in sorted(used)]}
+                "edges": [self.edge_json(e) for e in used]}

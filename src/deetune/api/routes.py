@@ -90,7 +90,9 @@ class SharedRoutes:
             if hasattr(q, "series"):
                 return q.series(since, until, step, service=service, edge=edge)
             return step_series(q, since, until, step, service=service, edge=edge)
-        if parts == ["hosts"] and hasattr(q, "host_list"):
+        if parts == ["hosts"]:
+            if not hasattr(q, "host_list"):  # an agent answers with its place (AgentPlaceRoutes) first
+                raise HttpError(HTTPStatus.NOT_FOUND, "no hosts here: neither an agent's place nor a fleet")
             params = _Params(query, _TIME_PARAMS)
             since, until = params.time_range(now)
             return q.host_list(since, until)
@@ -117,3 +119,68 @@ class AgentPlaceRoutes:
         labels = self.place.label_dict
         return {"since": since, "until": until, "idc_label": "idc",
                 "hosts": [{"name": self.place.host, "labels": labels, "idc": labels.get("idc"), "reporting": True}]}
+
+
+def _range_params() -> list[dict[str, str]]:
+    return [{"$ref": f"#/components/parameters/{name}"} for name in ("since", "until", "window")]
+
+
+def _query(name: str, description: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "description": description, "schema": schema}
+
+
+_ERRORS = {code: {"$ref": f"#/components/responses/{name}"}
+           for code, name in (("400", "BadRequest"), ("401", "Unauthorized"), ("500", "InternalError"))}
+_SECURITY = [{"bearerAuth": []}, {}]
+_NULLABLE_INT = {"type": ["integer", "null"]}
+
+#: These endpoints in the OpenAPI document (merged by deetune.api.openapi).
+OPENAPI_PATHS: dict[str, Any] = {
+    "/api/series": {"get": {
+        "operationId": "getSeries",
+        "summary": "RED over time of a service (what it serves) or of an edge",
+        "parameters": [
+            *_range_params(),
+            _query("step", "Step: 1-4 digits and s, m, h or d; default the range in 60 steps (at least 10 s).",
+                   {"type": "string", "pattern": "^[1-9][0-9]{0,3}[smhd]$"}),
+            _query("service", "A service (or give the edge's four parameters).", {"type": "string", "minLength": 1}),
+            _query("client", "The edge's client service.", {"type": "string", "minLength": 1}),
+            _query("server", "The edge's server service.", {"type": "string", "minLength": 1}),
+            _query("protocol", "The edge's protocol.", {"type": "string", "minLength": 1}),
+            _query("port", "The edge's server port.", {"type": "integer", "minimum": 0, "maximum": 65535}),
+        ],
+        "security": _SECURITY,
+        "responses": {"200": {"description": "One point per step, `t` its end.", "content": {"application/json": {
+            "schema": {"type": "object", "required": ["since", "until", "step", "points"], "properties": {
+                "since": {"type": "integer"}, "until": {"type": "integer"}, "step": {"type": "integer"},
+                "points": {"type": "array", "items": {"type": "object",
+                           "required": ["t", "requests", "errors", "latency_p50_ns", "latency_p99_ns"],
+                           "properties": {"t": {"type": "integer"}, "requests": {"type": "integer"},
+                                          "errors": {"type": "integer"}, "latency_p50_ns": _NULLABLE_INT,
+                                          "latency_p99_ns": _NULLABLE_INT}}}}}}}},
+                      **_ERRORS},
+    }},
+    "/api/hosts": {"get": {
+        "operationId": "listHosts",
+        "summary": "The hosts: an agent's own place, or every host of the fleet (docs/fleet.md)",
+        "parameters": _range_params(),
+        "security": _SECURITY,
+        "responses": {"200": {"description": "Hosts with their labels.", "content": {"application/json": {
+            "schema": {"type": "object", "required": ["hosts"], "properties": {"hosts": {"type": "array", "items": {
+                "type": "object", "required": ["name", "labels", "reporting"],
+                "properties": {"name": {"type": "string"}, "labels": {"type": "object"},
+                               "idc": {"type": ["string", "null"]}, "reporting": {"type": "boolean"}}}}}}}}},
+                      "404": {"$ref": "#/components/responses/NotFound"}, **_ERRORS},
+    }},
+    "/api/cross-idc": {"get": {
+        "operationId": "listCrossIdcEdges",
+        "summary": "Edges between IDCs (the fleet server; 404 on an agent)",
+        "parameters": _range_params(),
+        "security": _SECURITY,
+        "responses": {"200": {"description": "The edges whose client and server hosts are in different IDCs.",
+                              "content": {"application/json": {"schema": {
+                                  "type": "object", "required": ["edges"],
+                                  "properties": {"edges": {"type": "array", "items": {"type": "object"}}}}}}},
+                      "404": {"$ref": "#/components/responses/NotFound"}, **_ERRORS},
+    }},
+}

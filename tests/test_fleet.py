@@ -233,12 +233,17 @@ def fleet_server(tmp_path_factory):
         assert done.stdout.strip() == "done", done.stderr
         # Until every agent's counts are scraped.
         expected = _expected(addresses)
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 90
         while True:
-            got = {key: (e["requests"], e["errors"]) for key, e in under_test.edges().items() if key in expected}
-            joined = all(e["joined"] for k, e in under_test.edges().items()
+            edges = under_test.edges()
+            got = {key: (e["requests"], e["errors"]) for key, e in edges.items() if key in expected}
+            joined = all(e["joined"] and e["server_side"]["latency_p50_ns"] and e["latency_p50_ns"]
+                         for k, e in edges.items()
                          if k in expected and k[0] != "app" and not k[1].startswith(addresses["external"]))
-            if got == expected and joined:
+            # The agents' stores commit their exchanges about once a second.
+            kept = [x for x in under_test.api("/api/exchanges", service="nginx", limit="100")["exchanges"]
+                    if x["server"] == "nginx"]
+            if got == expected and joined and len(kept) == 2 * REQUESTS:
                 break
             if time.monotonic() > deadline:
                 break  # the test's assertions say what is missing

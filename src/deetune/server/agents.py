@@ -35,7 +35,7 @@ def api_base(target: str, api_port: int, scheme: str = "http") -> str | None:
 
 
 class Agents:
-    def __init__(self, token: str | None = None, *, timeout: float = 5.0, scheme: str = "http",
+    def __init__(self, token: str | None = None, *, timeout: float = 10.0, scheme: str = "http",
                  workers: int = 16) -> None:
         self.token = token
         self.timeout = timeout

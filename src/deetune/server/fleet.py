@@ -8,9 +8,10 @@ PromQL queries run side by side, joined here.
 How a range's numbers are read
     A counter's increase over ``[since, until]`` is its value at ``until`` minus its value at
     ``since`` (0 for a series that did not exist yet, and for a host whose agent started
-    after ``since``: its counters began at 0 then), computed in PromQL with ``@``.  Exact:
-    no extrapolation, unlike ``increase()``.  A host whose agent no longer reports (its
-    series went stale) is read at its last sample in the range instead of at ``until``.
+    after ``since``: its counters began at 0 then): two plain instant queries of the family's
+    sums, at ``until`` and at ``since``, subtracted here.  Exact: no extrapolation, unlike
+    ``increase()``.  A host whose agent no longer reports (its series went stale) is read at
+    its last sample in the range instead of at ``until``.
 
 How the halves of an edge are joined
     Each agent counts an exchange once on its host: on the server's side, and on the
@@ -53,10 +54,10 @@ CONNECTION_COUNTERS = {
     "retransmits": "deetune_tcp_retransmits_total",
     "resets": "deetune_tcp_resets_total",
 }
-#: Above this many edges, a graph comes without latency quantiles (averages only): the histograms
-#: of 20,000 edges are more than a topology answer should wait for; a service's graph and its
+#: Above this many edges, a graph comes without latency quantiles (averages only): 21 buckets per
+#: row at two times are more than a whole-fleet answer should wait for; a service's graph and its
 #: dependencies ask for theirs.
-QUANTILE_EDGES = 5000
+QUANTILE_EDGES = 1000
 #: Read even without detail: an edge of connections only (nothing decoded) is part of the shape.
 SHAPE_COUNTERS = ("connections_opened", "connections_failed")
 EDGE_FIELDS = ("requests", "errors", "latency_p50_ns", "latency_p90_ns", "latency_p99_ns", "latency_avg_ns",
@@ -166,20 +167,6 @@ class FleetQueries:
     def _and(*matchers: str) -> str:
         return ",".join(m for m in matchers if m)
 
-    def _delta(self, metric: str, by: tuple[str, ...], since: float, until: float, stale: set[str],
-               extra: str = "") -> str:
-        """The increase of a counter family over [since, until], summed by ``by`` (module doc)."""
-        rng = _duration(until - since)
-        series = self._sel(metric, extra)
-        if stale:
-            stale_series = self._sel(metric, self._and(extra, f'host=~"{quote_regex(stale)}"'))
-            series = f"({series} or last_over_time({stale_series}[{rng}]))"
-        labels = ", ".join(by)
-        end = f"sum by ({labels}) ({series})"
-        restarted = f"last_over_time({self._sel('deetune_agent_start_time_seconds')}[{rng}]) > {since:.3f}"
-        start = f"(sum by ({labels}) ({self._sel(metric, extra)} @ {since:.3f}) unless on (host) ({restarted}))"
-        return f"({end} - {start}) or {end}"
-
     # -- the fleet's state -----------------------------------------------------------------------
 
     def hosts(self, since: float, until: float) -> dict[str, Host]:
@@ -221,30 +208,65 @@ class FleetQueries:
 
     def _queries(self, since: float, until: float, hosts: dict[str, Host], names: Iterable[str],
                  extra: str = "") -> dict[str, list[Sample]]:
-        """The named row queries (requests, errors, latency_sum, latency_count, the quantiles,
-        the connection counters, remote) over [since, until], run side by side."""
+        """The named row values over [since, until] (requests, errors, latency_sum, latency_count,
+        the quantiles, the connection counters; remote: the endpoint rows), as (labels, value).
+
+        Each counter family is two plain instant queries, its sums at ``until`` and at ``since``
+        (hosts not reporting: their last sample in the range instead of ``until``), subtracted
+        here; the quantiles come from the buckets' increases, all three from one pair of queries."""
         stale = {name for name, host in hosts.items() if not host.reporting}
-        queries: dict[str, tuple[str, float]] = {}
+        rng = _duration(until - since)
         red = {"requests": "deetune_requests_total", "errors": "deetune_request_errors_total",
                "latency_sum": "deetune_request_duration_seconds_sum",
-               "latency_count": "deetune_request_duration_seconds_count"}
-        for name in names:
-            if name in red:
-                queries[name] = (self._delta(red[name], ROW, since, until, stale, extra), until)
-            elif name in QUANTILES:
-                buckets = self._delta("deetune_request_duration_seconds_bucket", (*ROW, "le"), since, until, stale,
-                                      extra)
-                queries[name] = (f"histogram_quantile({QUANTILES[name]}, {buckets})", until)
-            elif name in CONNECTION_COUNTERS:
-                queries[name] = (self._delta(CONNECTION_COUNTERS[name], PAIR, since, until, stale, extra), until)
-            elif name == "remote":
-                remote = self._sel("deetune_remote_endpoint", extra)
-                if stale:
-                    stale_series = self._sel("deetune_remote_endpoint",
-                                             self._and(extra, f'host=~"{quote_regex(stale)}"'))
-                    remote = f"{remote} or last_over_time({stale_series}[{_duration(until - since)}])"
-                queries[name] = (remote, until)
-        return self.prom.many(queries)
+               "latency_count": "deetune_request_duration_seconds_count", **CONNECTION_COUNTERS}
+        names = list(names)
+        counters = [(n, red[n], PAIR if n in CONNECTION_COUNTERS else ROW) for n in names if n in red]
+        if any(n in QUANTILES for n in names):
+            counters.append(("buckets", "deetune_request_duration_seconds_bucket", (*ROW, "le")))
+        queries: dict[str, tuple[str, float]] = {}
+        for name, metric, by in counters:
+            labels = ", ".join(by)
+            queries[f"{name}@end"] = (f"sum by ({labels}) ({self._sel(metric, extra)})", until)
+            queries[f"{name}@start"] = (f"sum by ({labels}) ({self._sel(metric, extra)})", since)
+            if stale:
+                stale_series = self._sel(metric, self._and(extra, f'host=~"{quote_regex(stale)}"'))
+                queries[f"{name}@stale"] = (f"sum by ({labels}) (last_over_time({stale_series}[{rng}]))", until)
+        if "remote" in names:
+            queries["remote"] = (self._sel("deetune_remote_endpoint", extra), until)
+            if stale:
+                stale_series = self._sel("deetune_remote_endpoint", self._and(extra, f'host=~"{quote_regex(stale)}"'))
+                queries["remote@stale"] = (f"last_over_time({stale_series}[{rng}])", until)
+        got = self.prom.many(queries)
+        # A host whose agent started after `since` counted from 0 then: nothing to subtract.
+        restarted = {name for name, host in hosts.items() if host.started is not None and host.started > since}
+        out: dict[str, list[Sample]] = {}
+        for name, _metric, by in counters:
+            end: dict[tuple, tuple[dict[str, str], float]] = {}
+            for labels, value in got[f"{name}@end"] + got.get(f"{name}@stale", []):
+                end.setdefault(tuple(labels.get(k, "") for k in by), (labels, value))
+            start = {tuple(labels.get(k, "") for k in by): value for labels, value in got[f"{name}@start"]
+                     if labels.get("host") not in restarted}
+            rows = []
+            for key, (labels, value) in end.items():
+                before = start.get(key, 0.0)
+                rows.append((labels, value - before if value >= before else value))  # lower: a restart
+            out[name] = rows
+        if "buckets" in out:
+            by_row: dict[tuple, tuple[dict[str, str], dict[float, float]]] = {}
+            for labels, value in out.pop("buckets"):
+                key = tuple(labels.get(k, "") for k in ROW)
+                entry = by_row.setdefault(key, (labels, {}))
+                le = labels.get("le", "+Inf")
+                entry[1][float("inf") if le == "+Inf" else float(le)] = value
+            for name, q in QUANTILES.items():
+                if name in names:
+                    out[name] = []
+                    for labels, buckets in by_row.values():
+                        found = _bucket_quantile(q, buckets)
+                        out[name].append((labels, found / NS if found is not None else float("nan")))
+        if "remote" in names:
+            out["remote"] = got["remote"] + got.get("remote@stale", [])
+        return out
 
     @staticmethod
     def _read_rows(got: dict[str, list[Sample]], hosts: dict[str, Host], rows: dict[tuple, Side],

@@ -54,9 +54,9 @@ CONNECTION_COUNTERS = {
     "retransmits": "deetune_tcp_retransmits_total",
     "resets": "deetune_tcp_resets_total",
 }
-#: Above this many edges, a graph comes without latency quantiles (averages only): 21 buckets per
-#: row at two times are more than a whole-fleet answer should wait for; a service's graph and its
-#: dependencies ask for theirs.
+#: Above this many edges, a graph comes without latency quantiles (averages only) and without the
+#: byte, retransmit and reset counters: a whole-fleet answer should not wait for them; a service's
+#: graph and its dependencies ask for theirs.
 QUANTILE_EDGES = 1000
 #: Read even without detail: an edge of connections only (nothing decoded) is part of the shape.
 SHAPE_COUNTERS = ("connections_opened", "connections_failed")
@@ -135,12 +135,12 @@ def _sum_sides(sides: list[Side]) -> dict[str, Any]:
     count = sum(s.metrics["latency_count"] for s in with_latency)
     total = sum(s.metrics.get("latency_sum", 0.0) for s in with_latency)
     out["latency_avg_ns"] = int(total / count * NS) if count else None
-    for name in QUANTILES:
-        if len(with_latency) == 1:
-            value = with_latency[0].metrics.get(name)
-            out[name] = int(value * NS) if value is not None else None
-        else:
-            out[name] = None  # merged from the buckets by the caller when asked for
+    buckets: dict[float, float] = collections.defaultdict(float)
+    for side in sides:
+        for bound, value in side.metrics.get("latency_buckets", {}).items():
+            buckets[bound] += value
+    for name, q in QUANTILES.items():
+        out[name] = _bucket_quantile(q, buckets)
     return out
 
 
@@ -258,12 +258,7 @@ class FleetQueries:
                 entry = by_row.setdefault(key, (labels, {}))
                 le = labels.get("le", "+Inf")
                 entry[1][float("inf") if le == "+Inf" else float(le)] = value
-            for name, q in QUANTILES.items():
-                if name in names:
-                    out[name] = []
-                    for labels, buckets in by_row.values():
-                        found = _bucket_quantile(q, buckets)
-                        out[name].append((labels, found / NS if found is not None else float("nan")))
+            out["latency_buckets"] = list(by_row.values())
         if "remote" in names:
             out["remote"] = got["remote"] + got.get("remote@stale", [])
         return out
@@ -271,7 +266,7 @@ class FleetQueries:
     @staticmethod
     def _read_rows(got: dict[str, list[Sample]], hosts: dict[str, Host], rows: dict[tuple, Side],
                    only: set[tuple] | None = None) -> None:
-        for name in ("requests", "errors", "latency_sum", "latency_count", *QUANTILES):
+        for name in ("requests", "errors", "latency_sum", "latency_count", "latency_buckets"):
             for labels, value in got.get(name, ()):
                 key = tuple(labels.get(k, "") for k in ROW)
                 if key[0] not in hosts or (only is not None and key not in only):
@@ -294,25 +289,104 @@ class FleetQueries:
 
     # -- the join --------------------------------------------------------------------------------
 
-    def fleet(self, since_ns: int, until_ns: int, *, detail: bool = True) -> "Fleet":
-        """The joined fleet.  ``detail``: with latency averages and connection counters (without,
-        requests and errors only: enough for its shape)."""
+    def fleet(self, since_ns: int, until_ns: int, *, detail: bool = True, latency: bool | None = None) -> "Fleet":
+        """The joined fleet.  Its shape (requests, errors, endpoints, connections opened and
+        failed), with ``latency`` averages (default: with ``detail``) and with ``detail`` the
+        other connection counters."""
         since, until = since_ns / NS, until_ns / NS
         hosts = self.hosts(since, until)
         if not hosts:
             return Fleet(self.idc_label, hosts, {}, since_ns, until_ns)
         names = ["requests", "errors", "remote", *SHAPE_COUNTERS]
+        if detail if latency is None else latency:
+            names += ["latency_sum", "latency_count"]
         if detail:
-            names += ["latency_sum", "latency_count", *(c for c in CONNECTION_COUNTERS if c not in SHAPE_COUNTERS)]
+            names += [c for c in CONNECTION_COUNTERS if c not in SHAPE_COUNTERS]
         got = self._queries(since, until, hosts, names)
         rows: dict[tuple, Side] = {}
         self._read_rows(got, hosts, rows)
         remote: dict[tuple, set[tuple[str, int]]] = collections.defaultdict(set)
-        for labels, _ in got["remote"]:
-            port = labels.get("port", "")
-            if labels.get("host") in hosts and port.isdigit():
-                remote[tuple(labels.get(k, "") for k in PAIR)].add((labels.get("address", ""), int(port)))
+        self._read_remote(got, hosts, remote)
         return Fleet.join(self.idc_label, hosts, rows, self._read_pairs(got, hosts), remote, since_ns, until_ns)
+
+    @staticmethod
+    def _read_remote(got: dict[str, list[Sample]], hosts: dict[str, Host],
+                     remote: dict[tuple, set[tuple[str, int]]], only: Any = None) -> None:
+        for labels, _ in got.get("remote", ()):
+            port = labels.get("port", "")
+            key = tuple(labels.get(k, "") for k in PAIR)
+            if labels.get("host") in hosts and port.isdigit() and (only is None or only(key, labels)):
+                remote[key].add((labels.get("address", ""), int(port)))
+
+    def neighbourhood(self, service: str, depth: int, direction: str, since_ns: int, until_ns: int) -> "Fleet":
+        """The part of the fleet within ``depth`` hops of ``service``, asked of Prometheus hop by hop
+        for those services' rows only (label matchers), joined like the whole fleet."""
+        since, until = since_ns / NS, until_ns / NS
+        hosts = self.hosts(since, until)
+        names = ["requests", "errors", "remote", *SHAPE_COUNTERS]
+        rows: dict[tuple, Side] = {}
+        pairs: dict[tuple, dict[str, float]] = {}
+        remote: dict[tuple, set[tuple[str, int]]] = collections.defaultdict(set)
+        owner, listening = Fleet.address_book(hosts)
+
+        def fetch(extra: str, keep: Any = None) -> None:
+            got = self._queries(since, until, hosts, names, extra=extra)
+            for name in ("requests", "errors"):
+                got[name] = [(labels, v) for labels, v in got[name]
+                             if keep is None or keep(tuple(labels.get(k, "") for k in PAIR))]
+            self._read_rows(got, hosts, rows)
+            for key, counters in self._read_pairs(got, hosts).items():
+                if keep is None or keep(key):
+                    pairs[key] = counters
+            self._read_remote(got, hosts, remote, None if keep is None else lambda key, _l: keep(key))
+
+        def join() -> Fleet:
+            return Fleet.join(self.idc_label, hosts, dict(rows), {k: dict(v) for k, v in pairs.items()},
+                              remote, since_ns, until_ns)
+
+        frontier = {service}
+        seen = {service}
+        walks = {"downstream": ("downstream",), "upstream": ("upstream",), "both": ("downstream", "upstream")}[direction]
+        for way in walks:
+            frontier, seen = {service}, {service}
+            for _hop in range(depth):
+                names_re = quote_regex(frontier)
+                if way == "downstream":
+                    fetch(f'client=~"{names_re}"')
+                    fleet = join()
+                    # The server side of the joined edges: the callee hosts' rows for the caller hosts.
+                    joined = [e for e in fleet.edges.values() if e.client in frontier and e.client_sides]
+                    callers = {a for e in joined for h in e.client_hosts for a in hosts[h].addresses}
+                    callees = {e.server for e in joined}
+                    if callers and callees:
+                        fetch(f'client=~"{quote_regex(callers)}",server=~"{quote_regex(callees)}"')
+                        fleet = join()
+                    following = {e.server for e in fleet.edges.values() if e.client in frontier}
+                else:
+                    fetch(f'server=~"{names_re}"')
+                    # Client edges whose remote endpoints are these services' listeners.
+                    ports = {port for (h, a, port), svc in listening.items() if svc in frontier}
+                    if ports:
+                        got = self._queries(since, until, hosts, ["remote"],
+                                            extra=f'port=~"{quote_regex(str(p) for p in ports)}"')
+                        calling = set()
+                        for labels, _ in got["remote"]:
+                            port = labels.get("port", "")
+                            target = Fleet.resolve(owner, listening, labels.get("address", ""),
+                                                   int(port) if port.isdigit() else 0)
+                            if target is not None and target[1] in frontier:
+                                calling.add(tuple(labels.get(k, "") for k in PAIR))
+                        if calling:
+                            clients = quote_regex({c for _h, c, _s in calling})
+                            servers = quote_regex({s for _h, _c, s in calling})
+                            fetch(f'client=~"{clients}",server=~"{servers}"', keep=lambda key: key in calling)
+                    fleet = join()
+                    following = {e.client for e in fleet.edges.values() if e.server in frontier}
+                frontier = following - seen
+                seen |= following
+                if not frontier:
+                    break
+        return join()
 
     def add_detail(self, fleet: "Fleet", edges: Iterable["Edge"], *, latency: bool = True,
                    connections: bool = True) -> None:
@@ -335,13 +409,18 @@ class FleetQueries:
     # -- TopologyQueries -------------------------------------------------------------------------
 
     def graph(self, since: int, until: int, service: str | None = None) -> dict[str, Any]:
-        fleet = self.fleet(since, until)
+        """The shape and latency averages first; then, for at most QUANTILE_EDGES edges (a
+        service's, or a small fleet's), their quantiles and other connection counters.  Above,
+        those are null and the answer says ``"detail": false``."""
+        fleet = self.fleet(since, until, detail=False, latency=True)
         edges = [e for e in fleet.edges.values() if service is None or service in (e.client, e.server)]
-        quantiles = len(edges) <= QUANTILE_EDGES
-        if quantiles:
-            self.add_detail(fleet, edges, latency=False, connections=False)
+        detail = len(edges) <= QUANTILE_EDGES
+        if detail:
+            self.add_detail(fleet, edges, latency=False, connections=True)
+        else:
+            fleet.partial = True
         answer = fleet.graph(service)
-        answer["latency_quantiles"] = quantiles
+        answer["detail"] = detail
         return answer
 
     def services(self, since: int, until: int) -> list[dict[str, Any]]:
@@ -350,7 +429,7 @@ class FleetQueries:
     def dependencies(self, service: str, depth: int, direction: str, since: int, until: int) -> dict[str, Any]:
         if direction not in DIRECTIONS:
             raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
-        fleet = self.fleet(since, until, detail=False)
+        fleet = self.neighbourhood(service, depth, direction, since, until)
         used = fleet.walk(service, depth, direction)[1]
         self.add_detail(fleet, used)
         return fleet.dependencies(service, depth, direction)
@@ -499,6 +578,8 @@ class Fleet:
     placed: dict[str, set[str]] = attrs.field(factory=dict)
     #: every agent's rows, by (host, protocol, client, server)
     rows: dict[tuple, Side] = attrs.field(factory=dict)
+    #: read without quantiles and the connection counters beyond opened/failed (null in answers)
+    partial: bool = False
 
     def assign_connections(self, pairs: dict[tuple, dict[str, float]], only: set[tuple] | None = None) -> None:
         """Connection counters (by host, client, server) go to that pair's row with the most
@@ -514,35 +595,49 @@ class Fleet:
                 side = self.rows[(pair[0], "tcp", pair[1], pair[2])] = Side(pair[0], "tcp", pair[1], pair[2])
                 by_pair[pair] = found = [side]
             target = max(found, key=lambda s: (s.metrics.get("requests", 0), s.protocol))
-            for name, value in counters.items():
-                target.metrics[name] = target.metrics.get(name, 0) + value
+            target.metrics.update(counters)  # a row is the target of its own pair only
+
+    @staticmethod
+    def address_book(hosts: dict[str, Host]) -> tuple[dict[str, str], dict[tuple[str, str, int], str]]:
+        """address → host (the first by name when two claim one), (host, address, port) → service."""
+        owner: dict[str, str] = {}
+        for host in sorted(hosts.values(), key=lambda h: h.name):
+            for address in host.addresses:
+                owner.setdefault(address, host.name)
+        listening: dict[tuple[str, str, int], str] = {}
+        for host in hosts.values():
+            for service, _pid, address, port in host.listeners:
+                listening.setdefault((host.name, address, port), service)
+        return owner, listening
+
+    @staticmethod
+    def resolve(owner: dict[str, str], listening: dict[tuple[str, str, int], str], address: str,
+                port: int) -> tuple[str, str] | None:
+        """(host, service) listening on ``address:port``, wildcard listeners included; None when no
+        agent's host owns the address or nothing of it listens there."""
+        host = owner.get(address.strip("[]"))
+        if host is None:
+            return None
+        for candidate in (address.strip("[]"), *WILDCARDS):
+            service = listening.get((host, candidate, port))
+            if service is not None:
+                return host, service
+        return None
 
     @classmethod
     def join(cls, idc_label: str, hosts: dict[str, Host], rows: dict[tuple, Side],
              pairs: dict[tuple, dict[str, float]], remote: dict[tuple, set[tuple[str, int]]],
              since: int, until: int) -> "Fleet":
-        owner: dict[str, str] = {}  # address → host (the first by name when two claim one)
-        for host in sorted(hosts.values(), key=lambda h: h.name):
-            for address in host.addresses:
-                owner.setdefault(address, host.name)
-        listening: dict[tuple[str, str, int], str] = {}  # (host, address, port) → service
+        owner, listening = cls.address_book(hosts)
         ports: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
         placed: dict[str, set[str]] = collections.defaultdict(set)
         for host in hosts.values():
             for service, _pid, address, port in host.listeners:
-                listening.setdefault((host.name, address, port), service)
                 ports[(host.name, service)].add(port)
                 placed[service].add(host.name)
 
         def resolve(address: str, port: int) -> tuple[str, str] | None:
-            host = owner.get(address.strip("[]"))
-            if host is None:
-                return None
-            for candidate in (address.strip("[]"), *WILDCARDS):
-                service = listening.get((host, candidate, port))
-                if service is not None:
-                    return host, service
-            return None
+            return cls.resolve(owner, listening, address, port)
 
         fleet = cls(idc_label, hosts, {}, since, until, rows=rows)
         fleet.assign_connections(pairs)
@@ -611,6 +706,8 @@ class Fleet:
         counted = e.client_sides or e.server_sides
         out: dict[str, Any] = {"client": e.client, "server": e.server, "protocol": e.protocol, "port": e.port,
                                **_sum_sides(counted)}
+        if self.partial:
+            out.update({name: None for name in CONNECTION_COUNTERS if name not in SHAPE_COUNTERS})
         out["client_hosts"] = sorted(e.client_hosts)
         out["server_hosts"] = sorted(e.server_hosts)
         out["joined"] = bool(e.client_sides and e.server_sides)

@@ -66,6 +66,7 @@
   }
 
   function fmtBytes(n) {
+    if (n === null || n === undefined) return "–";
     if (n < 1024) return n + " B";
     const units = ["KiB", "MiB", "GiB", "TiB"];
     let value = n / 1024, i = 0;
@@ -579,8 +580,8 @@
         ["bytes received", fmtBytes(edge.bytes_received)],
         ["connections", edge.connections_opened + " opened, " + edge.connections_failed + " failed",
           edge.connections_failed ? "bad" : ""],
-        ["retransmits", edge.retransmits],
-        ["resets", edge.resets, edge.resets ? "bad" : ""],
+        ["retransmits", edge.retransmits === null ? "–" : edge.retransmits],
+        ["resets", edge.resets === null ? "–" : edge.resets, edge.resets ? "bad" : ""],
       ]),
     ].concat(fleetEdgeDetails(edge), [
       el("h2", { text: "Recent errors" }),

@@ -353,6 +353,40 @@ def test_fleet_ui_draws_the_hosts(fleet_server):
                      "--window-size=1400,850", "--hide-scrollbars")
 
 
+def test_recording_tasks_are_read_from_the_agent_that_holds_them(fleet_server):
+    """A task started on host-b's agent, read through the server; the server does not start one."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    b = fleet_server.addresses["host-b"]
+    request = urllib.request.Request(
+        f"http://{b}:{API_PORT}/api/recordings", data=json.dumps({"server": "nginx", "count": 2}).encode(),
+        headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}, method="POST")
+    with urllib.request.urlopen(request, timeout=30) as response:
+        task = json.load(response)["id"]
+    done = fleet_server.fleet.run("host-a", [sys.executable, "-c", CLIENT, f"{b}:{NGINX_PORT}",
+                                             f"{fleet_server.addresses['host-c']}:{REDIS_PORT}",
+                                             f"{fleet_server.addresses['external']}:{EXTERNAL_PORT}", "2", "0"],
+                                  env={"DEETUNE_SERVICE": "client"})
+    assert done.stdout.strip() == "done", done.stderr
+    deadline = time.monotonic() + 30
+    while (status := http_json(f"{fleet_server.url}/api/recordings/{task}", token=TOKEN))["recorded"] < 2:
+        assert time.monotonic() < deadline, status
+        time.sleep(0.3)
+    assert (status["host"], status["state"], status["recorded"]) == ("host-b", "completed", 2)
+    listed = http_json(f"{fleet_server.url}/api/recordings", token=TOKEN)["recordings"]
+    assert [(t["id"], t["host"]) for t in listed] == [(task, "host-b")]
+    page = http_json(f"{fleet_server.url}/api/recordings/{task}/exchanges", token=TOKEN)
+    assert (page["total"], page["state"], len(page["exchanges"])) == (2, "completed", 2)
+    request = urllib.request.Request(f"{fleet_server.url}/api/recordings", data=b'{"server": "nginx"}', method="POST",
+                                     headers={"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 404
+    assert "create a recording task on the agent that records" in json.load(refused.value)["error"]
+
+
 def test_a_stopped_agent_is_reported_as_not_reporting(fleet_server):
     """Last: host-c's agent stops; its host is then not reporting, and its edges stay."""
     before = fleet_server.edges()

@@ -95,3 +95,89 @@ class Agents:
                 merged.append({**exchange, "host": host})
         merged.sort(key=lambda x: x.get("ts") or 0, reverse=True)
         return merged[:limit]
+
+
+class _Task:
+    """What the API's recorded-exchange page reads of a task: its state and spec."""
+
+    def __init__(self, status: dict[str, Any]) -> None:
+        self.state = status.get("state")
+        spec = status.get("spec") or {}
+        self.spec = type("Spec", (), {"server": spec.get("server"), "effective_protocol": spec.get("protocol")})()
+
+
+class _Exchange:
+    def __init__(self, data: dict[str, Any]) -> None:
+        self.data = data
+
+    def to_json(self) -> dict[str, Any]:
+        return self.data
+
+
+class FleetRecordings:
+    """The agents' recording tasks seen from the fleet server (read only): the list of every
+    agent's tasks with their ``host``; a task's status and its recorded exchanges (JSON pages)
+    from the agent that holds it.  Tasks are started, stopped and exported (JSON Lines, HAR) on
+    that agent (``python -m deetune.record --api http://HOST:PORT``)."""
+
+    def __init__(self, agents: Agents, hosts: Any) -> None:
+        self.agents = agents
+        #: () → the reporting hosts with an API.
+        self.hosts = hosts
+
+    def _refuse(self, what: str) -> Exception:
+        from deetune.recording.recorder import RecordingUnavailable
+
+        return RecordingUnavailable(f"{what} a recording task on the agent that records "
+                                    "(python -m deetune.record --api http://HOST:PORT); the fleet server only reads them")
+
+    def create(self, data: Any) -> Any:
+        raise self._refuse("create")
+
+    def delete(self, task_id: str) -> Any:
+        raise self._refuse("delete")
+
+    def stop_task(self, task_id: str) -> Any:
+        raise self._refuse("stop")
+
+    def list(self) -> list[dict[str, Any]]:
+        tasks = []
+        for host, answer in self.agents.ask_all(self.hosts(), "/api/recordings").items():
+            tasks += [{**task, "host": host} for task in answer.get("recordings", [])]
+        return sorted(tasks, key=lambda t: (t.get("host"), str(t.get("id"))))
+
+    def _holder(self, task_id: str) -> tuple[str, dict[str, Any]]:
+        from deetune.recording.recorder import TaskNotFound
+
+        for host in self.hosts():
+            base = api_base(host.target, host.api_port, self.agents.scheme)
+            if base is None:
+                continue
+            try:
+                return base, {**self.agents.get(base, f"/api/recordings/{urllib.parse.quote(task_id)}"),
+                              "host": host.name}
+            except AgentError:
+                continue
+        raise TaskNotFound(task_id)
+
+    def status(self, task_id: str) -> dict[str, Any]:
+        return self._holder(task_id)[1]
+
+    def get(self, task_id: str) -> _Task:
+        return _Task(self.status(task_id))
+
+    def count_exchanges(self, task_id: str) -> int:
+        base, _ = self._holder(task_id)
+        return int(self.agents.get(base, f"/api/recordings/{urllib.parse.quote(task_id)}/exchanges",
+                                   {"limit": 1})["total"])
+
+    def exchanges(self, task_id: str, *, limit: int | None = None, offset: int = 0, protocol: str | None = None) -> list:
+        if limit is None:
+            from deetune.recording.tasks import TaskError
+
+            raise TaskError("the fleet server gives recorded exchanges as JSON pages; "
+                            "JSON Lines and HAR come from the agent that recorded them")
+        base, _ = self._holder(task_id)
+        page = self.agents.get(base, f"/api/recordings/{urllib.parse.quote(task_id)}/exchanges",
+                               {"limit": limit, "offset": offset})
+        return [_Exchange(x) for x in page.get("exchanges", [])]

@@ -161,7 +161,7 @@ def cmd_run(argv: Sequence[str]) -> int:
         raise UsageError("give --prometheus URL (an existing Prometheus) or --run-prometheus DIR (start one)")
     check_duration(args.scrape_interval, "--scrape-interval")
     from deetune.api.server import ApiServer
-    from deetune.server.agents import Agents
+    from deetune.server.agents import Agents, FleetRecordings
     from deetune.server.fleet import FleetQueries
     from deetune.server.prom import Prometheus
 
@@ -182,11 +182,12 @@ def cmd_run(argv: Sequence[str]) -> int:
             prom = Prometheus(url)
         except ValueError as exc:
             raise UsageError(f"--prometheus: {exc}") from None
-        queries = FleetQueries(prom, idc_label=args.idc_label, selector=args.selector,
-                               agents=Agents(args.agent_token))
+        agents = Agents(args.agent_token)
+        queries = FleetQueries(prom, idc_label=args.idc_label, selector=args.selector, agents=agents)
+        recordings = FleetRecordings(agents, queries.reporting_hosts)
         host, port = args.api
         try:
-            api = ApiServer(queries, host, port, token=args.api_token, recordings=None)
+            api = ApiServer(queries, host, port, token=args.api_token, recordings=recordings)
             api.start()
         except (ValueError, OSError) as exc:
             raise UsageError(f"--api: {exc}") from None

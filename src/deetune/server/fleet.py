@@ -476,6 +476,11 @@ class FleetQueries:
 
     # -- fleet-only answers ----------------------------------------------------------------------
 
+    def reporting_hosts(self) -> list[Host]:
+        """The hosts reporting now (over the last hour's agents)."""
+        now = self.clock()
+        return [h for h in self.hosts(now - 3600, now).values() if h.reporting]
+
     def host_list(self, since: int, until: int) -> dict[str, Any]:
         fleet = self.fleet(since, until, detail=False)
         hosts = fleet.hosts_json()

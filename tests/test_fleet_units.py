@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import urllib.error
 import sys
 
 import pytest
@@ -245,3 +246,48 @@ def test_collector_config_example_receives_what_the_sink_sends():
     for pipeline in pipelines.values():
         assert set(pipeline["exporters"]) <= set(config["exporters"])
         assert set(pipeline.get("processors", [])) <= set(config["processors"])
+
+
+# ---- the agent's /api/series and /api/hosts ------------------------------------------------------
+
+
+def test_agent_series_per_step_from_its_store(tmp_path):
+    """RED over time on an agent: each step's edges asked of the store; its place on /api/hosts."""
+    import urllib.request
+
+    from deetune.api.routes import AgentPlaceRoutes
+    from deetune.api.server import ApiServer
+    from deetune.topology.model import EdgeKey, EdgeStats, EdgeWindowEvent
+    from deetune.topology.store import TopologyStore
+
+    second = 1_000_000_000
+    now = 1_750_000_000 * second
+    events = []
+    for minute, (requests, errors) in enumerate([(10, 1), (0, 0), (30, 3)]):
+        stats = EdgeStats(requests=requests, errors=errors)
+        for _ in range(requests):
+            stats.add_latency(2_000_000)
+        start = now - (3 - minute) * 60 * second
+        events.append(EdgeWindowEvent(start + 10 * second, key=EdgeKey("web", "db", "redis", 6379), window_start=start,
+                                      window_ns=10 * second, stats=stats))
+    store = TopologyStore(tmp_path / "t.db", clock=lambda: now)
+    try:
+        store.write(events)
+        with ApiServer(store, clock=lambda: now, extensions=[AgentPlaceRoutes(Place("h1", (("idc", "bj1"),)))]) as srv:
+            def get(path):
+                with urllib.request.urlopen(srv.url + path) as response:
+                    return json.load(response)
+
+            answer = get("/api/series?service=db&window=3m&step=1m")
+            assert [(p["t"], p["requests"], p["errors"]) for p in answer["points"]] == [
+                (now - 120 * second, 10, 1), (now - 60 * second, 0, 0), (now, 30, 3)]
+            assert answer["points"][2]["latency_p99_ns"] > 0 and answer["points"][1]["latency_p99_ns"] is None
+            edge = get("/api/series?client=web&server=db&protocol=redis&port=6379&window=3m&step=1m")
+            assert [p["requests"] for p in edge["points"]] == [10, 0, 30]
+            assert get("/api/hosts")["hosts"] == [{"name": "h1", "labels": {"idc": "bj1"}, "idc": "bj1",
+                                                   "reporting": True}]
+            with pytest.raises(urllib.error.HTTPError) as info:
+                get("/api/series?service=db&client=web")
+            assert info.value.code == 400
+    finally:
+        store.close()

@@ -609,7 +609,8 @@ class PrometheusSink(Sink):
         self.registry.register(_EventCollector(self))
         self.registry.register(self.resources)
         # For the fleet server (docs/fleet.md): the agent's place on every series, its endpoints.
-        self.remote_endpoints = RemoteEndpoints(self._is_local, edge_names, max_series)
+        self.remote_endpoints = RemoteEndpoints(self._is_local, edge_names, max_series,
+                                                counted_names=lambda e: counted_edge_names(e, self._comm_of))
         self.fleet = FleetCollector(self.remote_endpoints, max_series=max_series, proc=proc,
                                     service_of=lambda pid, comm: self._service_of(pid, comm))
         self.registry.register(self.fleet)

@@ -36,7 +36,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.metrics_core import Metric
 
 from deetune import __version__, procnet
-from deetune.events import ConnectionEvent, ExchangeEvent
+from deetune.events import ConnectionEvent, CountedEvent, ExchangeEvent
 
 log = logging.getLogger("deetune.sinks.prometheus")
 
@@ -85,9 +85,11 @@ class RemoteEndpoints:
     """
 
     def __init__(self, is_local: Callable[[str, int, int | None], bool],
-                 names: Callable[[Any], tuple[str, str]], max_series: int) -> None:
+                 names: Callable[[Any], tuple[str, str]], max_series: int,
+                 counted_names: Callable[[Any], tuple[str, str]] | None = None) -> None:
         self._is_local = is_local
         self._names = names
+        self._counted_names = counted_names
         self._cap = _Capped(max_series)
         self._lock = threading.Lock()
         #: (client, server, address, port) of counted client edges.
@@ -96,21 +98,31 @@ class RemoteEndpoints:
         self._local: dict[tuple[str, int], bool] = {}
 
     def observe(self, event: Any) -> None:
-        if not isinstance(event, (ExchangeEvent, ConnectionEvent)) or event.role != "client" or not event.rport:
+        if isinstance(event, CountedEvent):  # the kernel's counts: the edges the RED families count
+            if event.role != "client" or not event.port or event.counted is False or self._counted_names is None:
+                return
+            client, server = self._counted_names(event)
+            address, port, counted = event.raddr, event.port, event.counted
+        elif isinstance(event, (ExchangeEvent, ConnectionEvent)):
+            if event.role != "client" or not event.rport:
+                return
+            client, server = self._names(event)
+            address, port, counted = event.raddr, event.rport, None
+        else:
             return
-        client, server = self._names(event)
-        key = (client, server, event.raddr, event.rport)
+        key = (client, server, address, port)
         if key in self.endpoints:
             return
-        where = (event.raddr, event.rport)
-        local = self._local.get(where)
-        if local is None:
-            local = self._is_local(event.raddr, event.rport, event.ts)
-            if len(self._local) >= 4096:
-                self._local.clear()
-            self._local[where] = local
-        if local:
-            return  # the server's own side is seen here and counts: nothing to join
+        if not counted:
+            where = (address, port)
+            local = self._local.get(where)
+            if local is None:
+                local = self._is_local(address, port, event.ts)
+                if len(self._local) >= 4096:
+                    self._local.clear()
+                self._local[where] = local
+            if local:
+                return  # the server's own side is seen here and counts: nothing to join
         with self._lock:
             if self._cap.room(len(self.endpoints)):
                 self.endpoints[key] = None

@@ -70,10 +70,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	@touch $@
 
-# The web UI's JavaScript (cytoscape), pinned in ui/package-lock.json, fetched from npm at
-# build time and served by the agent itself (no CDN at run time).
+# The web UI's JavaScript (cytoscape for the graph, uPlot for the charts), pinned in
+# ui/package-lock.json, fetched from npm at build time and served by the agent itself (no CDN
+# at run time).
 UI_VENDOR := src/deetune/api/static/vendor
-ui: $(UI_VENDOR)/cytoscape.min.js
+ui: $(UI_VENDOR)/cytoscape.min.js $(UI_VENDOR)/uPlot.iife.min.js $(UI_VENDOR)/uPlot.min.css
 
 ui/node_modules/.package-lock.json: ui/package.json ui/package-lock.json | .stamps/deps
 	cd ui && npm ci --no-audit --no-fund
@@ -82,6 +83,10 @@ ui/node_modules/.package-lock.json: ui/package.json ui/package-lock.json | .stam
 $(UI_VENDOR)/cytoscape.min.js: ui/node_modules/.package-lock.json
 	@mkdir -p $(@D)
 	cp ui/node_modules/cytoscape/dist/cytoscape.min.js $@
+
+$(UI_VENDOR)/uPlot.iife.min.js $(UI_VENDOR)/uPlot.min.css: ui/node_modules/.package-lock.json
+	@mkdir -p $(@D)
+	cp ui/node_modules/uplot/dist/$(@F) $@
 
 bpf: $(BPF_OBJS) $(BPF_OUT)/deetune.h
 

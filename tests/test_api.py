@@ -564,6 +564,7 @@ def test_openapi_document_validates() -> None:
         "/api/topology", "/api/services", "/api/services/{name}", "/api/services/{name}/dependencies",
         "/api/edges", "/api/exchanges", "/openapi.json", "/healthz",
         "/api/recordings", "/api/recordings/{id}", "/api/recordings/{id}/stop", "/api/recordings/{id}/exchanges",
+        "/api/series", "/api/hosts", "/api/cross-idc",
     }
 
 

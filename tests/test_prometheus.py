@@ -970,7 +970,9 @@ def test_agent_serves_metrics():
         listener.listen(8)
         port = listener.getsockname()[1]
         metrics_port = free_port()
-        agent = AgentProcess("--probe", "tcp", "--port", str(port), "--sink", f"prometheus:127.0.0.1:{metrics_port}")
+        agent = AgentProcess("--probe", "tcp", "--port", str(port), "--sink", f"prometheus:127.0.0.1:{metrics_port}",
+                             "--host-name", "web-7", "--label", "idc=lab1")
+        place = {"host": "web-7", "idc": "lab1"}  # on every series the agent exports
         try:
             for _ in range(3):
                 client = socket.create_connection(("127.0.0.1", port))
@@ -987,7 +989,7 @@ def test_agent_serves_metrics():
                            for f in text_string_to_metric_families(resp.read().decode()) for s in f.samples}
                 opened = sum(series(got, "deetune_connections_opened_total").values())
                 sent = sum(series(got, "deetune_bytes_sent_total").values())
-                kernel = series(got, "deetune_kernel_events_total").get(labels(probe="tcp"), 0)
+                kernel = series(got, "deetune_kernel_events_total").get(labels(probe="tcp", **place), 0)
                 if (opened, sent) == (3, 300) and kernel >= 12 or time.monotonic() > deadline:
                     break
                 time.sleep(0.2)
@@ -996,9 +998,10 @@ def test_agent_serves_metrics():
             from deetune.services import ServiceResolver
 
             me = ServiceResolver().instance(os.getpid()).service
-            assert series(got, "deetune_connections_opened_total") == {labels(client=me, server=me): 3}
+            assert series(got, "deetune_connections_opened_total") == {labels(client=me, server=me, **place): 3}
             assert kernel == 12  # 3 connections × 2 sides × open and close
-            assert series(got, "deetune_kernel_events_lost_total") == {labels(probe="tcp"): 0}
+            assert series(got, "deetune_kernel_events_lost_total") == {labels(probe="tcp", **place): 0}
+            assert all(dict(key[1]).items() >= place.items() for key in got), "a series without the place labels"
         finally:
             rc, _, err = agent.finish(signal.SIGTERM)
         assert rc == 0, err

@@ -25,6 +25,7 @@ from deetune.api import DEFAULT_API_HOST, DEFAULT_API_PORT
 from deetune.cli_types import parse_duration, positive_seconds, seconds_between
 from deetune.libbpf import LibbpfError
 from deetune.pipeline import Pipeline
+from deetune.place import Place, PlaceError
 from deetune.plugins import PluginImportError, Plugins, UnknownPluginError
 from deetune.probes.base import Clock, ProbeOptions
 from deetune.probes.overload import DEFAULT_BUSY_CPU, OverloadSampling
@@ -184,6 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--netns", type=_netns_path, metavar="NAME|PATH",
                         help="act as the host of one network namespace (an `ip netns` name or /proc/PID/ns/net): "
                              "the agent enters it and sees only its sockets and processes")
+    parser.add_argument("--host-name", metavar="NAME",
+                        help="this host's name on everything exported (default $DEETUNE_HOST_NAME, else the hostname)")
+    parser.add_argument("--label", action="append", default=[], metavar="NAME=VALUE",
+                        help="a label of this host on everything exported, e.g. idc=bj1 (repeatable; "
+                             "also $DEETUNE_LABELS=idc=bj1,zone=a)")
     parser.add_argument("--ringbuf-size", type=_ringbuf_size, metavar="BYTES",
                         help=f"ring buffer size per probe (a power of two, {MIN_RINGBUF} to {MAX_RINGBUF})")
     parser.add_argument(
@@ -287,7 +293,11 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
             mapping = EndpointMapping.load(args.mapping)
         except MappingError as exc:
             raise UsageError(str(exc)) from None
-    resolver = ServiceResolver(plugins, mapping=mapping)
+    try:
+        place = Place.build(args.host_name, args.label)
+    except PlaceError as exc:
+        raise UsageError(str(exc)) from None
+    resolver = ServiceResolver(plugins, mapping=mapping, host=place.host)
     # The built-in probes count exchanges and connections in the kernel (deetune.accounting): the
     # topology and Prometheus count from there, exact at any load; decoded exchanges are detail.
     aggregator = TopologyAggregator(resolver, window_seconds=args.window, kernel_counts=True)
@@ -301,6 +311,9 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
         if hasattr(sink, "kernel_counts"):
             sink.kernel_counts = True  # a sink that can count from the kernel's counters (prometheus)
         sinks.append(sink)
+    for sink in sinks:  # where this agent runs, on everything it exports (docs/fleet.md)
+        if hasattr(sink, "set_place"):
+            sink.set_place(place, api_port=args.api[1] if args.api else None)
     services: list = []
     if not args.no_store:
         store = open_store(args.store, args.retention, exchanges_per_edge=args.exchanges_per_edge,
@@ -318,7 +331,7 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
         store_sink = StoreSink(store)
         if args.api:
             try:
-                services.append(build_api(args, store, store_sink, manager))
+                services.append(build_api(args, store, store_sink, manager, place))
             except UsageError:
                 store_sink.close()
                 raise
@@ -362,14 +375,17 @@ def api_token(args: argparse.Namespace) -> str:
     return token
 
 
-def build_api(args: argparse.Namespace, store: TopologyStore, store_sink: StoreSink, manager) -> object:
+def build_api(args: argparse.Namespace, store: TopologyStore, store_sink: StoreSink, manager,
+              place: Place | None = None) -> object:
     """The API server, its socket bound already (a port in use is a usage error, before any probe loads)."""
+    from deetune.api.routes import AgentPlaceRoutes
     from deetune.api.server import ApiServer
 
     host, port = args.api
     try:
         server = ApiServer(store, host, port, token=args.api_token, recordings=manager,
-                           allowed_hosts=args.api_hostname or (), health=store_sink.health)
+                           allowed_hosts=args.api_hostname or (), health=store_sink.health,
+                           extensions=[AgentPlaceRoutes(place)] if place is not None else ())
         server.bind()
     except ValueError as exc:
         raise UsageError(f"--api: {exc}") from None

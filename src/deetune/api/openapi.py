@@ -650,4 +650,8 @@ _DOCUMENT: dict[str, Any] = {
 
 def openapi_document() -> dict[str, Any]:
     """A fresh copy of the document (callers may change it)."""
-    return copy.deepcopy(_DOCUMENT)
+    from deetune.api.routes import OPENAPI_PATHS  # the endpoints the agent and the fleet server share
+
+    document = copy.deepcopy(_DOCUMENT)
+    document["paths"].update(copy.deepcopy(OPENAPI_PATHS))
+    return document

@@ -345,6 +345,7 @@ class ApiServer:
         connection_limit: int = 100,
         backlog: int = 128,
         channel_timeout: float = 30.0,
+        extensions: Any = (),
     ) -> None:
         if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
             raise ValueError("the API token must be non-empty printable ASCII without spaces")
@@ -372,6 +373,10 @@ class ApiServer:
         self.connection_limit = connection_limit
         self.backlog = backlog
         self.channel_timeout = channel_timeout
+        #: More /api/* endpoints (deetune.api.routes): RED over time, hosts; the fleet server's.
+        from deetune.api.routes import SharedRoutes
+
+        self.extensions = [*extensions, SharedRoutes(queries)]
         self._socket: socket.socket | None = None
         self._server: Any = None
         self._thread: threading.Thread | None = None
@@ -574,6 +579,10 @@ class ApiServer:
             elif params.get("window") is not None:
                 since = max(0, self.clock() - parse_window(params.get("window") or ""))
             return {"exchanges": q.exchanges(service=params.service(), limit=limit, since=since)}
+        for extension in self.extensions:
+            answer = extension.handle_api(parts, query, self.clock())
+            if answer is not None:
+                return answer
         raise HttpError(HTTPStatus.NOT_FOUND, f"no such endpoint: {path}")
 
     # -- recording tasks ---------------------------------------------------------------------

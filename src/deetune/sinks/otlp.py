@@ -733,7 +733,27 @@ class OtlpSink(Sink):
             export_timeout_millis=cfg.timeout * 1000,
         )
 
-        # Metrics.
+        self._start_metrics()
+
+        # MySQL database in use per connection, for db.namespace.
+        self._databases: collections.OrderedDict[Any, str] = collections.OrderedDict()
+
+        # The queue between handle() and the worker.
+        self._queue: collections.deque[Event] = collections.deque()
+        self._wake = threading.Event()
+        self._idle = threading.Condition()
+        self._processed = 0
+        self._closed = False
+        self._stopping = False
+        self._reported_drops = 0
+        self._reported_at = time.monotonic()
+        self._worker = threading.Thread(target=self._run, name="deetune-otlp", daemon=True)
+        self._worker.start()
+
+    def _start_metrics(self) -> None:
+        """The metrics' exporter, reader, provider (with the agent's Resource) and instruments."""
+        cfg = self.config
+        compression = _COMPRESSIONS[cfg.compression]
         self._metric_exporter = _MetricExporter(
             self.stats, endpoint=f"{cfg.endpoint}/v1/metrics", timeout=cfg.timeout, compression=compression
         )
@@ -774,20 +794,15 @@ class OtlpSink(Sink):
         self._bytes_received = counter("deetune.bytes.received", unit="By",
                                        description="Bytes this side received on TCP connections, counted at close.")
 
-        # MySQL database in use per connection, for db.namespace.
-        self._databases: collections.OrderedDict[Any, str] = collections.OrderedDict()
-
-        # The queue between handle() and the worker.
-        self._queue: collections.deque[Event] = collections.deque()
-        self._wake = threading.Event()
-        self._idle = threading.Condition()
-        self._processed = 0
-        self._closed = False
-        self._stopping = False
-        self._reported_drops = 0
-        self._reported_at = time.monotonic()
-        self._worker = threading.Thread(target=self._run, name="deetune-otlp", daemon=True)
-        self._worker.start()
+    def set_place(self, place: Any, api_port: int | None = None) -> None:
+        """The agent's host name and labels (:class:`deetune.place.Place`) on every Resource it
+        sends (``host.name`` and one attribute per label).  Called before the first event."""
+        extra = {"host.name": place.host, **place.label_dict}
+        self._base_attributes = {**self._base_attributes, **extra}
+        self._resources.clear()
+        self._agent_resource = self._agent_resource.merge(Resource(extra))
+        self._meter_provider.shutdown(timeout_millis=1000)
+        self._start_metrics()
 
     @classmethod
     def from_arg(cls, arg: str | None) -> OtlpSink:

@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any, Callable, Iterable, Iterator
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import start_http_server
 from prometheus_client.core import (
     CounterMetricFamily,
     GaugeMetricFamily,
@@ -37,6 +37,7 @@ from deetune import procnet
 from deetune.accounting import EXCHANGE_OUTCOMES, OUTCOME_ERROR
 from deetune.events import ConnectionCounts, ConnectionEvent, CountedEvent, Event, ExchangeEvent, LatencyCounts, RequestCounts
 from deetune.sinks.base import Sink, SinkError
+from deetune.sinks.prometheus_fleet import FleetCollector, PlaceRegistry, RemoteEndpoints
 from deetune.topology.model import _COARSE_OF_FINE, LATENCY_BUCKETS_NS
 
 log = logging.getLogger("deetune.sinks.prometheus")
@@ -604,9 +605,15 @@ class PrometheusSink(Sink):
         self._kernel: dict[str, tuple[int, int]] = {}
         self._comms: dict[int, str] = {}
         self.resources = ResourceCollector(proc=proc, cgroup_root=cgroup_root, max_series=max_series, service_of=service_of)
-        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry = PlaceRegistry(auto_describe=False)
         self.registry.register(_EventCollector(self))
         self.registry.register(self.resources)
+        # For the fleet server (docs/fleet.md): the agent's place on every series, its endpoints.
+        self.remote_endpoints = RemoteEndpoints(self._is_local, edge_names, max_series,
+                                                counted_names=lambda e: counted_edge_names(e, self._comm_of))
+        self.fleet = FleetCollector(self.remote_endpoints, max_series=max_series, proc=proc,
+                                    service_of=lambda pid, comm: self._service_of(pid, comm))
+        self.registry.register(self.fleet)
         self.host, self.port = host, port
         self._server = self._thread = None
         if serve:
@@ -628,8 +635,19 @@ class PrometheusSink(Sink):
         host = f"[{self.host}]" if ":" in self.host else self.host
         return f"http://{host}:{self.port}/metrics"
 
+    def set_place(self, place: Any, api_port: int | None = None) -> None:
+        """The agent's host name and labels (:class:`deetune.place.Place`), added to every series,
+        and the port of its API (``deetune_agent_info``)."""
+        self.registry.place_labels = {"host": place.host, **place.label_dict}
+        self.fleet.api_port = api_port
+
+    def _service_of(self, pid: int, comm: str) -> str:
+        service_of = self.resources.service_of
+        return service_of(pid, comm) if callable(service_of) else comm
+
     # -- events ----------------------------------------------------------------------------------
     def handle(self, event: Event) -> None:
+        self.remote_endpoints.observe(event)
         if isinstance(event, CountedEvent):
             with self._lock:
                 self._on_counts(event)

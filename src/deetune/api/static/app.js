@@ -1,4 +1,5 @@
-// deetune web UI: polls /api/topology and draws it with cytoscape (served from /static/vendor/).
+// deetune web UI, one for the agent and the fleet server: polls /api/topology and draws it with
+// cytoscape, hosts and IDCs as groups; RED over time (/api/series) with uPlot; both from /static/vendor/.
 // Everything that comes from the network is put in the page as text (textContent), never as HTML.
 (function () {
   "use strict";
@@ -12,6 +13,7 @@
   const statusEl = $("status");
   const detailsEl = $("details");
   const nodeListEl = $("node-list");
+  const hostListEl = $("host-list");
   const serviceInput = $("service-filter");
   const windowSelect = $("window-filter");
 
@@ -20,6 +22,9 @@
     service: "",
     window: "15m",
     data: null,        // last /api/topology answer
+    hosts: [],         // [{name, idc, labels, reporting, …}]: the answer's, else /api/hosts (an agent)
+    charts: [],        // uPlot instances in the details panel
+    chartKey: "",      // what the charts show (a change fetches again)
     cy: null,
     shape: "",         // node and edge ids of what is drawn: a change re-runs the layout
     selected: null,    // {kind: "node"|"edge", id}
@@ -61,6 +66,7 @@
   }
 
   function fmtBytes(n) {
+    if (n === null || n === undefined) return "–";
     if (n < 1024) return n + " B";
     const units = ["KiB", "MiB", "GiB", "TiB"];
     let value = n / 1024, i = 0;
@@ -89,6 +95,8 @@
   function instanceText(instance) {
     if (typeof instance === "string") return instance;
     const parts = [instance.id || instance.host + ":" + instance.pid];
+    if (Array.isArray(instance.pids) && instance.pids.length) parts.push("pid " + instance.pids.join(", "));
+    if (instance.reporting === false) parts.push("not reporting");
     if (instance.comm) parts.push(instance.comm);
     if (instance.container_name) parts.push("container " + instance.container_name);
     if (instance.pod) parts.push("pod " + (instance.namespace ? instance.namespace + "/" : "") + instance.pod);
@@ -173,6 +181,27 @@
         "text-border-opacity": 1,
       },
     },
+    {
+      selector: "node.group",
+      style: {
+        "shape": "round-rectangle",
+        "background-color": "#eef2f7",
+        "background-opacity": 0.6,
+        "border-width": 1,
+        "border-color": "#98a2b3",
+        "border-style": "solid",
+        "label": "data(name)",
+        "text-valign": "top",
+        "text-halign": "center",
+        "text-margin-y": -4,
+        "font-size": 11,
+        "color": "#475467",
+        "padding": 14,
+      },
+    },
+    { selector: "node.idc", style: { "background-color": "#fdf6e3", "border-color": "#d4a72c", "border-style": "dashed", "font-weight": "bold" } },
+    { selector: "node.host.down", style: { "background-color": "#fde8e8", "border-color": "#dc2626", "color": "#b42318" } },
+    { selector: "edge.cross-idc", style: { "line-style": "dashed" } },
     { selector: "node:selected", style: { "border-width": 4, "border-color": "#f59e0b" } },
     { selector: "edge:selected", style: { "line-color": "#f59e0b", "target-arrow-color": "#f59e0b", "width": 4 } },
   ];
@@ -208,11 +237,91 @@
         color: edgeColor(edge),
         edge: edge,
       },
+      classes: edge.cross_idc ? "cross-idc" : "",
     };
   }
 
+  function nodeHosts(node) {
+    if (Array.isArray(node.hosts)) return node.hosts;
+    const hosts = new Set();
+    for (const instance of node.instances || []) if (instance && instance.host) hosts.add(instance.host);
+    return Array.from(hosts);
+  }
+
+  function hostIdc(name) {
+    const host = state.hosts.find((h) => h.name === name);
+    return host ? host.idc || null : null;
+  }
+
+  // A service on one host sits in that host's box; on several hosts of one IDC, in the IDC's box.
+  function nodeParent(node) {
+    if (node.external) return undefined;
+    const hosts = nodeHosts(node);
+    if (hosts.length === 1) return "host:" + hosts[0];
+    const idcs = new Set(hosts.map(hostIdc));
+    if (hosts.length > 1 && idcs.size === 1 && !idcs.has(null)) return "idc:" + Array.from(idcs)[0];
+    return undefined;
+  }
+
   function nodeElement(node) {
-    return { group: "nodes", data: { id: node.name, name: node.name, external: Boolean(node.external), node: node } };
+    return { group: "nodes", data: { id: node.name, name: node.name, external: Boolean(node.external), node: node,
+                                     parent: nodeParent(node) } };
+  }
+
+  function groupElements() {
+    const groups = [];
+    const idcs = new Set();
+    for (const host of state.hosts) {
+      if (host.idc) idcs.add(host.idc);
+      groups.push({ group: "nodes", classes: "group host" + (host.reporting === false ? " down" : ""),
+                    data: { id: "host:" + host.name, name: host.name + (host.reporting === false ? " (not reporting)" : ""),
+                            parent: host.idc ? "idc:" + host.idc : undefined, host: host } });
+    }
+    for (const idc of idcs) {
+      groups.push({ group: "nodes", classes: "group idc", data: { id: "idc:" + idc, name: "IDC " + idc, idc: idc } });
+    }
+    return groups;
+  }
+
+  // Hosts side by side as columns, grouped by IDC; each host's services stacked in its box;
+  // services of several hosts of one IDC under their IDC's hosts; the rest (external endpoints,
+  // services across IDCs) in a row above.
+  function groupedPositions(cy) {
+    const COLUMN = 190, ROW = 110, GAP = 70;
+    const positions = {};
+    const byName = (a, b) => a.id().localeCompare(b.id());
+    const childrenOf = (id) => cy.nodes().filter((n) => n.data("parent") === id && !n.isParent()).sort(byName);
+    const idcs = Array.from(new Set(state.hosts.map((h) => h.idc || ""))).sort();
+    let x = 0;
+    let deepest = 0;
+    for (const idc of idcs) {
+      const hosts = state.hosts.filter((h) => (h.idc || "") === idc).map((h) => h.name).sort();
+      const first = x;
+      let rows = 1;
+      for (const host of hosts) {
+        const children = childrenOf("host:" + host);
+        children.forEach((node, i) => { positions[node.id()] = { x: x, y: i * ROW }; });
+        if (!children.length) positions["host:" + host] = { x: x, y: 0 };
+        rows = Math.max(rows, children.length);
+        x += COLUMN;
+      }
+      if (idc) {
+        const shared = childrenOf("idc:" + idc);
+        const middle = (first + x - COLUMN) / 2;
+        shared.forEach((node, i) => { positions[node.id()] = { x: middle + (i - (shared.length - 1) / 2) * COLUMN * 0.8,
+                                                               y: (rows + 0.6) * ROW }; });
+        if (shared.length) rows += 1.6;
+      }
+      deepest = Math.max(deepest, rows);
+      x += GAP;
+    }
+    const loose = cy.nodes().filter((n) => !n.isParent() && !n.data("parent")).sort(byName);
+    const width = Math.max(x - GAP - COLUMN, 0);
+    loose.forEach((node, i) => {
+      const spread = loose.length > 1 ? (i / (loose.length - 1)) * width : width / 2;
+      positions[node.id()] = { x: spread, y: -1.8 * ROW };
+    });
+    return positions;
   }
 
   function ensureCy() {
@@ -223,7 +332,11 @@
       minZoom: 0.2,
       maxZoom: 3,
     });
-    state.cy.on("tap", "node", (evt) => select({ kind: "node", id: evt.target.id() }));
+    state.cy.on("tap", "node", (evt) => {
+      const id = evt.target.id();
+      if (id.startsWith("host:")) select({ kind: "host", id: id });
+      else if (!id.startsWith("idc:")) select({ kind: "node", id: id });
+    });
     state.cy.on("tap", "edge", (evt) => select({ kind: "edge", id: evt.target.id() }));
     state.cy.on("tap", (evt) => { if (evt.target === state.cy) select(null); });
     return state.cy;
@@ -241,24 +354,31 @@
       }
     }
     const edges = data.edges.map(edgeElement);
-    const shape = nodes.map((n) => n.data.id).sort().join("\n") + "\n\n" + edges.map((e) => e.data.id).sort().join("\n");
+    const groups = groupElements();
+    const all = groups.concat(nodes);
+    const shape = all.map((n) => n.data.id + "<" + (n.data.parent || "") + (n.classes || "")).sort().join("\n") +
+      "\n\n" + edges.map((e) => e.data.id).sort().join("\n");
     if (shape !== state.shape) {
       state.shape = shape;
       cy.elements().remove();
-      cy.add(nodes.concat(edges));
-      const roots = cy.nodes().filter((n) => n.indegree(false) === 0);
-      cy.layout({
-        name: "breadthfirst",
-        directed: true,
-        roots: roots.length ? roots : undefined,
-        padding: 40,
-        spacingFactor: 1.3,
-        animate: false,
-      }).run();
+      cy.add(all.concat(edges));
+      if (groups.length) {
+        cy.layout({ name: "preset", positions: groupedPositions(cy), padding: 40, animate: false }).run();
+      } else {
+        const roots = cy.nodes().filter((n) => n.indegree(false) === 0);
+        cy.layout({
+          name: "breadthfirst",
+          directed: true,
+          roots: roots.length ? roots : undefined,
+          padding: 40,
+          spacingFactor: 1.3,
+          animate: false,
+        }).run();
+      }
       cy.fit(undefined, 40);
     } else {
       cy.batch(() => {
-        for (const item of nodes.concat(edges)) cy.getElementById(item.data.id).data(item.data);
+        for (const item of all.concat(edges)) cy.getElementById(item.data.id).data(item.data);
       });
     }
     if (state.selected) {
@@ -288,6 +408,8 @@
     $("node-count").textContent = "(" + data.nodes.length + ")";
     graphEl.dataset.nodeCount = String(data.nodes.length);
     graphEl.dataset.edgeCount = String(data.edges.length);
+    graphEl.dataset.hostCount = String(state.hosts.length);
+    graphEl.dataset.idcCount = String(new Set(state.hosts.map((h) => h.idc).filter(Boolean)).size);
     graphEl.dataset.loaded = "true";
 
     let empty = graphEl.querySelector(".empty");
@@ -297,6 +419,21 @@
     } else if (empty) {
       empty.remove();
     }
+  }
+
+  function renderHostList() {
+    const items = state.hosts.map((host) => {
+      const meta = [host.idc ? "IDC " + host.idc : null, host.reporting === false ? "not reporting" : "reporting"]
+        .filter(Boolean).join(" · ");
+      const li = el("li", { "data-host": host.name, class: host.reporting === false ? "down" : "" }, [
+        el("span", { class: "name", text: host.name }),
+        el("span", { class: "meta", text: meta }),
+      ]);
+      li.addEventListener("click", () => select({ kind: "host", id: "host:" + host.name }));
+      return li;
+    });
+    hostListEl.replaceChildren(...items);
+    $("host-count").textContent = "(" + state.hosts.length + ")";
   }
 
   function renderSuggestions(data) {
@@ -331,7 +468,96 @@
     } else {
       children.push(el("p", { class: "hint", text: node.external ? "Not on a watched host." : "None in this window." }));
     }
+    children.push(...chartSection("Served over time", { service: node.name }));
     return children;
+  }
+
+  function hostDetails(id) {
+    const name = id.slice("host:".length);
+    const host = state.hosts.find((h) => h.name === name);
+    if (!host) return null;
+    const labels = Object.entries(host.labels || {}).map(([k, v]) => k + "=" + v).join(", ");
+    const services = state.data.nodes.filter((n) => nodeHosts(n).includes(name)).map((n) => n.name);
+    return [
+      el("h2", { text: "Host" }),
+      el("h3", { text: host.name }),
+      table([
+        ["reporting", host.reporting === false ? "no" : "yes", host.reporting === false ? "bad" : ""],
+        ["last report", host.last_seen ? fmtTime(host.last_seen) : "–"],
+        ["IDC", host.idc || "–"],
+        ["labels", labels || "–"],
+        ["addresses", (host.addresses || []).join(", ") || "–"],
+        ["services", services.join(", ") || "–"],
+      ]),
+    ];
+  }
+
+  // ---- charts (uPlot) ----
+
+  function destroyCharts() {
+    for (const chart of state.charts) chart.destroy();
+    state.charts = [];
+  }
+
+  function chartSection(title, params) {
+    const box = el("div", { class: "charts", "data-series": new URLSearchParams(params).toString() });
+    loadCharts(box, params);
+    return [el("h2", { text: title }), box];
+  }
+
+  async function loadCharts(box, params) {
+    const query = new URLSearchParams(Object.assign({ window: state.window }, params));
+    const answer = await getJson("/api/series?" + query.toString());
+    if (!answer.ok) {
+      box.replaceChildren(el("p", { class: "hint bad", text: "charts: " + answer.error }));
+      return;
+    }
+    const points = answer.body.points;
+    const step = answer.body.step / 1e9;
+    const t = points.map((p) => p.t / 1e9);
+    box.dataset.points = String(points.length);
+    if (typeof window.uPlot !== "function") {
+      box.replaceChildren(el("p", { class: "hint", text: "chart library missing (run `make ui`)" }));
+      return;
+    }
+    const width = Math.max(240, (box.clientWidth || 300) - 4);
+    const traffic = [t, points.map((p) => p.requests / step), points.map((p) => p.errors / step)];
+    const latency = [t, points.map((p) => (p.latency_p50_ns === null ? null : p.latency_p50_ns / 1e6)),
+                     points.map((p) => (p.latency_p99_ns === null ? null : p.latency_p99_ns / 1e6))];
+    const rate = (u, values) => values.map((v) => (v === null ? "" : fmtRate(v)));
+    box.replaceChildren();
+    state.charts.push(new window.uPlot({
+      width: width, height: 120, legend: { show: true },
+      series: [{}, { label: "req/s", stroke: "#2563eb", width: 1.5 }, { label: "err/s", stroke: "#dc2626", width: 1.5 }],
+      axes: [{}, { size: 44, values: rate }],
+    }, traffic, box));
+    state.charts.push(new window.uPlot({
+      width: width, height: 120, legend: { show: true },
+      series: [{}, { label: "p50 ms", stroke: "#16a34a", width: 1.5, spanGaps: true },
+               { label: "p99 ms", stroke: "#f97316", width: 1.5, spanGaps: true }],
+      axes: [{}, { size: 44 }],
+    }, latency, box));
+  }
+
+  // ---- an edge's recent errors (from whichever host saw them) ----
+
+  async function loadErrors(box, edge) {
+    const query = new URLSearchParams({ service: edge.server, limit: "1000" });
+    const answer = await getJson("/api/exchanges?" + query.toString());
+    if (!answer.ok) {
+      box.replaceChildren(el("p", { class: "hint bad", text: "errors: " + answer.error }));
+      return;
+    }
+    const errors = answer.body.exchanges.filter((x) => x.error && x.client === edge.client && x.server === edge.server);
+    box.dataset.errors = String(errors.length);
+    if (!errors.length) {
+      box.replaceChildren(el("p", { class: "hint", text: "No recent errors kept." }));
+      return;
+    }
+    box.replaceChildren(el("ul", { class: "errors" }, errors.slice(0, 20).map((x) => el("li", {
+      text: [fmtTime(x.ts), x.host ? "@" + x.host : null, x.method, x.target, String(x.status),
+             x.error_message].filter((v) => v !== null && v !== undefined && v !== "").join(" · "),
+    }))));
   }
 
   function edgeDetails(id) {
@@ -354,16 +580,44 @@
         ["bytes received", fmtBytes(edge.bytes_received)],
         ["connections", edge.connections_opened + " opened, " + edge.connections_failed + " failed",
           edge.connections_failed ? "bad" : ""],
-        ["retransmits", edge.retransmits],
-        ["resets", edge.resets, edge.resets ? "bad" : ""],
+        ["retransmits", edge.retransmits === null ? "–" : edge.retransmits],
+        ["resets", edge.resets === null ? "–" : edge.resets, edge.resets ? "bad" : ""],
       ]),
+    ].concat(fleetEdgeDetails(edge), [
+      el("h2", { text: "Recent errors" }),
+      (() => { const box = el("div", { id: "edge-errors" }); loadErrors(box, edge); return box; })(),
+    ], chartSection("Over time", { client: edge.client, server: edge.server, protocol: edge.protocol,
+                                   port: String(edge.port) }));
+  }
+
+  function fleetEdgeDetails(edge) {
+    if (!edge.client_hosts) return [];
+    const rows = [
+      ["client hosts", edge.client_hosts.join(", ") || "–"],
+      ["server hosts", edge.server_hosts.join(", ") || "–"],
+      ["IDCs", (edge.idcs || []).map((p) => (p.client || "?") + " → " + (p.server || "?")).join(", ") || "–",
+        edge.cross_idc ? "bad" : ""],
     ];
+    if (edge.joined) {
+      const server = edge.server_side;
+      rows.push(["server-side p50 / p99", fmtNs(server.latency_p50_ns) + " / " + fmtNs(server.latency_p99_ns)]);
+      rows.push(["network + queueing (avg)", fmtNs(edge.network_latency_avg_ns)]);
+      rows.push(["server-side requests", server.requests + " (" + server.errors + " errors)" + (server.shared ? " shared" : "")]);
+    }
+    return [el("h2", { text: edge.cross_idc ? "Across hosts (cross-IDC)" : "Across hosts" }), table(rows)];
   }
 
   function renderDetails() {
+    // Kept while the same thing stays selected: the charts and errors load once per selection.
+    const key = state.selected ? state.selected.kind + ":" + state.selected.id + ":" + state.window : "";
+    if (key && key === state.chartKey && detailsEl.childElementCount) return;
+    state.chartKey = key;
+    destroyCharts();
     let children = null;
     if (state.selected && state.data) {
-      children = state.selected.kind === "node" ? nodeDetails(state.selected.id) : edgeDetails(state.selected.id);
+      const kind = state.selected.kind;
+      children = kind === "node" ? nodeDetails(state.selected.id)
+        : kind === "host" ? hostDetails(state.selected.id) : edgeDetails(state.selected.id);
     }
     if (!children) {
       children = [el("h2", { text: "Details" }), el("p", { class: "hint", text: "Click a service or an edge." })];
@@ -391,22 +645,43 @@
     return params;
   }
 
-  async function refresh() {
-    clearTimeout(state.timer);
-    const seq = ++state.seq;
+  async function getJson(path) {
     const headers = { Accept: "application/json" };
     if (state.token) headers.Authorization = "Bearer " + state.token;
     try {
-      const response = await fetch("/api/topology?" + query().toString(), { headers: headers, cache: "no-store" });
+      const response = await fetch(path, { headers: headers, cache: "no-store" });
       let body = null;
       try { body = await response.json(); } catch (e) { body = null; }
-      if (seq !== state.seq) return;
       if (!response.ok) {
         const message = body && body.error ? body.error : response.status + " " + response.statusText;
-        const hint = response.status === 401 ? " — open the page as /?token=…" : "";
-        setStatus("error: " + message + hint, true);
+        return { ok: false, status: response.status, error: message };
+      }
+      return { ok: true, body: body };
+    } catch (e) {
+      return { ok: false, status: 0, error: e.message };
+    }
+  }
+
+  async function refresh() {
+    clearTimeout(state.timer);
+    const seq = ++state.seq;
+    try {
+      const answer = await getJson("/api/topology?" + query().toString());
+      let hosts = null;
+      if (answer.ok && !Array.isArray(answer.body.hosts)) {
+        const own = await getJson("/api/hosts?window=" + state.window);  // an agent: itself
+        hosts = own.ok ? own.body.hosts : [];
+      }
+      if (seq !== state.seq) return;
+      if (!answer.ok && answer.status === 0) throw new Error(answer.error);
+      if (!answer.ok) {
+        const hint = answer.status === 401 ? " — open the page as /?token=…" : "";
+        setStatus("error: " + answer.error + hint, true);
       } else {
+        const body = answer.body;
         state.data = body;
+        state.hosts = hosts || body.hosts;
+        renderHostList();
         renderNodeList(body);
         renderSuggestions(body);
         drawGraph(body);
@@ -433,6 +708,7 @@
     state.service = serviceInput.value.trim();
     state.window = windowSelect.value;
     state.shape = "";  // new data: lay out again
+    state.chartKey = "";
     syncAddress();
     refresh();
   }

@@ -1,0 +1,5 @@
+import sys
+
+from deetune.server.cli import main
+
+sys.exit(main())

@@ -1,0 +1,816 @@
+"""The fleet's topology, from the series every agent exports, asked of Prometheus (docs/fleet.md).
+
+:class:`FleetQueries` implements :class:`deetune.topology.model.TopologyQueries` (what the
+agent's API serves from its store) over a whole fleet: the server's API is the agent's API
+with this as its data source.  It keeps nothing between requests; each answer is a handful of
+PromQL queries run side by side, joined here.
+
+How a range's numbers are read
+    A counter's increase over ``[since, until]`` is its value at ``until`` minus its value at
+    ``since`` (0 for a series that did not exist yet, and for a host whose agent started
+    after ``since``: its counters began at 0 then): two plain instant queries of the family's
+    sums, at ``until`` and at ``since``, subtracted here.  Exact: no extrapolation, unlike
+    ``increase()``.  A host whose agent no longer reports (its series went stale) is read at
+    its last sample in the range instead of at ``until``.
+
+How the halves of an edge are joined
+    Each agent counts an exchange once on its host: on the server's side, and on the
+    client's side only when the server is not on that host.  So a call from host A to host
+    B is counted twice, once by each: A's series name the server by address (``ip:port``, or
+    a mapping file's name), B's name the client by address.  A's series for that edge are
+    told apart by ``deetune_remote_endpoint`` (the endpoints a client edge counted on A
+    called), and each endpoint is matched to the host with that address
+    (``deetune_host_address``) and a listener on that port (``deetune_listen_endpoint``,
+    ``0.0.0.0``/``::`` included): the edge becomes ``client → the listener's service``.
+    B's series for clients at A's addresses are that edge's server side: its latency beside
+    the client's is the network and queueing time between them.  An endpoint no agent's host
+    owns stays an external endpoint; a client address no agent's host owns, an external
+    client.
+"""
+
+from __future__ import annotations
+
+import collections
+import ipaddress
+import time
+from typing import Any, Iterable
+
+import attrs
+
+from deetune.server.prom import Prometheus, Sample, quote, quote_regex
+
+NS = 1_000_000_000
+DIRECTIONS = ("downstream", "upstream", "both")
+WILDCARDS = ("0.0.0.0", "::")
+#: The RED families (docs/metrics.md) and the label sets the fleet reads them by.
+ROW = ("host", "protocol", "client", "server")
+PAIR = ("host", "client", "server")
+QUANTILES = {"latency_p50_ns": 0.5, "latency_p90_ns": 0.9, "latency_p99_ns": 0.99}
+CONNECTION_COUNTERS = {
+    "connections_opened": "deetune_connections_opened_total",
+    "connections_failed": "deetune_connections_failed_total",
+    "bytes_sent": "deetune_bytes_sent_total",
+    "bytes_received": "deetune_bytes_received_total",
+    "retransmits": "deetune_tcp_retransmits_total",
+    "resets": "deetune_tcp_resets_total",
+}
+#: Above this many edges, a graph comes without latency quantiles (averages only) and without the
+#: byte, retransmit and reset counters: a whole-fleet answer should not wait for them; a service's
+#: graph and its dependencies ask for theirs.
+QUANTILE_EDGES = 1000
+#: Read even without detail: an edge of connections only (nothing decoded) is part of the shape.
+SHAPE_COUNTERS = ("connections_opened", "connections_failed")
+EDGE_FIELDS = ("requests", "errors", "latency_p50_ns", "latency_p90_ns", "latency_p99_ns", "latency_avg_ns",
+               *CONNECTION_COUNTERS)
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text.strip("[]"))
+        return True
+    except ValueError:
+        return False
+
+
+def _duration(seconds: float) -> str:
+    return f"{max(1, int(seconds + 0.999))}s"
+
+
+@attrs.define
+class Host:
+    name: str
+    labels: dict[str, str]
+    target: str
+    api_port: int
+    version: str
+    reporting: bool
+    started: float | None = None
+    last_seen: float | None = None
+    addresses: set[str] = attrs.field(factory=set)
+    #: (service, pid, address, port)
+    listeners: list[tuple[str, int, str, int]] = attrs.field(factory=list)
+
+    def to_json(self, idc_label: str, services: Iterable[str] = ()) -> dict[str, Any]:
+        return {"name": self.name, "labels": dict(self.labels), "idc": self.labels.get(idc_label),
+                "reporting": self.reporting,
+                "last_seen": int(self.last_seen * NS) if self.last_seen is not None else None,
+                "started": int(self.started * NS) if self.started is not None else None,
+                "addresses": sorted(self.addresses), "target": self.target, "api_port": self.api_port,
+                "version": self.version, "services": sorted(services)}
+
+
+@attrs.define
+class Side:
+    """One agent's counts of one edge (a row of the RED families, and its connections)."""
+
+    host: str
+    protocol: str
+    client: str
+    server: str
+    metrics: dict[str, Any] = attrs.field(factory=dict)
+
+
+@attrs.define
+class Edge:
+    client: str
+    server: str
+    protocol: str
+    port: int
+    client_sides: list[Side] = attrs.field(factory=list)
+    server_sides: list[Side] = attrs.field(factory=list)
+    client_hosts: set[str] = attrs.field(factory=set)
+    server_hosts: set[str] = attrs.field(factory=set)
+
+    @property
+    def key(self) -> tuple[str, str, str, int]:
+        return (self.client, self.server, self.protocol, self.port)
+
+
+def _sum_sides(sides: list[Side]) -> dict[str, Any]:
+    """The counts of several rows added up; a latency quantile only when one row has them all."""
+    out: dict[str, Any] = {}
+    for name in ("requests", "errors", *CONNECTION_COUNTERS):
+        out[name] = int(round(sum(s.metrics.get(name, 0) for s in sides)))
+    with_latency = [s for s in sides if s.metrics.get("latency_count")]
+    count = sum(s.metrics["latency_count"] for s in with_latency)
+    total = sum(s.metrics.get("latency_sum", 0.0) for s in with_latency)
+    out["latency_avg_ns"] = int(total / count * NS) if count else None
+    buckets: dict[float, float] = collections.defaultdict(float)
+    for side in sides:
+        for bound, value in side.metrics.get("latency_buckets", {}).items():
+            buckets[bound] += value
+    for name, q in QUANTILES.items():
+        out[name] = _bucket_quantile(q, buckets)
+    return out
+
+
+class FleetQueries:
+    """The fleet topology from Prometheus (see the module doc); every method is one round of queries."""
+
+    def __init__(self, prometheus: Prometheus, *, idc_label: str = "idc", selector: str = "",
+                 agents: Any = None, clock: Any = time.time) -> None:
+        self.prom = prometheus
+        #: deetune.server.agents.Agents: asks the agents for per-request detail.
+        self.agents = agents
+        self.idc_label = idc_label
+        #: Extra label matchers for every series (e.g. ``job="deetune"``), without braces.
+        self.selector = selector
+        self.clock = clock
+
+    # -- PromQL ----------------------------------------------------------------------------------
+
+    def _sel(self, metric: str, extra: str = "") -> str:
+        matchers = ",".join(m for m in (self.selector, extra) if m)
+        return f"{metric}{{{matchers}}}" if matchers else metric
+
+    @staticmethod
+    def _and(*matchers: str) -> str:
+        return ",".join(m for m in matchers if m)
+
+    # -- the fleet's state -----------------------------------------------------------------------
+
+    def hosts(self, since: float, until: float) -> dict[str, Host]:
+        rng = _duration(until - since)
+        got = self.prom.many({
+            "seen": (f"max_over_time({self._sel('deetune_agent_info')}[{rng}])", until),
+            "now": (self._sel("deetune_agent_info"), until),
+            "last": (f"max_over_time({self._sel('deetune_agent_time_seconds')}[{rng}])", until),
+            "started": (f"last_over_time({self._sel('deetune_agent_start_time_seconds')}[{rng}])", until),
+            "addresses": (f"max_over_time({self._sel('deetune_host_address')}[{rng}])", until),
+            "listeners": (f"max_over_time({self._sel('deetune_listen_endpoint')}[{rng}])", until),
+        })
+        reporting = {labels.get("host") for labels, _ in got["now"]}
+        hosts: dict[str, Host] = {}
+        for labels, _ in got["seen"]:
+            name = labels.get("host")
+            if not name:
+                continue
+            extra = {k: v for k, v in labels.items()
+                     if k not in ("__name__", "host", "instance", "job", "version", "api_port")}
+            port = labels.get("api_port", "0")
+            hosts[name] = Host(name, extra, labels.get("instance", ""), int(port) if port.isdigit() else 0,
+                               labels.get("version", ""), name in reporting)
+        for key, attribute in (("last", "last_seen"), ("started", "started")):
+            for labels, value in got[key]:
+                if labels.get("host") in hosts:
+                    setattr(hosts[labels["host"]], attribute, value)
+        for labels, _ in got["addresses"]:
+            if labels.get("host") in hosts:
+                hosts[labels["host"]].addresses.add(labels.get("address", ""))
+        for labels, _ in got["listeners"]:
+            host = hosts.get(labels.get("host", ""))
+            port = labels.get("port", "")
+            if host is not None and port.isdigit():
+                pid = labels.get("pid", "")
+                host.listeners.append((labels.get("service", ""), int(pid) if pid.isdigit() else 0,
+                                       labels.get("address", ""), int(port)))
+        return hosts
+
+    def _queries(self, since: float, until: float, hosts: dict[str, Host], names: Iterable[str],
+                 extra: str = "") -> dict[str, list[Sample]]:
+        """The named row values over [since, until] (requests, errors, latency_sum, latency_count,
+        the quantiles, the connection counters; remote: the endpoint rows), as (labels, value).
+
+        Each counter family is two plain instant queries, its sums at ``until`` and at ``since``
+        (hosts not reporting: their last sample in the range instead of ``until``), subtracted
+        here; the quantiles come from the buckets' increases, all three from one pair of queries."""
+        stale = {name for name, host in hosts.items() if not host.reporting}
+        rng = _duration(until - since)
+        red = {"requests": "deetune_requests_total", "errors": "deetune_request_errors_total",
+               "latency_sum": "deetune_request_duration_seconds_sum",
+               "latency_count": "deetune_request_duration_seconds_count", **CONNECTION_COUNTERS}
+        names = list(names)
+        counters = [(n, red[n], PAIR if n in CONNECTION_COUNTERS else ROW) for n in names if n in red]
+        if any(n in QUANTILES for n in names):
+            counters.append(("buckets", "deetune_request_duration_seconds_bucket", (*ROW, "le")))
+        queries: dict[str, tuple[str, float]] = {}
+        for name, metric, by in counters:
+            labels = ", ".join(by)
+            queries[f"{name}@end"] = (f"sum by ({labels}) ({self._sel(metric, extra)})", until)
+            queries[f"{name}@start"] = (f"sum by ({labels}) ({self._sel(metric, extra)})", since)
+            if stale:
+                stale_series = self._sel(metric, self._and(extra, f'host=~"{quote_regex(stale)}"'))
+                queries[f"{name}@stale"] = (f"sum by ({labels}) (last_over_time({stale_series}[{rng}]))", until)
+        if "remote" in names:
+            queries["remote"] = (self._sel("deetune_remote_endpoint", extra), until)
+            if stale:
+                stale_series = self._sel("deetune_remote_endpoint", self._and(extra, f'host=~"{quote_regex(stale)}"'))
+                queries["remote@stale"] = (f"last_over_time({stale_series}[{rng}])", until)
+        got = self.prom.many(queries)
+        # A host whose agent started after `since` counted from 0 then: nothing to subtract.
+        restarted = {name for name, host in hosts.items() if host.started is not None and host.started > since}
+        out: dict[str, list[Sample]] = {}
+        for name, _metric, by in counters:
+            end: dict[tuple, tuple[dict[str, str], float]] = {}
+            for labels, value in got[f"{name}@end"] + got.get(f"{name}@stale", []):
+                end.setdefault(tuple(labels.get(k, "") for k in by), (labels, value))
+            start = {tuple(labels.get(k, "") for k in by): value for labels, value in got[f"{name}@start"]
+                     if labels.get("host") not in restarted}
+            rows = []
+            for key, (labels, value) in end.items():
+                before = start.get(key, 0.0)
+                rows.append((labels, value - before if value >= before else value))  # lower: a restart
+            out[name] = rows
+        if "buckets" in out:
+            by_row: dict[tuple, tuple[dict[str, str], dict[float, float]]] = {}
+            for labels, value in out.pop("buckets"):
+                key = tuple(labels.get(k, "") for k in ROW)
+                entry = by_row.setdefault(key, (labels, {}))
+                le = labels.get("le", "+Inf")
+                entry[1][float("inf") if le == "+Inf" else float(le)] = value
+            out["latency_buckets"] = list(by_row.values())
+        if "remote" in names:
+            out["remote"] = got["remote"] + got.get("remote@stale", [])
+        return out
+
+    @staticmethod
+    def _read_rows(got: dict[str, list[Sample]], hosts: dict[str, Host], rows: dict[tuple, Side],
+                   only: set[tuple] | None = None) -> None:
+        for name in ("requests", "errors", "latency_sum", "latency_count", "latency_buckets"):
+            for labels, value in got.get(name, ()):
+                key = tuple(labels.get(k, "") for k in ROW)
+                if key[0] not in hosts or (only is not None and key not in only):
+                    continue
+                side = rows.get(key)
+                if side is None:
+                    side = rows[key] = Side(*key)
+                if value == value:  # NaN: no observation in the range
+                    side.metrics[name] = value
+
+    @staticmethod
+    def _read_pairs(got: dict[str, list[Sample]], hosts: dict[str, Host]) -> dict[tuple, dict[str, float]]:
+        pairs: dict[tuple, dict[str, float]] = collections.defaultdict(dict)
+        for name in CONNECTION_COUNTERS:
+            for labels, value in got.get(name, ()):
+                key = tuple(labels.get(k, "") for k in PAIR)
+                if key[0] in hosts:
+                    pairs[key][name] = value
+        return pairs
+
+    # -- the join --------------------------------------------------------------------------------
+
+    def fleet(self, since_ns: int, until_ns: int, *, detail: bool = True, latency: bool | None = None) -> "Fleet":
+        """The joined fleet.  Its shape (requests, errors, endpoints, connections opened and
+        failed), with ``latency`` averages (default: with ``detail``) and with ``detail`` the
+        other connection counters."""
+        since, until = since_ns / NS, until_ns / NS
+        hosts = self.hosts(since, until)
+        if not hosts:
+            return Fleet(self.idc_label, hosts, {}, since_ns, until_ns)
+        names = ["requests", "errors", "remote", *SHAPE_COUNTERS]
+        if detail if latency is None else latency:
+            names += ["latency_sum", "latency_count"]
+        if detail:
+            names += [c for c in CONNECTION_COUNTERS if c not in SHAPE_COUNTERS]
+        got = self._queries(since, until, hosts, names)
+        rows: dict[tuple, Side] = {}
+        self._read_rows(got, hosts, rows)
+        remote: dict[tuple, set[tuple[str, int]]] = collections.defaultdict(set)
+        self._read_remote(got, hosts, remote)
+        return Fleet.join(self.idc_label, hosts, rows, self._read_pairs(got, hosts), remote, since_ns, until_ns)
+
+    @staticmethod
+    def _read_remote(got: dict[str, list[Sample]], hosts: dict[str, Host],
+                     remote: dict[tuple, set[tuple[str, int]]], only: Any = None) -> None:
+        for labels, _ in got.get("remote", ()):
+            port = labels.get("port", "")
+            key = tuple(labels.get(k, "") for k in PAIR)
+            if labels.get("host") in hosts and port.isdigit() and (only is None or only(key, labels)):
+                remote[key].add((labels.get("address", ""), int(port)))
+
+    def neighbourhood(self, service: str, depth: int, direction: str, since_ns: int, until_ns: int) -> "Fleet":
+        """The part of the fleet within ``depth`` hops of ``service``, asked of Prometheus hop by hop
+        for those services' rows only (label matchers), joined like the whole fleet."""
+        since, until = since_ns / NS, until_ns / NS
+        hosts = self.hosts(since, until)
+        names = ["requests", "errors", "remote", *SHAPE_COUNTERS]
+        rows: dict[tuple, Side] = {}
+        pairs: dict[tuple, dict[str, float]] = {}
+        remote: dict[tuple, set[tuple[str, int]]] = collections.defaultdict(set)
+        owner, listening = Fleet.address_book(hosts)
+
+        def fetch(extra: str, keep: Any = None) -> None:
+            got = self._queries(since, until, hosts, names, extra=extra)
+            for name in ("requests", "errors"):
+                got[name] = [(labels, v) for labels, v in got[name]
+                             if keep is None or keep(tuple(labels.get(k, "") for k in PAIR))]
+            self._read_rows(got, hosts, rows)
+            for key, counters in self._read_pairs(got, hosts).items():
+                if keep is None or keep(key):
+                    pairs[key] = counters
+            self._read_remote(got, hosts, remote, None if keep is None else lambda key, _l: keep(key))
+
+        def join() -> Fleet:
+            return Fleet.join(self.idc_label, hosts, dict(rows), {k: dict(v) for k, v in pairs.items()},
+                              remote, since_ns, until_ns)
+
+        frontier = {service}
+        seen = {service}
+        walks = {"downstream": ("downstream",), "upstream": ("upstream",), "both": ("downstream", "upstream")}[direction]
+        for way in walks:
+            frontier, seen = {service}, {service}
+            for _hop in range(depth):
+                names_re = quote_regex(frontier)
+                if way == "downstream":
+                    fetch(f'client=~"{names_re}"')
+                    fleet = join()
+                    # The server side of the joined edges: the callee hosts' rows for the caller hosts.
+                    joined = [e for e in fleet.edges.values() if e.client in frontier and e.client_sides]
+                    callers = {a for e in joined for h in e.client_hosts for a in hosts[h].addresses}
+                    callees = {e.server for e in joined}
+                    if callers and callees:
+                        fetch(f'client=~"{quote_regex(callers)}",server=~"{quote_regex(callees)}"')
+                        fleet = join()
+                    following = {e.server for e in fleet.edges.values() if e.client in frontier}
+                else:
+                    fetch(f'server=~"{names_re}"')
+                    # Client edges whose remote endpoints are these services' listeners.
+                    ports = {port for (h, a, port), svc in listening.items() if svc in frontier}
+                    if ports:
+                        got = self._queries(since, until, hosts, ["remote"],
+                                            extra=f'port=~"{quote_regex(str(p) for p in ports)}"')
+                        calling = set()
+                        for labels, _ in got["remote"]:
+                            port = labels.get("port", "")
+                            target = Fleet.resolve(owner, listening, labels.get("address", ""),
+                                                   int(port) if port.isdigit() else 0)
+                            if target is not None and target[1] in frontier:
+                                calling.add(tuple(labels.get(k, "") for k in PAIR))
+                        if calling:
+                            clients = quote_regex({c for _h, c, _s in calling})
+                            servers = quote_regex({s for _h, _c, s in calling})
+                            fetch(f'client=~"{clients}",server=~"{servers}"', keep=lambda key: key in calling)
+                    fleet = join()
+                    following = {e.client for e in fleet.edges.values() if e.server in frontier}
+                frontier = following - seen
+                seen |= following
+                if not frontier:
+                    break
+        return join()
+
+    def add_detail(self, fleet: "Fleet", edges: Iterable["Edge"], *, latency: bool = True,
+                   connections: bool = True) -> None:
+        """Latency quantiles (and, for a fleet read without detail, latency averages and connection
+        counters) of these edges' rows, asked of Prometheus for those rows only."""
+        sides = {(s.host, s.protocol, s.client, s.server): s for e in edges for s in (*e.client_sides, *e.server_sides)}
+        if not sides:
+            return
+        matchers = self._and(*(f'{k}=~"{quote_regex({key[i] for key in sides})}"' for i, k in enumerate(ROW)))
+        names = list(QUANTILES)
+        if latency:
+            names += ["latency_sum", "latency_count"]
+        if connections:  # those a fleet without detail lacks
+            names += [c for c in CONNECTION_COUNTERS if c not in SHAPE_COUNTERS]
+        got = self._queries(fleet.since / NS, fleet.until / NS, fleet.hosts, names, extra=matchers)
+        self._read_rows(got, fleet.hosts, fleet.rows, only=set(sides))
+        if connections:
+            fleet.assign_connections(self._read_pairs(got, fleet.hosts), only={k[0:1] + k[2:] for k in sides})
+
+    # -- TopologyQueries -------------------------------------------------------------------------
+
+    def graph(self, since: int, until: int, service: str | None = None) -> dict[str, Any]:
+        """The shape and latency averages first; then, for at most QUANTILE_EDGES edges (a
+        service's, or a small fleet's), their quantiles and other connection counters.  Above,
+        those are null and the answer says ``"detail": false``."""
+        fleet = self.fleet(since, until, detail=False, latency=True)
+        edges = [e for e in fleet.edges.values() if service is None or service in (e.client, e.server)]
+        detail = len(edges) <= QUANTILE_EDGES
+        if detail:
+            self.add_detail(fleet, edges, latency=False, connections=True)
+        else:
+            fleet.partial = True
+        answer = fleet.graph(service)
+        answer["detail"] = detail
+        return answer
+
+    def services(self, since: int, until: int) -> list[dict[str, Any]]:
+        return self.fleet(since, until, detail=False).services()
+
+    def dependencies(self, service: str, depth: int, direction: str, since: int, until: int) -> dict[str, Any]:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}")
+        fleet = self.neighbourhood(service, depth, direction, since, until)
+        used = fleet.walk(service, depth, direction)[1]
+        self.add_detail(fleet, used)
+        return fleet.dependencies(service, depth, direction)
+
+    def edges(self, since: int, until: int, *, errors_only: bool = False,
+              service: str | None = None) -> list[dict[str, Any]]:
+        edges = self.graph(since, until, service)["edges"]
+        if errors_only:
+            edges = [e for e in edges if e["errors"] or e["connections_failed"]]
+        return edges
+
+    def exchanges(self, *, service: str | None = None, limit: int = 100, since: int | None = None) -> list[dict[str, Any]]:
+        """Asked of every reporting agent with an API (per-request detail stays on the agents)."""
+        if self.agents is None:
+            return []
+        now_ns = int(self.clock() * NS)
+        fleet = self.fleet(now_ns - 3600 * NS, now_ns, detail=False)
+        # Each agent names the other host's end by address: ask each for its own names of the
+        # service, and name both ends of what it answers as the fleet does.
+        fleet_names: dict[tuple[str, str, str], tuple[str, str]] = {}
+        local_names: dict[str, set[str]] = collections.defaultdict(set)
+        for e in fleet.edges.values():
+            for side in (*e.client_sides, *e.server_sides):
+                fleet_names[(side.host, side.client, side.server)] = (e.client, e.server)
+                if service is not None and service == e.server:
+                    local_names[side.host].add(side.server)
+                if service is not None and service == e.client:
+                    local_names[side.host].add(side.client)
+        reporting = [h for h in fleet.hosts.values() if h.reporting]
+        asks: dict[str | None, list[Host]] = collections.defaultdict(list)
+        for host in reporting:
+            for name in (sorted(local_names[host.name] | {service}) if service is not None else [None]):
+                asks[name].append(host)
+        merged = []
+        for name, hosts in asks.items():
+            for exchange in self.agents.exchanges(hosts, service=name, limit=limit, since=since):
+                key = (exchange["host"], exchange.get("client"), exchange.get("server"))
+                if key in fleet_names:
+                    exchange["agent_client"], exchange["agent_server"] = key[1], key[2]
+                    exchange["client"], exchange["server"] = fleet_names[key]
+                merged.append(exchange)
+        merged.sort(key=lambda x: x.get("ts") or 0, reverse=True)
+        return merged[:limit]
+
+    # -- fleet-only answers ----------------------------------------------------------------------
+
+    def reporting_hosts(self) -> list[Host]:
+        """The hosts reporting now (over the last hour's agents)."""
+        now = self.clock()
+        return [h for h in self.hosts(now - 3600, now).values() if h.reporting]
+
+    def host_list(self, since: int, until: int) -> dict[str, Any]:
+        fleet = self.fleet(since, until, detail=False)
+        hosts = fleet.hosts_json()
+        errors = dict(self.agents.errors) if self.agents is not None else {}
+        for host in hosts:
+            host["agent_error"] = errors.get(host["name"])
+        return {"since": since, "until": until, "idc_label": self.idc_label, "hosts": hosts}
+
+    def cross_idc(self, since: int, until: int) -> dict[str, Any]:
+        edges = [e for e in self.graph(since, until)["edges"] if e["cross_idc"]]
+        return {"since": since, "until": until, "idc_label": self.idc_label, "edges": edges}
+
+    def series(self, since: int, until: int, step: int, *, service: str | None = None,
+               edge: tuple[str, str, str, int] | None = None) -> dict[str, Any]:
+        """RED over time of a service (what it serves) or an edge: requests and errors per step,
+        latency p50/p99, from the rows the join assigns them."""
+        fleet = self.fleet(since, until, detail=False)
+        if edge is not None:
+            found = fleet.edges.get(edge)
+            sides = (found.client_sides or found.server_sides) if found else []
+        else:
+            sides = [s for e in fleet.edges.values() if e.server == service
+                     for s in (e.client_sides if e.client_sides and not e.server_sides else e.server_sides)]
+            sides = list({(s.host, s.protocol, s.client, s.server): s for s in sides}.values())
+        return self._series(sides, since, until, step)
+
+    def _series(self, sides: list[Side], since: int, until: int, step_ns: int) -> dict[str, Any]:
+        """Per step, each series' increase (its value at the step's end minus at its start; a series
+        that did not exist yet started at 0, one that went stale stays at its last value, one that
+        went down restarted), added up; latency quantiles from the buckets' increases."""
+        count = (until - since) // step_ns
+        end = until - until % 1_000_000  # Prometheus's times are in milliseconds
+        start = end - count * step_ns
+        times = [start + k * step_ns for k in range(count + 1)]
+        points = [{"t": t, "requests": 0, "errors": 0, "latency_p50_ns": None, "latency_p99_ns": None}
+                  for t in times[1:]]
+        if not sides or not points:
+            return {"since": since, "until": until, "step": step_ns, "points": points}
+        names = "deetune_requests_total|deetune_request_errors_total|deetune_request_duration_seconds_bucket"
+        selectors = []
+        for side in sides:
+            matchers = [f'__name__=~"{names}"'] + [f'{k}="{quote(getattr(side, k))}"' for k in ROW]
+            selectors.append("{" + ",".join(matchers + ([self.selector] if self.selector else [])) + "}")
+        got = self.prom.query_range(" or ".join(selectors), start / NS, end / NS, step_ns / NS)
+        buckets: list[dict[float, float]] = [collections.defaultdict(float) for _ in points]
+        for labels, values in got:
+            at = {int(round(t * 1000)): v for t, v in values}
+            previous = at.get(times[0] // 1_000_000, 0.0)
+            name = labels.get("__name__", "")
+            for index, t in enumerate(times[1:]):
+                current = at.get(t // 1_000_000, previous)
+                delta = current - previous if current >= previous else current
+                previous = current
+                if not delta:
+                    continue
+                if name == "deetune_requests_total":
+                    points[index]["requests"] += int(round(delta))
+                elif name == "deetune_request_errors_total":
+                    points[index]["errors"] += int(round(delta))
+                else:
+                    le = labels.get("le", "+Inf")
+                    buckets[index][float("inf") if le == "+Inf" else float(le)] += delta
+        for point, cumulative in zip(points, buckets):
+            point["latency_p50_ns"] = _bucket_quantile(0.5, cumulative)
+            point["latency_p99_ns"] = _bucket_quantile(0.99, cumulative)
+        return {"since": since, "until": until, "step": step_ns, "points": points}
+
+
+def _bucket_quantile(q: float, cumulative: dict[float, float]) -> int | None:
+    """A quantile (ns) from cumulative bucket counts by upper bound (seconds), interpolated linearly
+    inside a bucket as Prometheus's histogram_quantile does; None without observations."""
+    bounds = sorted(cumulative)
+    if not bounds or cumulative[bounds[-1]] <= 0:
+        return None
+    total = cumulative[bounds[-1]]
+    rank = q * total
+    lower, below = 0.0, 0.0
+    for bound in bounds:
+        count = cumulative[bound]
+        if count >= rank:
+            if bound == float("inf"):
+                return int(lower * NS)  # beyond the last finite bound: that bound
+            inside = count - below
+            fraction = (rank - below) / inside if inside else 1.0
+            return int((lower + (bound - lower) * fraction) * NS)
+        lower, below = bound, count
+    return int(lower * NS)
+
+
+@attrs.define
+class Fleet:
+    """One joined picture of the fleet over a range."""
+
+    idc_label: str
+    hosts: dict[str, Host]
+    edges: dict[tuple, Edge]
+    since: int
+    until: int
+    #: service → hosts it runs on
+    placed: dict[str, set[str]] = attrs.field(factory=dict)
+    #: every agent's rows, by (host, protocol, client, server)
+    rows: dict[tuple, Side] = attrs.field(factory=dict)
+    #: read without quantiles and the connection counters beyond opened/failed (null in answers)
+    partial: bool = False
+
+    def assign_connections(self, pairs: dict[tuple, dict[str, float]], only: set[tuple] | None = None) -> None:
+        """Connection counters (by host, client, server) go to that pair's row with the most
+        requests; a pair with no row becomes a "tcp" row (traffic nothing decoded)."""
+        by_pair: dict[tuple, list[Side]] = collections.defaultdict(list)
+        for side in self.rows.values():
+            by_pair[(side.host, side.client, side.server)].append(side)
+        for pair, counters in pairs.items():
+            if only is not None and pair not in only:
+                continue
+            found = by_pair.get(pair)
+            if not found:
+                side = self.rows[(pair[0], "tcp", pair[1], pair[2])] = Side(pair[0], "tcp", pair[1], pair[2])
+                by_pair[pair] = found = [side]
+            target = max(found, key=lambda s: (s.metrics.get("requests", 0), s.protocol))
+            target.metrics.update(counters)  # a row is the target of its own pair only
+
+    @staticmethod
+    def address_book(hosts: dict[str, Host]) -> tuple[dict[str, str], dict[tuple[str, str, int], str]]:
+        """address → host (the first by name when two claim one), (host, address, port) → service."""
+        owner: dict[str, str] = {}
+        for host in sorted(hosts.values(), key=lambda h: h.name):
+            for address in host.addresses:
+                owner.setdefault(address, host.name)
+        listening: dict[tuple[str, str, int], str] = {}
+        for host in hosts.values():
+            for service, _pid, address, port in host.listeners:
+                listening.setdefault((host.name, address, port), service)
+        return owner, listening
+
+    @staticmethod
+    def resolve(owner: dict[str, str], listening: dict[tuple[str, str, int], str], address: str,
+                port: int) -> tuple[str, str] | None:
+        """(host, service) listening on ``address:port``, wildcard listeners included; None when no
+        agent's host owns the address or nothing of it listens there."""
+        host = owner.get(address.strip("[]"))
+        if host is None:
+            return None
+        for candidate in (address.strip("[]"), *WILDCARDS):
+            service = listening.get((host, candidate, port))
+            if service is not None:
+                return host, service
+        return None
+
+    @classmethod
+    def join(cls, idc_label: str, hosts: dict[str, Host], rows: dict[tuple, Side],
+             pairs: dict[tuple, dict[str, float]], remote: dict[tuple, set[tuple[str, int]]],
+             since: int, until: int) -> "Fleet":
+        owner, listening = cls.address_book(hosts)
+        ports: dict[tuple[str, str], set[int]] = collections.defaultdict(set)
+        placed: dict[str, set[str]] = collections.defaultdict(set)
+        for host in hosts.values():
+            for service, _pid, address, port in host.listeners:
+                ports[(host.name, service)].add(port)
+                placed[service].add(host.name)
+
+        def resolve(address: str, port: int) -> tuple[str, str] | None:
+            return cls.resolve(owner, listening, address, port)
+
+        fleet = cls(idc_label, hosts, {}, since, until, rows=rows)
+        fleet.assign_connections(pairs)
+        edges: dict[tuple, Edge] = {}
+
+        def edge(client: str, server: str, protocol: str, port: int) -> Edge:
+            key = (client, server, protocol, port)
+            found = edges.get(key)
+            if found is None:
+                found = edges[key] = Edge(client, server, protocol, port)
+            return found
+
+        # Client sides first: they name both services once joined.
+        joined: dict[tuple[str, str, str], list[Edge]] = collections.defaultdict(list)  # (client host, server, proto)
+        server_rows: list[Side] = []
+        for key, side in sorted(rows.items()):
+            endpoints = remote.get((side.host, side.client, side.server))
+            if endpoints is None:
+                server_rows.append(side)
+                continue
+            placed[side.client].add(side.host)
+            targets = {resolve(address, port) for address, port in endpoints}
+            port_set = {port for _, port in endpoints}
+            port = port_set.pop() if len(port_set) == 1 else 0
+            services = {t[1] for t in targets if t is not None}
+            if None not in targets and len(services) == 1:
+                found = edge(side.client, services.pop(), side.protocol, port)
+                found.server_hosts |= {t[0] for t in targets if t is not None}
+                if found not in joined[(side.host, found.server, side.protocol)]:
+                    joined[(side.host, found.server, side.protocol)].append(found)
+            else:
+                found = edge(side.client, side.server, side.protocol, port)
+            found.client_sides.append(side)
+            found.client_hosts.add(side.host)
+        # Server sides: a local client, a client on another agent's host (the joined edge's
+        # other half), or an external client.
+        for side in server_rows:
+            placed[side.server].add(side.host)
+        for side in server_rows:
+            client_host = owner.get(side.client.strip("[]")) if _is_address(side.client) else None
+            halves = joined.get((client_host, side.server, side.protocol), []) if client_host else []
+            halves = [e for e in halves if side.host in e.server_hosts]
+            if halves:
+                for found in halves:
+                    found.server_sides.append(side)
+                continue
+            service_ports = ports.get((side.host, side.server), set())
+            port = next(iter(service_ports)) if len(service_ports) == 1 else 0
+            found = edge(side.client, side.server, side.protocol, port)
+            found.server_sides.append(side)
+            found.server_hosts.add(side.host)
+            if side.client in placed and side.host in placed[side.client]:
+                found.client_hosts.add(side.host)  # a local client
+            elif client_host is not None:
+                found.client_hosts.add(client_host)
+        fleet.edges, fleet.placed = edges, dict(placed)
+        return fleet
+
+    # -- answers ---------------------------------------------------------------------------------
+
+    def _idc(self, host: str) -> str | None:
+        found = self.hosts.get(host)
+        return found.labels.get(self.idc_label) if found else None
+
+    def edge_json(self, e: Edge) -> dict[str, Any]:
+        counted = e.client_sides or e.server_sides
+        out: dict[str, Any] = {"client": e.client, "server": e.server, "protocol": e.protocol, "port": e.port,
+                               **_sum_sides(counted)}
+        if self.partial:
+            out.update({name: None for name in CONNECTION_COUNTERS if name not in SHAPE_COUNTERS})
+        out["client_hosts"] = sorted(e.client_hosts)
+        out["server_hosts"] = sorted(e.server_hosts)
+        out["joined"] = bool(e.client_sides and e.server_sides)
+        if out["joined"]:
+            server = _sum_sides(e.server_sides)
+            out["client_side"] = {k: out[k] for k in EDGE_FIELDS}
+            out["server_side"] = {k: server[k] for k in ("requests", "errors", *QUANTILES, "latency_avg_ns")}
+            # True when several client services of one host call this server: its rows name the
+            # client host's address, not the service, and are shared by their edges (graph() says).
+            out["server_side"]["shared"] = False
+            if out["latency_avg_ns"] is not None and server["latency_avg_ns"] is not None:
+                out["network_latency_avg_ns"] = out["latency_avg_ns"] - server["latency_avg_ns"]
+            else:
+                out["network_latency_avg_ns"] = None
+        idc_pairs = sorted({(self._idc(c), self._idc(s)) for c in e.client_hosts for s in e.server_hosts},
+                           key=lambda p: (str(p[0]), str(p[1])))
+        out["idcs"] = [{"client": c, "server": s} for c, s in idc_pairs]
+        out["cross_idc"] = any(c is not None and s is not None and c != s for c, s in idc_pairs)
+        return out
+
+    def _node(self, name: str) -> dict[str, Any]:
+        hosts = sorted(self.placed.get(name, ()))
+        instances = []
+        for host_name in hosts:
+            host = self.hosts[host_name]
+            pids = sorted({pid for service, pid, _a, _p in host.listeners if service == name and pid})
+            instances.append({"id": f"{host_name}/{name}", "service": name, "host": host_name, "pids": pids,
+                              "idc": host.labels.get(self.idc_label), "reporting": host.reporting})
+        return {"name": name, "instances": instances, "external": not hosts, "hosts": hosts}
+
+    def _names(self) -> set[str]:
+        names = {e.client for e in self.edges.values()} | {e.server for e in self.edges.values()}
+        return names
+
+    def graph(self, service: str | None) -> dict[str, Any]:
+        edges = [e for e in self.edges.values() if service is None or service in (e.client, e.server)]
+        edges.sort(key=lambda e: e.key)
+        answer = [self.edge_json(e) for e in edges]
+        counts = collections.Counter(id(s) for e in edges for s in e.server_sides if e.client_sides)
+        for e, data in zip(edges, answer):
+            if data["joined"]:
+                data["server_side"]["shared"] = any(counts[id(s)] > 1 for s in e.server_sides)
+        names = {e.client for e in edges} | {e.server for e in edges}
+        if service is not None and service in self.placed:
+            names.add(service)
+        return {"nodes": [self._node(n) for n in sorted(names)], "edges": answer, "since": self.since,
+                "until": self.until, "idc_label": self.idc_label, "hosts": self.hosts_json()}
+
+    def hosts_json(self) -> list[dict[str, Any]]:
+        services: dict[str, set[str]] = collections.defaultdict(set)
+        for name, hosts in self.placed.items():
+            for host in hosts:
+                services[host].add(name)
+        return [self.hosts[h].to_json(self.idc_label, services.get(h, ())) for h in sorted(self.hosts)]
+
+    def services(self) -> list[dict[str, Any]]:
+        requests_in: collections.Counter[str] = collections.Counter()
+        requests_out: collections.Counter[str] = collections.Counter()
+        for e in self.edges.values():
+            count = _sum_sides(e.client_sides or e.server_sides)["requests"]
+            requests_out[e.client] += count
+            requests_in[e.server] += count
+        names = self._names() | set(self.placed)
+        return [{**self._node(n), "first_seen": None, "last_seen": None, "requests_in": requests_in[n],
+                 "requests_out": requests_out[n]} for n in sorted(names)]
+
+    def walk(self, service: str, depth: int, direction: str) -> tuple[dict[str, int], list[Edge]]:
+        """Breadth-first from ``service``: each service reached with its hop distance, and the
+        edges walked.  ``both`` is the union of the downstream and the upstream walks."""
+        walks = [("client", "server"), ("server", "client")]
+        if direction == "downstream":
+            walks = walks[:1]
+        elif direction == "upstream":
+            walks = walks[1:]
+        hops: dict[str, int] = {service: 0}
+        used: dict[tuple, Edge] = {}
+        for near, far in walks:
+            distance = {service: 0}
+            frontier = {service}
+            for hop in range(1, depth + 1):
+                following = set()
+                for e in self.edges.values():
+                    if getattr(e, near) in frontier:
+                        used[e.key] = e
+                        other = getattr(e, far)
+                        if other not in distance:
+                            distance[other] = hop
+                            following.add(other)
+                frontier = following
+                if not frontier:
+                    break
+            for name, hop in distance.items():
+                hops[name] = min(hop, hops.get(name, hop))
+        return hops, [used[k] for k in sorted(used)]
+
+    def dependencies(self, service: str, depth: int, direction: str) -> dict[str, Any]:
+        hops, used = self.walk(service, depth, direction)
+        nodes = [{"name": n, "hops": h, "external": n not in self.placed, "hosts": sorted(self.placed.get(n, ()))}
+                 for n, h in sorted(hops.items(), key=lambda item: (item[1], item[0]))]
+        return {"service": service, "depth": depth, "direction": direction, "nodes": nodes,
+                "edges": [self.edge_json(e) for e in used]}

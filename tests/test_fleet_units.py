@@ -1,0 +1,293 @@
+"""The fleet's parts without a fleet: an agent's place, the Prometheus sink's fleet families, the
+scrape config, the join on hand-made rows, the OTLP path to a collector, the server's CLI."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import urllib.error
+import sys
+
+import pytest
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from deetune.events import ConnectionEvent, ExchangeEvent
+from deetune.place import MAX_LABELS, Place, PlaceError
+from deetune.server.fleet import Fleet, Host, Side
+from deetune.server.scrape import ConfigError, check_target, scrape_config, write_file_sd
+from deetune.sinks.prometheus import PrometheusSink
+from tests.conftest import ROOT
+from tests.servers import require_binary
+
+# ---- the place ---------------------------------------------------------------------------------
+
+
+def test_place_from_the_command_line_and_the_environment():
+    env = {"DEETUNE_HOST_NAME": "web-3", "DEETUNE_LABELS": "idc=bj1, zone=a"}
+    assert Place.build(environ=env) == Place("web-3", (("idc", "bj1"), ("zone", "a")))
+    # The command line wins, label by label.
+    assert Place.build("web-4", ["zone=b", "rack=r7"], environ=env) == Place(
+        "web-4", (("idc", "bj1"), ("zone", "b"), ("rack", "r7")))
+    assert Place.build(environ={}).host  # the hostname
+    assert Place.build("h", environ={}).labels == ()
+
+
+@pytest.mark.parametrize("host, labels, message", [
+    ("h", ["idc"], "--label: expected NAME=VALUE, got 'idc'"),
+    ("h", ["9x=1"], "--label: label name must match [a-zA-Z_][a-zA-Z0-9_]* (not __…), got '9x'"),
+    ("h", ["__x=1"], "--label: label name must match [a-zA-Z_][a-zA-Z0-9_]* (not __…), got '__x'"),
+    ("h", ["server=1"], "--label: label name 'server' is taken"),
+    ("h", ["idc="], "--label: label 'idc' needs a value of 1 to 128 printable characters"),
+    ("h", ["idc=a", "idc=b"], "--label: label 'idc' given twice"),
+    ("h", [f"l{i}=v" for i in range(MAX_LABELS + 1)], f"at most {MAX_LABELS} labels"),
+    ("two words", [], "host name must be 1 to 253 printable characters without spaces"),
+])
+def test_place_errors(host, labels, message):
+    with pytest.raises(PlaceError) as info:
+        Place.build(host, labels, environ={})
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+
+
+def test_agent_refuses_a_bad_label_in_one_line():
+    proc = subprocess.run([sys.executable, "-m", "deetune.agent", "--no-store", "--label", "idc", "--duration", "1"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == ["deetune: --label: expected NAME=VALUE, got 'idc'"]
+
+
+# ---- the Prometheus sink's fleet families --------------------------------------------------------
+
+
+def _samples(sink: PrometheusSink) -> dict[tuple, float]:
+    text = generate_latest(sink.registry).decode()
+    return {(s.name, frozenset(s.labels.items())): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def _event(cls, **kw):
+    fields = dict(ts=1, pid=10, comm="checkout", role="client", laddr="10.1.0.1", lport=40000,
+                  raddr="10.1.0.2", rport=6379, sock_id=1, client_service="checkout", server_service="10.1.0.2:6379")
+    fields.update(kw)
+    if cls is ExchangeEvent:
+        fields = dict(protocol="redis", method="GET", target="k", status="OK", error=False, latency_ns=1000,
+                      duration_ns=None, request_bytes=10, response_bytes=5, **fields)
+    else:
+        fields = dict(phase="open", family=4, **fields)
+    return cls(**fields)
+
+
+def test_place_labels_on_every_series_and_the_endpoints_of_client_edges():
+    local = {("127.0.0.1", 5432)}
+    sink = PrometheusSink(serve=False, max_series=3, service_of=None,
+                          is_local_listener=lambda addr, port, ts=None: (addr, port) in local)
+    sink.set_place(Place("web-3", (("idc", "bj1"),)), api_port=9477)
+    sink.handle(_event(ConnectionEvent))
+    sink.handle(_event(ExchangeEvent))
+    # a local server: its own side counts, nothing to join
+    sink.handle(_event(ExchangeEvent, raddr="127.0.0.1", rport=5432, server_service="postgres", sock_id=2))
+    # the server side of an edge: no remote endpoint
+    sink.handle(_event(ExchangeEvent, role="server", laddr="10.1.0.1", lport=80, raddr="10.1.0.9", rport=50000,
+                       client_service="10.1.0.9", server_service="checkout", sock_id=3))
+    for port in (1, 2, 3):  # past the cap of 3 label sets
+        sink.handle(_event(ConnectionEvent, rport=port, server_service=f"10.1.0.2:{port}", sock_id=10 + port))
+    got = _samples(sink)
+    assert got, "nothing exported"
+    assert all(dict(labels).get("host") == "web-3" and dict(labels).get("idc") == "bj1" for _, labels in got)
+
+    def family(name):
+        return {frozenset(kv for kv in labels if kv[0] not in ("host", "idc")): v
+                for (n, labels), v in got.items() if n == name}
+
+    assert family("deetune_remote_endpoint") == {
+        frozenset({("client", "checkout"), ("server", "10.1.0.2:6379"), ("address", "10.1.0.2"), ("port", "6379")}): 1,
+        frozenset({("client", "checkout"), ("server", "10.1.0.2:1"), ("address", "10.1.0.2"), ("port", "1")}): 1,
+        frozenset({("client", "checkout"), ("server", "10.1.0.2:2"), ("address", "10.1.0.2"), ("port", "2")}): 1,
+    }
+    assert family("deetune_endpoint_series_overflow_total")[frozenset({("family", "deetune_remote_endpoint")})] == 1
+    info = family("deetune_agent_info")
+    assert list(info) == [frozenset({("version", "0.1.0"), ("api_port", "9477")})]
+    assert family("deetune_agent_start_time_seconds") and family("deetune_agent_time_seconds")
+    sink.close()
+
+
+# ---- the scrape config ---------------------------------------------------------------------------
+
+
+def test_scrape_config_from_a_list_of_agents_passes_promtool(tmp_path):
+    promtool = require_binary("promtool", "prometheus")
+    config = tmp_path / "prometheus.yml"
+    config.write_text(scrape_config(["10.0.0.1:9464", "[fd00::1]:9464", "web-3.example:9464"], interval="10s"))
+    check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert '- targets: ["10.0.0.1:9464", "[fd00::1]:9464", "web-3.example:9464"]' in config.read_text()
+
+
+def test_scrape_config_with_file_based_discovery(tmp_path):
+    promtool = require_binary("promtool", "prometheus")
+    targets = tmp_path / "agents.json"
+    out = subprocess.run([sys.executable, "-m", "deetune.server", "scrape-config", "--agent", "10.0.0.1:9464",
+                          "--agent", "10.0.0.2:9464", "--file-sd", str(targets)],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(targets.read_text()) == [{"targets": ["10.0.0.1:9464", "10.0.0.2:9464"], "labels": {}}]
+    config = tmp_path / "prometheus.yml"
+    config.write_text(out.stdout)
+    check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+    assert f'files: ["{targets}"]' in out.stdout
+    # Agents from a file, rewritten in place.
+    listing = tmp_path / "agents.txt"
+    listing.write_text("# the fleet\n10.0.0.3:9464\n\n10.0.0.4:9464  # rack 2\n")
+    write_file_sd(str(targets), ["10.0.0.3:9464", "10.0.0.4:9464"])
+    assert json.loads(targets.read_text())[0]["targets"] == ["10.0.0.3:9464", "10.0.0.4:9464"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["scrape-config"], "deetune: give the agents: --agent HOST:PORT (repeatable) or --agents FILE"),
+    (["scrape-config", "--agent", "10.0.0.1"], "deetune: agent must be HOST:PORT of its Prometheus sink"),
+    (["scrape-config", "--agents", "/nonexistent/agents"], "deetune: --agents /nonexistent/agents: No such file"),
+    (["scrape-config", "--agent", "a:1", "--scrape-interval", "soon"], "deetune: interval must be a Prometheus duration"),
+    ([], "deetune: give --prometheus URL (an existing Prometheus) or --run-prometheus DIR (start one)"),
+    (["--prometheus", "localhost:9090"], "deetune: --prometheus: Prometheus URL must be http(s)://HOST:PORT"),
+    (["--prometheus", "http://127.0.0.1:1", "--api", "0.0.0.0:0"], "deetune: --api: binding the API to '0.0.0.0' needs"),
+])
+def test_server_usage_errors_are_one_line(argv, message):
+    proc = subprocess.run([sys.executable, "-m", "deetune.server", *argv], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(message), lines
+
+
+def test_check_target():
+    assert check_target(" [::1]:9464 ") == "[::1]:9464"
+    for bad in ("::1:9464", "host:0", "host:99999", "host"):
+        with pytest.raises(ConfigError):
+            check_target(bad)
+
+
+# ---- the join, on hand-made rows -----------------------------------------------------------------
+
+
+def test_join_names_both_ends_and_keeps_what_it_cannot_join():
+    hosts = {
+        "a": Host("a", {"idc": "x"}, "10.0.0.1:9464", 9477, "0.1.0", True, addresses={"10.0.0.1"}),
+        "b": Host("b", {"idc": "y"}, "10.0.0.2:9464", 9477, "0.1.0", True, addresses={"10.0.0.2"},
+                  listeners=[("api", 20, "0.0.0.0", 80)]),
+        "c": Host("c", {"idc": "y"}, "10.0.0.3:9464", 9477, "0.1.0", False, addresses={"10.0.0.3"},
+                  listeners=[("api", 30, "10.0.0.3", 80)]),
+    }
+    rows = {}
+
+    def row(host, client, server, requests, protocol="http"):
+        rows[(host, protocol, client, server)] = Side(host, protocol, client, server, {"requests": requests, "errors": 0})
+
+    row("a", "web", "api-pool", 10)      # a mapping name for both api hosts: joined to "api"
+    row("a", "web", "10.0.0.9:80", 3)    # nobody's address: external
+    row("b", "10.0.0.1", "api", 6)       # host a's address: the server side of web → api
+    row("c", "10.0.0.1", "api", 4)
+    row("b", "203.0.113.7", "api", 2)    # an external client
+    remote = {("a", "web", "api-pool"): {("10.0.0.2", 80), ("10.0.0.3", 80)},
+              ("a", "web", "10.0.0.9:80"): {("10.0.0.9", 80)}}
+    fleet = Fleet.join("idc", hosts, rows, {}, remote, 0, 1)
+    graph = fleet.graph(None)
+    edges = {(e["client"], e["server"]): e for e in graph["edges"]}
+    assert set(edges) == {("web", "api"), ("web", "10.0.0.9:80"), ("203.0.113.7", "api")}
+    joined = edges[("web", "api")]
+    assert (joined["requests"], joined["server_side"]["requests"], joined["port"]) == (10, 10, 80)
+    assert (joined["client_hosts"], joined["server_hosts"], joined["cross_idc"]) == (["a"], ["b", "c"], True)
+    assert edges[("web", "10.0.0.9:80")]["joined"] is False
+    assert edges[("203.0.113.7", "api")]["client_hosts"] == [] and edges[("203.0.113.7", "api")]["requests"] == 2
+    nodes = {n["name"]: n for n in graph["nodes"]}
+    assert nodes["10.0.0.9:80"]["external"] and nodes["203.0.113.7"]["external"] and not nodes["api"]["external"]
+    assert [(i["host"], i["reporting"]) for i in nodes["api"]["instances"]] == [("b", True), ("c", False)]
+
+
+# ---- OTLP: many agents into one collector ------------------------------------------------------
+
+
+def test_agents_spans_gathered_by_one_collector_carry_their_place():
+    """What a collector's otlp receiver gets from two agents: each one's place on its resources."""
+    from tests.test_otlp import Receiver, exchange
+
+    from deetune.sinks.otlp import OtlpSink
+
+    receiver = Receiver()
+    sinks = []
+    try:
+        for host, idc in (("web-1", "bj1"), ("db-1", "sh2")):
+            sink = OtlpSink(endpoint=receiver.url, metric_interval=60.0, schedule_delay=0.2)
+            sink.set_place(Place(host, (("idc", idc),)))
+            sinks.append(sink)
+            sink.handle(exchange())
+            assert sink.flush(10)
+        spans = receiver.wait_spans(2)
+        assert sorted((r["host.name"], r["idc"], r["service.name"]) for r, _ in spans) == [
+            ("db-1", "sh2", "nginx"), ("web-1", "bj1", "nginx")]
+        for sink in sinks:
+            sink.close()  # exports the metrics
+        from tests.test_otlp import attributes
+
+        places = {(a["host.name"], a["idc"]) for request in receiver.metrics for rm in request.resource_metrics
+                  for a in [attributes(rm.resource.attributes)]}
+        assert places == {("web-1", "bj1"), ("db-1", "sh2")}
+    finally:
+        for sink in sinks:
+            sink.close()
+        receiver.close()
+
+
+def test_collector_config_example_receives_what_the_sink_sends():
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load((ROOT / "examples" / "otel-collector" / "config.yaml").read_text())
+    assert config["receivers"]["otlp"]["protocols"]["http"]["endpoint"].endswith(":4318")
+    pipelines = config["service"]["pipelines"]
+    assert "otlp" in pipelines["traces"]["receivers"] and "otlp" in pipelines["metrics"]["receivers"]
+    for pipeline in pipelines.values():
+        assert set(pipeline["exporters"]) <= set(config["exporters"])
+        assert set(pipeline.get("processors", [])) <= set(config["processors"])
+
+
+# ---- the agent's /api/series and /api/hosts ------------------------------------------------------
+
+
+def test_agent_series_per_step_from_its_store(tmp_path):
+    """RED over time on an agent: each step's edges asked of the store; its place on /api/hosts."""
+    import urllib.request
+
+    from deetune.api.routes import AgentPlaceRoutes
+    from deetune.api.server import ApiServer
+    from deetune.topology.model import EdgeKey, EdgeStats, EdgeWindowEvent
+    from deetune.topology.store import TopologyStore
+
+    second = 1_000_000_000
+    now = 1_750_000_000 * second
+    events = []
+    for minute, (requests, errors) in enumerate([(10, 1), (0, 0), (30, 3)]):
+        stats = EdgeStats(requests=requests, errors=errors)
+        for _ in range(requests):
+            stats.add_latency(2_000_000)
+        start = now - (3 - minute) * 60 * second
+        events.append(EdgeWindowEvent(start + 10 * second, key=EdgeKey("web", "db", "redis", 6379), window_start=start,
+                                      window_ns=10 * second, stats=stats))
+    store = TopologyStore(tmp_path / "t.db", clock=lambda: now)
+    try:
+        store.write(events)
+        with ApiServer(store, clock=lambda: now, extensions=[AgentPlaceRoutes(Place("h1", (("idc", "bj1"),)))]) as srv:
+            def get(path):
+                with urllib.request.urlopen(srv.url + path) as response:
+                    return json.load(response)
+
+            answer = get("/api/series?service=db&window=3m&step=1m")
+            assert [(p["t"], p["requests"], p["errors"]) for p in answer["points"]] == [
+                (now - 120 * second, 10, 1), (now - 60 * second, 0, 0), (now, 30, 3)]
+            assert answer["points"][2]["latency_p99_ns"] > 0 and answer["points"][1]["latency_p99_ns"] is None
+            edge = get("/api/series?client=web&server=db&protocol=redis&port=6379&window=3m&step=1m")
+            assert [p["requests"] for p in edge["points"]] == [10, 0, 30]
+            assert get("/api/hosts")["hosts"] == [{"name": "h1", "labels": {"idc": "bj1"}, "idc": "bj1",
+                                                   "reporting": True}]
+            with pytest.raises(urllib.error.HTTPError) as info:
+                get("/api/series?service=db&client=web")
+            assert info.value.code == 400
+    finally:
+        store.close()

@@ -52,6 +52,10 @@ class Chunk:
     size: int
     #: Monotonic time in nanoseconds (kernel ``bpf_ktime_get_ns``, or capture time offline).
     ts_ns: int
+    #: Datagram sockets only: the other end of this datagram, an opaque value the decoder
+    #: hands back in :attr:`Exchange.peer`; None on streams, and when the kernel did not say
+    #: (a datagram received on an unconnected socket).
+    peer: Any = None
 
     @property
     def truncated(self) -> bool:
@@ -89,6 +93,9 @@ class Exchange:
     #: Protocol-specific fields (``host``, ``version``, ``traceparent``, ``db_user`` …).
     #: Values are JSON-serialisable.
     attributes: dict[str, Any] = attrs.field(factory=dict)
+    #: Datagram sockets only: the other end of the exchange (the ``peer`` of whichever of its
+    #: chunks knew it); None on streams, where the connection says who the peer is.
+    peer: Any = None
 
     @property
     def latency_ns(self) -> int | None:
@@ -113,6 +120,10 @@ class Decoder:
     protocol: ClassVar[str] = ""
     #: Ports where the protocol usually lives: a hint for ordering detection, never a requirement.
     default_ports: ClassVar[tuple[int, ...]] = ()
+    #: Whether the decoder also decodes datagram (UDP) sockets.  There, each chunk is one whole
+    #: datagram (a prefix of it when cut), one instance sees every peer of the socket (chunks
+    #: carry ``peer``), and the class is instantiated with ``datagram=True``.
+    datagrams: ClassVar[bool] = False
 
     @classmethod
     def detect(cls, direction: Direction, data: bytes) -> bool:

@@ -180,7 +180,10 @@ class RabbitMQ:
 
     @classmethod
     def start(cls, directory: pathlib.Path) -> "RabbitMQ":
-        binary = require_binary("rabbitmq-server", "rabbitmq-server")
+        require_binary("rabbitmq-server", "rabbitmq-server")
+        # The script itself, not Debian's wrapper (which switches to the rabbitmq user, with
+        # its own environment and directories).
+        binary = "/usr/lib/rabbitmq/bin/rabbitmq-server"
         directory.mkdir(parents=True, exist_ok=True)
         port = free_port()
         dist = free_port()
@@ -197,7 +200,7 @@ class RabbitMQ:
         (directory / "enabled_plugins").write_text("[].\n")
         (directory / "rabbitmq.conf").write_text("loopback_users = none\n")
         server = ServerProcess.start([binary], port=port, env=env, log=str(directory / "rabbitmq.out"),
-                                     timeout=120)
+                                     timeout=120, cwd=str(directory))
         return cls(server, directory, env)
 
     def stop(self) -> None:

@@ -150,7 +150,7 @@ class _Group:
 
     __slots__ = ("method", "target", "attrs", "req_start", "req_end", "req_bytes", "resp_start", "resp_end",
                  "resp_bytes", "ops", "closed", "error", "error_message", "rows", "command", "truncated",
-                 "copy_in", "aborted", "status")
+                 "copy_in", "aborted", "status", "synced", "held")
 
     def __init__(self, method: str, ts0: int) -> None:
         self.method = method
@@ -172,6 +172,8 @@ class _Group:
         self.copy_in = False  # COPY FROM STDIN in progress: the client's CopyData joins it
         self.aborted = False
         self.status: str | None = None
+        self.synced = False  # a Sync joined it
+        self.held = False  # answered, waiting to see whether a Sync joins
 
 
 class PostgresDecoder(Decoder):
@@ -257,6 +259,8 @@ class PostgresDecoder(Decoder):
         ops = self._ops
         for m, size, ts0, ts1, truncated in frames:
             kind = m[0]
+            if kind != 0x53 and self._last is not None and self._last.held:
+                self._release()
             if kind == 0x50:  # 'P' Parse: name, query, parameter types
                 name_end = m.find(b"\x00", 5)
                 name = m[5:name_end]
@@ -301,12 +305,14 @@ class PostgresDecoder(Decoder):
                 group = self._open
                 if group is None:
                     last = self._last
-                    if (last is not None and last.ops and last.method == "EXECUTE" and not last.aborted
+                    if (last is not None and last.method == "EXECUTE" and not last.synced
                             and self._groups and self._groups[-1] is last):
                         group = last  # the Sync right behind an Execute: one exchange
+                        group.held = False
                     else:
                         group = self._new_group("SYNC", ts0)
                 group.closed = True
+                group.synced = True
                 self._open = None
                 op = _SYNC
             elif kind == 0x51 or kind == 0x46:  # 'Q' Query, 'F' FunctionCall
@@ -575,14 +581,27 @@ class PostgresDecoder(Decoder):
             return  # more request messages may join it
         if group.status is None:
             group.status = "OK"
-        self._finish(group)
+        if group is self._last and group.method == "EXECUTE" and not group.synced:
+            # Answered before the client sent anything after its Execute: a Sync may still come and
+            # join it (the server flushes results as soon as it waits for input, so whether the
+            # answer or the Sync comes first is a race).  Reported at the client's next message.
+            group.held = True
+            return
+        self._finish()
 
-    def _finish(self, group: _Group) -> None:
+    def _release(self) -> None:
+        """The client sent something after an answered Execute: that exchange is over."""
+        last = self._last
+        if last is not None and last.held:
+            last.held = False
+            self._finish()
+
+    def _finish(self) -> None:
         """Report every finished group at the head of the queue (exchanges come out in order)."""
         groups = self._groups
         while groups:
             head = groups[0]
-            if head.ops or head.status is None or not (head.closed or head is not self._open):
+            if head.ops or head.status is None or head.held or head is self._open:
                 break
             groups.popleft()
             self._emit(head)

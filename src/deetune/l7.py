@@ -136,6 +136,8 @@ class L7Handler:
         self.listening = listening if listening is not None else ListeningPorts()
         self.stats = L7Stats()
         self._conns: collections.OrderedDict[int, _Conn] = collections.OrderedDict()
+        #: Datagram sockets: cookie → connection state (one session per socket, see _on_datagram).
+        self._datagrams: collections.OrderedDict[int, _Conn] = collections.OrderedDict()
         #: Roles from open events not followed by data yet: sock_id → (role, lport, rport).
         self._roles: dict[int, tuple[str, int, int]] = {}
         #: Closed connections whose last data may still be on its way:
@@ -215,6 +217,8 @@ class L7Handler:
 
     # -- payload ----------------------------------------------------------------------------
     def _on_data(self, event: DataEvent) -> list[Event]:
+        if event.transport == "udp":
+            return self._on_datagram(event)
         self.stats.data_events += 1
         if event.error_head:
             return self._on_error_head(event)
@@ -282,6 +286,49 @@ class L7Handler:
         self.stats.exchanges += len(out)
         return out
 
+    # -- datagrams (UDP) ---------------------------------------------------------------------
+    # One session per socket (by cookie), whatever its peers: a server's socket hears every client,
+    # and a decoder pairs a datagram with its answer by content (DNS ids).  Each exchange names its
+    # own peer (Exchange.peer); a received datagram's peer is unknown on an unconnected socket
+    # (rport 0), and the decoder takes it from the answer.  A UDP socket has no close to end its
+    # session: sessions are dropped least recently used first.
+    def _on_datagram(self, event: DataEvent) -> list[Event]:
+        self.stats.data_events += 1
+        out: list[Event] = [event] if self.emit_data else []
+        key = event.conn_id or event.sock_id
+        conn = self._datagrams.get(key)
+        unknown = "::" if event.family == 6 else "0.0.0.0"
+        if conn is None:
+            decoders = [d for d in self.decoders if getattr(d, "datagrams", False)]
+            session = StreamSession(decoders, None, ports=(event.rport, event.lport),
+                                    options={d.protocol: {"datagram": True} for d in decoders})
+            conn = self._datagrams[key] = _Conn(
+                session, event.pid, event.comm, event.laddr, event.lport, unknown, 0, event.cgroup_id,
+                event.ts - event.ts_mono_ns, conn_id=event.conn_id)
+            if len(self._datagrams) > MAX_CONNECTIONS:
+                self._datagrams.popitem(last=False)
+                self.stats.evicted += 1
+            if not decoders:
+                session.state = State.UNKNOWN
+                self._on_gave_up(session, key, event.conn_id)
+        else:
+            self._datagrams.move_to_end(key)
+        session = conn.session
+        if not session.active:
+            return out
+        conn.sampling = event.sampling
+        egress = event.direction == "egress"
+        peer = (event.raddr, event.rport) if event.rport else None
+        ts = event.start_mono_ns if egress else event.ts_mono_ns
+        exchanges = session.feed(egress, event.data, event.size, ts, peer)
+        for x in exchanges:
+            conn.raddr, conn.rport = x.peer if x.peer is not None else (unknown, 0)
+            out.append(self._exchange_event(conn, x, event.sock_id))
+        self.stats.exchanges += len(exchanges)
+        if not session.active:
+            self._on_gave_up(session, key, event.conn_id)
+        return out
+
     def _resync(self, conn: _Conn, event: DataEvent) -> bool:
         """A connection whose decoder gave up (a lost record broke its framing: one record lost on
         a keep-alive connection would otherwise hide every later request on it) starts again with
@@ -346,7 +393,7 @@ class L7Handler:
             self.stats.evicted += 1
         return conn
 
-    def _on_gave_up(self, session: StreamSession, sock_id: int) -> None:
+    def _on_gave_up(self, session: StreamSession, sock_id: int, cookie: int | None = None) -> None:
         if session.state is State.UNKNOWN:
             self.stats.unknown += 1
         else:
@@ -355,8 +402,10 @@ class L7Handler:
             log.info("connection %x: %s stream undecodable: %s", sock_id, protocol, session.reason)
         # Muted in the kernel only when it can never be decoded again: a stream that was
         # decodable until a gap is resynced at its next request (see _resync).
-        if self.mute is not None and not _resyncable(session):
-            self.mute(sock_id)
+        if self.mute is not None and not _resyncable(session) and cookie != 0:
+            # A datagram socket is muted by its cookie (the kernel never sees it close to forget
+            # its address); one without a cookie is not muted.
+            self.mute(sock_id if cookie is None else cookie)
 
     def _exchange_event(self, conn: _Conn, x: Exchange, sock_id: int) -> ExchangeEvent:
         conn.rep_req += x.request_bytes
@@ -399,7 +448,12 @@ class L7Handler:
             closing = self._closing.get(sock_id)
             for x in conn.session.close(now if closing is None else closing[0]):
                 out.append(self._exchange_event(conn, x, sock_id))
+        for key, conn in self._datagrams.items():
+            for x in conn.session.close(now):
+                conn.raddr, conn.rport = x.peer if x.peer is not None else (conn.raddr, conn.rport)
+                out.append(self._exchange_event(conn, x, key))
         self._conns.clear()
+        self._datagrams.clear()
         self._closing.clear()
         self.stats.exchanges += len(out)
         return out

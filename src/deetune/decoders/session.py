@@ -56,7 +56,7 @@ class StreamSession:
         self._options = options or {}
         self._undetected_chunks = 0
         # Chunks seen before the protocol was known are replayed into the decoder.
-        self._held: list[tuple[bool, bytes, int, int]] = []
+        self._held: list[tuple[bool, bytes, int, int, object]] = []
 
     @property
     def active(self) -> bool:
@@ -66,10 +66,11 @@ class StreamSession:
         if self.role is None:
             self.role = role
 
-    def feed(self, egress: bool, data: bytes, size: int, ts_ns: int) -> list[Exchange]:
-        """Bytes this side wrote (``egress``) or read; ``size`` >= len(data) moved."""
+    def feed(self, egress: bool, data: bytes, size: int, ts_ns: int, peer: object = None) -> list[Exchange]:
+        """Bytes this side wrote (``egress``) or read; ``size`` >= len(data) moved; ``peer``: on a
+        datagram socket, the datagram's other end (see :attr:`Chunk.peer`)."""
         if self.state is State.DETECTING:
-            self._held.append((egress, data, size, ts_ns))
+            self._held.append((egress, data, size, ts_ns, peer))
             if not self._detect(egress, data):
                 if data:
                     self._undetected_chunks += 1
@@ -84,7 +85,7 @@ class StreamSession:
                     break
             return out
         if self.state is State.DECODING:
-            return self._decode(egress, data, size, ts_ns)
+            return self._decode(egress, data, size, ts_ns, peer)
         return []
 
     def close(self, ts_ns: int) -> list[Exchange]:
@@ -127,9 +128,9 @@ class StreamSession:
         self.state = State.DECODING
         return True
 
-    def _decode(self, egress: bool, data: bytes, size: int, ts_ns: int) -> list[Exchange]:
+    def _decode(self, egress: bool, data: bytes, size: int, ts_ns: int, peer: object = None) -> list[Exchange]:
         assert self.decoder is not None
-        chunk = Chunk(self._direction(egress), data, max(size, len(data)), ts_ns)
+        chunk = Chunk(self._direction(egress), data, max(size, len(data)), ts_ns, peer)
         try:
             return list(self.decoder.feed(chunk))
         except Undecodable as exc:

@@ -68,3 +68,13 @@ def test_dns_udp_and_tcp(dnsmasq_server):
     assert {(x.laddr, x.lport) for x in servers} == {(server.address, server.port)}
     assert sorted((x.raddr, x.rport) for x in servers if x.attributes["transport"] == "udp") == sorted(
         [("127.0.0.1", client_port)] * 4 + [("127.0.0.1", connected_port)])
+
+
+def test_a_local_dns_server_is_a_listener(dnsmasq_server):
+    """The topology names a local UDP server by its process and counts its exchanges once (where
+    the server is), as it does a TCP listener."""
+    from deetune.services import ServiceResolver
+
+    resolver = ServiceResolver()
+    assert resolver.is_local_listener(dnsmasq_server.address, dnsmasq_server.port)
+    assert resolver.endpoint(dnsmasq_server.address, dnsmasq_server.port) == "dnsmasq"

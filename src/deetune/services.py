@@ -879,7 +879,9 @@ class _Listeners:
     """A snapshot of this host's listening sockets and their owners."""
 
     def __init__(self, proc: str):
-        sockets = procnet.read_listening_sockets(proc)
+        # TCP listeners, then unconnected bound UDP sockets (a DNS server on this host is named, and
+        # its exchanges counted once, like a TCP server's); a TCP listener wins a shared port.
+        sockets = procnet.read_listening_sockets(proc) + procnet.read_udp_bound_sockets(proc)
         self.inodes: dict[tuple[str, int], int] = {}
         for s in sockets:
             self.inodes.setdefault((s.laddr, s.lport), s.inode)

@@ -22,7 +22,7 @@ response within :attr:`DnsDecoder.timeout_ns` is reported without one
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from typing import Any, Iterable
 
@@ -50,6 +50,8 @@ _RCODES = {
 _OPCODES = {0: "QUERY", 1: "IQUERY", 2: "STATUS", 4: "NOTIFY", 5: "UPDATE", 6: "DSO"}
 _NOT_ERRORS = frozenset((0, 3))
 _NAME_BYTES = bytes(range(0x21, 0x7F))
+_ntop = socket.inet_ntop
+_AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
 
 
 def _question_end(msg: bytes, pos: int) -> int:
@@ -267,7 +269,7 @@ class DnsDecoder(Decoder):
         if not queries:
             del self._pending[key]
         self._count -= 1
-        self._out.append(self._exchange(query, msg, ts0, size, ts1, peer, truncated))
+        self._out.append(self._exchange(query, msg, ts0, size, ts1, peer, truncated, end))
 
     def _bad(self, why: str) -> None:
         if not self.datagram:
@@ -294,7 +296,7 @@ class DnsDecoder(Decoder):
             self._out.append(exchange)
 
     def _exchange(self, query: _Query, msg: bytes | None, ts0: int | None, size: int, ts1: int | None,
-                  peer: Any, truncated: bool = False) -> Exchange:
+                  peer: Any, truncated: bool = False, question_end: int = 0) -> Exchange:
         qtype = _TYPES.get(query.qtype) or f"TYPE{query.qtype}"
         method = qtype if query.opcode == 0 else _OPCODES.get(query.opcode, f"OPCODE{query.opcode}")
         attributes: dict[str, Any] = {"transport": "udp" if self.datagram else "tcp"}
@@ -315,7 +317,7 @@ class DnsDecoder(Decoder):
             if flags & 0x0200:
                 attributes["tc"] = True
             if answers:
-                self._answers(msg, answers, attributes)
+                self._answers(msg, question_end, answers, attributes)
         if query.truncated or truncated:
             attributes["truncated"] = True
         return Exchange(
@@ -324,9 +326,9 @@ class DnsDecoder(Decoder):
         )
 
     @staticmethod
-    def _answers(msg: bytes, count: int, attributes: dict[str, Any]) -> None:
-        """The A/AAAA addresses and CNAME targets of the answer section (as far as captured)."""
-        pos = _question_end(msg, 12)
+    def _answers(msg: bytes, pos: int, count: int, attributes: dict[str, Any]) -> None:
+        """The A/AAAA addresses and CNAME targets of the answer section (as far as captured),
+        which starts at ``pos``."""
         addresses: list[str] = []
         cnames: list[str] = []
         for _ in range(min(count, 64)):
@@ -338,9 +340,9 @@ class DnsDecoder(Decoder):
             if pos + length > len(msg):
                 break
             if rtype == 1 and length == 4 and len(addresses) < MAX_RECORDS:
-                addresses.append(str(ipaddress.IPv4Address(msg[pos:pos + 4])))
+                addresses.append(_ntop(_AF_INET, msg[pos:pos + 4]))
             elif rtype == 28 and length == 16 and len(addresses) < MAX_RECORDS:
-                addresses.append(str(ipaddress.IPv6Address(msg[pos:pos + 16])))
+                addresses.append(_ntop(_AF_INET6, msg[pos:pos + 16]))
             elif rtype == 5 and len(cnames) < MAX_RECORDS:
                 name = _read_name(msg, pos)
                 if name:

@@ -118,10 +118,24 @@ class _Reader:
 
     def length(self) -> int:
         """A string/bytes/array length: -1 for null."""
-        return self.uvarint() - 1 if self.compact else self.i32()
+        if self.compact:
+            byte = self.b[self.pos]
+            if byte < 0x80:  # a one-byte varint: the usual case
+                self.pos += 1
+                return byte - 1
+            return self.uvarint() - 1
+        return self.i32()
 
     def string(self) -> str | None:
-        n = self.uvarint() - 1 if self.compact else self.i16()
+        if self.compact:
+            n = self.b[self.pos]
+            if n < 0x80:
+                self.pos += 1
+                n -= 1
+            else:
+                n = self.uvarint() - 1
+        else:
+            n = self.i16()
         if n < 0:
             return None
         start = self.pos
@@ -135,6 +149,9 @@ class _Reader:
 
     def tags(self) -> None:
         if self.compact:
+            if self.b[self.pos] == 0:  # no tagged fields: the usual case
+                self.pos += 1
+                return
             for _ in range(self.uvarint()):
                 self.uvarint()
                 self.skip(self.uvarint())

@@ -80,6 +80,8 @@ class _Lines:
 
 
 class BeanstalkDecoder(Decoder):
+    """beanstalkd work-queue commands and their answers (the example decoder of docs/plugins.md)."""
+
     protocol = "beanstalk"
     default_ports = (11300,)
 

@@ -290,6 +290,14 @@ AMQP_CONVERSATION = [
     (RESP, amqp_method(1, 60, 71, struct.pack(">Q", 1) + b"\x00" + shortstr("") + shortstr("jobs")
                        + struct.pack(">I", 0)) + amqp_content(1, b"hello")),
     (REQ, amqp_method(1, 60, 80, struct.pack(">Q", 1) + b"\x00")),
+    (REQ, amqp_method(1, 60, 20, b"\x00\x00" + shortstr("jobs") + shortstr("") + b"\x00" + struct.pack(">I", 0))),
+    (RESP, amqp_method(1, 60, 21, shortstr("ctag-1"))),
+    (RESP, amqp_method(1, 60, 60, shortstr("ctag-1") + struct.pack(">Q", 2) + b"\x00" + shortstr("orders")
+                       + shortstr("eu.new")) + amqp_content(1, b"order-17")),
+    (REQ, amqp_method(1, 60, 40, b"\x00\x00" + shortstr("orders") + shortstr("nowhere") + b"\x01")
+     + amqp_content(1, b"")),
+    (RESP, amqp_method(1, 60, 50, struct.pack(">H", 312) + shortstr("NO_ROUTE") + shortstr("orders")
+                       + shortstr("nowhere")) + amqp_content(1, b"")),
     (REQ, amqp_method(1, 50, 10, b"\x00\x00" + shortstr("missing") + b"\x01" + struct.pack(">I", 0))),
     (RESP, amqp_method(1, 20, 40, struct.pack(">H", 404) + shortstr("NOT_FOUND - no queue 'missing'")
                        + struct.pack(">HH", 50, 10))),
@@ -303,6 +311,10 @@ AMQP_EXPECTED = [
     {"method": "basic.publish", "target": "jobs", "status": None, "error": False},
     {"method": "basic.get", "target": "jobs", "status": "OK", "error": False},
     {"method": "basic.ack", "target": "", "status": None, "error": False},
+    {"method": "basic.consume", "target": "jobs", "status": "OK", "error": False},
+    {"method": "basic.deliver", "target": "orders", "status": "OK", "error": False},
+    {"method": "basic.publish", "target": "orders", "status": None, "error": False},
+    {"method": "basic.return", "target": "orders", "status": "ERR", "error": True},
     {"method": "queue.declare", "target": "missing", "status": "ERR", "error": True},
 ]
 

@@ -234,6 +234,12 @@ def test_amqp_never_keeps_the_password_and_flags_close_codes():
     failed = got[-1]
     assert (failed.attributes["reply_code"], failed.error_message) == (404, "NOT_FOUND - no queue 'missing'")
     assert got[4].attributes["body_size"] == 5 and got[5].attributes["body_size"] == 5
+    deliver = got[8]
+    assert (deliver.attributes["push"], deliver.attributes["routing_key"], deliver.attributes["delivery_tag"],
+            deliver.attributes["body_size"], deliver.request_bytes) == (True, "eu.new", 2, 8, 0)
+    returned = got[10]
+    assert (returned.error_message, returned.attributes["reply_code"], returned.attributes["push"]) == (
+        "NO_ROUTE", 312, True)
 
 
 # -- malformed input -----------------------------------------------------------------------------

@@ -62,6 +62,8 @@ _METHODS = {
     (90, 10): "select", (90, 11): "select-ok", (90, 20): "commit", (90, 21): "commit-ok", (90, 30): "rollback",
     (90, 31): "rollback-ok",
 }
+#: (class, method) → "class.method".
+_NAMES = {key: f"{_CLASSES[key[0]]}.{name}" for key, name in _METHODS.items()}
 # Client methods the server replies to (start-ok is answered by tune, or by a refusing close).
 _SYNC = frozenset({
     (10, 11), (10, 21), (10, 40), (10, 50), (20, 10), (20, 20), (20, 40), (40, 10), (40, 20), (40, 30), (40, 40),
@@ -219,11 +221,11 @@ class AmqpDecoder(Decoder):
                 raise Undecodable(f"amqp: protocol header {f!r} is not AMQP 0-9-1")
             return  # the client's opening, or the server refusing another version
         kind = f[0]
-        channel = _U16.unpack_from(f, 1)[0]
+        channel = f[1] << 8 | f[2]
         if len(f) == size and f[-1] != FRAME_END:
             raise Undecodable("amqp: frame without its frame-end octet")
         if kind == METHOD:
-            key = (_U16.unpack_from(f, 7)[0], _U16.unpack_from(f, 9)[0])
+            key = (f[7] << 8 | f[8], f[9] << 8 | f[10])
             if key not in _METHODS:
                 raise Undecodable(f"amqp: unknown method {key[0]}.{key[1]}")
             if client:
@@ -256,7 +258,7 @@ class AmqpDecoder(Decoder):
             raise Undecodable(f"amqp: unknown frame type {kind}")
 
     def _client_method(self, key: tuple[int, int], channel: int, f: bytes, size: int, ts0: int, ts1: int) -> None:
-        method = f"{_CLASSES[key[0]]}.{_METHODS[key]}"
+        method = _NAMES[key]
         attrs: dict[str, Any] = {"channel": channel}
         target = ""
         p = f[11:-1] if len(f) == size else f[11:]
@@ -333,7 +335,7 @@ class AmqpDecoder(Decoder):
                 exchange, pos = _shortstr(p, pos)
             routing_key, _ = _shortstr(p, pos)
             attrs["exchange"], attrs["routing_key"] = exchange, routing_key
-            push = _Pending(f"basic.{_METHODS[key]}", exchange or routing_key, attrs, ts0, ts0, 0)
+            push = _Pending(_NAMES[key], exchange or routing_key, attrs, ts0, ts0, 0)
             push.push = True
             push.resp_start, push.resp_end, push.resp_bytes = ts0, ts1, size
             if key == (60, 50):  # returned unroutable: the publish failed

@@ -166,13 +166,16 @@ class Mosquitto:
 
 
 class RabbitMQ:
-    """A RabbitMQ node of its own (node name, data and logs under the directory; guest on loopback)."""
+    """A RabbitMQ node of its own (node name, data and logs under the directory; guest on loopback),
+    with an Erlang port mapper of its own in the foreground: the one Erlang starts by itself
+    daemonises and would outlive the test."""
 
-    def __init__(self, server: ServerProcess, directory: pathlib.Path, env: dict[str, str]):
+    def __init__(self, server: ServerProcess, directory: pathlib.Path, env: dict[str, str], epmd: ServerProcess):
         self.server = server
         self.port = server.port
         self.dir = directory
         self.env = env
+        self.epmd = epmd
 
     @property
     def pid(self) -> int:
@@ -185,11 +188,14 @@ class RabbitMQ:
         # its own environment and directories).
         binary = "/usr/lib/rabbitmq/bin/rabbitmq-server"
         directory.mkdir(parents=True, exist_ok=True)
+        epmd_binary = require_binary("epmd", "erlang-base")
+        epmd = ServerProcess.start([epmd_binary, "-port", "{port}", "-address", HOST],
+                                   log=str(directory / "epmd.log"))
         port = free_port()
         dist = free_port()
         name = f"deetune{port}@localhost"
         env = {
-            **os.environ,
+            **os.environ, "ERL_EPMD_PORT": str(epmd.port),
             "RABBITMQ_NODENAME": name, "RABBITMQ_NODE_IP_ADDRESS": HOST, "RABBITMQ_NODE_PORT": str(port),
             "RABBITMQ_DIST_PORT": str(dist), "RABBITMQ_MNESIA_BASE": str(directory / "mnesia"),
             "RABBITMQ_LOG_BASE": str(directory / "log"), "RABBITMQ_CONFIG_FILE": str(directory / "rabbitmq"),
@@ -199,12 +205,17 @@ class RabbitMQ:
         }
         (directory / "enabled_plugins").write_text("[].\n")
         (directory / "rabbitmq.conf").write_text("loopback_users = none\n")
-        server = ServerProcess.start([binary], port=port, env=env, log=str(directory / "rabbitmq.out"),
-                                     timeout=120, cwd=str(directory))
-        return cls(server, directory, env)
+        try:
+            server = ServerProcess.start([binary], port=port, env=env, log=str(directory / "rabbitmq.out"),
+                                         timeout=120, cwd=str(directory))
+        except BaseException:
+            epmd.stop()
+            raise
+        return cls(server, directory, env, epmd)
 
     def stop(self) -> None:
         self.server.stop(timeout=60)
+        self.epmd.stop()
 
 
 # -- dnsmasq -------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from deetune.decoders import Chunk, Direction, Undecodable
 from deetune.testing import (
@@ -113,3 +115,17 @@ def test_a_capture(beanstalkd, tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stderr.strip().startswith(f"deetune: {len(EXPECTED)} exchanges from 1 connections")
     assert len(out.stdout.splitlines()) == len(EXPECTED)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(st.booleans(), st.binary(max_size=80), st.sampled_from([0, 0, 3, 500])), max_size=10))
+def test_random_bytes_raise_only_undecodable(pieces):
+    decoder = BeanstalkDecoder()
+    for ts, (request, data, gap) in enumerate(pieces):
+        direction = Direction.REQUEST if request else Direction.RESPONSE
+        BeanstalkDecoder.detect(direction, data)
+        try:
+            decoder.feed(Chunk(direction, data, len(data) + gap, ts))
+        except Undecodable:
+            return
+    decoder.close(len(pieces))

@@ -229,7 +229,7 @@ class PostgresDecoder(Decoder):
                     self._fresh = False
                     self._front.special = chunk.data[0] == 0
                 self._requests(self._front.feed(chunk.data, chunk.size, chunk.ts_ns))
-                if len(self._ops) > MAX_PENDING:
+                if len(self._ops) > MAX_PENDING or len(self._groups) > MAX_PENDING:
                     raise Undecodable(f"postgres: over {MAX_PENDING} operations without a response")
             else:
                 self._responses(self._back.feed(chunk.data, chunk.size, chunk.ts_ns))

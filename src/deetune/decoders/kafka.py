@@ -82,12 +82,13 @@ class _Short(Exception):
 class _Reader:
     """A cursor over a message body; compact (flexible) or classic encodings."""
 
-    __slots__ = ("b", "pos", "compact")
+    __slots__ = ("b", "pos", "compact", "names")
 
-    def __init__(self, b: bytes, pos: int, compact: bool) -> None:
+    def __init__(self, b: bytes, pos: int, compact: bool, names: dict[bytes, str]) -> None:
         self.b = b
         self.pos = pos
         self.compact = compact
+        self.names = names  # decoded strings by their bytes: client ids and topics repeat
 
     def skip(self, n: int) -> None:
         self.pos += n
@@ -140,7 +141,13 @@ class _Reader:
             return None
         start = self.pos
         self.skip(n)
-        return self.b[start:self.pos].decode("utf-8", "replace")
+        raw = self.b[start:self.pos]
+        text = self.names.get(raw)
+        if text is None:
+            text = raw.decode("utf-8", "replace")
+            if len(self.names) < 1024:
+                self.names[raw] = text
+        return text
 
     def bytes_(self) -> None:
         n = self.length()
@@ -202,6 +209,7 @@ class KafkaDecoder(Decoder):
     def __init__(self) -> None:
         self._framers = {Direction.REQUEST: _Messages(), Direction.RESPONSE: _Messages()}
         self._pending: dict[int, _Request] = {}
+        self._names: dict[bytes, str] = {}
         self._out: list[Exchange] = []
         #: Responses whose correlation id matched no request seen.
         self.orphan_responses = 0
@@ -246,7 +254,7 @@ class KafkaDecoder(Decoder):
         attrs: dict[str, Any] = {"api_version": version, "correlation_id": correlation}
         request.attrs = attrs
         flexible = version >= known[1]
-        reader = _Reader(m, 12, False)
+        reader = _Reader(m, 12, False, self._names)
         acks = None
         try:
             client = reader.string()
@@ -340,7 +348,7 @@ class KafkaDecoder(Decoder):
         known = _APIS[request.api]
         # ApiVersions answers with the classic header whatever the version (clients must read it).
         flexible = request.version >= known[1]
-        reader = _Reader(m, 8, flexible)
+        reader = _Reader(m, 8, flexible, self._names)
         error = 0
         try:
             if flexible and request.api != 18:

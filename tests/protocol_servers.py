@@ -16,6 +16,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 
 import pytest
 
@@ -76,11 +77,20 @@ class Postgres:
                             "--auth=scram-sha-256", f"--pwfile={pwfile}", "--no-sync", "-E", "UTF8",
                             "--locale=C"],
                            stdout=out, stderr=subprocess.STDOUT, check=True, timeout=180)
+        def ready(port: int, proc: subprocess.Popen) -> None:
+            """Accepting logins, not only connections (it refuses them while it starts up)."""
+            deadline = time.monotonic() + 60
+            while subprocess.run([str(PG_BIN / "pg_isready"), "-q", "-h", str(directory), "-p", str(port)],
+                                 timeout=10).returncode != 0:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"postgres not ready on {port}; see {log}")
+                time.sleep(0.05)
+
         server = ServerProcess.start(
             [*as_postgres, str(PG_BIN / "postgres"), "-D", str(data), "-h", HOST, "-p", "{port}",
              "-k", str(directory), "-c", "fsync=off", "-c", "max_connections=40", "-c", "shared_buffers=16MB",
              "-c", "ssl=off"],
-            log=log)
+            log=log, ready=ready)
         pg = cls(server, directory)
         try:
             pg.admin_sql(f"CREATE USER {PG_USER} PASSWORD '{PG_PASSWORD}'")

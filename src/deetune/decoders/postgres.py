@@ -19,7 +19,8 @@ ErrorResponse the server skips everything up to the next Sync: the exchanges it
 skipped are reported as errors (``aborted``), the one that failed carries the
 SQLSTATE and message.
 
-Not decoded: anything after an accepted SSLRequest or GSSENCRequest (encrypted),
+Flush messages (5 bytes each) are counted in no exchange.  Not decoded: anything after an
+accepted SSLRequest or GSSENCRequest (encrypted),
 the replication sub-protocol (``CopyBoth``).  Passwords and SASL messages are
 counted, never kept.
 """
@@ -336,8 +337,10 @@ class PostgresDecoder(Decoder):
                 if kind == 0x58:  # 'X' Terminate: the connection ends, nothing answers
                     self._close_open()
                     continue
-                if kind == 0x48:  # 'H' Flush: asks for output, answers nothing
-                    group = self._open or self._last
+                if kind == 0x48:
+                    # 'H' Flush asks for output and answers nothing; its 5 bytes join no exchange
+                    # (which one it follows depends on timing, and both sides must agree).
+                    continue
                 else:  # 'p' password / SASL, 'd' 'c' 'f' COPY data: part of the exchange in progress
                     group = self._continued_group()
                     if group is not None:

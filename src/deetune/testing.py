@@ -37,7 +37,7 @@ from deetune.decoders.base import Chunk, Decoder, Direction, Exchange, Undecodab
 
 __all__ = [
     "AgentRun", "RecordingProxy", "ServerProcess", "agent", "assert_exchanges", "capture_pcap", "decode_chunks",
-    "decode_pcap", "free_port", "summary", "wait_for_port",
+    "decode_pcap", "free_port", "summary", "undecodable", "wait_for_port",
 ]
 
 LOOPBACK = "127.0.0.1"

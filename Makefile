@@ -14,7 +14,8 @@ PYTEST_ARGS ?=
 # Debian packages: to build and run the agent, and to run the tests.
 RUN_DEBS := clang llvm libbpf-dev libbpf1 bpftool make python3-venv python3-dev gcc nodejs npm
 TEST_DEBS := nginx redis-server redis-tools mariadb-server mariadb-client prometheus wrk \
-             iproute2 chromium procps curl
+             iproute2 chromium procps curl \
+             postgresql-15 dnsmasq-base rabbitmq-server memcached mosquitto beanstalkd
 
 BPF_SRC := $(wildcard bpf/*.bpf.c)
 BPF_HDR := $(wildcard bpf/*.h)
@@ -60,7 +61,8 @@ test-deps: .stamps/test-deps
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
 	@# Debian starts these on install; tests run their own instances on other ports.
-	@for s in nginx redis-server mariadb prometheus; do systemctl disable --now $$s >/dev/null 2>&1 || true; done
+	@for s in nginx redis-server mariadb prometheus postgresql rabbitmq-server memcached mosquitto beanstalkd; do \
+	  systemctl disable --now $$s >/dev/null 2>&1 || true; done
 	@touch $@
 
 venv: $(VENV)/.installed

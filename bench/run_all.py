@@ -9,7 +9,9 @@
    slows the agent (issue 4);
 4. bench_sinks.py: agent CPU with the Prometheus and OTLP sinks, and the series cap (issue 5);
 5. bench_recording.py: nginx + wrk with a recording task against decoding alone (issue 6);
-6. with --profile: profile_agent.py for the conn, http and redis scenarios (needs py-spy: see there).
+6. bench_protocol_decoders.py and bench_pgbench.py: each protocol decoder's exchanges/s on one core,
+   and pgbench against PostgreSQL with and without the agent (issue 21);
+7. with --profile: profile_agent.py for the conn, http and redis scenarios (needs py-spy: see there).
 
 ``--quick`` runs 2 pairs/rounds of shorter runs: a smoke test of the benchmarks, not figures to quote.
 Figures and their reading: docs/performance.md.
@@ -54,6 +56,10 @@ def main(argv=None) -> None:
         "sinks (issue 5)": ["bench_sinks.py", *(["--pairs", "2", "--seconds", "3", "--urls", "1000"] if args.quick else [])],
         "recording (issue 6)": ["bench_recording.py", *(["--rounds", "2", "--wrk-seconds", "3", "--rate-runs", "1",
                                                           "--rate-seconds", "3"] if args.quick else [])],
+        "protocol decoders (issue 21)": ["bench_protocol_decoders.py",
+                                         *(["--exchanges", "20000", "--rounds", "2"] if args.quick else [])],
+        "pgbench (issue 21)": ["bench_pgbench.py", *(["--rounds", "2", "--seconds", "5", "--scale", "1"]
+                                                     if args.quick else [])],
     }
     for title, (script, *script_args) in others.items():
         print("=" * 30 + f" {title} " + "=" * 30, flush=True)

@@ -139,6 +139,9 @@ enum dt_data_flags {
 	 * when it was sent) and the response's head, two records in that order,
 	 * to be decoded on their own. */
 	DT_DATA_ERROR_HEAD = 1,
+	/* A UDP socket: the call moved one datagram; rport 0 when its peer is
+	 * not known (received on an unconnected socket). */
+	DT_DATA_DATAGRAM = 2,
 };
 
 /* Exact accounting in the kernel (bpf/l7.bpf.h, tcp.bpf.c): per-CPU counters keyed by

@@ -209,9 +209,8 @@ static __always_inline bool process_selected(__u32 tgid)
 }
 
 /* The map lookups behind a verdict. */
-static __always_inline void decide(struct verdict *v, struct sock *sk, __u16 lport, __u16 rport)
+static __always_inline void decide(struct verdict *v, __u64 sk_key, __u16 lport, __u16 rport)
 {
-	__u64 sk_key = (__u64)sk;
 	__u32 *override = bpf_map_lookup_elem(&port_capture_bytes, &lport);
 	if (!override)
 		override = bpf_map_lookup_elem(&port_capture_bytes, &rport);
@@ -453,6 +452,71 @@ static __always_inline void emit_error_detail(struct scratch *s, struct sock *sk
 	output_record(s);
 }
 
+/* ---- Datagram (UDP) sockets, for DNS ---------------------------------------
+ * Each call moves one datagram.  On a connected socket the peer is the
+ * socket's own; on an unconnected one (a server's, a resolver's upstream) a
+ * datagram sent names its peer in the call (sendto's dest_addr, sendmsg's
+ * msg_name), while a received datagram's source is copied to user space only
+ * after sock_recv_length fires: that record says rport 0, and user space
+ * learns the peer from the datagram that answers it.  (sendmmsg on an
+ * unconnected socket: peer unknown too.)  Muted by cookie, not by address: no
+ * close tracepoint fires for a UDP socket to forget its address.  Never
+ * accounted in the kernel (l7.bpf.h follows streams): counted in user space. */
+enum { SOCK_DGRAM = 2, IPPROTO_UDP = 17 };
+
+/* sendto's fifth argument (dest_addr): x86's r8, which deetune's pt_regs does
+ * not declare; a CO-RE flavor of pt_regs reaches it. */
+struct pt_regs___dgram {
+#if defined(__TARGET_ARCH_x86)
+	unsigned long r8;
+#else
+	__u64 regs[31];
+#endif
+} __attribute__((preserve_access_index));
+
+/* The UAPI sockaddr_in / sockaddr_in6 prefix. */
+struct dgram_sockaddr {
+	__u16 family;
+	__u16 port;     /* network order */
+	__u32 v4;       /* sin_addr; sin6_flowinfo */
+	__u8 v6[16];    /* sin6_addr */
+};
+
+static __always_inline bool is_udp(struct sock *sk)
+{
+	return sk->sk_type == SOCK_DGRAM && sk->sk_protocol == IPPROTO_UDP;
+}
+
+/* A datagram sent on an unconnected socket: its peer, from the address the call names. */
+static __always_inline void dgram_named_peer(struct task_struct *task, struct call *call, struct dt_data_record *rec)
+{
+	const void *name = 0;
+	if (call->syscall == DT_SYS_SENDTO) {
+		struct pt_regs___dgram *regs = (struct pt_regs___dgram *)bpf_task_pt_regs(task);
+#if defined(__TARGET_ARCH_x86)
+		name = (const void *)regs->r8;
+#else
+		name = (const void *)regs->regs[4];
+#endif
+	} else if (call->syscall == DT_SYS_SENDMSG) {
+		const struct user_msghdr *msg = (const struct user_msghdr *)call->arg;
+		if (bpf_probe_read_user(&name, sizeof(name), &msg->msg_name))
+			return;
+	}
+	struct dgram_sockaddr sa = {};
+	if (!name || bpf_probe_read_user(&sa, sizeof(sa), name) != 0)
+		return;
+	if (sa.family == AF_INET && rec->family == AF_INET) {
+		__builtin_memset(rec->raddr, 0, 16);
+		__builtin_memcpy(rec->raddr, &sa.v4, 4);
+	} else if (sa.family == AF_INET6 && rec->family == AF_INET6) {
+		__builtin_memcpy(rec->raddr, sa.v6, 16);
+	} else {
+		return;
+	}
+	rec->rport = __builtin_bswap16(sa.port);
+}
+
 static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8 direction)
 {
 	if (ret <= 0) {
@@ -469,7 +533,9 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	if ((task->flags & PF_KTHREAD) && !(task->flags & PF_IO_WORKER))
 		return 0; /* the kernel's own sockets (NFS, …): no process to attribute */
 	__u16 family = sk->__sk_common.skc_family;
-	if ((family != AF_INET && family != AF_INET6) || sk->sk_type != SOCK_STREAM || !dt_sock_netns_wanted(sk))
+	bool dgram = is_udp(sk);
+	if ((family != AF_INET && family != AF_INET6) || (sk->sk_type != SOCK_STREAM && !dgram) ||
+	    !dt_sock_netns_wanted(sk))
 		return 0;
 
 	__u32 zero = 0;
@@ -485,11 +551,11 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	__u16 lport = sk->__sk_common.skc_num;
 	__u16 rport = __builtin_bswap16(sk->__sk_common.skc_dport);
 	if (v->generation != generation) {
-		decide(v, sk, lport, rport);
+		decide(v, dgram ? bpf_get_socket_cookie(sk) : (__u64)sk, lport, rport);
 		v->generation = generation;
 	}
 	/* Counting never depends on the sampling: only on the filters. */
-	bool account = account_l7 && v->selected && v->l7.protocol != DT_L7_NONE;
+	bool account = account_l7 && !dgram && v->selected && v->l7.protocol != DT_L7_NONE;
 	if (!v->copy && !account)
 		return 0;
 	__u64 seq = 0;
@@ -540,7 +606,9 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
 	if (copy) {
 		fill_record(&s->rec, sk, call, now, pid, tid, direction, ret, captured < want ? captured : want, seq,
-			    key, ctl->sample_shift, 0);
+			    key, ctl->sample_shift, dgram ? DT_DATA_DATAGRAM : 0);
+		if (dgram && !s->rec.rport && direction == DT_EGRESS)
+			dgram_named_peer(task, call, &s->rec);
 		output_record(s);
 	}
 	if (action == L7_ERROR_DETAIL)

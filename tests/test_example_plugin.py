@@ -194,7 +194,8 @@ def test_options_set_the_knobs(plugin, signals_object):
 
     # Opening an object (no load) needs libbpf but no privileges.
     with BpfObject.open(signals_object) as obj:
-        assert set(obj.constants()) == {"targ_sig", "targ_tgid"}
+        # Its own knobs, and the one every object gets from common.bpf.h (--netns).
+        assert set(obj.constants()) == {"targ_sig", "targ_tgid", "dt_targ_netns"}
         plugin.SignalsProbe().configure(obj)
         assert obj.get_constant("targ_sig") == obj.get_constant("targ_tgid") == bytes(4)
         plugin.SignalsProbe(plugin.SignalsOptions(sig="SIGTERM", pid=4242)).configure(obj)

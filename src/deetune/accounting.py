@@ -58,6 +58,8 @@ MYSQL_COMMANDS = {
 }  # fmt: skip
 
 PROTOCOLS = {_L.DT_L7_HTTP: "http", _L.DT_L7_REDIS: "redis", _L.DT_L7_MYSQL: "mysql", _L.DT_L7_UNKNOWN: "tcp"}
+#: The decoders' protocols the kernel counts; the others' exchanges are counted from their decoding.
+KERNEL_COUNTED = frozenset(name for name in PROTOCOLS.values() if name != "tcp")
 ROLES = {_L.DT_ROLE_CLIENT: "client", _L.DT_ROLE_SERVER: "server"}
 
 #: What a counted key is (dt_l7_key.flags → the event's ``outcome``).

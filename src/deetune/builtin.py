@@ -40,6 +40,16 @@ def deetune_register_decoders(register):
     register(HttpDecoder)
     register(RedisDecoder)
     register(MysqlDecoder)
+    # Imported when used (an agent run with --protocol pays only for the decoders it names).
+    for name, target in (
+        ("postgres", "deetune.decoders.postgres:PostgresDecoder"),
+        ("dns", "deetune.decoders.dns:DnsDecoder"),
+        ("kafka", "deetune.decoders.kafka:KafkaDecoder"),
+        ("amqp", "deetune.decoders.amqp:AmqpDecoder"),
+        ("memcached", "deetune.decoders.memcached:MemcachedDecoder"),
+        ("mqtt", "deetune.decoders.mqtt:MqttDecoder"),
+    ):
+        register(target, name=name)
 
 
 @hookimpl(wrapper=True)

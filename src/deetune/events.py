@@ -145,7 +145,7 @@ def format_address(family: int, raw: bytes) -> str:
 
 @attrs.frozen
 class DataEvent(Event):
-    """Bytes one call moved on a TCP socket (a prefix of them when ``truncated``)."""
+    """Bytes one call moved on a TCP or UDP socket (a prefix of them when ``truncated``)."""
 
     type: ClassVar[str] = "data"
     pid: int = attrs.field(kw_only=True)
@@ -183,6 +183,9 @@ class DataEvent(Event):
     #: the probe first copied from the socket); -1 when the source does not know.  A call that was
     #: not copied (overload sampling, a record lost) shows as a jump: ``seq`` > previous seq + size.
     seq: int = attrs.field(kw_only=True, default=-1)
+    #: ``"tcp"``, or ``"udp"``: the call moved one datagram, and ``rport`` is 0 when its peer is not
+    #: known (a datagram received on an unconnected socket).
+    transport: str = attrs.field(kw_only=True, default="tcp")
 
     @property
     def truncated(self) -> bool:

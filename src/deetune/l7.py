@@ -160,6 +160,8 @@ class L7Handler:
         self._by_sock: dict[int, ConnKey] = {}
         #: Roles from open events not followed by data yet: key → role.
         self._roles: collections.OrderedDict[ConnKey, str] = collections.OrderedDict()
+        #: Datagram sockets: cookie → connection state (one session per socket, see _on_datagram).
+        self._datagrams: collections.OrderedDict[int, _Conn] = collections.OrderedDict()
         #: Closed connections whose last data may still be on its way:
         #: key → (close time, when the close was handled), both monotonic ns.
         self._closing: collections.OrderedDict[ConnKey, tuple[int, int]] = collections.OrderedDict()
@@ -237,6 +239,8 @@ class L7Handler:
 
     # -- payload ----------------------------------------------------------------------------
     def _on_data(self, event: DataEvent) -> list[Event]:
+        if event.transport == "udp":
+            return self._on_datagram(event)
         self.stats.data_events += 1
         if event.error_head:
             return self._on_error_head(event)
@@ -354,6 +358,49 @@ class L7Handler:
         else:
             conn.fed_in += size
 
+    # -- datagrams (UDP) ---------------------------------------------------------------------
+    # One session per socket (by cookie), whatever its peers: a server's socket hears every client,
+    # and a decoder pairs a datagram with its answer by content (DNS ids).  Each exchange names its
+    # own peer (Exchange.peer); a received datagram's peer is unknown on an unconnected socket
+    # (rport 0), and the decoder takes it from the answer.  A UDP socket has no close to end its
+    # session: sessions are dropped least recently used first.
+    def _on_datagram(self, event: DataEvent) -> list[Event]:
+        self.stats.data_events += 1
+        out: list[Event] = [event] if self.emit_data else []
+        key = event.conn_id or event.sock_id
+        conn = self._datagrams.get(key)
+        unknown = "::" if event.family == 6 else "0.0.0.0"
+        if conn is None:
+            decoders = [d for d in self.decoders if getattr(d, "datagrams", False)]
+            session = StreamSession(decoders, None, ports=(event.rport, event.lport),
+                                    options={d.protocol: {"datagram": True} for d in decoders})
+            conn = self._datagrams[key] = _Conn(
+                session, event.pid, event.comm, event.laddr, event.lport, unknown, 0, event.cgroup_id,
+                event.ts - event.ts_mono_ns, conn_id=event.conn_id, sock_id=event.sock_id)
+            if len(self._datagrams) > MAX_CONNECTIONS:
+                self._datagrams.popitem(last=False)
+                self.stats.evicted += 1
+            if not decoders:
+                session.state = State.UNKNOWN
+                self._on_gave_up(session, conn, datagram=True)
+        else:
+            self._datagrams.move_to_end(key)
+        session = conn.session
+        if not session.active:
+            return out
+        conn.sampling = event.sampling
+        egress = event.direction == "egress"
+        peer = (event.raddr, event.rport) if event.rport else None
+        ts = event.start_mono_ns if egress else event.ts_mono_ns
+        exchanges = session.feed(egress, event.data, event.size, ts, peer)
+        for x in exchanges:
+            conn.raddr, conn.rport = x.peer if x.peer is not None else (unknown, 0)
+            out.append(self._exchange_event(conn, x))
+        self.stats.exchanges += len(exchanges)
+        if not session.active:
+            self._on_gave_up(session, conn, datagram=True)
+        return out
+
     def _take_counts(self, session: StreamSession) -> None:
         counts = session.take_counts()
         if counts:
@@ -414,7 +461,7 @@ class L7Handler:
             self.stats.evicted += 1
         return conn
 
-    def _on_gave_up(self, session: StreamSession, conn: _Conn) -> None:
+    def _on_gave_up(self, session: StreamSession, conn: _Conn, datagram: bool = False) -> None:
         if session.state is State.UNKNOWN:
             self.stats.unknown += 1
         else:
@@ -424,8 +471,10 @@ class L7Handler:
                      session.reason)  # fmt: skip
         # Muted in the kernel: it can never be decoded again (a stream that lost its framing
         # resynchronises at its next request and stays active, see deetune.decoders.session).
-        if self.mute is not None:
-            self.mute(conn.sock_id)
+        # A datagram socket is muted by its cookie (the kernel never sees it close to forget its
+        # address); one without a cookie is not muted.
+        if self.mute is not None and not (datagram and not conn.conn_id):
+            self.mute(conn.conn_id if datagram else conn.sock_id)
 
     def _exchange_event(self, conn: _Conn, x: Exchange) -> ExchangeEvent:
         if x.error and x.response_start_ns is not None and x.protocol in KERNEL_COUNTED:
@@ -475,8 +524,13 @@ class L7Handler:
             for x in conn.session.close(now if closing is None else closing[0]):
                 out.append(self._exchange_event(conn, x))
             self._take_counts(conn.session)
+        for conn in self._datagrams.values():
+            for x in conn.session.close(now):
+                conn.raddr, conn.rport = x.peer if x.peer is not None else (conn.raddr, conn.rport)
+                out.append(self._exchange_event(conn, x))
         self._conns.clear()
         self._by_sock.clear()
+        self._datagrams.clear()
         self._closing.clear()
         self.stats.exchanges += len(out)
         if self.stats.resynced or self.stats.gaps or self.stats.skipped:

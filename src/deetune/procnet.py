@@ -208,6 +208,25 @@ def snapshot_connections(proc: str = "/proc") -> dict[tuple, PreexistingConnecti
     return result
 
 
+def read_udp_bound_sockets(proc: str = "/proc") -> list[SocketEntry]:
+    """UDP sockets bound to a port and not connected: where datagram servers (DNS) listen."""
+    entries = []
+    for name, family in (("udp", 4), ("udp6", 6)):
+        try:
+            with open(f"{proc}/net/{name}") as table:
+                next(table)
+                for line in table:
+                    fields = line.split()
+                    laddr, lport = _parse_addr(fields[1], family)
+                    raddr, rport = _parse_addr(fields[2], family)
+                    if lport and not rport:
+                        entries.append(SocketEntry(family, laddr, lport, raddr, rport, int(fields[3], 16),
+                                                   int(fields[9])))
+        except (FileNotFoundError, StopIteration):  # no IPv6 in this kernel
+            continue
+    return entries
+
+
 def listening_ports(proc: str = "/proc") -> set[int]:
     return {s.lport for s in read_tcp_sockets(proc, {TCP_LISTEN})}
 

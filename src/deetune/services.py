@@ -823,6 +823,55 @@ def format_endpoint(addr: str, port: int) -> str:
     return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
 
 
+# --------------------------------------------------------------------------- resolved names
+
+
+class ResolvedNames:
+    """The names clients asked DNS for, by the addresses the answers gave: a remote endpoint
+    nothing else names is named after the name a client resolved to reach it.
+
+    Fed by :meth:`observe`, a pipeline handler placed before the topology aggregator: an
+    exchange whose ``attributes["addresses"]`` lists addresses (the DNS decoder's, for the
+    name in ``target``) teaches it those.  The latest answer wins; at most ``max_names``
+    addresses are kept (the oldest forgotten first)."""
+
+    def __init__(self, max_names: int = 65536) -> None:
+        self.max_names = max_names
+        self._names: OrderedDict[IPAddress, str] = OrderedDict()
+        #: Bumped whenever an address gets a new name (callers' caches of names go stale).
+        self.version = 0
+
+    def learn(self, name: str, addresses: Iterable[str]) -> None:
+        name = name.rstrip(".")
+        if not name:
+            return
+        for text in addresses:
+            ip = _parse_ip(text)
+            if ip is None:
+                continue
+            if self._names.get(ip) != name:
+                self._names[ip] = name
+                self.version += 1
+            self._names.move_to_end(ip)
+            if len(self._names) > self.max_names:
+                self._names.popitem(last=False)
+
+    def name(self, ip: IPAddress) -> str | None:
+        return self._names.get(ip)
+
+    def observe(self, event: Any) -> tuple[Any]:
+        """Pipeline handler: learn from exchanges that resolved a name; pass every event on."""
+        attributes = getattr(event, "attributes", None)
+        if attributes and not getattr(event, "error", False):
+            addresses = attributes.get("addresses")
+            if addresses:
+                self.learn(event.target, addresses)
+        return (event,)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 # --------------------------------------------------------------------------- the resolver
 
 
@@ -830,7 +879,9 @@ class _Listeners:
     """A snapshot of this host's listening sockets and their owners."""
 
     def __init__(self, proc: str):
-        sockets = procnet.read_listening_sockets(proc)
+        # TCP listeners, then unconnected bound UDP sockets (a DNS server on this host is named, and
+        # its exchanges counted once, like a TCP server's); a TCP listener wins a shared port.
+        sockets = procnet.read_listening_sockets(proc) + procnet.read_udp_bound_sockets(proc)
         self.inodes: dict[tuple[str, int], int] = {}
         for s in sockets:
             self.inodes.setdefault((s.laddr, s.lport), s.inode)
@@ -868,13 +919,16 @@ class ServiceResolver:
     retire_seconds: float = 30.0
 
     def __init__(self, plugins: Plugins | None = None, *, mapping: EndpointMapping | None = None,
-                 host: str | None = None, proc: str = "/proc"):
+                 host: str | None = None, proc: str = "/proc", resolved: ResolvedNames | None = None):
         if plugins is None:
             from deetune.plugins import default_plugins
 
             plugins = default_plugins()
         self.plugins = plugins
         self.mapping = mapping
+        #: Names learned from DNS answers (after local listeners and the mapping file).
+        self.resolved = resolved
+        self._resolved_version = 0
         self.host = host or socket.gethostname()
         self.proc = proc
         #: The clock for the refresh intervals (a test may replace it).
@@ -983,6 +1037,10 @@ class ServiceResolver:
         """The listeners snapshot, the inode listening on addr:port (None when not this host's
         or nobody listens), and the name to use when no local process owns it."""
         listeners = self._snapshot(missed=False)
+        resolved = self.resolved
+        if resolved is not None and resolved.version != self._resolved_version:
+            self._resolved_version = resolved.version
+            listeners.settled.clear()  # a name learned since: the settled names may be stale
         settled = listeners.settled.get((addr, port))
         if settled is not None:
             return listeners, settled[0], settled[1]
@@ -991,7 +1049,8 @@ class ServiceResolver:
             name = self.mapping.lookup(addr, port) if self.mapping else None
             return listeners, None, name or format_endpoint(addr.strip("[]"), port)
         listeners, inode = self._lookup(ip, port)
-        name = (self.mapping.lookup(ip, port) if self.mapping else None) or format_endpoint(str(ip), port)
+        name = (self.mapping.lookup(ip, port) if self.mapping else None) or self._resolved_name(ip, port) \
+            or format_endpoint(str(ip), port)
         if inode is None and port and listeners.is_local(ip):
             return listeners, inode, name  # a local miss: looked up again (a server may start)
         if inode is not None and inode not in listeners.owners:
@@ -1000,6 +1059,13 @@ class ServiceResolver:
             listeners.settled.clear()
         listeners.settled[(addr, port)] = (inode, name)
         return listeners, inode, name
+
+    def _resolved_name(self, ip: IPAddress, port: int) -> str | None:
+        """``name:port`` (or the name alone for port 0) when a client resolved a name to ``ip``."""
+        name = self.resolved.name(ip) if self.resolved is not None else None
+        if name is None:
+            return None
+        return f"{name}:{port}" if port else name
 
     def listening_ports(self, service: str) -> set[int]:
         """The TCP ports the local instances of ``service`` listen on (recording tasks raise their
@@ -1080,7 +1146,8 @@ def _parse_ip(addr: str) -> IPAddress | None:
 
 __all__ = [
     "BUILTIN", "BuiltinResolvers", "Container", "ContainerRef", "ContainerResolver", "EndpointMapping",
-    "EndpointRule", "MappingError", "ProcessGone", "ProcessInfo", "ServiceResolver", "format_endpoint",
+    "EndpointRule", "MappingError", "ProcessGone", "ProcessInfo", "ResolvedNames", "ServiceResolver",
+    "format_endpoint",
     "image_basename", "local_addresses", "parse_container", "read_environ", "resolve_executable",
     "resolve_from_environment", "systemd_unit",
 ]

@@ -30,7 +30,7 @@ from deetune.plugins import PluginImportError, Plugins, UnknownPluginError
 from deetune.probes.base import Clock, ProbeOptions
 from deetune.probes.overload import DEFAULT_BUSY_CPU, OverloadSampling
 from deetune.probes.payload import DEFAULT_CAPTURE_BYTES, MAX_CAPTURE_BYTES, PayloadProbe
-from deetune.services import EndpointMapping, MappingError, ServiceResolver
+from deetune.services import EndpointMapping, MappingError, ResolvedNames, ServiceResolver
 from deetune.sinks.base import SinkError, parse_sink_spec
 from deetune.topology.aggregator import TopologyAggregator
 from deetune.topology.store import StoreError, StoreInUse, StoreSink, TopologyStore
@@ -297,7 +297,10 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
         place = Place.build(args.host_name, args.label)
     except PlaceError as exc:
         raise UsageError(str(exc)) from None
-    resolver = ServiceResolver(plugins, mapping=mapping, host=place.host)
+    resolved = ResolvedNames()
+    if payload is not None:  # remote endpoints named after the names clients resolved (DNS answers)
+        handlers.append(resolved.observe)
+    resolver = ServiceResolver(plugins, mapping=mapping, host=place.host, resolved=resolved)
     # The built-in probes count exchanges and connections in the kernel (deetune.accounting): the
     # topology and Prometheus count from there, exact at any load; decoded exchanges are detail.
     aggregator = TopologyAggregator(resolver, window_seconds=args.window, kernel_counts=True)

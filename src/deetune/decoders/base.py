@@ -70,6 +70,10 @@ class Chunk:
     size: int
     #: Monotonic time in nanoseconds (kernel ``bpf_ktime_get_ns``, or capture time offline).
     ts_ns: int
+    #: Datagram sockets only: the other end of this datagram, an opaque value the decoder
+    #: hands back in :attr:`Exchange.peer`; None on streams, and when the kernel did not say
+    #: (a datagram received on an unconnected socket).
+    peer: Any = None
 
     @property
     def truncated(self) -> bool:
@@ -110,6 +114,9 @@ class Exchange:
     #: ``gap`` (true: bytes of this exchange were not captured and its response, or part of
     #: it, is unknown).
     attributes: dict[str, Any] = attrs.field(factory=dict)
+    #: Datagram sockets only: the other end of the exchange (the ``peer`` of whichever of its
+    #: chunks knew it); None on streams, where the connection says who the peer is.
+    peer: Any = None
 
     @property
     def latency_ns(self) -> int | None:
@@ -134,6 +141,10 @@ class Decoder:
     protocol: ClassVar[str] = ""
     #: Ports where the protocol usually lives: a hint for ordering detection, never a requirement.
     default_ports: ClassVar[tuple[int, ...]] = ()
+    #: Whether the decoder also decodes datagram (UDP) sockets.  There, each chunk is one whole
+    #: datagram (a prefix of it when cut), one instance sees every peer of the socket (chunks
+    #: carry ``peer``), and the class is instantiated with ``datagram=True``.
+    datagrams: ClassVar[bool] = False
 
     @classmethod
     def detect(cls, direction: Direction, data: bytes) -> bool:

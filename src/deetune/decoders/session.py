@@ -103,8 +103,8 @@ class StreamSession:
         self._undetected_bytes = 0
         self._resyncs_in_a_row = 0
         # Chunks seen since the oldest candidate start, replayed into the decoder once one is
-        # recognised: (egress, data, size, ts).
-        self._held: list[tuple[bool, bytes, int, int]] = []
+        # recognised: (egress, data, size, ts, peer).
+        self._held: list[tuple[bool, bytes, int, int, object]] = []
         self._starts: dict[bool, list[_Candidate]] = {True: [], False: []}
         #: The recognised protocol's decoder class (a fresh instance after each resync).
         self._decoder_cls: type[Decoder] | None = None
@@ -123,17 +123,18 @@ class StreamSession:
         counts, self.counts = self.counts, {}
         return counts
 
-    def feed(self, egress: bool, data: bytes, size: int, ts_ns: int) -> list[Exchange]:
+    def feed(self, egress: bool, data: bytes, size: int, ts_ns: int, peer: object = None) -> list[Exchange]:
         """Bytes this side wrote (``egress``) or read; ``size`` >= len(data) moved.  A chunk
-        with no data and a ``size`` is a gap: bytes that moved but were not seen."""
+        with no data and a ``size`` is a gap: bytes that moved but were not seen.  ``peer``: on a
+        datagram socket, the datagram's other end (see :attr:`Chunk.peer`)."""
         size = max(size, len(data))
         if not size:
             return []
         state = self.state
         if state is State.DECODING:
-            return self._decode(egress, data, size, ts_ns)
+            return self._decode(egress, data, size, ts_ns, peer)
         if state is State.DETECTING or state is State.RESYNCING:
-            return self._look(egress, data, size, ts_ns)
+            return self._look(egress, data, size, ts_ns, peer)
         return []
 
     def close(self, ts_ns: int) -> list[Exchange]:
@@ -147,7 +148,7 @@ class StreamSession:
         return []
 
     # -- detection ------------------------------------------------------------------------
-    def _look(self, egress: bool, data: bytes, size: int, ts: int) -> list[Exchange]:
+    def _look(self, egress: bool, data: bytes, size: int, ts: int, peer: object = None) -> list[Exchange]:
         """Hold the chunk and look for a message start in it or in the chunks joined to it."""
         resyncing = self.state is State.RESYNCING
         request_side = self.role is not None and egress == (self.role == "client")
@@ -155,7 +156,7 @@ class StreamSession:
             if not self._held:  # no request start in sight: this answers a request not seen
                 self._count("skipped_bytes", size)
                 return []
-        self._held.append((egress, data, size, ts))
+        self._held.append((egress, data, size, ts, peer))
         starts = self._starts[egress]
         found = None
         # Earlier starts in this direction, continued by this chunk.
@@ -255,10 +256,10 @@ class StreamSession:
         client = self.role == "client"
         return Direction.REQUEST if egress == client else Direction.RESPONSE
 
-    def _decode(self, egress: bool, data: bytes, size: int, ts_ns: int) -> list[Exchange]:
+    def _decode(self, egress: bool, data: bytes, size: int, ts_ns: int, peer: object = None) -> list[Exchange]:
         decoder = self.decoder
         assert decoder is not None
-        chunk = Chunk(self._direction(egress), data, size, ts_ns)
+        chunk = Chunk(self._direction(egress), data, size, ts_ns, peer)
         try:
             out = list(decoder.feed(chunk))
         except Undecodable as exc:

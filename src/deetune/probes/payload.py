@@ -1,4 +1,4 @@
-"""Socket payload probe: bytes moved by read/write/send/recv-family calls on TCP sockets."""
+"""Socket payload probe: bytes moved by read/write/send/recv-family calls on TCP and UDP sockets."""
 
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ _SYSCALLS = {
     _L.DT_SYS_OTHER: "other",
 }
 _AF_INET6 = 10
+_DATAGRAM = _L.DT_DATA_DATAGRAM
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _ZERO = _U32.pack(0)
@@ -53,7 +54,7 @@ DEFAULT_ERROR_HEADS_PER_SECOND = 200
 MAX_CAPTURE_BYTES = _L.DT_PAYLOAD_MAX
 class PayloadProbe(OverloadSampling, Probe):
     name = "payload"
-    description = "bytes moved on TCP sockets by read/write/send/recv/…mmsg/sendfile, with a capped prefix"
+    description = "bytes moved on TCP and UDP sockets by read/write/send/recv/…mmsg/sendfile, with a capped prefix"
     object_name = "payload"
 
     def __init__(self, options: ProbeOptions | None = None, clock=None, *, capture_bytes: int = DEFAULT_CAPTURE_BYTES,
@@ -205,5 +206,6 @@ class PayloadProbe(OverloadSampling, Probe):
                 seq=-1 if error_head else seq,
                 sampling=1 if error_head else max(1 << sample_shift, self.sampling),
                 error_head=error_head,
+                transport="udp" if flags & _DATAGRAM else "tcp",
             ),
         )

@@ -34,7 +34,7 @@ from prometheus_client.core import (
 )
 
 from deetune import procnet
-from deetune.accounting import EXCHANGE_OUTCOMES, OUTCOME_ERROR
+from deetune.accounting import EXCHANGE_OUTCOMES, KERNEL_COUNTED, OUTCOME_ERROR
 from deetune.events import ConnectionCounts, ConnectionEvent, CountedEvent, Event, ExchangeEvent, LatencyCounts, RequestCounts
 from deetune.sinks.base import Sink, SinkError
 from deetune.sinks.prometheus_fleet import FleetCollector, PlaceRegistry, RemoteEndpoints
@@ -653,7 +653,9 @@ class PrometheusSink(Sink):
                 self._on_counts(event)
         elif isinstance(event, ExchangeEvent):
             with self._lock:
-                if self.kernel_counts:
+                # Protocols the kernel does not classify (postgres, dns, plugins' …) are counted
+                # from their decoded exchanges, even when the kernel counts the others.
+                if self.kernel_counts and event.protocol in KERNEL_COUNTED:
                     self._on_decoded(event)
                 else:
                     self._on_exchange(event)

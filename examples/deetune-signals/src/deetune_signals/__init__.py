@@ -1,4 +1,4 @@
-"""deetune-signals: an example deetune plugin (a signals probe and a CSV sink).
+"""deetune-signals: an example deetune plugin (a signals probe, a CSV sink and a beanstalkd decoder).
 
 deetune loads it through the ``deetune`` entry-point group
 (:mod:`deetune_signals.plugin`); the classes can also be used directly::
@@ -12,6 +12,7 @@ deetune loads it through the ``deetune`` entry-point group
 import importlib
 
 _EXPORTS = {
+    "BeanstalkDecoder": "deetune_signals.beanstalk",
     "CsvSink": "deetune_signals.csv_sink",
     "read_csv_events": "deetune_signals.csv_sink",
     "SignalEvent": "deetune_signals.events",

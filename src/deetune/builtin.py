@@ -34,10 +34,12 @@ def deetune_register_sinks(register):
 @hookimpl
 def deetune_register_decoders(register):
     from deetune.decoders.http import HttpDecoder
+    from deetune.decoders.http2 import Http2Decoder
     from deetune.decoders.mysql import MysqlDecoder
     from deetune.decoders.redis import RedisDecoder
 
     register(HttpDecoder)
+    register(Http2Decoder)
     register(RedisDecoder)
     register(MysqlDecoder)
 

@@ -113,6 +113,9 @@ class Decoder:
     protocol: ClassVar[str] = ""
     #: Ports where the protocol usually lives: a hint for ordering detection, never a requirement.
     default_ports: ClassVar[tuple[int, ...]] = ()
+    #: Among decoders the ports hint equally, lower is asked first: a decoder that claims bytes
+    #: another one also accepts (an HTTP/1.1 request upgrading to h2c is HTTP/2's) goes before it.
+    detect_order: ClassVar[int] = 0
 
     @classmethod
     def detect(cls, direction: Direction, data: bytes) -> bool:

@@ -49,6 +49,20 @@ enum dt_syscall {
 	/* A transfer some other call made (splice, io_uring, a 32-bit process's
 	 * calls): its length only. */
 	DT_SYS_OTHER = 12,
+	/* Plaintext of a TLS connection, taken from the library's own calls (the
+	 * tls probe): OpenSSL's SSL_read/SSL_read_ex, SSL_write/SSL_write_ex, Go's
+	 * crypto/tls (*Conn).Read and (*Conn).Write. */
+	DT_SYS_SSL_READ = 13,
+	DT_SYS_SSL_WRITE = 14,
+	DT_SYS_GO_TLS_READ = 15,
+	DT_SYS_GO_TLS_WRITE = 16,
+};
+
+/* Bits of dt_data_record.flags */
+enum dt_data_flags {
+	/* The bytes are a TLS connection's plaintext; the socket's own bytes
+	 * (ciphertext) are not to be decoded. */
+	DT_DATA_TLS = 1,
 };
 
 enum dt_role {

@@ -225,11 +225,20 @@ struct pt_regs {
 	unsigned long di;
 	unsigned long si;
 	unsigned long dx;
+	unsigned long cx;
+	unsigned long r8;
+	unsigned long ax;
+	unsigned long bx;
+	unsigned long r14; /* Go's register ABI: the current goroutine */
+	unsigned long sp;
+	unsigned long ip;
 	unsigned long orig_ax; /* the syscall number */
 } __attribute__((preserve_access_index));
 #elif defined(__TARGET_ARCH_arm64)
 struct pt_regs {
 	__u64 regs[31];
+	__u64 sp;
+	__u64 pc;
 	__u64 orig_x0; /* x0 becomes the return value; this keeps the first argument */
 	__s32 syscallno;
 } __attribute__((preserve_access_index));

@@ -10,10 +10,12 @@ def deetune_register_probes(register):
     from deetune.probes.payload import PayloadProbe
     from deetune.probes.process import ProcessProbe
     from deetune.probes.tcp import TcpProbe
+    from deetune.probes.tls import TlsProbe
 
     register(ProcessProbe)
     register(TcpProbe)
     register(PayloadProbe)
+    register(TlsProbe)
 
 
 @hookimpl

@@ -183,6 +183,9 @@ class DataEvent(Event):
     #: the probe first copied from the socket); -1 when the source does not know.  A call that was
     #: not copied (overload sampling, a record lost) shows as a jump: ``seq`` > previous seq + size.
     seq: int = attrs.field(kw_only=True, default=-1)
+    #: The bytes are the plaintext of a TLS connection on this socket (the tls probe: ``syscall`` is
+    #: the library call, ``SSL_write``, ``go_tls_read`` …), not the socket's own bytes.
+    tls: bool = attrs.field(kw_only=True, default=False)
 
     @property
     def truncated(self) -> bool:

@@ -33,7 +33,7 @@ CLOSE_GRACE_NS = 1_000_000_000
 
 #: Live chunks are whole syscalls: a write usually ends where a message ends,
 #: so when a capture gap hides HTTP framing the decoder may assume just that.
-LIVE_DECODER_OPTIONS = {"http": {"trust_syscall_boundaries": True}}
+LIVE_DECODER_OPTIONS = {"http": {"trust_syscall_boundaries": True}, "http2": {"trust_syscall_boundaries": True}}
 #: Protocols the kernel counts (bpf/l7.bpf.h), whose errors it always copies.
 KERNEL_COUNTED = frozenset({"http", "redis", "mysql"})
 
@@ -82,6 +82,8 @@ class _Conn:
     conn_id: int = 0
     #: The overload sampling the latest data was copied under (see ExchangeEvent.sampling).
     sampling: int = 1
+    #: The bytes decoded are the TLS plaintext of the connection (the tls probe's), not its own.
+    tls: bool = False
 
 
 def _resyncable(session: StreamSession) -> bool:
@@ -227,8 +229,20 @@ class L7Handler:
                                  or (closing is not None and closing[0] < event.start_mono_ns)):
             out = self._end_conn(event.sock_id, event.start_mono_ns)
             conn = None
-        if conn is None:
+        if conn is not None and conn.tls != event.tls:
+            if not event.tls:
+                return out  # the ciphertext of a connection whose plaintext is decoded
+            # The first plaintext of a TLS connection: what its ciphertext made is dropped, and the
+            # payload probe stops copying the ciphertext.
+            role = conn.session.role
+            del self._conns[event.sock_id]
+            conn = self._new_conn(event, role)
+            if self.mute is not None:
+                self.mute(event.sock_id)
+        elif conn is None:
             conn = self._new_conn(event)
+            if event.tls and self.mute is not None:
+                self.mute(event.sock_id)
         else:
             self._conns.move_to_end(event.sock_id)
         session = conn.session
@@ -309,6 +323,11 @@ class L7Handler:
 
     def _record(self, conn: _Conn, egress: bool, event: DataEvent, ports) -> None:
         """Keep the bytes of a connection on a recorded port (see deetune.recording.capture)."""
+        if getattr(conn.session.decoder, "multiplexed", False):
+            # Exchanges that interleave on the connection (HTTP/2 streams) do not own a contiguous
+            # run of its bytes: recorded without payload.
+            conn.log = None
+            return
         limit = ports.get(conn.lport) or ports.get(conn.rport)
         log = conn.log
         if log is None:
@@ -332,14 +351,15 @@ class L7Handler:
             log.set_limit(limit)
         log.feed(egress, event.data, event.size)
 
-    def _new_conn(self, event: DataEvent) -> _Conn:
+    def _new_conn(self, event: DataEvent, role: str | None = None) -> _Conn:
         known = self._roles.pop(event.sock_id, None)
-        role = known[0] if known is not None and known[1:] == (event.lport, event.rport) else None
+        if role is None and known is not None and known[1:] == (event.lport, event.rport):
+            role = known[0]
         if role is None and event.lport in self.listening:
             role = "server"
         session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
         conn = _Conn(session, event.pid, event.comm, event.laddr, event.lport, event.raddr, event.rport,
-                     event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id)
+                     event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id, tls=event.tls)
         self._conns[event.sock_id] = conn
         if len(self._conns) > MAX_CONNECTIONS:
             self._conns.popitem(last=False)
@@ -371,7 +391,7 @@ class L7Handler:
                 self.stats.payload_misaligned += 1
             else:
                 request_payload, response_payload = taken
-        return ExchangeEvent.from_exchange(
+        event = ExchangeEvent.from_exchange(
             x,
             clock_offset=conn.clock_offset,
             pid=conn.pid,
@@ -390,6 +410,9 @@ class L7Handler:
             request_payload=request_payload,
             response_payload=response_payload,
         )
+        if conn.tls:
+            event.attributes["tls"] = True
+        return event
 
     def flush(self) -> list[Event]:
         """At stop: exchanges still pending in open connections (e.g. requests without a response yet)."""

@@ -347,6 +347,12 @@ class Http2Decoder(Decoder):
         self._delegate: HttpDecoder | None = None
         self._goaway: str | None = None
 
+    @property
+    def multiplexed(self) -> bool:
+        """Streams interleave on the connection: an exchange owns no contiguous run of its bytes
+        (so a recording keeps no payload for it).  Not so once a declined upgrade left HTTP/1.1."""
+        return self._delegate is None
+
     @classmethod
     def detect(cls, direction: Direction, data: bytes) -> bool:
         if direction is Direction.REQUEST:

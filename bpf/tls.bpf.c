@@ -63,6 +63,15 @@ struct {
 	__type(value, __u8);
 } capture_ports SEC(".maps");
 
+/* Per-port capture sizes that override capture_bytes, as in the payload probe:
+ * recording tasks raise it for the connections they record, live. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 1024);
+	__type(key, __u16);
+	__type(value, __u32);
+} port_capture_bytes SEC(".maps");
+
 enum { OP_READ = 1, OP_WRITE = 2 };
 enum { LIB_OPENSSL = 1, LIB_GO = 2 };
 
@@ -122,6 +131,7 @@ struct go_call {
 	__u64 conn;
 	__u64 buf;
 	__u8 op;
+	__u8 reported; /* a Write reported at its entry */
 };
 
 struct {
@@ -262,14 +272,21 @@ static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __
 		count(TLS_STAT_NO_SOCKET);
 		return;
 	}
-	if (!conn->wanted)
+	__u32 limit = capture_bytes;
+	__u32 *override = bpf_map_lookup_elem(&port_capture_bytes, &conn->lport);
+	if (!override)
+		override = bpf_map_lookup_elem(&port_capture_bytes, &conn->rport);
+	if (override)
+		limit = *override; /* a recorded connection is copied even when not selected */
+	else if (!conn->wanted)
 		return;
 	__u64 seq = __sync_fetch_and_add(&conn->moved[direction & 1], bytes);
 	__u32 cpu = bpf_get_smp_processor_id();
 	struct scratch *s = bpf_map_lookup_elem(&tls_scratch, &cpu);
 	if (!s)
 		return;
-	__u32 limit = capture_bytes < DT_PAYLOAD_MAX ? capture_bytes : DT_PAYLOAD_MAX;
+	if (limit > DT_PAYLOAD_MAX)
+		limit = DT_PAYLOAD_MAX;
 	__u64 captured = bytes < limit ? bytes : limit;
 	captured &= DT_PAYLOAD_MAX * 2 - 1;
 	if (captured > DT_PAYLOAD_MAX)
@@ -425,6 +442,18 @@ static __always_inline int go_enter(struct pt_regs *ctx, __u8 op)
 		return 0;
 	struct go_key key = {.tgid = tgid, .g = GO_G(ctx)};
 	struct go_call call = {.conn = GO_ARG0(ctx), .buf = GO_ARG1(ctx), .op = op};
+	if (op == OP_WRITE) {
+		/* Reported now, before its bytes leave: Go reads and writes a connection from
+		 * different goroutines (its HTTP client's read and write loops, HTTP/2's reader
+		 * and writer), and the reader may take the answer in before the writer reaches
+		 * a RET.  (*Conn).Write writes all of b or fails. */
+		struct tls_key tkey = {.tgid = tgid, .object = call.conn};
+		__u64 len = GO_ARG2(ctx);
+		if (len && len <= 0x7fffffff && bpf_map_lookup_elem(&tls_conns, &tkey)) {
+			emit(&tkey, call.buf, len, DT_EGRESS, DT_SYS_GO_TLS_WRITE);
+			call.reported = 1;
+		}
+	}
 	bpf_map_update_elem(&go_calls, &key, &call, BPF_ANY);
 	go_tie(call.conn, key.g);
 	return 0;
@@ -440,7 +469,7 @@ static __always_inline int go_exit(struct pt_regs *ctx)
 	bpf_map_delete_elem(&go_calls, &key);
 	go_untie(key.g);
 	long n = (long)GO_RET0(ctx);
-	if (n <= 0 || n > 0x7fffffff)
+	if (n <= 0 || n > 0x7fffffff || done.reported)
 		return 0;
 	struct tls_key tkey = {.tgid = key.tgid, .object = done.conn};
 	if (done.op == OP_READ)

@@ -103,7 +103,7 @@ class TlsProbe(Probe):
         self.system_libraries = system_libraries
         #: Files looked at: (device, inode) → what they offer (None: no TLS we know).
         self._seen: dict[tuple[int, int], Target | None] = {}
-        #: Files with probes attached: (device, inode) → (target, links).
+        #: Files with probes attached (during the run, kept after it): (device, inode) → (target, links).
         self.attached: dict[tuple[int, int], tuple[Target, list[Link]]] = {}
         #: Programs that use TLS but cannot be probed: (device, inode) → where seen.
         self.unprobed: dict[tuple[int, int], Unprobed] = {}
@@ -149,7 +149,19 @@ class TlsProbe(Probe):
             self._scanner.join(10)
             self._scanner = None
         super().stop()
-        self.attached.clear()
+
+    def set_port_capture(self, port: int, capture_bytes: int | None) -> None:
+        """Copy ``capture_bytes`` of plaintext per call on connections with this local or remote
+        port, even when not selected (recording); None restores the default.  Applied live."""
+        if self.obj is None:
+            raise RuntimeError("probe tls is not started")
+        key = port.to_bytes(2, "little")
+        if capture_bytes is None:
+            self.obj.maps["port_capture_bytes"].delete(key)
+        elif not 0 <= capture_bytes <= _L.DT_PAYLOAD_MAX:
+            raise ValueError(f"capture_bytes must be between 0 and {_L.DT_PAYLOAD_MAX}, got {capture_bytes}")
+        else:
+            self.obj.maps["port_capture_bytes"].update(key, capture_bytes.to_bytes(4, "little"))
 
     def counters(self) -> dict[str, int]:
         counts = super().counters()

@@ -243,19 +243,30 @@ def inspect(path: str) -> Target | None:
             if _LIBSSL.search(path):
                 return Target(path, "openssl", reason="no SSL_read/SSL_write symbols")
             if elf.get_section_by_name(".symtab") is None and _mentions_openssl(elf):
-                return Target(path, "openssl", reason="OpenSSL linked in without symbols (stripped)")
+                return Target(path, "openssl", reason="OpenSSL (or a fork) linked in without symbols (stripped)")
             return None
     except (OSError, ELFError, ValueError, struct.error) as exc:
         log.debug("cannot read %s: %s", path, exc)
         return None
 
 
-def _mentions_openssl(elf: ELFFile) -> bool:
-    section = elf.get_section_by_name(".rodata")
-    if section is None or section["sh_size"] > 64 << 20:
+_LINKED_IN = re.compile(rb"OpenSSL \d+\.\d+\.\d+[a-z]* +\d+ [A-Z][a-z]{2} \d{4}|BoringSSL")
+
+
+def _needs_libssl(elf: ELFFile) -> bool:
+    dynamic = elf.get_section_by_name(".dynamic")
+    if dynamic is None:
         return False
-    data = section.data()
-    return b"SSL_read" in data or re.search(rb"OpenSSL [13]\.\d+\.\d+", data) is not None
+    return any(tag.entry.d_tag == "DT_NEEDED" and _LIBSSL.search("/" + tag.needed) for tag in dynamic.iter_tags())
+
+
+def _mentions_openssl(elf: ELFFile) -> bool:
+    """OpenSSL's (or BoringSSL's) version text in a binary that does not load libssl: the
+    library is linked in."""
+    section = elf.get_section_by_name(".rodata")
+    if section is None or section["sh_size"] > 256 << 20 or _needs_libssl(elf):
+        return False
+    return _LINKED_IN.search(section.data()) is not None
 
 
 def _inspect_go(path: str, elf: ELFFile, machine: str, version: str) -> Target | None:

@@ -374,3 +374,36 @@ def test_joining_an_http2_connection_opened_before_the_agent(nginx_tls):
         # 9: 10 of the 20 request header fields.  nginx sends its response headers unindexed.
         assert [e.attributes["headers_unknown"] for e in mine] == [3, 2, 2, 3]
         assert all("host" not in e.attributes for e in mine)
+
+
+# -- recording --------------------------------------------------------------------------------------
+
+
+def test_a_recorded_tls_exchange_is_plaintext_redacted(certificate, tmp_path):
+    """A recording task on a TLS server: the exchanges' bytes are the plaintext, with the
+    Authorization header masked, and the secret reaches neither the store nor an export."""
+    from tests.test_recording import Agent, exported, service_of, store_bytes, wait_until
+
+    secret = "tls-secret-6c0ffee"
+    server = python_program("py_server.py", *map(str, certificate), server=True)
+    agent = Agent(tmp_path / "agent.db")
+    try:
+        task_id = agent.cli("create", "--server", service_of(server.pid), "--count", "2").strip()
+        wait_until(lambda: server.port in agent.task(task_id)["ports"], "the task to watch the server's port")
+        client = python_program("py_client.py", str(server.port), "-H", f"Authorization: Bearer {secret}",
+                                "/private/1", "/private/2")
+        assert client.go() == ["200", "200"]
+        recorded = agent.wait_recorded(task_id, 2)
+        wait_until(lambda: agent.task(task_id)["state"] == "completed", "the task to complete")
+        assert [(x.protocol, x.method, x.target, x.status) for x in recorded] == [
+            ("http", "GET", "/private/1", 200), ("http", "GET", "/private/2", 200)]
+        for x in recorded:
+            assert x.request.startswith(b"GET /private/")
+            assert b"Authorization: [REDACTED]" in x.request and secret.encode() not in x.request
+            assert x.response.endswith(b"\r\n\r\nauthorized\n")  # the server saw the header
+            assert x.redactions == ("http.authorization",)
+        assert secret.encode() not in store_bytes(agent.store)
+        assert secret.encode() not in exported(agent, task_id, ("jsonl", "json", "har"))
+    finally:
+        agent.stop()
+        server.stop()

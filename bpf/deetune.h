@@ -297,4 +297,10 @@ struct dt_tcp_controls {
 	__u32 sample_shift;   /* log2(mask + 1), copied into the reported records */
 };
 
+/* The tls probe's live settings (its `controls` map, one entry). */
+struct dt_tls_controls {
+	__u32 sample_mask;    /* overload sampling: copy 1 connection-period in mask + 1 */
+	__u32 sample_shift;   /* log2(mask + 1), copied into the records */
+};
+
 #endif /* __DEETUNE_RECORDS_H__ */

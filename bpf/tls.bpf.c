@@ -25,6 +25,7 @@
 #include "common.bpf.h"
 
 const struct dt_data_record *dt_data_record_btf __attribute__((unused));
+const struct dt_tls_controls *dt_tls_controls_btf __attribute__((unused));
 
 /* Knobs, set by user space between open and load. 0 means "any". */
 const volatile __u32 targ_tgid = 0;
@@ -71,6 +72,14 @@ struct {
 	__type(key, __u16);
 	__type(value, __u32);
 } port_capture_bytes SEC(".maps");
+
+/* User space's live settings: overload sampling. */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct dt_tls_controls);
+} controls SEC(".maps");
 
 enum { OP_READ = 1, OP_WRITE = 2 };
 enum { LIB_OPENSSL = 1, LIB_GO = 2 };
@@ -265,6 +274,15 @@ int BPF_PROG(tls_tie_recv, struct sock *sk, int ret, int flags)
 
 /* -- the records ------------------------------------------------------------------------ */
 
+/* Overload sampling's key, the payload probe's (payload.bpf.c): both ports and the time in
+ * units of 256 jiffies, so that a local connection's two sides are sampled together, and
+ * together with its ciphertext's sampling. */
+static __always_inline __u16 sample_key(__u16 lport, __u16 rport)
+{
+	__u32 period = bpf_jiffies64() >> 8;
+	return (((lport ^ rport) + period * 0x9e3779b9u) * 2654435761u) >> 16;
+}
+
 static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __u8 direction, __u8 call)
 {
 	struct tls_conn *conn = bpf_map_lookup_elem(&tls_conns, key);
@@ -281,6 +299,15 @@ static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __
 	else if (!conn->wanted)
 		return;
 	__u64 seq = __sync_fetch_and_add(&conn->moved[direction & 1], bytes);
+	__u32 zero = 0;
+	struct dt_tls_controls *ctl = bpf_map_lookup_elem(&controls, &zero);
+	if (!ctl)
+		return;
+	__u16 skey = sample_key(conn->lport, conn->rport);
+	if (skey & ctl->sample_mask) {
+		dt_count(DT_STAT_SAMPLED_OUT);
+		return;
+	}
 	__u32 cpu = bpf_get_smp_processor_id();
 	struct scratch *s = bpf_map_lookup_elem(&tls_scratch, &cpu);
 	if (!s)
@@ -309,8 +336,8 @@ static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __
 	rec->rport = conn->rport;
 	rec->direction = direction;
 	rec->syscall = call;
-	rec->sample_key = 0;
-	rec->sample_shift = 0;
+	rec->sample_key = skey;
+	rec->sample_shift = ctl->sample_shift;
 	rec->flags = DT_DATA_TLS;
 	__builtin_memcpy(rec->laddr, conn->laddr, 16);
 	__builtin_memcpy(rec->raddr, conn->raddr, 16);

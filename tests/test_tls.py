@@ -52,12 +52,13 @@ WAIT = 30.0
 @contextlib.contextmanager
 def capture(port: int, *, tls: bool = True, emit_data: bool = False):
     """A pipeline decoding the connections on ``port``: the tls probe (plaintext) and the payload
-    probe (cleartext, and the ciphertext of TLS connections until the handler mutes it)."""
-    payload = PayloadProbe(ProbeOptions(), ports=[port], exclude_self=False)
-    probes = [TcpProbe(ProbeOptions(port=port)), payload]
+    probe (cleartext, and the ciphertext of TLS connections until the handler mutes it).  No
+    overload sampling: the counts are exact on a busy host too."""
+    payload = PayloadProbe(ProbeOptions(), ports=[port], exclude_self=False, overload_sampling=False)
+    probes = [TcpProbe(ProbeOptions(port=port), overload_sampling=False), payload]
     tls_probe = None
     if tls:
-        tls_probe = TlsProbe(ProbeOptions(port=port), exclude_self=False)
+        tls_probe = TlsProbe(ProbeOptions(port=port), exclude_self=False, overload_sampling=False)
         probes.append(tls_probe)
     handler = L7Handler(DECODERS, mute=payload.mute, emit_data=emit_data,
                         listening=ListeningPorts(reader=lambda: {port}))

@@ -19,6 +19,7 @@ A program that uses TLS but cannot be probed is logged once by name, counted
 from __future__ import annotations
 
 import heapq
+import struct
 import logging
 import os
 import threading
@@ -30,6 +31,7 @@ from deetune.events import DataEvent, Event, format_address
 from deetune.libbpf import BpfObject, LibbpfError, Link, num_possible_cpus
 from deetune.probes import tls_targets
 from deetune.probes.base import Probe, ProbeOptions
+from deetune.probes.overload import DEFAULT_BUSY_CPU, OverloadSampling
 from deetune.probes.tls_targets import Target
 
 log = logging.getLogger("deetune.probes.tls")
@@ -46,6 +48,8 @@ _CALLS = {
     _L.DT_SYS_GO_TLS_WRITE: "go_tls_write",
 }
 _AF_INET6 = 10
+_CONTROLS = struct.Struct("<II")
+assert _CONTROLS.size == records.ffi.sizeof("struct dt_tls_controls")
 #: The probe's own counters (enum tls_stat in bpf/tls.bpf.c).
 _STAT_NO_SOCKET, _STAT_TIED = 0, 1
 
@@ -85,15 +89,17 @@ class Unprobed:
         return f"{who}: {self.target.path}: {self.target.reason}"
 
 
-class TlsProbe(Probe):
+class TlsProbe(OverloadSampling, Probe):
     name = "tls"
     description = "TLS plaintext of OpenSSL (libssl or linked in) and Go crypto/tls, as their sockets' payload"
     object_name = "tls"
 
     def __init__(self, options: ProbeOptions | None = None, clock=None, *,
                  capture_bytes: int = DEFAULT_CAPTURE_BYTES, exclude_self: bool | None = None,
-                 rescan_seconds: float = RESCAN_SECONDS, system_libraries: bool = True):
+                 rescan_seconds: float = RESCAN_SECONDS, system_libraries: bool = True,
+                 overload_sampling: bool = True, busy_cpu: float | None = DEFAULT_BUSY_CPU):
         super().__init__(options, clock)
+        self._init_overload_sampling(overload_sampling, busy_cpu)
         if not 0 <= capture_bytes <= _L.DT_PAYLOAD_MAX:
             raise ValueError(f"capture_bytes must be between 0 and {_L.DT_PAYLOAD_MAX}, got {capture_bytes}")
         self.capture_bytes = capture_bytes
@@ -131,7 +137,11 @@ class TlsProbe(Probe):
         if self.options.port:
             obj.maps["capture_ports"].update(self.options.port.to_bytes(2, "little"), b"\x01")
 
+    def _write_sampling(self) -> None:
+        self.obj.maps["controls"].update(b"\0\0\0\0", _CONTROLS.pack(self.sampling - 1, self.sampling.bit_length() - 1))
+
     def after_attach(self) -> None:
+        self._write_sampling()
         # Synchronously: when start() returns, the TLS libraries in use are probed.
         if self.system_libraries:
             for path in tls_targets.system_libssl():
@@ -180,7 +190,10 @@ class TlsProbe(Probe):
         if kind != _L.DT_REC_DATA:
             return ()
         (kind, pid, ts_mono, sock_id, conn_id, cgroup_id, seq, tid, fd, size, captured, family, lport, rport,
-         direction, syscall, _key, _shift, _flags, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
+         direction, syscall, sample_key, sample_shift, _flags, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
+        self._read += 1
+        if self._left_out_as_read(sample_key):
+            return ()
         family = 6 if family == _AF_INET6 else 4
         return (
             DataEvent(
@@ -204,6 +217,7 @@ class TlsProbe(Probe):
                 cgroup_id=cgroup_id,
                 conn_id=conn_id,
                 seq=seq,
+                sampling=max(1 << sample_shift, self.sampling),
                 tls=True,
             ),
         )

@@ -58,13 +58,6 @@ enum dt_syscall {
 	DT_SYS_GO_TLS_WRITE = 16,
 };
 
-/* Bits of dt_data_record.flags */
-enum dt_data_flags {
-	/* The bytes are a TLS connection's plaintext; the socket's own bytes
-	 * (ciphertext) are not to be decoded. */
-	DT_DATA_TLS = 1,
-};
-
 enum dt_role {
 	DT_ROLE_UNKNOWN = 0,
 	DT_ROLE_CLIENT = 1,
@@ -153,6 +146,9 @@ enum dt_data_flags {
 	 * and the response's head, two records in that order, to be decoded on
 	 * their own. */
 	DT_DATA_ERROR_HEAD = 1,
+	/* The bytes are a TLS connection's plaintext (the tls probe); the socket's
+	 * own bytes (ciphertext) are not to be decoded. */
+	DT_DATA_TLS = 2,
 };
 
 /* Exact accounting in the kernel (bpf/l7.bpf.h, tcp.bpf.c): per-CPU counters keyed by

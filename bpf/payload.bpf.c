@@ -333,15 +333,23 @@ static long copy_one_iovec(__u32 i, void *data)
 	return 0;
 }
 
+/* The bpf_loop copy, in a function of its own (verified once, apart from its callers' states). */
+__attribute__((noinline)) __u32 copy_iovecs_looping(struct scratch *s, __u32 limit, __u64 iovs, __u64 vlen,
+						    __u64 moved)
+{
+	if (!s || !bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+		return 0;
+	struct iovec_copy c = {.s = s, .iovs = (const struct iovec *)iovs, .vlen = vlen, .moved = moved, .limit = limit};
+	bpf_loop(vlen < MAX_IOVECS_LOOP ? vlen : MAX_IOVECS_LOOP, copy_one_iovec, &c, 0);
+	return c.offset;
+}
+
 /* Copy from an iovec array until `moved` bytes are covered; returns bytes copied. */
 static __always_inline __u32 copy_iovecs(struct scratch *s, __u32 limit, const struct iovec *iovs,
 					 __u64 vlen, __u64 moved)
 {
-	if (bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop)) {
-		struct iovec_copy c = {.s = s, .iovs = iovs, .vlen = vlen, .moved = moved, .limit = limit};
-		bpf_loop(vlen < MAX_IOVECS_LOOP ? vlen : MAX_IOVECS_LOOP, copy_one_iovec, &c, 0);
-		return c.offset;
-	}
+	if (bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+		return copy_iovecs_looping(s, limit, (__u64)iovs, vlen, moved);
 	__u32 offset = 0;
 	for (int i = 0; i < MAX_IOVECS; i++) {
 		if (i >= vlen || moved == 0)

@@ -21,8 +21,15 @@
  * calls are tied to their goroutine (register R14 on x86, R28 on arm64), the
  * same at the syscall inside the call: another goroutine scheduled on the
  * thread meanwhile ties nothing.
+ *
+ * Counting: the plaintext goes through the kernel's exact accounting
+ * (l7.bpf.h, as the payload probe's calls do), its state per TLS object in an
+ * LRU map, ended when the socket under it closes.  The ciphertext classifies
+ * as nothing there, so nothing is counted twice.
  */
 #include "common.bpf.h"
+#define L7_BUF_SIZE DT_PAYLOAD_MAX
+#include "l7.bpf.h"
 
 const struct dt_data_record *dt_data_record_btf __attribute__((unused));
 const struct dt_tls_controls *dt_tls_controls_btf __attribute__((unused));
@@ -35,6 +42,8 @@ const volatile __u32 self_tgid = 0;
 const volatile __u32 capture_bytes = 4096;
 /* When set, only sockets whose local or remote port is in capture_ports. */
 const volatile bool filter_ports = false;
+/* Count every HTTP, Redis and MySQL exchange of the plaintext (l7.bpf.h). */
+const volatile bool account_l7 = true;
 
 /* The probe's own counters, beside dt_stats (user space reads both). */
 enum tls_stat {
@@ -110,6 +119,24 @@ struct {
 	__type(key, struct tls_key);
 	__type(value, struct tls_conn);
 } tls_conns SEC(".maps");
+
+/* The accounting's state of each TLS object's plaintext (l7.bpf.h). */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct tls_key);
+	__type(value, struct l7_sock);
+} tls_l7 SEC(".maps");
+
+/* The TLS object over each tied socket: its accounting ends when the socket closes. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, 65536);
+	__type(key, __u64);
+	__type(value, struct tls_key);
+} tls_of_sock SEC(".maps");
+
+static const struct l7_sock l7_sock_zero = {};
 
 /* The TLS calls in progress on a thread.  An OpenSSL data call (SSL_read…)
  * and a handshake have a slot each: a handshake may run inside SSL_read. */
@@ -256,7 +283,31 @@ static __always_inline int on_transfer(struct sock *sk)
 	conn.wanted = dt_sock_netns_wanted(sk) &&
 		      (!filter_ports || port_selected(conn.lport) || port_selected(conn.rport));
 	bpf_map_update_elem(&tls_conns, &key, &conn, BPF_ANY);
+	__u64 sock_id = (__u64)sk;
+	bpf_map_update_elem(&tls_of_sock, &sock_id, &key, BPF_ANY);
+	if (account_l7)
+		bpf_map_update_elem(&tls_l7, &key, &l7_sock_zero, BPF_ANY); /* a new connection's exchanges */
 	count(TLS_STAT_TIED);
+	return 0;
+}
+
+/* A socket closes: the exchanges of the TLS object over it end (requests never answered are
+ * counted as such) and its state goes. */
+SEC("tp_btf/inet_sock_set_state")
+int BPF_PROG(tls_sock_close, struct sock *sk, int oldstate, int newstate)
+{
+	if (newstate != TCP_CLOSE)
+		return 0;
+	__u64 sock_id = (__u64)sk;
+	struct tls_key *key = bpf_map_lookup_elem(&tls_of_sock, &sock_id);
+	if (!key)
+		return 0;
+	struct tls_key k = *key;
+	bpf_map_delete_elem(&tls_of_sock, &sock_id);
+	struct l7_sock *st = bpf_map_lookup_elem(&tls_l7, &k);
+	if (st && account_l7)
+		l7_close(st, bpf_ktime_get_ns());
+	bpf_map_delete_elem(&tls_l7, &k);
 	return 0;
 }
 
@@ -283,6 +334,56 @@ static __always_inline __u16 sample_key(__u16 lport, __u16 rport)
 	return (((lport ^ rport) + period * 0x9e3779b9u) * 2654435761u) >> 16;
 }
 
+static __always_inline __u32 copy_plaintext(struct scratch *s, __u64 buf, __u64 bytes, __u32 want)
+{
+	__u64 n = bytes < want ? bytes : want;
+	n &= DT_PAYLOAD_MAX * 2 - 1;
+	if (n > DT_PAYLOAD_MAX)
+		n = DT_PAYLOAD_MAX;
+	if (n && bpf_probe_read_user(s->rec.data, n, (const void *)buf) != 0)
+		return 0;
+	return n;
+}
+
+/* The exchanges of this call, counted (l7.bpf.h) whatever the sampling: its first bytes are
+ * copied for it when the record copies fewer.  Returns the bytes now in the scratch. */
+static __always_inline __u32 account(struct tls_key *key, struct tls_conn *conn, struct scratch *s, __u64 buf,
+				     __u64 bytes, __u8 direction, __u32 copied, __u64 now)
+{
+	struct l7_sock *st = bpf_map_lookup_elem(&tls_l7, key);
+	if (!st) {
+		bpf_map_update_elem(&tls_l7, key, &l7_sock_zero, BPF_NOEXIST);
+		st = bpf_map_lookup_elem(&tls_l7, key);
+		if (!st)
+			return copied;
+	}
+	if (st->protocol == DT_L7_NONE)
+		return copied;
+	__u32 need = l7_bytes_wanted(st, false);
+	if (need > copied && copied < bytes)
+		copied = copy_plaintext(s, buf, bytes, need);
+	const struct l7_bytes *b = (const struct l7_bytes *)s->rec.data;
+	st->now = now;
+	if (st->protocol == DT_L7_UNKNOWN) {
+		if (!st->ends.set) {
+			struct l7_endpoints *ends = &st->ends;
+			ends->family = conn->family;
+			ends->lport = conn->lport;
+			ends->rport = conn->rport;
+			__builtin_memcpy(ends->laddr, conn->laddr, 16);
+			__builtin_memcpy(ends->raddr, conn->raddr, 16);
+			ends->set = 1;
+		}
+		if (l7_classify_call(st, b, (__u64)copied << 32 | (__u32)bytes, direction)) {
+			need = l7_bytes_wanted(st, false);
+			if (need > copied && copied < bytes)
+				copied = copy_plaintext(s, buf, bytes, need);
+		}
+	}
+	l7_account(st, b, (__u64)copied << 32 | (__u32)bytes, direction);
+	return copied;
+}
+
 static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __u8 direction, __u8 call)
 {
 	struct tls_conn *conn = bpf_map_lookup_elem(&tls_conns, key);
@@ -291,38 +392,52 @@ static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __
 		return;
 	}
 	__u32 limit = capture_bytes;
+	bool copy = conn->wanted;
 	__u32 *override = bpf_map_lookup_elem(&port_capture_bytes, &conn->lport);
 	if (!override)
 		override = bpf_map_lookup_elem(&port_capture_bytes, &conn->rport);
-	if (override)
+	if (override) {
 		limit = *override; /* a recorded connection is copied even when not selected */
-	else if (!conn->wanted)
+		copy = true;
+	}
+	if (limit > DT_PAYLOAD_MAX)
+		limit = DT_PAYLOAD_MAX;
+	/* Counting depends on the filters only, never on the sampling. */
+	bool counted = account_l7 && conn->wanted;
+	if (!copy && !counted)
 		return;
-	__u64 seq = __sync_fetch_and_add(&conn->moved[direction & 1], bytes);
 	__u32 zero = 0;
 	struct dt_tls_controls *ctl = bpf_map_lookup_elem(&controls, &zero);
 	if (!ctl)
 		return;
+	__u64 seq = 0;
 	__u16 skey = sample_key(conn->lport, conn->rport);
-	if (skey & ctl->sample_mask) {
-		dt_count(DT_STAT_SAMPLED_OUT);
-		return;
+	if (copy) {
+		/* Counted before the sampling: a call it leaves out is a jump in the stream. */
+		seq = __sync_fetch_and_add(&conn->moved[direction & 1], bytes);
+		if (skey & ctl->sample_mask) {
+			dt_count(DT_STAT_SAMPLED_OUT);
+			copy = false;
+		}
 	}
+	if (!copy && !counted)
+		return;
 	__u32 cpu = bpf_get_smp_processor_id();
 	struct scratch *s = bpf_map_lookup_elem(&tls_scratch, &cpu);
 	if (!s)
 		return;
-	if (limit > DT_PAYLOAD_MAX)
-		limit = DT_PAYLOAD_MAX;
-	__u64 captured = bytes < limit ? bytes : limit;
-	captured &= DT_PAYLOAD_MAX * 2 - 1;
-	if (captured > DT_PAYLOAD_MAX)
-		captured = DT_PAYLOAD_MAX;
-	if (captured && bpf_probe_read_user(s->rec.data, captured, (const void *)buf) != 0)
-		captured = 0;
+	__u32 copied = copy_plaintext(s, buf, bytes, copy ? limit : 0);
+	__u64 now = bpf_ktime_get_ns();
+	if (counted)
+		copied = account(key, conn, s, buf, bytes, direction, copied, now);
+	if (!copy)
+		return;
+	__u32 captured = copied < limit ? copied : limit;
 	struct dt_data_record *rec = &s->rec;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
-	dt_fill_header(&rec->hdr, DT_REC_DATA, pid_tgid >> 32);
+	rec->hdr.kind = DT_REC_DATA;
+	rec->hdr.pid = pid_tgid >> 32;
+	rec->hdr.ts_ns = now;
 	rec->sock_id = conn->sock_id;
 	rec->conn_id = conn->conn_id;
 	rec->cgroup_id = bpf_get_current_cgroup_id();
@@ -342,7 +457,7 @@ static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __
 	__builtin_memcpy(rec->laddr, conn->laddr, 16);
 	__builtin_memcpy(rec->raddr, conn->raddr, 16);
 	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
-	__u64 total = __builtin_offsetof(struct dt_data_record, data) + captured;
+	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (captured & (DT_PAYLOAD_MAX * 2 - 1));
 	if (total > sizeof(*s))
 		return;
 	dt_output(&tls_events, rec, total);

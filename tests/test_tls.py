@@ -22,7 +22,7 @@ import pytest
 
 from deetune.decoders.http import HttpDecoder
 from deetune.decoders.http2 import Http2Decoder
-from deetune.events import DataEvent, ExchangeEvent
+from deetune.events import DataEvent, ExchangeEvent, RequestCounts
 from deetune.l7 import L7Handler, ListeningPorts
 from deetune.probes import ProbeOptions
 from deetune.probes.payload import PayloadProbe
@@ -154,6 +154,14 @@ def test_python_ssl_server_and_client(certificate):
     assert {e.pid for e in got} == {client.pid, server.pid}
     data = c.matching(lambda e: isinstance(e, DataEvent))
     assert data == []  # raw data events only with emit_data
+    # Counted in the kernel from the plaintext (the tls probe's accounting), once per side; the
+    # ciphertext (the payload probe's) is counted as nothing.
+    counts: dict[tuple, int] = {}
+    for e in c.matching(lambda e: isinstance(e, RequestCounts) and e.port == server.port):
+        key = (e.role, e.protocol, e.method, e.status, e.outcome)
+        counts[key] = counts.get(key, 0) + e.count
+    assert counts == {("client", "http", "GET", 200, "ok"): 2, ("client", "http", "GET", 404, "ok"): 1,
+                      ("server", "http", "GET", 200, "ok"): 2, ("server", "http", "GET", 404, "ok"): 1}
 
 
 def test_a_libssl_of_its_own_is_found_in_the_process_mappings(certificate, tmp_path):

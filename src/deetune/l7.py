@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 import attrs
 
 from deetune import procnet
+from deetune.accounting import KERNEL_COUNTED  # whose errors the kernel always copies
 from deetune.decoders.base import Decoder, Direction, Exchange
 from deetune.decoders.session import State, StreamSession
 from deetune.events import ConnectionEvent, DataEvent, Event, ExchangeEvent
@@ -34,8 +35,6 @@ CLOSE_GRACE_NS = 1_000_000_000
 #: Live chunks are whole syscalls: a write usually ends where a message ends,
 #: so when a capture gap hides HTTP framing the decoder may assume just that.
 LIVE_DECODER_OPTIONS = {"http": {"trust_syscall_boundaries": True}, "http2": {"trust_syscall_boundaries": True}}
-#: Protocols the kernel counts (bpf/l7.bpf.h), whose errors it always copies.
-KERNEL_COUNTED = frozenset({"http", "redis", "mysql"})
 
 
 @attrs.define

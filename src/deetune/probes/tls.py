@@ -26,6 +26,7 @@ import threading
 import time
 from typing import Iterable
 
+from deetune import accounting as accounting_
 from deetune import records
 from deetune.events import DataEvent, Event, format_address
 from deetune.libbpf import BpfObject, LibbpfError, Link, num_possible_cpus
@@ -97,9 +98,14 @@ class TlsProbe(OverloadSampling, Probe):
     def __init__(self, options: ProbeOptions | None = None, clock=None, *,
                  capture_bytes: int = DEFAULT_CAPTURE_BYTES, exclude_self: bool | None = None,
                  rescan_seconds: float = RESCAN_SECONDS, system_libraries: bool = True,
-                 overload_sampling: bool = True, busy_cpu: float | None = DEFAULT_BUSY_CPU):
+                 overload_sampling: bool = True, busy_cpu: float | None = DEFAULT_BUSY_CPU,
+                 accounting: bool = True):
         super().__init__(options, clock)
         self._init_overload_sampling(overload_sampling, busy_cpu)
+        #: Count every HTTP, Redis and MySQL exchange of the plaintext in the kernel (read_counts).
+        self.accounting = accounting
+        self._requests: "accounting_.CounterMap | None" = None
+        self._latency: "accounting_.CounterMap | None" = None
         if not 0 <= capture_bytes <= _L.DT_PAYLOAD_MAX:
             raise ValueError(f"capture_bytes must be between 0 and {_L.DT_PAYLOAD_MAX}, got {capture_bytes}")
         self.capture_bytes = capture_bytes
@@ -129,10 +135,13 @@ class TlsProbe(OverloadSampling, Probe):
             obj.set_constant("targ_tgid", self.options.pid)
         if self.options.port:
             obj.set_constant("filter_ports", 1)
+        obj.set_constant("account_l7", int(self.accounting))
+        obj.set_constant("dt_latency_bounds", accounting_.latency_bounds_image())
+        obj.set_constant("dt_latency_bound_count", len(accounting_.LATENCY_BOUNDS_NS))
 
     def attach(self, obj: BpfObject) -> None:
         # The tracepoints first: a TLS object is tied to its socket as soon as the uprobes fire.
-        for name in ("tls_tie_send", "tls_tie_recv", "tls_exec"):
+        for name in ("tls_tie_send", "tls_tie_recv", "tls_sock_close", "tls_exec"):
             obj.programs[name].attach()
         if self.options.port:
             obj.maps["capture_ports"].update(self.options.port.to_bytes(2, "little"), b"\x01")
@@ -141,6 +150,8 @@ class TlsProbe(OverloadSampling, Probe):
         self.obj.maps["controls"].update(b"\0\0\0\0", _CONTROLS.pack(self.sampling - 1, self.sampling.bit_length() - 1))
 
     def after_attach(self) -> None:
+        self._requests = accounting_.CounterMap(self.obj.maps["dt_l7_counts"], 4, accounting_.decode_l7_key)
+        self._latency = accounting_.CounterMap(self.obj.maps["dt_l7_latency"], 1, accounting_.decode_latency_key)
         self._write_sampling()
         # Synchronously: when start() returns, the TLS libraries in use are probed.
         if self.system_libraries:
@@ -159,6 +170,13 @@ class TlsProbe(OverloadSampling, Probe):
             self._scanner.join(10)
             self._scanner = None
         super().stop()
+
+    def read_counts(self) -> list[Event]:
+        """The exchanges of TLS plaintext the kernel counted since the last call (RequestCounts,
+        LatencyCounts): those of HTTP/1, Redis and MySQL over TLS, exact whatever the sampling."""
+        if self.obj is None or self._requests is None or not self.accounting:
+            return []
+        return accounting_.count_events(self._requests, self._latency)
 
     def set_port_capture(self, port: int, capture_bytes: int | None) -> None:
         """Copy ``capture_bytes`` of plaintext per call on connections with this local or remote

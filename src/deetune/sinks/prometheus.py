@@ -34,7 +34,7 @@ from prometheus_client.core import (
 )
 
 from deetune import procnet
-from deetune.accounting import EXCHANGE_OUTCOMES, OUTCOME_ERROR
+from deetune.accounting import EXCHANGE_OUTCOMES, KERNEL_COUNTED, OUTCOME_ERROR
 from deetune.events import ConnectionCounts, ConnectionEvent, CountedEvent, Event, ExchangeEvent, LatencyCounts, RequestCounts
 from deetune.sinks.base import Sink, SinkError
 from deetune.topology.model import _COARSE_OF_FINE, LATENCY_BUCKETS_NS
@@ -635,7 +635,8 @@ class PrometheusSink(Sink):
                 self._on_counts(event)
         elif isinstance(event, ExchangeEvent):
             with self._lock:
-                if self.kernel_counts:
+                # The kernel counts these protocols' exchanges; others' (HTTP/2, gRPC …) count here.
+                if self.kernel_counts and event.protocol in KERNEL_COUNTED:
                     self._on_decoded(event)
                 else:
                     self._on_exchange(event)

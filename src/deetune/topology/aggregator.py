@@ -69,7 +69,7 @@ from typing import Any, Callable, Iterable, Protocol
 import attrs
 
 from deetune import procnet
-from deetune.accounting import EXCHANGE_OUTCOMES, OUTCOME_ERROR, OUTCOME_UNPARSED, OUTCOME_UNSOLICITED
+from deetune.accounting import EXCHANGE_OUTCOMES, KERNEL_COUNTED, OUTCOME_ERROR, OUTCOME_UNPARSED, OUTCOME_UNSOLICITED
 from deetune.events import (
     ConnectionCounts,
     ConnectionEvent,
@@ -360,7 +360,9 @@ class TopologyAggregator:
             if edge is None or sock.edge_gen != self._gen or sock.edge_protocol != protocol:
                 edge = self._bind(sock, protocol)
             stats = edge.stats
-            if self.kernel_counts:
+            # Counted by the kernel (RequestCounts): here only detail.  Other protocols (HTTP/2,
+            # gRPC, plugins') are counted from their exchanges, below.
+            if self.kernel_counts and protocol in KERNEL_COUNTED:
                 stats.decoded += 1
                 enriched = _enricher(type(event))(event, sock.client, sock.server)
                 if out:

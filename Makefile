@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 # Debian packages: to build and run the agent, and to run the tests.
 RUN_DEBS := clang llvm libbpf-dev libbpf1 bpftool make python3-venv python3-dev gcc nodejs npm
 TEST_DEBS := nginx redis-server redis-tools mariadb-server mariadb-client prometheus wrk \
-             iproute2 chromium procps curl \
+             iproute2 chromium procps curl openssl libssl-dev golang-go nghttp2-client \
              postgresql-15 dnsmasq-base rabbitmq-server memcached mosquitto beanstalkd
 
 BPF_SRC := $(wildcard bpf/*.bpf.c)

@@ -46,7 +46,8 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 _SUMMARY = re.compile(r"^deetune: (\d+) events in ([\d.]+)s; (.*)$")
 _PROBE_PART = re.compile(r"^(\S+): (\d+) records, (\d+) lost(?:, (\d+) undecodable)?"
-                         r"(?:, (\d+) (?:calls|records) left out by overload sampling \(down to 1 connection in (\d+)\))?$")
+                         r"(?:, (\d+) (?:calls|records) left out by overload sampling \(down to 1 connection in (\d+)\))?"
+                         r"(?:, \d+ [a-z ]+)*$")  # a probe's own counters (the tls probe's)
 
 
 _SNAPSHOT: str | None = None

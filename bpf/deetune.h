@@ -49,6 +49,13 @@ enum dt_syscall {
 	/* A transfer some other call made (splice, io_uring, a 32-bit process's
 	 * calls): its length only. */
 	DT_SYS_OTHER = 12,
+	/* Plaintext of a TLS connection, taken from the library's own calls (the
+	 * tls probe): OpenSSL's SSL_read/SSL_read_ex, SSL_write/SSL_write_ex, Go's
+	 * crypto/tls (*Conn).Read and (*Conn).Write. */
+	DT_SYS_SSL_READ = 13,
+	DT_SYS_SSL_WRITE = 14,
+	DT_SYS_GO_TLS_READ = 15,
+	DT_SYS_GO_TLS_WRITE = 16,
 };
 
 enum dt_role {
@@ -142,6 +149,9 @@ enum dt_data_flags {
 	/* A UDP socket: the call moved one datagram; rport 0 when its peer is
 	 * not known (received on an unconnected socket). */
 	DT_DATA_DATAGRAM = 2,
+	/* The bytes are a TLS connection's plaintext (the tls probe); the socket's
+	 * own bytes (ciphertext) are not to be decoded. */
+	DT_DATA_TLS = 4,
 };
 
 /* Exact accounting in the kernel (bpf/l7.bpf.h, tcp.bpf.c): per-CPU counters keyed by
@@ -284,6 +294,12 @@ struct dt_payload_controls {
 struct dt_tcp_controls {
 	__u32 sample_mask;    /* overload sampling: report 1 connection in mask + 1 */
 	__u32 sample_shift;   /* log2(mask + 1), copied into the reported records */
+};
+
+/* The tls probe's live settings (its `controls` map, one entry). */
+struct dt_tls_controls {
+	__u32 sample_mask;    /* overload sampling: copy 1 connection-period in mask + 1 */
+	__u32 sample_shift;   /* log2(mask + 1), copied into the records */
 };
 
 #endif /* __DEETUNE_RECORDS_H__ */

@@ -122,8 +122,12 @@ enum buffer_shape {
 	SHAPE_NONE = 4,  /* no user buffer (sendfile, splice, io_uring …): the length only */
 };
 
-/* How many iovecs one call copies from: bounded for the verifier. */
+/* How many iovecs one call copies from: bounded for the verifier.  With bpf_loop
+ * (Linux 5.17+; its callback is verified once) up to MAX_IOVECS_LOOP: gRPC's C
+ * core writes a frame's pieces as dozens of iovecs; an unrolled bound that high
+ * takes the verifier seconds. */
 #define MAX_IOVECS 4
+#define MAX_IOVECS_LOOP 1024
 
 /* A syscall's number and arguments in the registers it saved on entry; the
  * numbers are each architecture's ABI. */
@@ -305,10 +309,46 @@ static __always_inline __u32 copy_user(struct scratch *s, __u32 limit, __u32 off
 	return offset + len;
 }
 
+struct iovec_copy {
+	struct scratch *s;
+	const struct iovec *iovs;
+	__u64 vlen;
+	__u64 moved;
+	__u32 limit;
+	__u32 offset;
+};
+
+static long copy_one_iovec(__u32 i, void *data)
+{
+	struct iovec_copy *c = data;
+	if (i >= c->vlen || c->moved == 0 || c->offset >= c->limit)
+		return 1;
+	struct iovec iov = {};
+	if (bpf_probe_read_user(&iov, sizeof(iov), &c->iovs[i]) != 0)
+		return 1;
+	__u64 len = iov.iov_len < c->moved ? iov.iov_len : c->moved;
+	c->offset = copy_user(c->s, c->limit, c->offset, iov.iov_base, len);
+	c->moved -= len;
+	return 0;
+}
+
+/* The bpf_loop copy, in a function of its own (verified once, apart from its callers' states). */
+__attribute__((noinline)) __u32 copy_iovecs_looping(struct scratch *s, __u32 limit, __u64 iovs, __u64 vlen,
+						    __u64 moved)
+{
+	if (!s || !bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+		return 0;
+	struct iovec_copy c = {.s = s, .iovs = (const struct iovec *)iovs, .vlen = vlen, .moved = moved, .limit = limit};
+	bpf_loop(vlen < MAX_IOVECS_LOOP ? vlen : MAX_IOVECS_LOOP, copy_one_iovec, &c, 0);
+	return c.offset;
+}
+
 /* Copy from an iovec array until `moved` bytes are covered; returns bytes copied. */
 static __always_inline __u32 copy_iovecs(struct scratch *s, __u32 limit, const struct iovec *iovs,
 					 __u64 vlen, __u64 moved)
 {
+	if (bpf_core_enum_value_exists(enum bpf_func_id, BPF_FUNC_loop))
+		return copy_iovecs_looping(s, limit, (__u64)iovs, vlen, moved);
 	__u32 offset = 0;
 	for (int i = 0; i < MAX_IOVECS; i++) {
 		if (i >= vlen || moved == 0)

@@ -47,6 +47,8 @@ enum bpf_map_type {
 enum { BPF_ANY = 0, BPF_NOEXIST = 1, BPF_EXIST = 2 };
 enum { BPF_F_NO_PREALLOC = 1 };
 enum { BPF_RB_NO_WAKEUP = 1, BPF_RB_FORCE_WAKEUP = 2 };
+/* Helpers whose presence a program checks at load (bpf_core_enum_value_exists). */
+enum bpf_func_id { BPF_FUNC_loop = 181 };
 enum { BPF_LOCAL_STORAGE_GET_F_CREATE = 1, BPF_SK_STORAGE_GET_F_CREATE = 1 };
 
 /* include/net/tcp_states.h (stable values) */
@@ -225,11 +227,20 @@ struct pt_regs {
 	unsigned long di;
 	unsigned long si;
 	unsigned long dx;
+	unsigned long cx;
+	unsigned long r8;
+	unsigned long ax;
+	unsigned long bx;
+	unsigned long r14; /* Go's register ABI: the current goroutine */
+	unsigned long sp;
+	unsigned long ip;
 	unsigned long orig_ax; /* the syscall number */
 } __attribute__((preserve_access_index));
 #elif defined(__TARGET_ARCH_arm64)
 struct pt_regs {
 	__u64 regs[31];
+	__u64 sp;
+	__u64 pc;
 	__u64 orig_x0; /* x0 becomes the return value; this keeps the first argument */
 	__s32 syscallno;
 } __attribute__((preserve_access_index));

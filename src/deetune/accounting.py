@@ -58,7 +58,9 @@ MYSQL_COMMANDS = {
 }  # fmt: skip
 
 PROTOCOLS = {_L.DT_L7_HTTP: "http", _L.DT_L7_REDIS: "redis", _L.DT_L7_MYSQL: "mysql", _L.DT_L7_UNKNOWN: "tcp"}
-#: The decoders' protocols the kernel counts; the others' exchanges are counted from their decoding.
+#: Protocols whose exchanges the kernel counts (bpf/l7.bpf.h, in the payload probe's socket calls and in
+#: the tls probe's plaintext).  Those of other protocols (HTTP/2, gRPC, the other decoders', plugins')
+#: are counted from their decoded exchanges.
 KERNEL_COUNTED = frozenset(name for name in PROTOCOLS.values() if name != "tcp")
 ROLES = {_L.DT_ROLE_CLIENT: "client", _L.DT_ROLE_SERVER: "server"}
 
@@ -241,3 +243,28 @@ def decode_latency_key(raw: bytes) -> tuple[Edge, str, int]:
 
 def decode_edge_key(raw: bytes) -> Edge:
     return decode_edge(_EDGE.unpack(raw))
+
+
+def count_events(requests: CounterMap, latency: CounterMap) -> list:
+    """The exchanges an l7.bpf.h includer's maps counted since the last call (RequestCounts), and
+    their latencies (LatencyCounts, per edge side and method)."""
+    from deetune.events import LatencyCounts, RequestCounts
+
+    ts, mono = time.time_ns(), time.monotonic_ns()
+    out: list = []
+    for (edge, method, status, outcome), (count, req_bytes, resp_bytes, latency_sum) in requests.read():
+        out.append(RequestCounts(
+            ts, ts_mono_ns=mono, role=edge.role, pid=edge.pid, peer_pid=edge.peer_pid, cgroup_id=edge.cgroup_id,
+            raddr=edge.raddr, port=edge.port, protocol=edge.protocol, method=method, status=status,
+            outcome=outcome, count=count, request_bytes=req_bytes, response_bytes=resp_bytes,
+            latency_sum_ns=latency_sum,
+        ))
+    histograms: dict[tuple, dict[int, int]] = {}
+    for (edge, method, bucket), (count,) in latency.read():
+        histograms.setdefault((edge, method), {})[bucket] = count
+    for (edge, method), buckets in histograms.items():
+        out.append(LatencyCounts(
+            ts, ts_mono_ns=mono, role=edge.role, pid=edge.pid, peer_pid=edge.peer_pid, cgroup_id=edge.cgroup_id,
+            raddr=edge.raddr, port=edge.port, protocol=edge.protocol, method=method, buckets=buckets,
+        ))
+    return out

@@ -10,10 +10,12 @@ def deetune_register_probes(register):
     from deetune.probes.payload import PayloadProbe
     from deetune.probes.process import ProcessProbe
     from deetune.probes.tcp import TcpProbe
+    from deetune.probes.tls import TlsProbe
 
     register(ProcessProbe)
     register(TcpProbe)
     register(PayloadProbe)
+    register(TlsProbe)
 
 
 @hookimpl
@@ -34,10 +36,12 @@ def deetune_register_sinks(register):
 @hookimpl
 def deetune_register_decoders(register):
     from deetune.decoders.http import HttpDecoder
+    from deetune.decoders.http2 import Http2Decoder
     from deetune.decoders.mysql import MysqlDecoder
     from deetune.decoders.redis import RedisDecoder
 
     register(HttpDecoder)
+    register(Http2Decoder)
     register(RedisDecoder)
     register(MysqlDecoder)
     # Imported when used (an agent run with --protocol pays only for the decoders it names).

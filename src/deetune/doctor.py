@@ -250,6 +250,23 @@ def run_checks(*, use_cache: bool = True) -> list[Check]:
     if all(c.ok for c in checks if c.essential):
         for name, (works, detail) in attach_features(use_cache=use_cache).items():
             checks.append(Check(f"attach {name}", works, detail, essential=name in NEEDED_FEATURES))
+    checks.extend(check_tls())
+    return checks
+
+
+def check_tls() -> list[Check]:
+    """The TLS libraries and programs the tls probe would read, and those it cannot (named)."""
+    from deetune.probes.tls import scan_host
+
+    try:
+        probeable, unprobed = scan_host()
+    except OSError as exc:
+        return [Check("tls", False, f"cannot look at the processes: {exc}", essential=False)]
+    names = ", ".join(f"{t.path}{' (' + t.version + ')' if t.version else ''}" for t in probeable)
+    checks = [Check("tls", bool(probeable), f"{len(probeable)} probed: {names}" if probeable
+                    else "no OpenSSL library or Go program with crypto/tls found", essential=False)]
+    for entry in unprobed:
+        checks.append(Check("tls not probed", False, entry.describe(), essential=False))
     return checks
 
 

@@ -186,6 +186,9 @@ class DataEvent(Event):
     #: ``"tcp"``, or ``"udp"``: the call moved one datagram, and ``rport`` is 0 when its peer is not
     #: known (a datagram received on an unconnected socket).
     transport: str = attrs.field(kw_only=True, default="tcp")
+    #: The bytes are the plaintext of a TLS connection on this socket (the tls probe: ``syscall`` is
+    #: the library call, ``SSL_write``, ``go_tls_read`` …), not the socket's own bytes.
+    tls: bool = attrs.field(kw_only=True, default=False)
 
     @property
     def truncated(self) -> bool:

@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Sequence
 import attrs
 
 from deetune import procnet
+from deetune.accounting import KERNEL_COUNTED  # whose errors the kernel always copies
 from deetune.decoders.base import Decoder, Exchange
 from deetune.decoders.session import State, StreamSession
 from deetune.events import ConnectionEvent, DataEvent, Event, ExchangeEvent
@@ -33,9 +34,7 @@ CLOSE_GRACE_NS = 1_000_000_000
 
 #: Live chunks are whole syscalls: a write usually ends where a message ends,
 #: so when a capture gap hides HTTP framing the decoder may assume just that.
-LIVE_DECODER_OPTIONS = {"http": {"trust_syscall_boundaries": True}}
-#: Protocols the kernel counts (bpf/l7.bpf.h), whose errors it always copies.
-KERNEL_COUNTED = frozenset({"http", "redis", "mysql"})
+LIVE_DECODER_OPTIONS = {"http": {"trust_syscall_boundaries": True}, "http2": {"trust_syscall_boundaries": True}}
 
 
 @attrs.define
@@ -101,6 +100,8 @@ class _Conn:
     #: Whether the last chunk fed was a response that completed exchanges (nothing in flight, as
     #: far as a request/response protocol goes): where a recording may start again after a skip.
     answered_last: bool = False
+    #: The bytes decoded are the TLS plaintext of the connection (the tls probe's), not its own.
+    tls: bool = False
 
 
 #: A connection's identity in the table: its socket cookie, or where the source has none (0),
@@ -255,11 +256,23 @@ class L7Handler:
                 # No cookie to tell them apart: data from after the close is a new connection.
                 out = self._end_conn(key, event.start_mono_ns)
                 conn = None
-        if conn is None:
+        if conn is not None and conn.tls != event.tls:
+            if not event.tls:
+                return out  # the ciphertext of a connection whose plaintext is decoded
+            # The first plaintext of a TLS connection: what its ciphertext made is dropped, and the
+            # payload probe stops copying the ciphertext.
+            role = conn.session.role
+            del self._conns[key]
+            conn = self._new_conn(event, key, role)
+            if self.mute is not None:
+                self.mute(event.sock_id)
+        elif conn is None:
             previous = self._by_sock.get(event.sock_id)
             if previous is not None and previous != key:
                 out.extend(self._end_conn(previous, event.start_mono_ns))
             conn = self._new_conn(event, key)
+            if event.tls and self.mute is not None:
+                self.mute(event.sock_id)
         else:
             self._conns.move_to_end(key)
         conn.sampling = event.sampling
@@ -410,6 +423,11 @@ class L7Handler:
 
     def _record(self, conn: _Conn, egress: bool, data: bytes, size: int, ports) -> None:
         """Keep the bytes of a connection on a recorded port (see deetune.recording.capture)."""
+        if getattr(conn.session.decoder, "multiplexed", False):
+            # Exchanges that interleave on the connection (HTTP/2 streams) do not own a contiguous
+            # run of its bytes: recorded without payload.
+            conn.log = None
+            return
         limit = ports.get(conn.lport) or ports.get(conn.rport)
         log = conn.log
         if log is None:
@@ -440,13 +458,16 @@ class L7Handler:
             log.set_limit(limit)
         log.feed(egress, data, size)
 
-    def _new_conn(self, event: DataEvent, key: ConnKey) -> _Conn:
-        role = self._roles.pop(key, None)
+    def _new_conn(self, event: DataEvent, key: ConnKey, role: str | None = None) -> _Conn:
+        known = self._roles.pop(key, None)
+        if role is None:
+            role = known
         if role is None and event.lport in self.listening:
             role = "server"
         session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
         conn = _Conn(session, event.pid, event.comm, event.laddr, event.lport, event.raddr, event.rport,
-                     event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id, sock_id=event.sock_id)
+                     event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id, sock_id=event.sock_id,
+                     tls=event.tls)
         if event.seq >= 0:
             # The kernel counts both directions from the first call it saw on the socket: bytes
             # before a direction's first event here moved unseen (calls left out by sampling).
@@ -495,7 +516,7 @@ class L7Handler:
                 self.stats.payload_misaligned += 1
             else:
                 request_payload, response_payload = taken
-        return ExchangeEvent.from_exchange(
+        event = ExchangeEvent.from_exchange(
             x,
             clock_offset=conn.clock_offset,
             pid=conn.pid,
@@ -514,6 +535,9 @@ class L7Handler:
             request_payload=request_payload,
             response_payload=response_payload,
         )
+        if conn.tls:
+            event.attributes["tls"] = True
+        return event
 
     def flush(self) -> list[Event]:
         """At stop: exchanges still pending in open connections (e.g. requests without a response yet)."""

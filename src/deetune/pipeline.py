@@ -61,6 +61,8 @@ class ProbeStats:
     sampled_out: int = 0
     #: The sparsest overload sampling of the run: 1 connection in this many (1: none).
     sparsest_sampling: int = 1
+    #: The probe's own counters beyond those above (the tls probe's ``programs_not_probed`` …).
+    extra: dict[str, int] = attrs.field(factory=dict)
 
 
 @attrs.define
@@ -83,6 +85,7 @@ class RunStats:
             f"{p.name}: {p.records} records, {p.lost} lost" + (f", {p.undecodable} undecodable" if p.undecodable else "")
             + (f", {p.sampled_out} records left out by overload sampling (down to 1 connection in {p.sparsest_sampling})"
                if p.sampled_out else "")
+            + "".join(f", {value} {name.replace('_', ' ')}" for name, value in p.extra.items() if value)
             for p in self.probes.values()
         ]
         return (f"{self.events} events in {self.seconds:.1f}s; " + "; ".join(parts)
@@ -281,6 +284,7 @@ class Pipeline:
             stats.emitted = counters["emitted"]
             stats.lost = counters["lost"]
             stats.sampled_out = counters.get("sampled_out", 0)
+            stats.extra = {k: v for k, v in counters.items() if k not in ("emitted", "lost", "sampled_out")}
             stats.sparsest_sampling = getattr(probe, "sparsest_sampling", 1)  # the probe keeps the run's sparsest
             read.append(probe)
         return read

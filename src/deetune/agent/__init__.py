@@ -30,6 +30,7 @@ from deetune.plugins import PluginImportError, Plugins, UnknownPluginError
 from deetune.probes.base import Clock, ProbeOptions
 from deetune.probes.overload import DEFAULT_BUSY_CPU, OverloadSampling
 from deetune.probes.payload import DEFAULT_CAPTURE_BYTES, MAX_CAPTURE_BYTES, PayloadProbe
+from deetune.probes.tls import TlsProbe
 from deetune.services import EndpointMapping, MappingError, ResolvedNames, ServiceResolver
 from deetune.sinks.base import SinkError, parse_sink_spec
 from deetune.topology.aggregator import TopologyAggregator
@@ -268,22 +269,24 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
         kwargs: dict = {}
         if issubclass(cls, OverloadSampling):
             kwargs.update(overload_sampling=args.overload_sampling, busy_cpu=args.busy_cpu)
-        if issubclass(cls, PayloadProbe):
+        if issubclass(cls, (PayloadProbe, TlsProbe)):
             kwargs["capture_bytes"] = args.capture_bytes
         probes.append(cls(options, clock, **kwargs))
     decoders = [plugins.decoders.get(name) for name in dict.fromkeys(args.protocol or plugins.decoders.names())]
     handlers: list = []
     payload = next((p for p in probes if isinstance(p, PayloadProbe)), None)
+    tls = next((p for p in probes if isinstance(p, TlsProbe)), None)
     # Decoding, recording and the API are imported only by an agent that uses them:
     # each module loaded is memory the agent keeps (docs/performance.md, agent memory).
     recording_ports = None
-    if payload is not None:
+    if payload is not None or tls is not None:
         from deetune.l7 import L7Handler
         from deetune.recording.capture import RecordingPorts
 
         # Recording tasks need the payload (their bytes) and the store (where they go).
-        recording_ports = RecordingPorts() if not args.no_store else None
-        handlers.append(L7Handler(decoders, mute=payload.mute, emit_data=args.emit_data, recording=recording_ports))
+        recording_ports = RecordingPorts() if not args.no_store and payload is not None else None
+        handlers.append(L7Handler(decoders, mute=payload.mute if payload is not None else None,
+                                  emit_data=args.emit_data, recording=recording_ports))
         from deetune.detail import DetailWeigher
 
         handlers.append(DetailWeigher())  # the detail weighted by the kernel's exact counts
@@ -326,7 +329,12 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
             from deetune.recording.recorder import Recorder, RecordingManager
 
             # Started (as a service) once the probes are attached: resumes the tasks left running.
-            manager = RecordingManager(store, set_port_capture=payload.set_port_capture,
+            def set_port_capture(port: int, capture_bytes: int | None) -> None:
+                payload.set_port_capture(port, capture_bytes)
+                if tls is not None:  # a recorded TLS connection's plaintext, the same way
+                    tls.set_port_capture(port, capture_bytes)
+
+            manager = RecordingManager(store, set_port_capture=set_port_capture,
                                        ports_of=resolver.listening_ports, refresh_ports=resolver.refresh_listeners,
                                        recording_ports=recording_ports, webhook_allow=args.webhook_allow or ())
             handlers.append(Recorder(manager, counted=aggregator.is_counted))

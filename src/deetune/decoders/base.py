@@ -145,6 +145,9 @@ class Decoder:
     #: datagram (a prefix of it when cut), one instance sees every peer of the socket (chunks
     #: carry ``peer``), and the class is instantiated with ``datagram=True``.
     datagrams: ClassVar[bool] = False
+    #: Among decoders the ports hint equally, lower is asked first: a decoder that claims bytes
+    #: another one also accepts (an HTTP/1.1 request upgrading to h2c is HTTP/2's) goes before it.
+    detect_order: ClassVar[int] = 0
 
     @classmethod
     def detect(cls, direction: Direction, data: bytes) -> bool:

@@ -333,6 +333,7 @@ def _safe_detect(cls: type[Decoder], direction: Direction, data: bytes) -> bool:
 
 
 def _order_by_port(decoders: Iterable[type[Decoder]], ports: Sequence[int]) -> list[type[Decoder]]:
-    """Decoders whose usual port is one of ``ports`` first: a hint for ambiguous
-    bytes, never a filter (the sort is stable)."""
-    return sorted(decoders, key=lambda cls: not any(p in getattr(cls, "default_ports", ()) for p in ports))
+    """Decoders whose usual port is one of ``ports`` first, then by ``detect_order``: a hint for
+    ambiguous bytes, never a filter (the sort is stable)."""
+    return sorted(decoders, key=lambda cls: (not any(p in getattr(cls, "default_ports", ()) for p in ports),
+                                             getattr(cls, "detect_order", 0)))

@@ -132,6 +132,11 @@ class Probe:
     def configure(self, obj: BpfObject) -> None:
         """Set knobs and autoload flags on the opened, not yet loaded object."""
 
+    def attach(self, obj: BpfObject) -> None:
+        """Attach the loaded programs: by default each where its section name says.  A probe whose
+        programs go where only run time tells (uprobes on files it finds) attaches them itself."""
+        obj.attach_all()
+
     def after_attach(self) -> None:
         """Called once attached: e.g. snapshot state that predates the probe."""
 
@@ -169,7 +174,7 @@ class Probe:
             obj.load()
             SHARED_MAPS.after_load(obj, shared)
             self._shared = shared
-            obj.attach_all()
+            self.attach(obj)
             self._rings = [RingBuffer(m) for m in obj.maps.values() if m.type == 27]
         except BaseException:
             for ring in self._rings:

@@ -653,8 +653,8 @@ class PrometheusSink(Sink):
                 self._on_counts(event)
         elif isinstance(event, ExchangeEvent):
             with self._lock:
-                # Protocols the kernel does not classify (postgres, dns, plugins' …) are counted
-                # from their decoded exchanges, even when the kernel counts the others.
+                # The kernel counts these protocols' exchanges; others' (HTTP/2, gRPC, postgres,
+                # dns, plugins' …) count here, from their decoding.
                 if self.kernel_counts and event.protocol in KERNEL_COUNTED:
                     self._on_decoded(event)
                 else:

@@ -360,8 +360,8 @@ class TopologyAggregator:
             if edge is None or sock.edge_gen != self._gen or sock.edge_protocol != protocol:
                 edge = self._bind(sock, protocol)
             stats = edge.stats
-            # Exchanges of protocols the kernel does not classify (postgres, dns, plugins' …) are
-            # counted here, from their decoding, even when the kernel counts the others.
+            # Counted by the kernel (RequestCounts): here only detail.  Other protocols (HTTP/2,
+            # gRPC, postgres, dns, plugins' …) are counted from their exchanges, below.
             if self.kernel_counts and protocol in KERNEL_COUNTED:
                 stats.decoded += 1
                 enriched = _enricher(type(event))(event, sock.client, sock.server)

@@ -359,7 +359,7 @@ static __always_inline __u32 account(struct tls_key *key, struct tls_conn *conn,
 	}
 	if (st->protocol == DT_L7_NONE)
 		return copied;
-	__u32 need = l7_bytes_wanted(st, false);
+	__u32 need = l7_bytes_wanted(st, false, direction);
 	if (need > copied && copied < bytes)
 		copied = copy_plaintext(s, buf, bytes, need);
 	const struct l7_bytes *b = (const struct l7_bytes *)s->rec.data;
@@ -375,7 +375,7 @@ static __always_inline __u32 account(struct tls_key *key, struct tls_conn *conn,
 			ends->set = 1;
 		}
 		if (l7_classify_call(st, b, (__u64)copied << 32 | (__u32)bytes, direction)) {
-			need = l7_bytes_wanted(st, false);
+			need = l7_bytes_wanted(st, false, direction);
 			if (need > copied && copied < bytes)
 				copied = copy_plaintext(s, buf, bytes, need);
 		}

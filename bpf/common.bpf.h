@@ -23,6 +23,12 @@ struct {
 /* Scope: only this network namespace (its inode number; 0: every one).  Set
  * by user space between open and load, like every object's knobs; an agent
  * scoped to a namespace sees that namespace as its host. */
+/* Overload sampling's period: the connections sampled change every 16 jiffies (64 ms at
+ * HZ=250), short enough that each busy edge has sampled exchanges in every second (the detail's
+ * weights then follow the kernel's counts closely), long enough that a sampled period holds
+ * whole exchanges. */
+#define DT_SAMPLE_PERIOD_SHIFT 4
+
 const volatile __u32 dt_targ_netns = 0;
 
 static __always_inline bool dt_sock_netns_wanted(struct sock *sk)

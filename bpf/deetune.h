@@ -171,7 +171,7 @@ enum dt_l7_limits {
 	 * bucket holds what is above the last bound. */
 	DT_LATENCY_BOUNDS = 512,
 	/* Bytes of an error response copied for its detail (DT_DATA_ERROR_HEAD). */
-	DT_ERROR_HEAD_BYTES = 512,
+	DT_ERROR_HEAD_BYTES = 1024,
 };
 
 /* Bits of dt_l7_key.flags */

@@ -39,8 +39,11 @@
 #define L7_PARSE_WINDOW 16384
 /* Chunks with data looked at before a socket is given up as none of ours. */
 #define L7_CLASSIFY_TRIES 16
-/* A request's head kept for an error's detail (see l7_account's return). */
-#define L7_SAVED_HEAD 256
+/* A request's head kept for an error's detail (see l7_account's return): a
+ * Redis pipeline's commands are short and many (16 INCRs take 448 bytes), an
+ * HTTP or MySQL request's head says what it is in its first bytes. */
+#define L7_SAVED_HEAD 512
+#define L7_SAVED_HEAD_SHORT 256
 /* Redis: commands whose names are remembered until their replies; aggregates
  * followed inside one reply. */
 #define L7_PENDING_RING 16
@@ -209,7 +212,7 @@ static __always_inline __u32 l7_bytes_wanted(struct l7_sock *st, bool save_head,
 		return L7_HEAD_BYTES; /* enough to classify; then what the protocol needs (l7_classify_call) */
 	if (st->protocol == DT_L7_REDIS)
 		return L7_PARSE_WINDOW;
-	return save_head && direction == st->request_dir ? L7_SAVED_HEAD : L7_HEAD_BYTES;
+	return save_head && direction == st->request_dir ? L7_SAVED_HEAD_SHORT : L7_HEAD_BYTES;
 }
 
 static __always_inline __u8 l7_byte(const struct l7_bytes *buf, __u32 i)
@@ -1049,11 +1052,14 @@ __attribute__((noinline)) int l7_account(struct l7_sock *st, const struct l7_byt
 	if (call->save_head && st->head_wanted) {
 		if (st->head_stashed) { /* the packet's header, read alone before, comes first */
 			__builtin_memcpy(st->head, st->mysql_stash_head, 4);
-			__builtin_memcpy(st->head + 4, call->buf->b, L7_SAVED_HEAD - 4);
-			st->head_len = call->len < L7_SAVED_HEAD - 4 ? call->len + 4 : L7_SAVED_HEAD;
-		} else {
+			__builtin_memcpy(st->head + 4, call->buf->b, L7_SAVED_HEAD_SHORT - 4);
+			st->head_len = call->len < L7_SAVED_HEAD_SHORT - 4 ? call->len + 4 : L7_SAVED_HEAD_SHORT;
+		} else if (st->protocol == DT_L7_REDIS) { /* its calls are copied up to L7_PARSE_WINDOW */
 			__builtin_memcpy(st->head, call->buf->b, L7_SAVED_HEAD);
 			st->head_len = call->len < L7_SAVED_HEAD ? call->len : L7_SAVED_HEAD;
+		} else {
+			__builtin_memcpy(st->head, call->buf->b, L7_SAVED_HEAD_SHORT);
+			st->head_len = call->len < L7_SAVED_HEAD_SHORT ? call->len : L7_SAVED_HEAD_SHORT;
 		}
 		st->head_ns = call->ts;
 		st->head_stashed = 0;

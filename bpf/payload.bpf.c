@@ -233,15 +233,15 @@ static __always_inline void decide(struct verdict *v, __u64 sk_key, __u16 lport,
 /* Overload sampling: while user space cannot keep up, it sets a mask and only
  * connections whose sample key has none of its bits are copied (1 in mask + 1).
  * The key hashes both ports (a local connection is sampled on both sides or on
- * neither) and the time in units of 256 jiffies (about a second at HZ=250; a
- * plain load, where a clock read is slow in a VM), so the sampled connections
- * change over time: a host with few busy connections is sampled evenly.
+ * neither) and the time in units of 2^DT_SAMPLE_PERIOD_SHIFT jiffies (a plain
+ * load, where a clock read is slow in a VM), so the sampled connections change
+ * over time: a host with few busy connections is sampled evenly.
  * Recorded connections too: under overload, whole connections beat records
  * lost at random.  The key travels in the record: when the mask grows, user
  * space applies it to the records already in the ring as well. */
 static __always_inline __u16 sample_key(__u16 lport, __u16 rport)
 {
-	__u32 period = bpf_jiffies64() >> 8;
+	__u32 period = bpf_jiffies64() >> DT_SAMPLE_PERIOD_SHIFT;
 	return (((lport ^ rport) + period * 0x9e3779b9u) * 2654435761u) >> 16;
 }
 

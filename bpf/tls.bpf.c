@@ -326,11 +326,11 @@ int BPF_PROG(tls_tie_recv, struct sock *sk, int ret, int flags)
 /* -- the records ------------------------------------------------------------------------ */
 
 /* Overload sampling's key, the payload probe's (payload.bpf.c): both ports and the time in
- * units of 256 jiffies, so that a local connection's two sides are sampled together, and
+ * units of 2^DT_SAMPLE_PERIOD_SHIFT jiffies, so that a local connection's two sides are sampled together, and
  * together with its ciphertext's sampling. */
 static __always_inline __u16 sample_key(__u16 lport, __u16 rport)
 {
-	__u32 period = bpf_jiffies64() >> 8;
+	__u32 period = bpf_jiffies64() >> DT_SAMPLE_PERIOD_SHIFT;
 	return (((lport ^ rport) + period * 0x9e3779b9u) * 2654435761u) >> 16;
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from deetune.detail import DetailWeigher
+from deetune.detail import HOLD_TICKS, DetailWeigher
 from deetune.events import ExchangeEvent, RequestCounts
 
 
@@ -98,3 +98,61 @@ def test_weights_add_up_to_the_counts(ticks):
     if all(c >= d for c, d in ticks):  # counts after the last release have no exchange to stand for them yet
         assert abs(sum(weights) - counted_when_last_weighed) < 1e-6
     assert sum(weights) <= total_counted + total_decoded + 1e-6
+
+
+def test_sampled_exchanges_wait_for_the_next_batch_and_stand_for_the_reads_between():
+    """Overload sampling copies some connections: reads whose counts no decoded exchange stands
+    for go to the batch before them (held until the next batch, or HOLD_TICKS reads)."""
+    weigher = DetailWeigher()
+    first = [exchange(ts=i, sampling=16) for i in range(2)]
+    for e in first:
+        weigher(e)
+    weigher(counted(30))
+    assert weigher.tick() == []  # held: the next reads may count exchanges the sampling left out
+    weigher(counted(50))
+    assert weigher.tick() == []
+    second = [exchange(ts=10 + i, sampling=16) for i in range(4)]
+    for e in second:
+        weigher(e)
+    weigher(counted(40))
+    released = weigher.tick()
+    assert released == first and [e.sampling for e in released] == [40, 40]  # 30 + 50 over 2
+    for _ in range(HOLD_TICKS - 1):
+        assert weigher.tick() == []
+    weigher(counted(20))  # the traffic's end: no exchange decoded after the second batch
+    released = weigher.tick()
+    assert released == second and [e.sampling for e in released] == [15] * 4  # 40 + 20 over 4
+    assert sum(e.sampling for e in first + second) == 140
+
+
+def test_flush_shares_out_every_count_over_what_is_held():
+    weigher = DetailWeigher()
+    batch = [exchange(ts=i, sampling=4) for i in range(3)]
+    for e in batch:
+        weigher(e)
+    weigher(counted(9))
+    assert weigher.tick() == []
+    weigher(counted(3))
+    assert [e.sampling for e in weigher.flush()] == [4, 4, 4]
+
+
+def test_far_behind_the_exchanges_go_early_with_the_probes_weight_and_the_rest_is_shared(monkeypatch):
+    """Past MAX_HELD the waiting exchanges go at once (1 each when nothing was sampled), and the
+    read they belonged to counts only what is left for those decoded after."""
+    import deetune.detail as detail
+
+    monkeypatch.setattr(detail, "MAX_HELD", 4)
+    weigher = DetailWeigher()
+    weigher.drained(0)  # the rings are behind: reads wait
+    weigher(counted(10))
+    assert weigher.tick() == []
+    early = []
+    for i in range(5):
+        early += weigher(exchange(ts=-10**9 + i))  # answered before the read
+    assert len(early) == 5 and [e.sampling for e in early] == [1] * 5
+    late = [exchange(ts=-10**9 + 10 + i) for i in range(2)]
+    for e in late:
+        assert list(weigher(e)) == []
+    weigher.drained(2**62)
+    released = weigher.tick()
+    assert released == late and [e.sampling for e in released] == [2.5, 2.5]  # 10 - 5 over 2

@@ -7,6 +7,7 @@ from __future__ import annotations
 from deetune.decoders.dns import DnsDecoder
 from deetune.decoders.http import HttpDecoder
 from deetune.events import DataEvent, ExchangeEvent
+from deetune.decoders.session import DETECTION_CHUNKS
 from deetune.l7 import L7Handler, ListeningPorts
 from tests.decoders.conversations import dns_query, dns_response
 
@@ -52,7 +53,7 @@ def test_a_client_socket_and_what_is_not_dns():
     ])
     assert [(e.role, e.raddr, e.rport, e.latency_ns) for e in got] == [("client", *SERVER, 50)]
     # A socket of something else (statsd, QUIC …): given up after a few datagrams, muted by its cookie.
-    for i in range(4):
+    for i in range(DETECTION_CHUNKS):
         run(h, [datagram(200 + i, "egress", b"metric.name:1|c", ("127.0.0.1", 8125), cookie=9, lport=41000)])
     assert muted == [9] and h.stats.unknown == 1
     # A query never answered: reported at stop, without a response.

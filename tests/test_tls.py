@@ -395,7 +395,7 @@ def test_a_recorded_tls_exchange_is_plaintext_redacted(certificate, tmp_path):
 
     secret = "tls-secret-6c0ffee"
     server = python_program("py_server.py", *map(str, certificate), server=True)
-    agent = Agent(tmp_path / "agent.db")
+    agent = Agent(tmp_path / "agent.db", "--tls")
     try:
         task_id = agent.cli("create", "--server", service_of(server.pid), "--count", "2").strip()
         wait_until(lambda: server.port in agent.task(task_id)["ports"], "the task to watch the server's port")

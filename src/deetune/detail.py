@@ -2,21 +2,30 @@
 
 Under overload the payload probe copies the calls of 1 connection-period in N, so the decoded
 exchanges (the detail: targets, statements, error messages, spans, recordings) are a sample.
-The kernel counts every exchange (deetune.accounting), per edge side, method and status.  This
-pipeline handler, placed after the L7 handler, holds each decoded exchange of a kernel-counted
-protocol until the next read of the kernel's counts, then gives it the weight that makes the
-decoded exchanges of its edge side add up to what the kernel counted.  Errors stand for
-themselves: the kernel copies the heads of every one (up to a rate: those beyond it are counted,
-``error_heads_capped`` on the stop line, not weighed).  A weight is never below 1: an exchange
-decoded before the kernel's count of it moved (a read falls between the two) is carried to the
-next read.  The weight is ``ExchangeEvent.sampling``.
+The kernel counts every exchange (deetune.accounting), per edge side, method and status, and the
+pipeline reads those counts once a second.  This handler, placed after the L7 handler, matches
+each read with the decoded exchanges whose response came before it and after the previous read,
+once the rings have been read past it (the pipeline says when: ``drained``), and gives each the
+weight that makes them add up to what the kernel counted over the same time:
 
-Exchanges of protocols the kernel does not count keep the weight the probe gave them (the
-connection-period sampling, ``DataEvent.sampling``), and pass at once.
+- A read whose exchanges were all copied (no overload sampling) weighs 1 each, more only where
+  the kernel counted exchanges the agent did not see (records lost, calls left out).
+- A batch of sampled exchanges waits for the next read that has decoded exchanges of its edge
+  side (up to HOLD_TICKS reads) and stands for the counts of the reads between, in which the
+  sampling copied none: when the traffic stops, the last sampled exchanges stand for its end.
+- Errors stand for themselves: the kernel copies the heads of every one (up to a rate: those
+  beyond it are counted, ``error_heads_capped`` on the stop line, not weighed).
+- A weight is never below 1; what a weight takes ahead of the counts is carried to the next.
+
+The weight is ``ExchangeEvent.sampling``.  Exchanges of protocols the kernel does not count keep
+the weight the probe gave them (the connection-period sampling, ``DataEvent.sampling``) and pass
+at once.
 """
 
 from __future__ import annotations
 
+import collections
+import time
 from typing import Iterable
 
 import attrs
@@ -27,6 +36,12 @@ from deetune.l7 import KERNEL_COUNTED
 
 #: Exchanges held at most (the oldest are let go with the weight they have).
 MAX_HELD = 100_000
+#: Reads a batch of sampled exchanges waits for the next batch of its edge side.
+HOLD_TICKS = 5
+#: Reads a read waits for the rings to be read past it (a backlog longer than that: weighed as is).
+MAX_WAIT_TICKS = 10
+#: Reads of the counts after which an edge side that saw nothing is forgotten.
+IDLE_TICKS = 60
 
 
 def _side(event: ExchangeEvent) -> tuple:
@@ -35,20 +50,44 @@ def _side(event: ExchangeEvent) -> tuple:
     return event.role, event.pid, event.raddr, port, event.protocol
 
 
-#: Reads of the counts after which an edge side that saw nothing is forgotten.
-IDLE_TICKS = 60
+def _answered_at(event: ExchangeEvent) -> int:
+    """When the kernel counted it: its response (the end of the exchange), in kernel time."""
+    return event.ts_mono_ns + (event.duration_ns or 0)
+
+
+@attrs.define
+class _Read:
+    """One read of the counts for one edge side: what it counted and the exchanges answered
+    after the previous read and up to ``end_ns``."""
+
+    end_ns: int
+    counted: int
+    decoded: list[ExchangeEvent]
 
 
 @attrs.define
 class _Tally:
-    """One edge side's counts and decoded exchanges, errors and the rest apart ([0]: not errors)."""
+    """One edge side (errors aside: each is decoded and stands for itself)."""
 
-    counted: list[int] = attrs.field(factory=lambda: [0, 0])
+    #: Counted since the last read.
+    counting: int = 0
+    #: Decoded exchanges answered after the last read.
+    fresh: list[ExchangeEvent] = attrs.field(factory=list)
+    #: Weight given to exchanges of ``fresh`` let go early: the next read's count is less that.
+    prepaid: float = 0.0
+    #: Reads waiting for the rings to be read past them, oldest first.
+    reads: collections.deque = attrs.field(factory=collections.deque)
+    #: Counted and not yet stood for by any decoded exchange (negative: weights took ahead).
+    owed: float = 0.0
+    #: A batch of sampled exchanges waiting for the next batch (or HOLD_TICKS reads).
+    held: list[ExchangeEvent] = attrs.field(factory=list)
+    #: The read (DetailWeigher's count of them) that made ``held`` wait.
+    held_at: int = 0
     #: Reads since anything happened on this side.
     idle: int = 0
-    #: Weight handed out so far, per kind.
-    weighed: list[float] = attrs.field(factory=lambda: [0.0, 0.0])
-    held: list[list[ExchangeEvent]] = attrs.field(factory=lambda: [[], []])
+
+    def waiting(self) -> int:
+        return len(self.fresh) + len(self.held) + sum(len(r.decoded) for r in self.reads)
 
 
 @attrs.define
@@ -64,17 +103,24 @@ class DetailWeigher:
     def __init__(self) -> None:
         self._sides: dict[tuple, _Tally] = {}
         self._held = 0
+        self._reads = 0
+        #: The rings were read up to here (kernel time); None: no pipeline says, each read is.
+        self._drained_ns: int | None = None
         self.stats = DetailStats()
+        self._set_weight = _weight_setter()
+
+    def drained(self, through_ns: int) -> None:
+        """The pipeline read every record the probes wrote before ``through_ns`` (monotonic)."""
+        self._drained_ns = through_ns
 
     def __call__(self, event: Event) -> Iterable[Event]:
         if isinstance(event, RequestCounts):
-            if event.outcome in EXCHANGE_OUTCOMES and event.count:
+            if event.outcome in EXCHANGE_OUTCOMES and event.outcome != OUTCOME_ERROR and event.count:
                 key = (event.role, event.pid, event.raddr, event.port, event.protocol)
                 tally = self._sides.get(key)
                 if tally is None:
                     tally = self._sides[key] = _Tally()
-                tally.counted[event.outcome == OUTCOME_ERROR] += event.count
-                tally.idle = 0
+                tally.counting += event.count
             return (event,)
         if not isinstance(event, ExchangeEvent) or event.protocol not in KERNEL_COUNTED:
             return (event,)
@@ -84,47 +130,107 @@ class DetailWeigher:
         tally = self._sides.get(key)
         if tally is None:
             tally = self._sides[key] = _Tally()
-        tally.held[bool(event.error)].append(event)
-        tally.idle = 0
+        answered = _answered_at(event)
+        for read in tally.reads:  # a read still waiting for the rings: the exchange is its if before its end
+            if answered <= read.end_ns:
+                read.decoded.append(event)
+                break
+        else:
+            tally.fresh.append(event)
         self._held += 1
         if self._held > MAX_HELD:
-            return self._release(early=True)
+            return self._release_early()
         return ()
 
     def tick(self) -> list[Event]:
         """After each read of the kernel's counts (the pipeline ticks handlers right after it)."""
-        return self._release()
+        now = time.monotonic_ns()
+        self._reads += 1
+        drained = now if self._drained_ns is None else self._drained_ns
+        out: list[Event] = []
+        for key, tally in list(self._sides.items()):
+            busy = bool(tally.counting or tally.fresh)
+            if busy:
+                tally.reads.append(_Read(now, tally.counting - tally.prepaid, tally.fresh))
+                tally.counting, tally.fresh, tally.prepaid = 0, [], 0.0
+            while tally.reads and (tally.reads[0].end_ns <= drained or len(tally.reads) > MAX_WAIT_TICKS):
+                self._settle(tally, tally.reads.popleft(), out)
+            if tally.held and self._reads - tally.held_at >= HOLD_TICKS:
+                self._weigh(tally, tally.held, out)
+                tally.held = []
+            if busy or tally.reads or tally.held:
+                tally.idle = 0
+            else:
+                tally.idle += 1
+                if tally.idle > IDLE_TICKS:
+                    del self._sides[key]  # a side long quiet (a client process gone): its totals go too
+        return self._out(out)
 
     def flush(self) -> list[Event]:
-        return self._release()
+        return self._release_all()
 
-    def _release(self, early: bool = False) -> list[Event]:
+    def _settle(self, tally: _Tally, read: _Read, out: list[Event]) -> None:
+        """A read the rings were read past: its decoded exchanges are all there."""
+        if not read.decoded:
+            tally.owed += read.counted  # the held batch's, or the next batch's
+            return
+        if tally.held:  # the counts up to this read were the held batch's to stand for
+            self._weigh(tally, tally.held, out)
+            tally.held = []
+        tally.owed += read.counted
+        if any(e.sampling != 1 for e in read.decoded):
+            tally.held, tally.held_at = read.decoded, self._reads
+        else:
+            self._weigh(tally, read.decoded, out)
+
+    def _release_early(self) -> list[Event]:
+        """Past MAX_HELD (the agent far behind the kernel): every exchange still waiting for its
+        read goes now with the weight the probe gave it (1 when nothing was sampled: exact), which
+        its read's count is then less; what the read counted beyond is shared as usual."""
         out: list[Event] = []
-        set_weight = _weight_setter()
-        for key, tally in list(self._sides.items()):
-            for kind in (0, 1):
-                held = tally.held[kind]
-                if not held:
-                    continue
-                # What the kernel counted and no decoded exchange stood for yet, shared out.
-                owed = tally.counted[kind] - tally.weighed[kind]
-                weight = max(1.0, owed / len(held))
-                if weight == int(weight):
-                    weight = int(weight)
-                for event in held:
-                    set_weight(event, weight)
-                tally.weighed[kind] += weight * len(held)
-                out.extend(held)
-                tally.held[kind] = []
-            tally.idle += 1
-            if tally.idle > IDLE_TICKS:
-                del self._sides[key]  # a side long quiet (a client process gone): its totals go too
+        for tally in self._sides.values():
+            for read in tally.reads:
+                for event in read.decoded:
+                    read.counted -= event.sampling
+                out.extend(read.decoded)
+                read.decoded = []
+            for event in tally.fresh:
+                tally.prepaid += event.sampling
+            out.extend(tally.fresh)
+            tally.fresh = []
+            if tally.held:
+                self._weigh(tally, tally.held, out)
+                tally.held = []
+        self.stats.released_early += len(out)
+        return self._out(out)
+
+    def _release_all(self) -> list[Event]:
+        out: list[Event] = []
+        for tally in self._sides.values():
+            if tally.counting or tally.fresh:
+                tally.reads.append(_Read(time.monotonic_ns(), tally.counting - tally.prepaid, tally.fresh))
+                tally.counting, tally.fresh, tally.prepaid = 0, [], 0.0
+            while tally.reads:
+                self._settle(tally, tally.reads.popleft(), out)
+            if tally.held:
+                self._weigh(tally, tally.held, out)
+                tally.held = []
+        return self._out(out)
+
+    def _weigh(self, tally: _Tally, batch: list[ExchangeEvent], out: list[Event]) -> None:
+        """Shares out what is owed over ``batch``; a weight is never below 1."""
+        weight = max(1.0, tally.owed / len(batch))
+        if weight == int(weight):
+            weight = int(weight)
+        for event in batch:
+            self._set_weight(event, weight)
+        tally.owed -= weight * len(batch)
+        out.extend(batch)
+
+    def _out(self, out: list[Event]) -> list[Event]:
+        self._held = sum(t.waiting() for t in self._sides.values())
         self.stats.weighed += len(out)
-        if early:
-            self.stats.released_early += len(out)
-        self._held = 0
-        # Oldest first, as they were decoded.
-        out.sort(key=lambda e: e.ts_mono_ns)
+        out.sort(key=lambda e: e.ts_mono_ns)  # oldest first, as they were decoded
         return out
 
 
@@ -137,4 +243,4 @@ def _weight_setter():
     return lambda event, weight: object.__setattr__(event, "sampling", weight)
 
 
-__all__ = ["DetailWeigher", "DetailStats", "MAX_HELD"]
+__all__ = ["DetailWeigher", "DetailStats", "HOLD_TICKS", "MAX_HELD", "MAX_WAIT_TICKS"]

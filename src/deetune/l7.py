@@ -171,7 +171,8 @@ class L7Handler:
         #: The request heads of error heads waiting for their response heads, by connection.
         self._error_requests: collections.OrderedDict[int, DataEvent] = collections.OrderedDict()
         #: (connection, response start) of the errors the connections' decoding reported lately.
-        self._errors_reported: collections.OrderedDict[tuple[int, int], None] = collections.OrderedDict()
+        #: Errors reported per (connection, time of the response write that answered them).
+        self._errors_reported: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
 
     def __call__(self, event: Event) -> Iterable[Event]:
         if isinstance(event, DataEvent):
@@ -353,10 +354,14 @@ class L7Handler:
         conn = _Conn(session, event.pid, event.comm, event.laddr, event.lport, event.raddr, event.rport,
                      event.cgroup_id, event.ts - event.ts_mono_ns, conn_id=event.conn_id, sock_id=event.sock_id)
         out: list[Event] = []
+        # Errors answered by one write (a pipeline's) share its time: the first n of them were
+        # reported by the connection's own decoding when it reported n.
+        seen: collections.Counter[int | None] = collections.Counter()
         for x in exchanges:
             if not x.error:
                 continue
-            if (key, x.response_start_ns) in self._errors_reported:
+            seen[x.response_start_ns] += 1
+            if seen[x.response_start_ns] <= self._errors_reported.get((key, x.response_start_ns), 0):
                 self.stats.error_heads_duplicate += 1  # its connection's own decoding reported it
                 continue
             out.append(self._exchange_event(conn, x))
@@ -500,7 +505,8 @@ class L7Handler:
     def _exchange_event(self, conn: _Conn, x: Exchange) -> ExchangeEvent:
         if x.error and x.response_start_ns is not None and x.protocol in KERNEL_COUNTED:
             reported = self._errors_reported
-            reported[(conn.conn_id or conn.sock_id, x.response_start_ns)] = None
+            key = (conn.conn_id or conn.sock_id, x.response_start_ns)
+            reported[key] = reported.get(key, 0) + 1
             if len(reported) > 4096:
                 reported.popitem(last=False)
         if conn.rep_req >= 0:

@@ -143,6 +143,7 @@ class Pipeline:
         self.stats = RunStats(probes={p.name: ProbeStats(p.name) for p in self.probes})
         self._stop = threading.Event()
         self._last_drain = 0.0
+        self._drained_ns: int | None = None  # the rings were read up to here (see _drain_round)
         self._started: list[Probe] = []
         self._closed = False
         self._cpu_meter: CpuMeter | None = None
@@ -314,7 +315,8 @@ class Pipeline:
 
         Probes report through separate rings, so a connection's close (TCP ring)
         could otherwise be handled before its last payload (payload ring)."""
-        now = time.monotonic()
+        began_ns = time.monotonic_ns()
+        now = began_ns / 1e9
         if self._last_drain and now - self._last_drain > self.stats.longest_unread:
             self.stats.longest_unread = now - self._last_drain
         self._last_drain = now
@@ -327,6 +329,8 @@ class Pipeline:
                 events.extend(self._decode(probe, batch))
         if sources > 1:
             events.sort(key=_mono_time)
+        if all(getattr(ring, "caught_up", True) for _, ring in rings):
+            self._drained_ns = began_ns  # every record written before then is read (DetailWeigher)
         for event in events:
             self.emit(event)
         return len(events)
@@ -391,6 +395,9 @@ class Pipeline:
         """Handlers and sinks with a ``tick()`` (time-based work: closing windows,
         flushing buffers on a quiet host) run once a second."""
         for index, handler in enumerate(self.handlers):
+            drained = getattr(handler, "drained", None)
+            if drained is not None and self._drained_ns is not None:
+                drained(self._drained_ns)
             tick = getattr(handler, "tick", None)
             if tick is not None:
                 self._emit_from(index + 1, list(tick()))

@@ -61,6 +61,7 @@ class RingBuffer:
         self._producer_pos = memoryview(self._producer)[:8].cast("Q")
         self._epoll = select.epoll()
         self._epoll.register(self.fd, select.EPOLLIN)
+        self.caught_up = False
 
     def consume(self, limit: int = BATCH_RECORDS, max_bytes: int = BATCH_BYTES) -> list[bytes]:
         """Every record ready now, without waiting: at most ``limit`` records, and no more
@@ -90,6 +91,8 @@ class RingBuffer:
                     records.append(bytes(data[begin:size]) + bytes(data[: end - size]))
         if consumer != start:
             self._consumer_pos[0] = consumer
+        #: Every record written before this call began was taken.
+        self.caught_up = consumer >= producer
         return records
 
     def poll(self, timeout: float) -> list[bytes]:

@@ -175,7 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Watch processes and TCP connections on this host through eBPF.",
         epilog="Subcommands: 'doctor' (preflight checks), 'plugins' (list probes, decoders, sinks).",
     )
-    parser.add_argument("--probe", action="append", metavar="NAME", help="probe to run (repeatable; default: all)")
+    parser.add_argument("--probe", action="append", metavar="NAME",
+                        help="probe to run (repeatable; default: every probe but tls)")
+    parser.add_argument("--tls", action="store_true",
+                        help="also read TLS plaintext (the tls probe: uprobes on OpenSSL and Go crypto/tls; "
+                             "each TLS call then costs the application a few microseconds, docs/tls.md)")
     parser.add_argument(
         "--sink", action="append", metavar="SPEC",
         help="where events go: console, jsonl:PATH, jsonl:-, prometheus[:HOST:PORT], otlp[:URL], store:PATH (repeatable; default: console)"
@@ -262,7 +266,9 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
     options = ProbeOptions(pid=args.pid, port=args.port, ringbuf_bytes=args.ringbuf_size, exclude_self=True,
                            netns=netns)
     clock = Clock()
-    names = args.probe or plugins.probes.names()
+    names = list(args.probe or [n for n in plugins.probes.names() if plugins.probes.get(n).default])
+    if args.tls:
+        names.append("tls")
     probes = []
     for name in dict.fromkeys(names):
         cls = plugins.probes.get(name)
@@ -496,6 +502,8 @@ def cmd_plugins(argv: Sequence[str]) -> int:
             text = getattr(cls, "description", "") or (cls.__doc__ or "").strip().splitlines()[0:1]
             if isinstance(text, list):
                 text = text[0] if text else ""
+            if getattr(cls, "default", True) is False:
+                text += f" (not run unless named: --probe {name}" + (", --tls)" if name == "tls" else ")")
             print(f"  {name:<12} {text}  [{registry.origin(name)}]")
     print("plugins: " + ", ".join(plugins.plugin_names()))
     return EXIT_OK

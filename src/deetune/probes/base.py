@@ -115,6 +115,9 @@ class Probe:
     object_name: ClassVar[str] = ""
     #: What to tell the user when the object file is missing.
     build_hint: ClassVar[str] = "build the BPF objects with `make bpf`"
+    #: Whether the agent runs it when no ``--probe`` is named (a probe that costs the
+    #: applications noticeably, such as uprobes on every TLS call, is asked for by name).
+    default: ClassVar[bool] = True
 
     def __init__(self, options: ProbeOptions | None = None, clock: Clock | None = None):
         self.options = options or ProbeOptions()

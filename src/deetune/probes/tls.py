@@ -94,6 +94,7 @@ class TlsProbe(OverloadSampling, Probe):
     name = "tls"
     description = "TLS plaintext of OpenSSL (libssl or linked in) and Go crypto/tls, as their sockets' payload"
     object_name = "tls"
+    default = False  # two uprobe traps per TLS call cost the application (docs/tls.md): opt in with --tls
 
     def __init__(self, options: ProbeOptions | None = None, clock=None, *,
                  capture_bytes: int = DEFAULT_CAPTURE_BYTES, exclude_self: bool | None = None,

@@ -205,15 +205,15 @@ def test_jsonl_events_and_clean_stop_on_sigterm(tmp_path):
 
 
 @pytest.mark.bpf
-@pytest.mark.parametrize("extra,probes", [((), ["payload", "process", "tcp"]),
-                                          (("--tls",), ["payload", "process", "tcp", "tls"])])
-def test_tls_probe_runs_only_when_asked(tmp_path, extra, probes):
+@pytest.mark.parametrize("extra", [(), ("--tls",)])
+def test_tls_probe_runs_only_when_asked(tmp_path, extra):
     """The tls probe costs every TLS call two uprobe traps: it is opt-in (--tls)."""
     result = run_agent("--duration", "1", "--no-store", "--sink", "jsonl:/dev/null", "-v", *extra)
     assert result.returncode == 0, result.stderr
-    attached = sorted(line.split("probe ", 1)[1].split()[0] for line in result.stderr.splitlines()
-                      if " attached" in line and "probe " in line)
-    assert attached == probes, result.stderr
+    attached = {line.split("probe ", 1)[1].split()[0] for line in result.stderr.splitlines()
+                if " attached" in line and "probe " in line}
+    assert {"payload", "process", "tcp"} <= attached, result.stderr  # and installed plugins' probes
+    assert ("tls" in attached) == bool(extra), result.stderr
     listing = run_agent("plugins").stdout
     assert "(not run unless named: --probe tls, --tls)" in next(l for l in listing.splitlines() if l.split()[:1] == ["tls"])
 

@@ -102,6 +102,9 @@ class _Conn:
     answered_last: bool = False
     #: The bytes decoded are the TLS plaintext of the connection (the tls probe's), not its own.
     tls: bool = False
+    #: Kernel time of the last call fed to the session (an error's heads from that same call are
+    #: its own decoding's to report).
+    fed_at: int = -1
 
 
 #: A connection's identity in the table: its socket cookie, or where the source has none (0),
@@ -284,6 +287,7 @@ class L7Handler:
             return out
         egress = event.direction == "egress"
         data, size = event.data, event.size
+        conn.fed_at = event.ts_mono_ns
         # A write starts when the call does; a read completes when the call returns.
         ts = event.start_mono_ns if egress else event.ts_mono_ns
         resyncs = session.resyncs
@@ -344,6 +348,13 @@ class L7Handler:
             self._error_requests[key] = event
             if len(self._error_requests) > MAX_CONNECTIONS:
                 self._error_requests.pop(next(iter(self._error_requests)))
+            return []
+        own = self._conns.get(conn_key(event))
+        if own is not None and own.fed_at == event.ts_mono_ns and own.session.active:
+            # The call that answered with the error was copied and fed to the connection's own
+            # decoding (it came first): that reports the error, whole (a response written in
+            # several calls is complete there only).
+            self.stats.error_heads_duplicate += 1
             return []
         # The request's side says the role: a client writes its requests, a server reads them.
         role = "client" if request.direction == "egress" else "server"

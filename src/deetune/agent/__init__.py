@@ -277,7 +277,13 @@ def build_pipeline(args: argparse.Namespace, plugins: Plugins, *, netns: int | N
             kwargs.update(overload_sampling=args.overload_sampling, busy_cpu=args.busy_cpu)
         if issubclass(cls, (PayloadProbe, TlsProbe)):
             kwargs["capture_bytes"] = args.capture_bytes
-        probes.append(cls(options, clock, **kwargs))
+        probe = cls(options, clock, **kwargs)
+        if netns is not None and not args.probe and not probe.scopable_to_netns():
+            # An installed plugin's probe not asked for by name: the others still run.
+            log.warning("probe %s not run: it cannot be scoped to --netns (its object was built without "
+                        "deetune's common.bpf.h)", name)
+            continue
+        probes.append(probe)
     decoders = [plugins.decoders.get(name) for name in dict.fromkeys(args.protocol or plugins.decoders.names())]
     handlers: list = []
     payload = next((p for p in probes if isinstance(p, PayloadProbe)), None)

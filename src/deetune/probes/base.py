@@ -126,6 +126,18 @@ class Probe:
         self._rings: list[RingBuffer] = []
         self._shared: list[str] = []
 
+    def scopable_to_netns(self) -> bool:
+        """Whether its object can be scoped to one network namespace (``ProbeOptions.netns``):
+        objects built against deetune's common.bpf.h have the knob."""
+        path = self.object_file()
+        if not path.exists():
+            return True  # start() says what is missing
+        obj = BpfObject.open(path)
+        try:
+            return "dt_targ_netns" in obj.constants()
+        finally:
+            obj.close()
+
     # -- to override ---------------------------------------------------------
     def object_file(self) -> pathlib.Path:
         """The compiled BPF object.  Built-ins ship theirs in ``deetune/_bpf/<arch>/``;

@@ -167,6 +167,8 @@ struct l7_sock {
 	__u64 head_ns;            /* when the saved head was sent */
 	__u64 req_bytes;          /* of the requests not answered yet */
 	__u64 resp_bytes;         /* of the response in progress */
+	__u64 resp_first;         /* the bytes of the call that began the response being counted:
+				   * counted with the exchange (one map update, not two) */
 	__u64 now;                /* the call being accounted (set by the includer) */
 	char method[DT_L7_METHOD_LEN];      /* HTTP and MySQL: the request in progress */
 	char last_method[DT_L7_METHOD_LEN];
@@ -341,8 +343,9 @@ __attribute__((noinline)) int l7_count_exchange(struct l7_sock *st, struct l7_me
 	if (timed && st->req_end_ns && now >= st->req_end_ns)
 		latency = now - st->req_end_ns;
 	fill_key(&key->counts, st, method->name, status, flags);
-	add_counts(&key->counts, 1, st->req_bytes, 0, latency);
+	add_counts(&key->counts, 1, st->req_bytes, st->resp_first, latency);
 	st->req_bytes = 0;
+	st->resp_first = 0;
 	copy_words(st->last_method, method->name, DT_L7_METHOD_LEN / 8);
 	st->last_status = status;
 	st->last_flags = flags;
@@ -609,8 +612,8 @@ static __always_inline int account_http(struct l7_sock *st, struct l7_call *call
 	ring_pop(st, method);
 	st->pending--;
 	bool error = status >= 500;
+	st->resp_first = call->size;
 	l7_count_exchange(st, (struct l7_method *)method, status, error ? DT_L7_ERROR : 0, call->ts);
-	st->resp_bytes = call->size;
 	st->phase = L7_RESPONSE;
 	if (status == 101)
 		st->protocol = DT_L7_NONE; /* another protocol from here on */

@@ -145,7 +145,7 @@ class OverloadSampling:
             factor = _power_of_two_above(missed * over_budget)
             sampling = min(sampling * factor, SPARSEST_SAMPLING)
             self._calm = 0.0
-        elif sampling > 1 and (factor := 2 if not watching_cpu else self._room_for(window)) >= 2:
+        elif sampling > 1 and (factor := 2 if not watching_cpu else self._room_to_relax(window, cpu, behind)) >= 2:
             self._calm += elapsed
             if self._calm >= self._calm_needed:
                 sampling = max(1, sampling // factor)
@@ -171,6 +171,15 @@ class OverloadSampling:
         return CpuSample(seconds=seconds, host_cores=cpu.host_cores,
                          host_idle=sum(s.host_idle * s.seconds for s in window) / seconds,
                          own=sum(s.own * s.seconds for s in window) / seconds)
+
+    def _room_to_relax(self, window: CpuSample | None, tick: CpuSample, behind: bool) -> int:
+        """Room to take more connections: judged on the last second, or when a burst is over
+        (nothing waiting in the rings, idle CPU on this tick) on this tick alone, so that full
+        detail is back in about a second rather than after a whole window of calm."""
+        room = self._room_for(window)
+        if not behind and not tick.host_busy:
+            room = max(room, self._room_for(tick))
+        return room
 
     def _room_for(self, cpu: CpuSample | None) -> int:
         """How many times the work would fit (a power of two; 1: no more): in the idle CPU and

@@ -11,7 +11,9 @@
 5. bench_recording.py: nginx + wrk with a recording task against decoding alone (issue 6);
 6. bench_protocol_decoders.py and bench_pgbench.py: each protocol decoder's exchanges/s on one core,
    and pgbench against PostgreSQL with and without the agent (issue 21);
-7. with --profile: profile_agent.py for the conn, http and redis scenarios (needs py-spy: see there).
+7. bench_accounting.py: the kernel's exact counting, idle and saturated (issue 16); bench_tls.py
+   and bench_http2_decoder.py (issue 20); bench_fleet.py (issue 19); bench_capture_size.py (17);
+8. with --profile: profile_agent.py for the conn, http and redis scenarios (needs py-spy: see there).
 
 ``--quick`` runs 2 pairs/rounds of shorter runs: a smoke test of the benchmarks, not figures to quote.
 Figures and their reading: docs/performance.md.
@@ -60,6 +62,11 @@ def main(argv=None) -> None:
                                          *(["--exchanges", "20000", "--rounds", "2"] if args.quick else [])],
         "pgbench (issue 21)": ["bench_pgbench.py", *(["--rounds", "2", "--seconds", "5", "--scale", "1"]
                                                      if args.quick else [])],
+        "kernel accounting (issue 16)": ["bench_accounting.py", *(["--rounds", "2", "--seconds", "3"] if args.quick else [])],
+        "tls (issue 20)": ["bench_tls.py", *(["--rounds", "2", "--seconds", "3"] if args.quick else [])],
+        "http2 decoder (issue 20)": ["bench_http2_decoder.py"],
+        "fleet (issue 19)": ["bench_fleet.py"],
+        "capture size (issue 17)": ["bench_capture_size.py"],
     }
     for title, (script, *script_args) in others.items():
         print("=" * 30 + f" {title} " + "=" * 30, flush=True)

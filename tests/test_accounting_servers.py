@@ -112,8 +112,8 @@ class Run:
         total = 0.0
         with open(self.events) as lines:
             for line in lines:
-                if '"type":"request"' not in line:
-                    continue
+                if '"type":"request"' not in line or not line.endswith("\n"):
+                    continue  # (the last line may be half written: the agent is still running)
                 event = json.loads(line)
                 if event["role"] == "server" and event["lport"] == port and since <= event["ts"] < until:
                     total += event["sampling"]

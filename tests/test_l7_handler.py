@@ -187,3 +187,33 @@ def test_a_call_seen_twice_is_passed_once():
                   cdata(3, "ingress", RESPONSE, seq=0, conn_id=3)])
     assert [(e.target, e.status) for e in got] == [("/a", 200)]
     assert h.stats.reordered == 1
+
+
+def test_an_error_answering_a_request_not_copied_is_reported_from_its_heads():
+    """Server side, sampled: /0 decoded whole; /1's request not copied (a gap), its 503 copied.
+    The decoding skips a response without its request, so the kernel's heads of the error
+    (request, then response) report it; an error the decoding did report is not reported twice."""
+    h = L7Handler([HttpDecoder], listening=ListeningPorts(reader=lambda: {80}))
+    fail = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n"
+
+    def server(ts, direction, payload, seq, *, head=False):
+        return DataEvent(ts=ts, ts_mono_ns=ts, pid=20, tid=20, comm="server", fd=4, sock_id=SOCK,
+                         direction=direction, syscall="read", size=len(payload), data=payload, start_mono_ns=ts,
+                         laddr="127.0.0.1", lport=80, raddr="127.0.0.1", rport=40000, family=4, conn_id=7,
+                         seq=-1 if head else seq, error_head=head)
+
+    request1 = b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    got = run(h, [
+        server(10, "ingress", REQUEST, 0), server(20, "egress", RESPONSE, 0),
+        # /1: only its response was copied …
+        server(40, "egress", fail, len(RESPONSE)),
+        # … and the kernel's heads of the error, from the same calls.
+        server(30, "ingress", request1, 0, head=True), server(40, "egress", fail, 0, head=True),
+        # /2 decoded whole, error included: its heads are dropped.
+        server(50, "ingress", b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n", len(REQUEST) + len(request1)),
+        server(60, "egress", fail, len(RESPONSE) + len(fail)),
+        server(50, "ingress", b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n", 0, head=True),
+        server(60, "egress", fail, 0, head=True),
+    ])
+    assert [(e.target, e.status, e.error) for e in got] == [("/a", 200, False), ("/1", 503, True), ("/2", 503, True)]
+    assert h.stats.error_heads_duplicate == 1

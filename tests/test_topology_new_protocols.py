@@ -46,3 +46,27 @@ def test_prometheus_counts_them_too():
         sink.close()
     assert series(got, "deetune_requests_total") == {
         labels(protocol="postgres", client="127.0.0.1", server="postgres", method="EXECUTE", status="ERR"): 1}
+
+
+def test_a_kernel_counted_open_waits_for_its_edge_protocol_until_the_window_ends():
+    """The kernel's maps can be read between a connect and its first answer: the open comes
+    first, and counts on the protocol the edge shows by the window's end (tcp if none)."""
+    from deetune.events import ConnectionCounts, RequestCounts
+    from deetune.topology.model import EdgeKey
+
+    clock = [10**19]
+    aggregator = TopologyAggregator(ServiceResolver(), window_seconds=10, clock=lambda: clock[0],
+                                    kernel_counts=True)
+    side = dict(ts=1, role="client", pid=1, raddr="203.0.113.5", protocol="tcp")
+    list(aggregator(ConnectionCounts(**side, port=8080, opened=1)))
+    list(aggregator(ConnectionCounts(**side, port=9090, opened=2)))  # no exchange ever: tcp
+    list(aggregator(RequestCounts(**{**side, "protocol": "http"}, port=8080, method="GET", status=200,
+                                  outcome="ok", count=3, request_bytes=30, response_bytes=90)))
+    clock[0] += 11 * 10**9
+    edges = {e.key: e.stats for e in aggregator.flush() if isinstance(e, EdgeWindowEvent)}
+    client = ServiceResolver().instance(1).service
+    http, tcp = EdgeKey(client, "203.0.113.5:8080", "http", 8080), EdgeKey(client, "203.0.113.5:9090", "tcp", 9090)
+    assert set(edges) == {http, tcp}
+    assert (edges[http].requests, edges[http].connections_opened) == (3, 1)
+    assert (edges[http].bytes_sent, edges[http].bytes_received) == (30, 90)
+    assert edges[tcp].connections_opened == 2

@@ -287,7 +287,6 @@ class L7Handler:
             return out
         egress = event.direction == "egress"
         data, size = event.data, event.size
-        conn.fed_at = event.ts_mono_ns
         # A write starts when the call does; a read completes when the call returns.
         ts = event.start_mono_ns if egress else event.ts_mono_ns
         resyncs = session.resyncs
@@ -318,7 +317,13 @@ class L7Handler:
             self._record(conn, egress, data, size, recording.ports)
         self._advance(conn, egress, size)
         if session.active:
+            in_step = session.state is State.DECODING and not session.counts
             exchanges.extend(session.feed(egress, data, size, ts))
+            # An error in this call is this decoding's to report only if it decoded the call in
+            # step: a response whose request was not copied is skipped (unsolicited, resync), and
+            # the kernel's heads of the error report it instead.
+            in_step = in_step and session.state is State.DECODING and not session.counts
+            conn.fed_at = event.ts_mono_ns if in_step else -1
         self.stats.resynced += session.resyncs - resyncs
         for exchange in exchanges:
             out.append(self._exchange_event(conn, exchange))

@@ -281,6 +281,8 @@ class TopologyAggregator:
         # Opens not yet counted (waiting to learn their protocol), by id: a socket leaves at its
         # close or first exchange, so that a window of short connections holds none of them.
         self._pending: dict[int, _Sock] = {}
+        #: the kernel's connection counts waiting for their edge's protocol (see _on_counts)
+        self._held_counts: list[tuple] = []
         #: Bumped whenever the window's edges are handed over (invalidates _Sock.edge).
         self._gen = 0
 
@@ -410,7 +412,17 @@ class TopologyAggregator:
             server = resolver.endpoint(event.raddr, event.port)
             counted = not resolver.is_local_listener(event.raddr, event.port)
         if isinstance(event, ConnectionCounts):
-            protocol = self._protocols.get((client, server, event.port), "tcp")
+            protocol = self._protocols.get((client, server, event.port))
+            if protocol is None and counted:
+                # The kernel counted the open before the first exchange's answer (its read fell
+                # between them): wait for the edge's protocol until the window ends.
+                held = self._held_counts
+                if len(held) >= self.max_pending:
+                    self._count_held(held.pop(0))
+                held.append((event, client, server, inst, peer, counted, now))
+                out.append(_counts_enricher(type(event))(event, client, server, counted))
+                return out
+            self._count_on_edge(event, client, server, protocol or "tcp", inst, peer, counted, now)
         else:
             protocol = event.protocol
             if counted:
@@ -419,6 +431,17 @@ class TopologyAggregator:
                     if len(memory) >= self.max_memory:
                         memory.clear()
                     memory[(client, server, event.port)] = protocol
+            self._count_on_edge(event, client, server, protocol, inst, peer, counted, now)
+        out.append(_counts_enricher(type(event))(event, client, server, counted))
+        return out
+
+    def _count_held(self, held: tuple) -> None:
+        event, client, server, inst, peer, counted, now = held
+        protocol = self._protocols.get((client, server, event.port), "tcp")
+        self._count_on_edge(event, client, server, protocol, inst, peer, counted, now)
+
+    def _count_on_edge(self, event: CountedEvent, client: str, server: str, protocol: str,
+                       inst: Instance, peer: Instance | None, counted: bool, now: int) -> None:
         if counted or (isinstance(event, ConnectionCounts) and event.failed):
             key = (client, server, protocol, event.port)
             edge = self._edges.get(key) or self._new_edge(key)
@@ -435,8 +458,6 @@ class TopologyAggregator:
             self._count(edge.stats, event, counted, protocol)
         else:
             self.stats.duplicates += 1
-        out.append(_counts_enricher(type(event))(event, client, server, counted))
-        return out
 
     @staticmethod
     def _count(stats: EdgeStats, event: CountedEvent, counted: bool, protocol: str) -> None:
@@ -551,6 +572,9 @@ class TopologyAggregator:
         pending, self._pending = self._pending, {}
         for sock in pending.values():
             self._count_open_as_seen(sock)
+        held, self._held_counts = self._held_counts, []
+        for each in held:
+            self._count_held(each)
 
     def _protocol_seen(self, sock: _Sock) -> str:
         """The protocol this socket's edge has shown so far ("tcp": none yet)."""

@@ -61,12 +61,13 @@ def share(exchanges, good, total: int) -> dict[str, float]:
             for role in ("client", "server")}
 
 
-def redis_pipeline(redis, capture_bytes):
+def redis_pipeline(redis, capture_bytes, extra=0):
+    """1,000 GETs in one redis-py pipeline; values of 3-39 bytes (+ ``extra``)."""
     import redis as redis_py
 
     keys = [f"cap:{i:05d}" for i in range(1000)]
     client = redis_py.Redis(host=HOST, port=redis.port)
-    client.mset({k: b"v" * (i % 37 + 3) for i, k in enumerate(keys)})
+    client.mset({k: b"v" * (i % 37 + 3 + extra) for i, k in enumerate(keys)})
 
     def workload():
         pipe = client.pipeline(transaction=False)
@@ -76,7 +77,7 @@ def redis_pipeline(redis, capture_bytes):
 
     got, copied = run(redis.port, capture_bytes, workload)
     client.close()
-    size = {k: len(b"$%d\r\n%s\r\n" % (i % 37 + 3, b"v" * (i % 37 + 3))) for i, k in enumerate(keys)}
+    size = {k: len(b"$%d\r\n%s\r\n" % (i % 37 + 3 + extra, b"v" * (i % 37 + 3 + extra))) for i, k in enumerate(keys)}
     return share(got, lambda e: e.method == "GET" and e.status == "OK" and e.response_bytes == size.get(e.target),
                  len(keys)), copied
 
@@ -144,6 +145,7 @@ def main() -> None:
         try:
             workloads = {
                 "redis pipeline 1000": lambda size: redis_pipeline(redis, size),
+                "redis pipeline 1000, 50 B values": lambda size: redis_pipeline(redis, size, extra=30),
                 "http 10 pipelined 3 KiB": lambda size: http_pipelining(nginx, size),
                 "http 2 MB short connections": lambda size: http_large_bodies(nginx, size),
                 "mysql 10k rows text": lambda size: mysql_rows(db, size, prepared=False),

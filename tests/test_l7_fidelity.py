@@ -22,6 +22,8 @@ from deetune.events import ExchangeEvent
 from deetune.l7 import L7Handler, ListeningPorts
 from deetune.probes import ProbeOptions
 from deetune.probes.payload import DEFAULT_CAPTURE_BYTES, PayloadProbe
+
+SMALL_CAPTURE = 4096  # the default until measured (bench/bench_capture_size.py)
 from deetune.probes.tcp import TcpProbe
 from tests.harness import running_pipeline
 from tests.servers import (  # noqa: F401  (fixtures)
@@ -85,7 +87,7 @@ def value(i: int) -> bytes:
 def test_redis_py_pipelines_over_the_capture_size(redis_server, count):
     """redis-py writes a pipeline in calls of up to 6,000 bytes; the kernel copies 4 KiB of each.
     Every GET seen is paired with its own reply (its size says which), none is paired with another's;
-    with the capture raised to 64 KiB, every one of them is decoded on both sides."""
+    with the default capture (64 KiB), every one of them is decoded on both sides."""
     redis_py = need_module("redis", "redis")
     redis = redis_server
     tag = os.urandom(4).hex()
@@ -95,7 +97,7 @@ def test_redis_py_pipelines_over_the_capture_size(redis_server, count):
     setup.close()
     reply_size = {key: len(b"$%d\r\n%s\r\n" % (len(value(i)), value(i))) for i, key in enumerate(keys)}
     results = {}
-    for capture_bytes in (DEFAULT_CAPTURE_BYTES, 65536):
+    for capture_bytes in sorted({SMALL_CAPTURE, DEFAULT_CAPTURE_BYTES, 65536}):
         with capture(redis.port, capture_bytes=capture_bytes) as collector:
             client = redis_py.Redis(host=HOST, port=redis.port)
             try:
@@ -122,11 +124,13 @@ def test_redis_py_pipelines_over_the_capture_size(redis_server, count):
             results[(capture_bytes, role)] = (len(gets), len(answered))
     # Everything inside the copied prefixes is decoded: at 4 KiB at least the commands of the first
     # 4 KiB of each write; at 64 KiB all of them.
-    per_prefix = DEFAULT_CAPTURE_BYTES // len(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(keys[0]), keys[0].encode()))
+    per_prefix = SMALL_CAPTURE // len(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(keys[0]), keys[0].encode()))
     for role in ("client", "server"):
-        seen, answered = results[(DEFAULT_CAPTURE_BYTES, role)]
+        seen, answered = results[(SMALL_CAPTURE, role)]
         assert min(count, per_prefix) <= answered <= seen <= count, (role, results)
         assert results[(65536, role)] == (count, count), (role, results)
+        # The default (chosen with bench/bench_capture_size.py) decodes every one of them.
+        assert results[(DEFAULT_CAPTURE_BYTES, role)] == (count, count), (role, results)
     print(results)
 
 
@@ -224,7 +228,7 @@ def mysql_rows(collector, port: int, role: str, target: str) -> list[tuple]:
             for e in exchanges(collector, port, role) if e.target == target and e.method in ("QUERY", "STMT_EXECUTE")]
 
 
-@pytest.mark.parametrize("capture_bytes", [DEFAULT_CAPTURE_BYTES, 16384, 65536])
+@pytest.mark.parametrize("capture_bytes", sorted({SMALL_CAPTURE, 16384, DEFAULT_CAPTURE_BYTES}))
 def test_mysql_ten_thousand_rows_plain_and_prepared(mariadb_server, capture_bytes):
     """A 10,000-row result reported 263 rows.  Rows are counted by their packet headers where the bytes
     were seen; a count that could not be had exactly says so (rows_truncated).  mariadbd writes 16 KB at

@@ -668,7 +668,8 @@ def test_only_recorded_ports_are_copied_more(tmp_path, nginx_server, redis_serve
     big = bytes(range(256)) * 256  # 64 KiB, served by writev (sendfile off)
     (nginx.dir / "html" / "nosendfile" / "big.bin").write_bytes(big)
     events = tmp_path / "events.jsonl"
-    agent = Agent(tmp_path / "agent.db", "--emit-data", "--sink", f"jsonl:{events}")
+    # A capture smaller than the default (64 KiB), for the task's to be seen.
+    agent = Agent(tmp_path / "agent.db", "--emit-data", "--capture-bytes", "4096", "--sink", f"jsonl:{events}")
     try:
         def phase(client: RawClient) -> tuple[int, int]:
             nginx_port = client.connect(nginx.port)
@@ -682,7 +683,9 @@ def test_only_recorded_ports_are_copied_more(tmp_path, nginx_server, redis_serve
         def captured(client_port: int, server_port: int) -> list[tuple[int, int]]:
             """(size, captured) of the server's writes and reads on the client's connection."""
             out = []
-            for line in events.read_text().splitlines():
+            for line in events.read_text().splitlines(keepends=True):
+                if not line.endswith("\n"):
+                    continue  # being written
                 event = json.loads(line)
                 if event["type"] == "data" and event["lport"] == server_port and event["rport"] == client_port:
                     out.append((event["size"], len(event["data"]) // 2))

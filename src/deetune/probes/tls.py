@@ -54,7 +54,8 @@ assert _CONTROLS.size == records.ffi.sizeof("struct dt_tls_controls")
 #: The probe's own counters (enum tls_stat in bpf/tls.bpf.c).
 _STAT_NO_SOCKET, _STAT_TIED = 0, 1
 
-DEFAULT_CAPTURE_BYTES = 4096
+#: Plaintext copied per library call: as the payload probe's (its reasons hold here too).
+DEFAULT_CAPTURE_BYTES = 65536
 #: After an exec, when to look at the process's mappings again (seconds): the dynamic loader maps
 #: libraries right after the exec, a program may dlopen libssl later.
 EXEC_RESCANS = (0.0, 0.2, 1.0, 5.0)

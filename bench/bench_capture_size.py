@@ -135,7 +135,7 @@ def mysql_rows(db, capture_bytes, prepared: bool):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="4096,8192,16384,32768,65536")
-    parser.add_argument("--json", default="bench_capture_size.json")
+    parser.add_argument("--json", default=str(ROOT / "bench" / "results" / f"capture-size-{time.strftime('%Y%m%d-%H%M%S')}.json"))
     args = parser.parse_args()
     sizes = [int(s) for s in args.sizes.split(",")]
     results: dict[str, dict] = {}
@@ -164,6 +164,7 @@ def main() -> None:
         print(f"{name:30} " + " ".join(f"{c:>17}" for c in cells))
     print(f"{'bytes copied (MB), all':30} " + " ".join(
         f"{sum(results[n][s]['copied_bytes'] for n in results) / 1e6:>17.1f}" for s in sizes))
+    pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     pathlib.Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"saved {args.json}")
 

@@ -566,3 +566,30 @@ def test_instances_are_listed_by_pid_as_a_number(store) -> None:
                  window("curl", "orders", T0, stats(1, 0, [100]), port=8080)])
     (node,) = [n for n in store.graph(T0, T0 + W)["nodes"] if n["name"] == "orders"]
     assert [i["pid"] for i in node["instances"]] == [9, 442, 32727]
+
+
+def test_a_flood_of_exchanges_leaves_room_for_the_edges_counts(path, clock) -> None:
+    """Exchanges (detail) fill half the queue at most: the edges' windows queued behind a flood of
+    them are kept, and the edge's requests stay exact."""
+    gate = threading.Event()
+
+    class SlowStore(TopologyStore):
+        def write(self, events):
+            gate.wait(10)
+            super().write(events)
+
+    sink = StoreSink(SlowStore(path, clock=clock), max_queue=10, interval=0.01)
+    sink.handle(window("a", "b", T0, stats(1)))
+    deadline = time.monotonic() + 5
+    while sink._queue and time.monotonic() < deadline:  # the writer took it and is now stuck
+        time.sleep(0.005)
+    for i in range(20):
+        sink.handle(exchange(T0 + i, "a", "b"))
+    for i in range(1, 6):
+        sink.handle(window("a", "b", T0 + i * W, stats(1)))
+    assert (sink.stats.queued, sink.stats.dropped) == (1 + 5 + 5, 15)  # 5 exchanges, 5 windows
+    gate.set()
+    sink.close()
+    reopened = TopologyStore(path, clock=clock)
+    assert reopened.edges(0, T0 + DAY)[0]["requests"] == 6
+    reopened.close()

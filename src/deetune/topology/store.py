@@ -1168,6 +1168,10 @@ class StoreSinkStats:
         return self.dropped + self.lost
 
 
+#: What a full queue drops first (see StoreSink.handle).
+_DETAIL = (ExchangeEvent,)
+
+
 class StoreSink(Sink):
     """Queues topology events for a writer thread committing them to a :class:`TopologyStore`."""
 
@@ -1231,8 +1235,14 @@ class StoreSink(Sink):
             return
         queue = self._queue
         # While the store fails, one batch waits behind the failed one, no more: a full disk may
-        # last hours, and queued events are memory.
-        limit = self.batch_size if self.last_error is not None else self.max_queue
+        # last hours, and queued events are memory.  Detail (exchanges) may fill half the queue:
+        # a flood of it must not push out the edges' counts, which are few and exact.
+        if self.last_error is not None:
+            limit = self.batch_size
+        elif isinstance(event, _DETAIL):
+            limit = self.max_queue // 2
+        else:
+            limit = self.max_queue
         if len(queue) >= limit or self._stopping:
             self.stats.dropped += 1
             on_drop = getattr(event, "on_drop", None)

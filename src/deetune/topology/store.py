@@ -1184,7 +1184,7 @@ class StoreSink(Sink):
         self,
         store: TopologyStore | str | os.PathLike,
         *,
-        max_queue: int = 100_000,
+        max_queue: int = 20_000,
         batch_size: int = 10_000,
         interval: float = 1.0,
         maintenance_interval: float = 60.0,

@@ -70,3 +70,27 @@ def test_a_kernel_counted_open_waits_for_its_edge_protocol_until_the_window_ends
     assert (edges[http].requests, edges[http].connections_opened) == (3, 1)
     assert (edges[http].bytes_sent, edges[http].bytes_received) == (30, 90)
     assert edges[tcp].connections_opened == 2
+
+
+def test_a_local_servers_clients_are_not_counted_twice_before_its_listener_is_known():
+    """A server that started a moment ago is not in the /proc snapshot of listeners yet (read at
+    most once a second): its side's counts, read first, say that its clients' sides on this host
+    are not the ones to count."""
+    import socket
+
+    from deetune.events import RequestCounts
+
+    with socket.socket() as unused:  # a local port nobody listens on: not in any snapshot
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    clock = [10**19]
+    aggregator = TopologyAggregator(ServiceResolver(), window_seconds=10, clock=lambda: clock[0],
+                                    kernel_counts=True)
+    counts = dict(ts=1, protocol="http", port=port, method="GET", status=200, outcome="ok", count=5)
+    server = RequestCounts(**counts, role="server", pid=1, raddr="127.0.0.1")
+    client = RequestCounts(**counts, role="client", pid=1, raddr="127.0.0.1")
+    remote = RequestCounts(**counts, role="client", pid=1, raddr="203.0.113.5")  # another host's server
+    assert [e.counted for event in (server, client, remote) for e in aggregator(event)] == [True, False, True]
+    clock[0] += 11 * 10**9
+    edges = {e.key.server: e.stats.requests for e in aggregator.flush() if isinstance(e, EdgeWindowEvent)}
+    assert sorted(edges.values()) == [5, 5]

@@ -267,4 +267,7 @@ def count_events(requests: CounterMap, latency: CounterMap) -> list:
             ts, ts_mono_ns=mono, role=edge.role, pid=edge.pid, peer_pid=edge.peer_pid, cgroup_id=edge.cgroup_id,
             raddr=edge.raddr, port=edge.port, protocol=edge.protocol, method=method, buckets=buckets,
         ))
+    # Servers' sides first: a local server's counts tell the topology its clients' sides are not
+    # the ones to count, before its listener shows in /proc (deetune.topology.aggregator).
+    out.sort(key=lambda event: event.role != "server")
     return out

@@ -1033,6 +1033,11 @@ class ServiceResolver:
         """Whether a process on this host listens on addr:port (so it reports its own side)."""
         return self._resolve(addr, port)[1] is not None
 
+    def is_local_address(self, addr: str) -> bool:
+        """Whether addr is one of this host's addresses (loopback included)."""
+        ip = _parse_ip(addr)
+        return ip is not None and self._snapshot(missed=False).is_local(ip)
+
     def _resolve(self, addr: str, port: int) -> tuple[_Listeners, int | None, str]:
         """The listeners snapshot, the inode listening on addr:port (None when not this host's
         or nobody listens), and the name to use when no local process owns it."""

@@ -283,6 +283,8 @@ class TopologyAggregator:
         self._pending: dict[int, _Sock] = {}
         #: the kernel's connection counts waiting for their edge's protocol (see _on_counts)
         self._held_counts: list[tuple] = []
+        #: ports local servers counted exchanges on (their clients' sides here are not counted)
+        self._served_ports: set[int] = set()
         #: Bumped whenever the window's edges are handed over (invalidates _Sock.edge).
         self._gen = 0
 
@@ -407,10 +409,18 @@ class TopologyAggregator:
             else:
                 client = self._remote_client(event.raddr)
             counted = True
+            served = self._served_ports
+            if event.port not in served:
+                if len(served) >= 65536:
+                    served.clear()
+                served.add(event.port)
         else:
             client = inst.service
             server = resolver.endpoint(event.raddr, event.port)
-            counted = not resolver.is_local_listener(event.raddr, event.port)
+            # A local server counts its side; its listener may not be in the /proc snapshot yet
+            # (read at most once a second), but its counts came first.
+            counted = not resolver.is_local_listener(event.raddr, event.port) and not (
+                event.port in self._served_ports and resolver.is_local_address(event.raddr))
         if isinstance(event, ConnectionCounts):
             protocol = self._protocols.get((client, server, event.port))
             if protocol is None and counted:

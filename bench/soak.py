@@ -101,10 +101,14 @@ def role_client(port: int, rate: float, count_file: str) -> None:
     done = 0
     interval = 1.0 / rate
     next_at = time.monotonic()
-    while True:
+    stopping = []  # SIGTERM: finish (and count) the request under way, then stop
+    signal.signal(signal.SIGTERM, lambda *_: stopping.append(True))
+    while not stopping:
         with socket.create_connection((HOST, port)) as conn:
             reader = conn.makefile("rb")
             for _ in range(1000):
+                if stopping:
+                    return
                 conn.sendall(b"GET /normal/%d HTTP/1.1\r\nHost: soak\r\n\r\n" % done)
                 status = reader.readline()
                 while reader.readline() not in (b"\r\n", b""):

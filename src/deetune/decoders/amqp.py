@@ -85,6 +85,7 @@ _NO_WAIT = {
 }
 _U16 = struct.Struct(">H")
 _U64 = struct.Struct(">Q")
+_REQUEST = Direction.REQUEST
 
 
 class _Frames(Framer):
@@ -178,6 +179,8 @@ class AmqpDecoder(Decoder):
 
     def __init__(self) -> None:
         self._framers = {Direction.REQUEST: _Frames(), Direction.RESPONSE: _Frames()}
+        self._request_framer = self._framers[Direction.REQUEST]
+        self._response_framer = self._framers[Direction.RESPONSE]
         self._pending: dict[int, deque[_Pending]] = {}  # channel → sync methods awaiting a reply
         self._confirming: dict[int, int] = {}  # channel in confirm mode → publishes so far
         self._unconfirmed: dict[int, deque[tuple[int, _Pending]]] = {}  # channel → (delivery tag, publish)
@@ -190,10 +193,50 @@ class AmqpDecoder(Decoder):
     def feed(self, chunk: Chunk) -> Iterable[Exchange]:
         self._out = out = []
         try:
-            client = chunk.direction is Direction.REQUEST
-            for head, size, ts0, ts1, truncated in self._framers[chunk.direction].feed(
+            client = chunk.direction is _REQUEST
+            contents = self._content
+            for f, size, ts0, ts1, truncated in (self._request_framer if client else self._response_framer).feed(
                     chunk.data, chunk.size, chunk.ts_ns):
-                self._frame(client, head, size, ts0, ts1, truncated)
+                kind = f[0]
+                if kind == 0x41 and f[:4] == b"AMQP":
+                    if f != PROTOCOL_HEADER:
+                        raise Undecodable(f"amqp: protocol header {f!r} is not AMQP 0-9-1")
+                    continue  # the client's opening, or the server refusing another version
+                channel = f[1] << 8 | f[2]
+                if len(f) == size and f[-1] != FRAME_END:
+                    raise Undecodable("amqp: frame without its frame-end octet")
+                if kind == METHOD:
+                    key = (f[7] << 8 | f[8], f[9] << 8 | f[10])
+                    if key not in _METHODS:
+                        raise Undecodable(f"amqp: unknown method {key[0]}.{key[1]}")
+                    if client:
+                        self._client_method(key, channel, f, size, ts0, ts1)
+                    else:
+                        self._server_method(key, channel, f, size, ts0, ts1)
+                elif kind == HEADER or kind == BODY:
+                    content = contents.get((client, channel))
+                    if content is None:
+                        continue  # content of a method seen before the capture started
+                    owner = content.owner
+                    if content.request:
+                        owner.nbytes += size
+                        owner.end = ts1
+                    else:
+                        owner.resp_bytes += size
+                        owner.resp_end = ts1
+                    if truncated:
+                        owner.truncated = True
+                    if kind == HEADER:
+                        content.left = _U64.unpack_from(f, 11)[0]
+                        owner.attrs["body_size"] = content.left
+                    else:
+                        content.left -= size - 8
+                    if content.left <= 0:
+                        del contents[(client, channel)]
+                        if content.then is not None:
+                            content.then(owner)
+                elif kind != HEARTBEAT:
+                    raise Undecodable(f"amqp: unknown frame type {kind}")
             if self._count > MAX_PENDING:
                 raise Undecodable(f"amqp: over {MAX_PENDING} methods without a reply")
         except Undecodable:
@@ -215,48 +258,6 @@ class AmqpDecoder(Decoder):
 
     # ------------------------------------------------------------------ frames
 
-    def _frame(self, client: bool, f: bytes, size: int, ts0: int, ts1: int, truncated: bool) -> None:
-        if f[:4] == b"AMQP":
-            if f != PROTOCOL_HEADER:
-                raise Undecodable(f"amqp: protocol header {f!r} is not AMQP 0-9-1")
-            return  # the client's opening, or the server refusing another version
-        kind = f[0]
-        channel = f[1] << 8 | f[2]
-        if len(f) == size and f[-1] != FRAME_END:
-            raise Undecodable("amqp: frame without its frame-end octet")
-        if kind == METHOD:
-            key = (f[7] << 8 | f[8], f[9] << 8 | f[10])
-            if key not in _METHODS:
-                raise Undecodable(f"amqp: unknown method {key[0]}.{key[1]}")
-            if client:
-                self._client_method(key, channel, f, size, ts0, ts1)
-            else:
-                self._server_method(key, channel, f, size, ts0, ts1)
-        elif kind == HEADER or kind == BODY:
-            content = self._content.get((client, channel))
-            if content is None:
-                return  # content of a method seen before the capture started
-            owner = content.owner
-            if content.request:
-                owner.nbytes += size
-                owner.end = ts1
-            else:
-                owner.resp_bytes += size
-                owner.resp_end = ts1
-            if truncated:
-                owner.truncated = True
-            if kind == HEADER:
-                content.left = _U64.unpack_from(f, 11)[0]
-                owner.attrs["body_size"] = content.left
-            else:
-                content.left -= size - 8
-            if content.left <= 0:
-                del self._content[(client, channel)]
-                if content.then is not None:
-                    content.then(owner)
-        elif kind != HEARTBEAT:
-            raise Undecodable(f"amqp: unknown frame type {kind}")
-
     def _client_method(self, key: tuple[int, int], channel: int, f: bytes, size: int, ts0: int, ts1: int) -> None:
         method = _NAMES[key]
         attrs: dict[str, Any] = {"channel": channel}
@@ -267,11 +268,15 @@ class AmqpDecoder(Decoder):
             routing_key, _ = _shortstr(p, pos)
             attrs["exchange"], attrs["routing_key"] = exchange, routing_key
             publish = _Pending(method, exchange or routing_key, attrs, ts0, ts1, size)
-            confirmed = channel in self._confirming
+            confirming = self._confirming
+            confirmed = channel in confirming
             if confirmed:
-                tag = self._confirming[channel] = self._confirming[channel] + 1
+                tag = confirming[channel] = confirming[channel] + 1
                 attrs["delivery_tag"] = tag
-                self._unconfirmed.setdefault(channel, deque()).append((tag, publish))
+                queue = self._unconfirmed.get(channel)
+                if queue is None:
+                    queue = self._unconfirmed[channel] = deque()
+                queue.append((tag, publish))
                 self._count += 1
             # Reported once its content is in; under confirms, once the broker confirms it.
             self._content[(True, channel)] = _Content(publish, True, None if confirmed else self._emit)

@@ -52,6 +52,7 @@ _NOT_ERRORS = frozenset((0, 3))
 _NAME_BYTES = bytes(range(0x21, 0x7F))
 _ntop = socket.inet_ntop
 _AF_INET, _AF_INET6 = socket.AF_INET, socket.AF_INET6
+_REQUEST = Direction.REQUEST
 
 
 def _question_end(msg: bytes, pos: int) -> int:
@@ -187,6 +188,8 @@ class DnsDecoder(Decoder):
     def __init__(self, datagram: bool = False) -> None:
         self.datagram = datagram
         self._framers = None if datagram else {Direction.REQUEST: _Tcp(), Direction.RESPONSE: _Tcp()}
+        self._request_framer, self._response_framer = (
+            (None, None) if datagram else (self._framers[Direction.REQUEST], self._framers[Direction.RESPONSE]))
         #: (id + question bytes) → queries awaiting a response (several when ids collide).
         self._pending: dict[bytes, list[_Query]] = {}
         self._count = 0
@@ -205,11 +208,15 @@ class DnsDecoder(Decoder):
                               chunk.size > len(chunk.data))
             else:
                 direction = chunk.direction
-                for head, size, ts0, ts1, truncated in self._framers[direction].feed(
-                        chunk.data, chunk.size, chunk.ts_ns):
-                    self._message(head[2:], size, direction, ts0, ts1, None, truncated)
+                framer = self._request_framer if direction is _REQUEST else self._response_framer
+                message = self._message
+                for head, size, ts0, ts1, truncated in framer.feed(chunk.data, chunk.size, chunk.ts_ns):
+                    message(head[2:], size, direction, ts0, ts1, None, truncated)
             if self._count:
-                self._expire(chunk.ts_ns)
+                # Nothing to expire while the oldest query waiting is younger than the timeout.
+                pending = self._pending
+                if pending and pending[next(iter(pending))][0].end < chunk.ts_ns - self.timeout_ns:
+                    self._expire(chunk.ts_ns)
         except Undecodable:
             raise
         except Exception as exc:  # a slip on malformed bytes: stop decoding, never crash the caller
@@ -239,7 +246,7 @@ class DnsDecoder(Decoder):
             return
         key = msg[:2] + msg[12:end]
         if not flags & 0x8000:  # a query
-            if direction is not Direction.REQUEST and not self.datagram:
+            if direction is not _REQUEST and not self.datagram:
                 raise Undecodable("dns: a query in the response direction")
             qname = msg[12:end - 4]
             name = self._names.get(qname)

@@ -59,6 +59,9 @@ class Framer:
         length = struct.Struct(self.length_format)
         self._unpack = length.unpack_from
         self._need = (self.length_at or 0) + length.size
+        #: What the fast path reads, in one attribute (None: no fixed-offset length).
+        self._fast = None if self.length_at is None else (
+            self._unpack, self._need, self.length_at, self.length_adds, self.min_size, self.max_size, self.keep)
 
     def header(self, buf: bytes, pos: int, end: int) -> int:
         """(Without :attr:`length_at`, or while :attr:`special`.)  The total size (header included) of the message starting at ``buf[pos]``, or 0
@@ -72,6 +75,29 @@ class Framer:
         return not self._left and not self._carry
 
     def feed(self, data: bytes, size: int, ts: int) -> list[Frame]:
+        fast = self._fast
+        if fast is None or self._left or self._carry or self.special:
+            return self._feed(data, size, ts)
+        # At a boundary with a fixed-offset length: whole messages straight from the chunk.
+        unpack, need, length_at, adds, low, high, keep = fast
+        out: list[Frame] = []
+        append = out.append
+        end = len(data)
+        pos = 0
+        while end - pos >= need:
+            total = unpack(data, pos + length_at)[0] + adds
+            if total < low or total > high:
+                raise Undecodable(f"{type(self).__name__}: message length {total} out of range")
+            stop = pos + total
+            if stop > end:
+                break
+            append((data[pos:stop] if total <= keep else data[pos:pos + keep], total, ts, ts, False))
+            pos = stop
+        if pos == end and size == end:
+            return out
+        return out + self._feed(data[pos:] if pos else data, size - pos, ts)
+
+    def _feed(self, data: bytes, size: int, ts: int) -> list[Frame]:
         out: list[Frame] = []
         keep = self.keep
         pos = 0

@@ -73,6 +73,7 @@ _ERRORS = {
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
 _HEADER = struct.Struct(">hhi")
+_REQUEST = Direction.REQUEST
 
 
 class _Short(Exception):
@@ -164,6 +165,93 @@ class _Reader:
                 self.skip(self.uvarint())
 
 
+def _uvarint(b: bytes, pos: int) -> tuple[int, int]:
+    """An unsigned varint at ``pos``: (value, position after it)."""
+    value = shift = 0
+    while True:
+        byte = b[pos]
+        pos += 1
+        value |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return value, pos
+        shift += 7
+        if shift > 28:
+            raise ValueError("varint too long")
+
+
+def _length(b: bytes, pos: int, compact: bool) -> tuple[int, int]:
+    """A string/bytes/array length (-1 for null) at ``pos``: (length, position after it)."""
+    if compact:
+        n = b[pos]
+        if n < 0x80:  # a one-byte varint: the usual case
+            return n - 1, pos + 1
+        n, pos = _uvarint(b, pos)
+        return n - 1, pos
+    return _I32.unpack_from(b, pos)[0], pos + 4
+
+
+def _skip_string(b: bytes, pos: int, compact: bool) -> int:
+    """The position after a (nullable) string."""
+    if compact:
+        n = b[pos]
+        if n < 0x80:
+            pos += 1
+            n -= 1
+        else:
+            n, pos = _uvarint(b, pos)
+            n -= 1
+    else:
+        n = _I16.unpack_from(b, pos)[0]
+        pos += 2
+    if n > 0:
+        pos += n
+        if pos > len(b):
+            raise _Short
+    return pos
+
+
+def _string(b: bytes, pos: int, compact: bool, names: dict[bytes, str]) -> tuple[str | None, int]:
+    """A (nullable) string, decoded once per connection: (text, position after it)."""
+    if compact:
+        n = b[pos]
+        if n < 0x80:
+            pos += 1
+            n -= 1
+        else:
+            n, pos = _uvarint(b, pos)
+            n -= 1
+    else:
+        n = _I16.unpack_from(b, pos)[0]
+        pos += 2
+    if n < 0:
+        return None, pos
+    start = pos
+    pos += n
+    if pos > len(b):
+        raise _Short
+    raw = b[start:pos]
+    text = names.get(raw)
+    if text is None:
+        text = raw.decode("utf-8", "replace")
+        if len(names) < 1024:
+            names[raw] = text
+    return text, pos
+
+
+def _skip_tags(b: bytes, pos: int) -> int:
+    """The position after a (compact encoding's) tagged fields."""
+    if b[pos] == 0:  # no tagged fields: the usual case
+        return pos + 1
+    count, pos = _uvarint(b, pos)
+    for _ in range(count):
+        _, pos = _uvarint(b, pos)
+        n, pos = _uvarint(b, pos)
+        pos += n
+        if pos > len(b):
+            raise _Short
+    return pos
+
+
 class _Messages(Framer):
     keep = 4096
     length_at = 0
@@ -208,6 +296,8 @@ class KafkaDecoder(Decoder):
 
     def __init__(self) -> None:
         self._framers = {Direction.REQUEST: _Messages(), Direction.RESPONSE: _Messages()}
+        self._request_framer = self._framers[Direction.REQUEST]
+        self._response_framer = self._framers[Direction.RESPONSE]
         self._pending: dict[int, _Request] = {}
         self._names: dict[bytes, str] = {}
         self._out: list[Exchange] = []
@@ -217,13 +307,11 @@ class KafkaDecoder(Decoder):
     def feed(self, chunk: Chunk) -> Iterable[Exchange]:
         self._out = out = []
         try:
-            request = chunk.direction is Direction.REQUEST
-            for head, size, ts0, ts1, truncated in self._framers[chunk.direction].feed(
+            request = chunk.direction is _REQUEST
+            on_message = self._on_request if request else self._on_response
+            for head, size, ts0, ts1, truncated in (self._request_framer if request else self._response_framer).feed(
                     chunk.data, chunk.size, chunk.ts_ns):
-                if request:
-                    self._on_request(head, size, ts0, ts1, truncated)
-                else:
-                    self._on_response(head, size, ts0, ts1, truncated)
+                on_message(head, size, ts0, ts1, truncated)
             if len(self._pending) > MAX_PENDING:
                 raise Undecodable(f"kafka: over {MAX_PENDING} requests without a response")
         except Undecodable:
@@ -254,21 +342,20 @@ class KafkaDecoder(Decoder):
         attrs: dict[str, Any] = {"api_version": version, "correlation_id": correlation}
         request.attrs = attrs
         flexible = version >= known[1]
-        reader = _Reader(m, 12, False, self._names)
+        names = self._names
         acks = None
         try:
-            client = reader.string()
+            client, pos = _string(m, 12, False, names)
             if client is not None:
                 attrs["client_id"] = client
             if flexible:
-                reader.compact = True
-                reader.tags()
+                pos = _skip_tags(m, pos)
             if api == 0:
-                acks = self._produce_request(reader, version, attrs)
+                acks = _produce_request(m, pos, flexible, version, attrs, names)
             elif api == 1:
-                self._fetch_request(reader, version, attrs)
+                self._fetch_request(_Reader(m, pos, flexible, names), version, attrs)
             elif api == 3 and version >= 1:
-                self._metadata_request(reader, version, attrs)
+                self._metadata_request(_Reader(m, pos, flexible, names), version, attrs)
         except (_Short, IndexError, struct.error, ValueError):
             pass  # the kept prefix ends early, or a body this decoder misreads: details only
         topics = attrs.get("topics")
@@ -280,26 +367,6 @@ class KafkaDecoder(Decoder):
         if correlation in self._pending:  # a client reusing an id: the earlier request went unanswered
             self._emit(self._pending.pop(correlation), None, None, None, 0, False)
         self._pending[correlation] = request
-
-    @staticmethod
-    def _produce_request(r: _Reader, version: int, attrs: dict[str, Any]) -> int:
-        if version >= 3:
-            r.string()  # transactional id
-        acks = r.i16()
-        attrs["acks"] = acks
-        r.skip(4)  # timeout
-        topics = []
-        for _ in range(min(r.length(), 4096)):
-            topics.append(r.string() or "")
-            if len(topics) >= MAX_TOPICS:
-                break
-            for _ in range(r.length()):  # partitions: index, records
-                r.skip(4)
-                r.bytes_()
-                r.tags()
-            r.tags()
-        attrs["topics"] = topics
-        return acks
 
     @staticmethod
     def _fetch_request(r: _Reader, version: int, attrs: dict[str, Any]) -> None:
@@ -348,16 +415,17 @@ class KafkaDecoder(Decoder):
         known = _APIS[request.api]
         # ApiVersions answers with the classic header whatever the version (clients must read it).
         flexible = request.version >= known[1]
-        reader = _Reader(m, 8, flexible, self._names)
         error = 0
         try:
+            pos = 8
             if flexible and request.api != 18:
-                reader.tags()
+                pos = _skip_tags(m, pos)
             if request.api == 0:
-                error = self._produce_response(reader, request.version)
+                error = _produce_response(m, pos, flexible, request.version)
             elif request.api == 1:
-                error = self._fetch_response(reader, request.version)
+                error = self._fetch_response(_Reader(m, pos, flexible, self._names), request.version)
             elif request.api in _TOP_LEVEL_ERROR:
+                reader = _Reader(m, pos, flexible, self._names)
                 if _TOP_LEVEL_ERROR[request.api] <= request.version:
                     reader.skip(4)  # throttle time
                 error = reader.i16()
@@ -366,26 +434,6 @@ class KafkaDecoder(Decoder):
         if error:
             request.attrs["error_code"] = error
         self._emit(request, error, ts0, ts1, size, truncated)
-
-    @staticmethod
-    def _produce_response(r: _Reader, version: int) -> int:
-        first = 0
-        for _ in range(min(r.length(), 4096)):
-            r.string()
-            for _ in range(min(r.length(), 65536)):
-                r.skip(4)
-                code = r.i16()
-                first = first or code
-                r.skip(8 + (8 if version >= 2 else 0) + (8 if version >= 5 else 0))
-                if version >= 8:
-                    for _ in range(max(r.length(), 0)):
-                        r.skip(4)
-                        r.string()
-                        r.tags()
-                    r.string()
-                r.tags()
-            r.tags()
-        return first
 
     @staticmethod
     def _fetch_response(r: _Reader, version: int) -> int:
@@ -437,3 +485,71 @@ class KafkaDecoder(Decoder):
 
 # APIs whose response starts with (throttle time from this version, then) an error code.
 _TOP_LEVEL_ERROR = {10: 1, 11: 2, 12: 1, 13: 1, 14: 1, 17: 99, 18: 99, 22: 0, 25: 0, 26: 0, 36: 99, 60: 0}
+
+
+def _produce_request(b: bytes, pos: int, compact: bool, version: int, attrs: dict[str, Any],
+                     names: dict[bytes, str]) -> int:
+    """A Produce request's body from ``pos``: ``acks`` and ``topics`` into ``attrs``; returns acks."""
+    end = len(b)
+    if version >= 3:
+        pos = _skip_string(b, pos, compact)  # transactional id
+    acks = _I16.unpack_from(b, pos)[0]
+    attrs["acks"] = acks
+    pos += 2 + 4  # timeout
+    if pos > end:
+        raise _Short
+    topics: list[str] = []
+    count, pos = _length(b, pos, compact)
+    for _ in range(min(count, 4096)):
+        name, pos = _string(b, pos, compact, names)
+        topics.append(name or "")
+        if len(topics) >= MAX_TOPICS:
+            break
+        partitions, pos = _length(b, pos, compact)
+        for _ in range(partitions):  # index, records
+            pos += 4
+            if pos > end:
+                raise _Short
+            n, pos = _length(b, pos, compact)
+            if n > 0:
+                pos += n
+                if pos > end:
+                    raise _Short
+            if compact:
+                pos = pos + 1 if b[pos] == 0 else _skip_tags(b, pos)
+        if compact:
+            pos = pos + 1 if b[pos] == 0 else _skip_tags(b, pos)
+    attrs["topics"] = topics
+    return acks
+
+
+def _produce_response(b: bytes, pos: int, compact: bool, version: int) -> int:
+    """A Produce response's body from ``pos``: the first non-zero error code of a partition."""
+    end = len(b)
+    first = 0
+    after_code = 8 + (8 if version >= 2 else 0) + (8 if version >= 5 else 0)
+    count, pos = _length(b, pos, compact)
+    for _ in range(min(count, 4096)):
+        pos = _skip_string(b, pos, compact)
+        partitions, pos = _length(b, pos, compact)
+        for _ in range(min(partitions, 65536)):
+            code = _I16.unpack_from(b, pos + 4)[0]  # after the partition index
+            first = first or code
+            pos += 6 + after_code
+            if pos > end:
+                raise _Short
+            if version >= 8:
+                errors, pos = _length(b, pos, compact)
+                for _ in range(max(errors, 0)):
+                    pos += 4
+                    if pos > end:
+                        raise _Short
+                    pos = _skip_string(b, pos, compact)
+                    if compact:
+                        pos = _skip_tags(b, pos)
+                pos = _skip_string(b, pos, compact)
+            if compact:
+                pos = pos + 1 if b[pos] == 0 else _skip_tags(b, pos)
+        if compact:
+            pos = pos + 1 if b[pos] == 0 else _skip_tags(b, pos)
+    return first

@@ -70,6 +70,28 @@ _COMPLETES = frozenset((
     _EXECUTE << 8 | 0x49, _EXECUTE << 8 | 0x73,  # EmptyQueryResponse, PortalSuspended
 ))
 _BEFORE_BIND = frozenset(("", "PARSE", "DESCRIBE", "CLOSE"))
+_REQUEST = Direction.REQUEST
+#: CommandComplete tags read so far (bounded): tag → (command, rows to add or None).
+_TAGS: dict[bytes, tuple[str, int | None]] = {}
+MAX_TAGS = 4096
+
+
+def _command_tag(tag: bytes) -> tuple[str, int | None]:
+    """A CommandComplete tag's command and the rows it counts (None: none counted)."""
+    parsed = _TAGS.get(tag)
+    if parsed is None:
+        rows_added = None
+        command, _, rows = tag.rpartition(b" ")
+        if rows.isdigit() and command:
+            command = command.partition(b" ")[0]
+            if command in _ROW_COUNT_COMMANDS:
+                rows_added = int(rows)
+        else:
+            command = tag
+        parsed = (command.decode("ascii", "replace"), rows_added)
+        if len(_TAGS) < MAX_TAGS:
+            _TAGS[tag] = parsed
+    return parsed
 _TEXT_BYTES = bytes([9, 10, 13, *range(0x20, 0x7F), *range(0x80, 0x100)])
 
 
@@ -223,13 +245,14 @@ class PostgresDecoder(Decoder):
         try:
             if self._encrypted:
                 raise Undecodable("postgres: encrypted after the server accepted SSLRequest/GSSENCRequest")
-            if chunk.direction is Direction.REQUEST:
-                if self._fresh and chunk.data:
+            if chunk.direction is _REQUEST:
+                data = chunk.data
+                if self._fresh and data:
                     # A connection seen from its start opens with an untyped message (whose length's
                     # first byte is 0); one joined later starts at a typed message.
                     self._fresh = False
-                    self._front.special = chunk.data[0] == 0
-                self._requests(self._front.feed(chunk.data, chunk.size, chunk.ts_ns))
+                    self._front.special = data[0] == 0
+                self._requests(self._front.feed(data, chunk.size, chunk.ts_ns))
                 if len(self._ops) > MAX_PENDING or len(self._groups) > MAX_PENDING:
                     raise Undecodable(f"postgres: over {MAX_PENDING} operations without a response")
             else:
@@ -479,15 +502,9 @@ class PostgresDecoder(Decoder):
                 if not group.ops:
                     self._settle(group)
             elif t == 0x43:  # CommandComplete
-                tag = m[5:m.find(b"\x00", 5)]
-                command, _, rows = tag.rpartition(b" ")
-                if rows.isdigit() and command:
-                    command = command.partition(b" ")[0]
-                    if command in _ROW_COUNT_COMMANDS:
-                        group.rows = (group.rows or 0) + int(rows)
-                else:
-                    command = tag
-                group.command = command.decode("ascii", "replace")
+                group.command, rows = _command_tag(m[5:m.find(b"\x00", 5)])
+                if rows is not None:
+                    group.rows = (group.rows or 0) + rows
                 group.copy_in = False
                 if kind == _EXECUTE:
                     ops.popleft()

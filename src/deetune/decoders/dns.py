@@ -339,7 +339,10 @@ class DnsDecoder(Decoder):
         addresses: list[str] = []
         cnames: list[str] = []
         for _ in range(min(count, 64)):
-            pos = _skip_name(msg, pos)
+            if pos < len(msg) and msg[pos] >= 0xC0:  # a compression pointer: the usual owner name
+                pos += 2
+            else:
+                pos = _skip_name(msg, pos)
             if pos < 0 or pos + 10 > len(msg):
                 break
             rtype, _, _, length = _RR.unpack_from(msg, pos)

@@ -499,18 +499,30 @@ def _produce_request(b: bytes, pos: int, compact: bool, version: int, attrs: dic
     if pos > end:
         raise _Short
     topics: list[str] = []
-    count, pos = _length(b, pos, compact)
+    if compact and b[pos] < 0x80:  # a one-byte length: the usual case
+        count = b[pos] - 1
+        pos += 1
+    else:
+        count, pos = _length(b, pos, compact)
     for _ in range(min(count, 4096)):
         name, pos = _string(b, pos, compact, names)
         topics.append(name or "")
         if len(topics) >= MAX_TOPICS:
             break
-        partitions, pos = _length(b, pos, compact)
+        if compact and b[pos] < 0x80:  # a one-byte length: the usual case
+            partitions = b[pos] - 1
+            pos += 1
+        else:
+            partitions, pos = _length(b, pos, compact)
         for _ in range(partitions):  # index, records
             pos += 4
             if pos > end:
                 raise _Short
-            n, pos = _length(b, pos, compact)
+            if compact and b[pos] < 0x80:  # a one-byte length: the usual case
+                n = b[pos] - 1
+                pos += 1
+            else:
+                n, pos = _length(b, pos, compact)
             if n > 0:
                 pos += n
                 if pos > end:
@@ -528,10 +540,18 @@ def _produce_response(b: bytes, pos: int, compact: bool, version: int) -> int:
     end = len(b)
     first = 0
     after_code = 8 + (8 if version >= 2 else 0) + (8 if version >= 5 else 0)
-    count, pos = _length(b, pos, compact)
+    if compact and b[pos] < 0x80:  # a one-byte length: the usual case
+        count = b[pos] - 1
+        pos += 1
+    else:
+        count, pos = _length(b, pos, compact)
     for _ in range(min(count, 4096)):
         pos = _skip_string(b, pos, compact)
-        partitions, pos = _length(b, pos, compact)
+        if compact and b[pos] < 0x80:  # a one-byte length: the usual case
+            partitions = b[pos] - 1
+            pos += 1
+        else:
+            partitions, pos = _length(b, pos, compact)
         for _ in range(min(partitions, 65536)):
             code = _I16.unpack_from(b, pos + 4)[0]  # after the partition index
             first = first or code
@@ -539,7 +559,11 @@ def _produce_response(b: bytes, pos: int, compact: bool, version: int) -> int:
             if pos > end:
                 raise _Short
             if version >= 8:
-                errors, pos = _length(b, pos, compact)
+                if compact and b[pos] < 0x80:  # a one-byte length: the usual case
+                    errors = b[pos] - 1
+                    pos += 1
+                else:
+                    errors, pos = _length(b, pos, compact)
                 for _ in range(max(errors, 0)):
                     pos += 4
                     if pos > end:

@@ -8,9 +8,9 @@ PromQL queries run side by side, joined here.
 How a range's numbers are read
     A counter's increase over ``[since, until]`` is its value at ``until`` minus its value at
     ``since`` (0 for a series that did not exist yet, and for a host whose agent started
-    after ``since``: its counters began at 0 then): two plain instant queries of the family's
-    sums, at ``until`` and at ``since``, subtracted here.  Exact: no extrapolation, unlike
-    ``increase()``.  A host whose agent no longer reports (its series went stale) is read at
+    after ``since``: its counters began at 0 then): the family's sums at ``until`` and at
+    ``since`` (one range query of those two steps: the series selected once), subtracted here.
+    Exact: no extrapolation, unlike ``increase()``.  A host whose agent no longer reports (its series went stale) is read at
     its last sample in the range instead of at ``until``.
 
 How the halves of an edge are joined
@@ -31,7 +31,10 @@ How the halves of an edge are joined
 from __future__ import annotations
 
 import collections
+import contextlib
+import gc
 import ipaddress
+import threading
 import time
 from typing import Any, Iterable
 
@@ -54,7 +57,7 @@ CONNECTION_COUNTERS = {
     "retransmits": "deetune_tcp_retransmits_total",
     "resets": "deetune_tcp_resets_total",
 }
-#: Above this many edges, a graph comes without latency quantiles (averages only) and without the
+#: Above this many edges, a graph comes without latency (quantiles and averages) and without the
 #: byte, retransmit and reset counters: a whole-fleet answer should not wait for them; a service's
 #: graph and its dependencies ask for theirs.
 QUANTILE_EDGES = 1000
@@ -62,6 +65,31 @@ QUANTILE_EDGES = 1000
 SHAPE_COUNTERS = ("connections_opened", "connections_failed")
 EDGE_FIELDS = ("requests", "errors", "latency_p50_ns", "latency_p90_ns", "latency_p99_ns", "latency_avg_ns",
                *CONNECTION_COUNTERS)
+
+
+_gc_lock = threading.Lock()
+_gc_holders = 0
+_gc_was_enabled = False
+
+
+@contextlib.contextmanager
+def _no_gc_pauses():
+    """The cyclic garbage collector off while a large answer is built: its hundreds of thousands
+    of new dicts and tuples (no cycles among them) otherwise trigger collection after collection,
+    a third of the time.  Back on when the last request building one ends, if it was on."""
+    global _gc_holders, _gc_was_enabled
+    with _gc_lock:
+        if _gc_holders == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_holders += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_holders -= 1
+            if _gc_holders == 0 and _gc_was_enabled:
+                gc.enable()
 
 
 def _is_address(text: str) -> bool:
@@ -126,8 +154,20 @@ class Edge:
         return (self.client, self.server, self.protocol, self.port)
 
 
+COUNTED = ("requests", "errors", *CONNECTION_COUNTERS)
+
+
 def _sum_sides(sides: list[Side]) -> dict[str, Any]:
     """The counts of several rows added up; a latency quantile only when one row has them all."""
+    if len(sides) == 1:  # most edges: the same numbers without the sums
+        metrics = sides[0].metrics
+        one: dict[str, Any] = {name: int(round(metrics.get(name, 0))) for name in COUNTED}
+        count = metrics.get("latency_count")
+        one["latency_avg_ns"] = int(metrics.get("latency_sum", 0.0) / count * NS) if count else None
+        cumulative = metrics.get("latency_buckets")
+        for name, q in QUANTILES.items():
+            one[name] = _bucket_quantile(q, cumulative) if cumulative else None
+        return one
     out: dict[str, Any] = {}
     for name in ("requests", "errors", *CONNECTION_COUNTERS):
         out[name] = int(round(sum(s.metrics.get(name, 0) for s in sides)))
@@ -211,9 +251,10 @@ class FleetQueries:
         """The named row values over [since, until] (requests, errors, latency_sum, latency_count,
         the quantiles, the connection counters; remote: the endpoint rows), as (labels, value).
 
-        Each counter family is two plain instant queries, its sums at ``until`` and at ``since``
-        (hosts not reporting: their last sample in the range instead of ``until``), subtracted
-        here; the quantiles come from the buckets' increases, all three from one pair of queries."""
+        Each counter family is one query evaluated at ``since`` and at ``until`` (a range query of
+        those two steps: its series selected once), its sums at both subtracted here (hosts not
+        reporting: their last sample in the range instead of ``until``); the quantiles come from
+        the buckets' increases, all three from one such query."""
         stale = {name for name, host in hosts.items() if not host.reporting}
         rng = _duration(until - since)
         red = {"requests": "deetune_requests_total", "errors": "deetune_request_errors_total",
@@ -223,11 +264,10 @@ class FleetQueries:
         counters = [(n, red[n], PAIR if n in CONNECTION_COUNTERS else ROW) for n in names if n in red]
         if any(n in QUANTILES for n in names):
             counters.append(("buckets", "deetune_request_duration_seconds_bucket", (*ROW, "le")))
-        queries: dict[str, tuple[str, float]] = {}
+        queries: dict[str, tuple] = {}
         for name, metric, by in counters:
             labels = ", ".join(by)
-            queries[f"{name}@end"] = (f"sum by ({labels}) ({self._sel(metric, extra)})", until)
-            queries[f"{name}@start"] = (f"sum by ({labels}) ({self._sel(metric, extra)})", since)
+            queries[name] = (f"sum by ({labels}) ({self._sel(metric, extra)})", since, until)
             if stale:
                 stale_series = self._sel(metric, self._and(extra, f'host=~"{quote_regex(stale)}"'))
                 queries[f"{name}@stale"] = (f"sum by ({labels}) (last_over_time({stale_series}[{rng}]))", until)
@@ -241,15 +281,25 @@ class FleetQueries:
         restarted = {name for name, host in hosts.items() if host.started is not None and host.started > since}
         out: dict[str, list[Sample]] = {}
         for name, _metric, by in counters:
-            end: dict[tuple, tuple[dict[str, str], float]] = {}
-            for labels, value in got[f"{name}@end"] + got.get(f"{name}@stale", []):
-                end.setdefault(tuple(labels.get(k, "") for k in by), (labels, value))
-            start = {tuple(labels.get(k, "") for k in by): value for labels, value in got[f"{name}@start"]
-                     if labels.get("host") not in restarted}
             rows = []
-            for key, (labels, value) in end.items():
-                before = start.get(key, 0.0)
+            gone: dict[tuple, float] = {}  # rows absent at `until`: their value at `since`
+            for labels, before, value in got[name]:
+                if before is None or (restarted and labels.get("host") in restarted):
+                    before = 0.0
+                if value is None:
+                    gone[tuple(labels.get(k, "") for k in by)] = before
+                    continue
                 rows.append((labels, value - before if value >= before else value))  # lower: a restart
+            if got.get(f"{name}@stale"):
+                # Each row once (at `until` if it has a value there, else its last sample in the range).
+                present = {tuple(labels.get(k, "") for k in by) for labels, _ in rows}
+                for labels, value in got[f"{name}@stale"]:
+                    key = tuple(labels.get(k, "") for k in by)
+                    if key in present:
+                        continue
+                    present.add(key)
+                    before = gone.get(key, 0.0)
+                    rows.append((labels, value - before if value >= before else value))
             out[name] = rows
         if "buckets" in out:
             by_row: dict[tuple, tuple[dict[str, str], dict[float, float]]] = {}
@@ -268,7 +318,8 @@ class FleetQueries:
                    only: set[tuple] | None = None) -> None:
         for name in ("requests", "errors", "latency_sum", "latency_count", "latency_buckets"):
             for labels, value in got.get(name, ()):
-                key = tuple(labels.get(k, "") for k in ROW)
+                get = labels.get
+                key = (get("host", ""), get("protocol", ""), get("client", ""), get("server", ""))  # ROW
                 if key[0] not in hosts or (only is not None and key not in only):
                     continue
                 side = rows.get(key)
@@ -282,7 +333,8 @@ class FleetQueries:
         pairs: dict[tuple, dict[str, float]] = collections.defaultdict(dict)
         for name in CONNECTION_COUNTERS:
             for labels, value in got.get(name, ()):
-                key = tuple(labels.get(k, "") for k in PAIR)
+                get = labels.get
+                key = (get("host", ""), get("client", ""), get("server", ""))  # PAIR
                 if key[0] in hosts:
                     pairs[key][name] = value
         return pairs
@@ -409,22 +461,24 @@ class FleetQueries:
     # -- TopologyQueries -------------------------------------------------------------------------
 
     def graph(self, since: int, until: int, service: str | None = None) -> dict[str, Any]:
-        """The shape and latency averages first; then, for at most QUANTILE_EDGES edges (a
-        service's, or a small fleet's), their quantiles and other connection counters.  Above,
+        """The shape first; then, for at most QUANTILE_EDGES edges (a service's, or a small
+        fleet's), their latency (averages and quantiles) and other connection counters.  Above,
         those are null and the answer says ``"detail": false``."""
-        fleet = self.fleet(since, until, detail=False, latency=True)
-        edges = [e for e in fleet.edges.values() if service is None or service in (e.client, e.server)]
-        detail = len(edges) <= QUANTILE_EDGES
-        if detail:
-            self.add_detail(fleet, edges, latency=False, connections=True)
-        else:
-            fleet.partial = True
-        answer = fleet.graph(service)
-        answer["detail"] = detail
-        return answer
+        with _no_gc_pauses():
+            fleet = self.fleet(since, until, detail=False, latency=False)
+            edges = [e for e in fleet.edges.values() if service is None or service in (e.client, e.server)]
+            detail = len(edges) <= QUANTILE_EDGES
+            if detail:
+                self.add_detail(fleet, edges, latency=True, connections=True)
+            else:
+                fleet.partial = True
+            answer = fleet.graph(service)
+            answer["detail"] = detail
+            return answer
 
     def services(self, since: int, until: int) -> list[dict[str, Any]]:
-        return self.fleet(since, until, detail=False).services()
+        with _no_gc_pauses():
+            return self.fleet(since, until, detail=False).services()
 
     def dependencies(self, service: str, depth: int, direction: str, since: int, until: int) -> dict[str, Any]:
         if direction not in DIRECTIONS:
@@ -641,8 +695,20 @@ class Fleet:
                 ports[(host.name, service)].add(port)
                 placed[service].add(host.name)
 
+        resolved: dict[tuple[str, int], tuple[str, str] | None] = {}
+
         def resolve(address: str, port: int) -> tuple[str, str] | None:
-            return cls.resolve(owner, listening, address, port)
+            key = (address, port)
+            if key not in resolved:
+                resolved[key] = cls.resolve(owner, listening, address, port)
+            return resolved[key]
+
+        addresses: dict[str, str | None] = {}
+
+        def address_owner(client: str) -> str | None:
+            if client not in addresses:
+                addresses[client] = owner.get(client.strip("[]")) if _is_address(client) else None
+            return addresses[client]
 
         fleet = cls(idc_label, hosts, {}, since, until, rows=rows)
         fleet.assign_connections(pairs)
@@ -682,7 +748,7 @@ class Fleet:
         for side in server_rows:
             placed[side.server].add(side.host)
         for side in server_rows:
-            client_host = owner.get(side.client.strip("[]")) if _is_address(side.client) else None
+            client_host = address_owner(side.client)
             halves = joined.get((client_host, side.server, side.protocol), []) if client_host else []
             halves = [e for e in halves if side.host in e.server_hosts]
             if halves:

@@ -20,6 +20,8 @@ import orjson
 Sample = tuple[dict[str, str], float]
 #: (labels, [(unix seconds, value), …]) of one series of a range query.
 Series = tuple[dict[str, str], list[tuple[float, float]]]
+#: (labels, value at the first time or None, value at the second time or None) of one series.
+Pair = tuple[dict[str, str], "float | None", "float | None"]
 
 
 class PrometheusError(RuntimeError):
@@ -80,7 +82,41 @@ class Prometheus:
                           {"query": expr, "start": f"{start:.3f}", "end": f"{end:.3f}", "step": f"{step:.3f}"})
         return [(item["metric"], [(float(t), float(v)) for t, v in item["values"]]) for item in data["result"]]
 
-    def many(self, queries: dict[str, tuple[str, float]]) -> dict[str, list[Sample]]:
-        """Several instant queries ``{name: (expr, at)}`` side by side."""
-        futures = {name: self._pool.submit(self.query, expr, at) for name, (expr, at) in queries.items()}
+    def query_pair(self, expr: str, first: float, second: float) -> list[Pair]:
+        """``expr`` evaluated at ``first`` and at ``second`` (Unix seconds, to the millisecond), as
+        two instant queries would be, but as one range query of two steps: Prometheus selects the
+        series and sends their labels once.  A series absent at a time has None there."""
+        texts = (f"{first:.3f}", f"{second:.3f}")
+        start, end = (int(t.replace(".", "")) for t in texts)  # milliseconds, as Prometheus reads them
+        if end <= start:  # one time, or backwards: two instant queries
+            at_first, at_second = self.query(expr, first), self.query(expr, second)
+            keyed: dict[tuple, list] = {}
+            for index, result in enumerate((at_first, at_second)):
+                for labels, value in result:
+                    keyed.setdefault(tuple(sorted(labels.items())), [labels, None, None])[1 + index] = value
+            return [tuple(entry) for entry in keyed.values()]  # type: ignore[misc]
+        # The step as a duration in ms: a float of seconds could land a millisecond short of `second`.
+        data = self._post("/api/v1/query_range", {"query": expr, "start": texts[0], "end": texts[1],
+                                                  "step": f"{end - start}ms"})
+        out: list[Pair] = []
+        for item in data["result"]:
+            values = item["values"]
+            if len(values) == 2:  # the two steps, in time order
+                out.append((item["metric"], float(values[0][1]), float(values[1][1])))
+                continue
+            at_first = at_second = None
+            for t, v in values:
+                if round(t * 1000) == start:
+                    at_first = float(v)
+                else:
+                    at_second = float(v)
+            out.append((item["metric"], at_first, at_second))
+        return out
+
+    def many(self, queries: dict[str, tuple]) -> dict[str, list]:
+        """Several queries side by side: ``{name: (expr, at)}`` an instant query (its
+        :data:`Sample` list), ``{name: (expr, first, second)}`` a :meth:`query_pair` (its
+        :data:`Pair` list)."""
+        futures = {name: self._pool.submit(self.query if len(args) == 2 else self.query_pair, *args)
+                   for name, args in queries.items()}
         return {name: future.result() for name, future in futures.items()}

@@ -17,6 +17,8 @@ enum dt_limits {
 	/* Largest payload prefix one data record can carry (a power of two);
 	 * the capture_bytes knob picks the actual size, up to this. */
 	DT_PAYLOAD_MAX = 65536,
+	/* Scratch records per CPU (payload, tls): a run preempted holding one leaves the next. */
+	DT_SCRATCH_SLOTS = 2,
 };
 
 enum dt_record_kind {

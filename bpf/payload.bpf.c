@@ -188,9 +188,11 @@ struct scratch {
 	struct dt_data_record rec;
 	__u8 slack[DT_PAYLOAD_MAX];
 	/* The call being handled: here rather than on the stack, which the
-	 * accounting's calls need (the send and receive programs never nest on a
-	 * CPU: both run in process context, and a program does not re-enter). */
+	 * accounting's calls need. */
 	struct call call;
+	/* In use: a program run in process context can be preempted, and another
+	 * task's run on the same CPU must not write over its bytes (DT_SCRATCH_SLOTS). */
+	__u32 busy;
 };
 
 struct {
@@ -281,10 +283,20 @@ static __always_inline void identify_call(struct task_struct *task, __u8 directi
 	call->vlen = SYSCALL_ARG2(regs);
 }
 
+/* A free slot of this CPU's (see struct scratch's busy), or NULL. The check and
+ * the mark are not one atomic step: a run preempted between them has not yet
+ * written the slot, and the one that took it meanwhile is done when it resumes. */
 static __always_inline struct scratch *scratch_slot(void)
 {
-	__u32 cpu = bpf_get_smp_processor_id();
-	return bpf_map_lookup_elem(&data_scratch, &cpu);
+	__u32 key = bpf_get_smp_processor_id() * DT_SCRATCH_SLOTS;
+	for (int i = 0; i < DT_SCRATCH_SLOTS; i++, key++) {
+		struct scratch *s = bpf_map_lookup_elem(&data_scratch, &key);
+		if (s && !s->busy) {
+			s->busy = 1;
+			return s;
+		}
+	}
+	return 0;
 }
 
 /* Copy up to `len` bytes from user memory at data[offset]; returns the new offset. */
@@ -653,6 +665,7 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	}
 	if (action == L7_ERROR_DETAIL)
 		emit_error_detail(s, sk, call, &v->l7, now, pid, tid, direction, ret);
+	s->busy = 0;
 	return 0;
 }
 

@@ -191,6 +191,7 @@ struct {
 struct scratch {
 	struct dt_data_record rec;
 	__u8 slack[DT_PAYLOAD_MAX];
+	__u32 busy; /* DT_SCRATCH_SLOTS per CPU: a preempted run keeps its own */
 };
 
 struct {
@@ -422,8 +423,16 @@ static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __
 	}
 	if (!copy && !counted)
 		return;
-	__u32 cpu = bpf_get_smp_processor_id();
-	struct scratch *s = bpf_map_lookup_elem(&tls_scratch, &cpu);
+	__u32 slot = bpf_get_smp_processor_id() * DT_SCRATCH_SLOTS;
+	struct scratch *s = 0;
+	for (int i = 0; i < DT_SCRATCH_SLOTS; i++, slot++) {
+		struct scratch *each = bpf_map_lookup_elem(&tls_scratch, &slot);
+		if (each && !each->busy) {
+			each->busy = 1;
+			s = each;
+			break;
+		}
+	}
 	if (!s)
 		return;
 	__u32 copied = copy_plaintext(s, buf, bytes, copy ? limit : 0);
@@ -431,7 +440,7 @@ static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __
 	if (counted)
 		copied = account(key, conn, s, buf, bytes, direction, copied, now);
 	if (!copy)
-		return;
+		goto out;
 	__u32 captured = copied < limit ? copied : limit;
 	struct dt_data_record *rec = &s->rec;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
@@ -458,9 +467,10 @@ static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __
 	__builtin_memcpy(rec->raddr, conn->raddr, 16);
 	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
 	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (captured & (DT_PAYLOAD_MAX * 2 - 1));
-	if (total > sizeof(*s))
-		return;
-	dt_output(&tls_events, rec, total);
+	if (total <= sizeof(*s))
+		dt_output(&tls_events, rec, total);
+out:
+	s->busy = 0;
 }
 
 /* -- OpenSSL ---------------------------------------------------------------------------- */

@@ -89,7 +89,7 @@ class PayloadProbe(OverloadSampling, Probe):
         self._controls_lock = threading.Lock()
 
     def configure(self, obj: BpfObject) -> None:
-        obj.maps["data_scratch"].max_entries = num_possible_cpus()
+        obj.maps["data_scratch"].max_entries = num_possible_cpus() * _L.DT_SCRATCH_SLOTS
         if self.exclude_self:
             obj.set_constant("self_tgid", os.getpid())
         obj.set_constant("capture_bytes", self.capture_bytes)

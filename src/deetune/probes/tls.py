@@ -129,7 +129,7 @@ class TlsProbe(OverloadSampling, Probe):
 
     # -- kernel side ------------------------------------------------------------------------
     def configure(self, obj: BpfObject) -> None:
-        obj.maps["tls_scratch"].max_entries = num_possible_cpus()
+        obj.maps["tls_scratch"].max_entries = num_possible_cpus() * _L.DT_SCRATCH_SLOTS
         if self.exclude_self:
             obj.set_constant("self_tgid", os.getpid())
         obj.set_constant("capture_bytes", self.capture_bytes)

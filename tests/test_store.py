@@ -454,7 +454,8 @@ def test_sink_is_registered() -> None:
     assert default_plugins().sinks.get("store") is StoreSink
 
 
-def test_a_full_queue_drops_and_counts_never_blocks(path, clock) -> None:
+def stuck_sink(path, clock) -> tuple[StoreSink, threading.Event]:
+    """A sink (queue of 10) whose writer took one window and waits for the gate to write it."""
     gate = threading.Event()
 
     class SlowStore(TopologyStore):
@@ -467,6 +468,11 @@ def test_a_full_queue_drops_and_counts_never_blocks(path, clock) -> None:
     deadline = time.monotonic() + 5
     while sink._queue and time.monotonic() < deadline:  # the writer took it and is now stuck
         time.sleep(0.005)
+    return sink, gate
+
+
+def test_a_full_queue_drops_and_counts_never_blocks(path, clock) -> None:
+    sink, gate = stuck_sink(path, clock)
     started = time.perf_counter()
     for i in range(1, 16):
         sink.handle(window("a", "b", T0 + i * W, stats(1)))
@@ -571,18 +577,7 @@ def test_instances_are_listed_by_pid_as_a_number(store) -> None:
 def test_a_flood_of_exchanges_leaves_room_for_the_edges_counts(path, clock) -> None:
     """Exchanges (detail) fill half the queue at most: the edges' windows queued behind a flood of
     them are kept, and the edge's requests stay exact."""
-    gate = threading.Event()
-
-    class SlowStore(TopologyStore):
-        def write(self, events):
-            gate.wait(10)
-            super().write(events)
-
-    sink = StoreSink(SlowStore(path, clock=clock), max_queue=10, interval=0.01)
-    sink.handle(window("a", "b", T0, stats(1)))
-    deadline = time.monotonic() + 5
-    while sink._queue and time.monotonic() < deadline:  # the writer took it and is now stuck
-        time.sleep(0.005)
+    sink, gate = stuck_sink(path, clock)
     for i in range(20):
         sink.handle(exchange(T0 + i, "a", "b"))
     for i in range(1, 6):

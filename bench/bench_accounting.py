@@ -130,10 +130,7 @@ def fixed_rate(nginx: Nginx, tmp: str, rate: float, seconds: float, saturated: b
             time.sleep(2.5)
         finally:
             stopped = agent.stop()
-    for pid, s in after.items():
-        s["run_cnt"] -= before.get(pid, {}).get("run_cnt", 0)
-        s["run_time_ns"] -= before.get(pid, {}).get("run_time_ns", 0)
-    bpf = common.sum_stats(after)
+    bpf = common.stats_between(before, after)
     seen = server_side(jsonl, nginx.port, since)
     os.unlink(jsonl)
     out = {"rate": res["rate"], "done": res["done"], "errors": res["errors"], "window": window,

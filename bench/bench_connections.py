@@ -147,10 +147,7 @@ def one_run(mode: str, *, base: int, workers: int, seconds: float, rate: float, 
             after = common.prog_stats(agent.prog_ids)
         finally:
             stopped = agent.stop()
-    for pid, s in after.items():
-        s["run_cnt"] -= before.get(pid, {}).get("run_cnt", 0)
-        s["run_time_ns"] -= before.get(pid, {}).get("run_time_ns", 0)
-    bpf = common.sum_stats(after)
+    bpf = common.stats_between(before, after)
     closes = count_closes(jsonl, base)
     os.unlink(jsonl)
     done = load["done"]

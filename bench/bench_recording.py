@@ -124,10 +124,7 @@ def run(mode: str, nginx: Nginx, tmp: str, label: str, seconds: int) -> dict:
             rows = stored_rows(store, task["id"])
     finally:
         stopped = agent.stop()
-    for pid, s in after.items():
-        s["run_cnt"] -= before.get(pid, {}).get("run_cnt", 0)
-        s["run_time_ns"] -= before.get(pid, {}).get("run_time_ns", 0)
-    bpf = common.sum_stats(after)
+    bpf = common.stats_between(before, after)
     observed = server_requests(jsonl, nginx.port)
     os.unlink(jsonl)
     requests = result["requests"]

@@ -188,10 +188,7 @@ def with_agent(mode: str, kind: str, nginx: NginxTls, tmp: str, label: str, seco
             after = common.prog_stats(agent.prog_ids)
         finally:
             stopped = agent.stop()
-    for pid, s in after.items():
-        s["run_cnt"] -= before.get(pid, {}).get("run_cnt", 0)
-        s["run_time_ns"] -= before.get(pid, {}).get("run_time_ns", 0)
-    bpf = common.sum_stats(after)
+    bpf = common.stats_between(before, after)
     observed = count_requests(jsonl, nginx.port) if mode == "decode" else {}
     os.unlink(jsonl)
     requests = result["requests"]

@@ -382,6 +382,13 @@ def sum_stats(stats: dict[int, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+def stats_between(before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """:func:`sum_stats` of what the programs ran between two :func:`prog_stats` readings."""
+    return sum_stats({pid: {**s, "run_cnt": s["run_cnt"] - before.get(pid, {}).get("run_cnt", 0),
+                            "run_time_ns": s["run_time_ns"] - before.get(pid, {}).get("run_time_ns", 0)}
+                      for pid, s in after.items()})
+
+
 def foreign_programs(exclude: Iterable[int] = ()) -> list[str]:
     """Names of tracing programs loaded by someone else (other test runs add load to every run)."""
     excluded = set(exclude)

@@ -60,6 +60,7 @@ Windows
 from __future__ import annotations
 
 import bisect
+import collections
 import functools
 import logging
 import time
@@ -282,7 +283,7 @@ class TopologyAggregator:
         # close or first exchange, so that a window of short connections holds none of them.
         self._pending: dict[int, _Sock] = {}
         #: the kernel's connection counts waiting for their edge's protocol (see _on_counts)
-        self._held_counts: list[tuple] = []
+        self._held_counts: collections.deque[tuple] = collections.deque()
         #: ports local servers counted exchanges on (their clients' sides here are not counted)
         self._served_ports: set[int] = set()
         #: Bumped whenever the window's edges are handed over (invalidates _Sock.edge).
@@ -428,8 +429,8 @@ class TopologyAggregator:
                 # between them): wait for the edge's protocol until the window ends.
                 held = self._held_counts
                 if len(held) >= self.max_pending:
-                    self._count_held(held.pop(0))
-                held.append((event, client, server, inst, peer, counted, now))
+                    self._count_held(held.popleft())
+                held.append((event, client, server, inst, peer, now))
                 out.append(_counts_enricher(type(event))(event, client, server, counted))
                 return out
             self._count_on_edge(event, client, server, protocol or "tcp", inst, peer, counted, now)
@@ -446,9 +447,9 @@ class TopologyAggregator:
         return out
 
     def _count_held(self, held: tuple) -> None:
-        event, client, server, inst, peer, counted, now = held
+        event, client, server, inst, peer, now = held  # (only counted sides are held)
         protocol = self._protocols.get((client, server, event.port), "tcp")
-        self._count_on_edge(event, client, server, protocol, inst, peer, counted, now)
+        self._count_on_edge(event, client, server, protocol, inst, peer, True, now)
 
     def _count_on_edge(self, event: CountedEvent, client: str, server: str, protocol: str,
                        inst: Instance, peer: Instance | None, counted: bool, now: int) -> None:
@@ -582,7 +583,7 @@ class TopologyAggregator:
         pending, self._pending = self._pending, {}
         for sock in pending.values():
             self._count_open_as_seen(sock)
-        held, self._held_counts = self._held_counts, []
+        held, self._held_counts = self._held_counts, collections.deque()
         for each in held:
             self._count_held(each)
 

@@ -115,4 +115,26 @@ static __always_inline void dt_sock_endpoints(struct sock *sk, __u16 *family, __
 	dt_sock_addresses(sk, family, laddr, raddr);
 }
 
+
+/* A free scratch record of this CPU's in `map`, an ARRAY of DT_SCRATCH_SLOTS records per CPU
+ * whose value has a `busy` field; NULL when all are in use.  Release with `->busy = 0`.  A
+ * program run in process context can be preempted, and another task's run on the same CPU
+ * must not write over its bytes.  The check and the mark are not one atomic step: a run
+ * preempted between them has not yet written the slot, and the one that took it meanwhile
+ * is done when it resumes. */
+#define dt_scratch_acquire(map)                                                  \
+	({                                                                       \
+		__u32 __key = bpf_get_smp_processor_id() * DT_SCRATCH_SLOTS;    \
+		typeof((map).value) __found = 0;                                 \
+		for (int __i = 0; __i < DT_SCRATCH_SLOTS; __i++, __key++) {     \
+			typeof((map).value) __each = bpf_map_lookup_elem(&(map), &__key); \
+			if (__each && !__each->busy) {                           \
+				__each->busy = 1;                                \
+				__found = __each;                                \
+				break;                                           \
+			}                                                        \
+		}                                                                \
+		__found;                                                         \
+	})
+
 #endif /* __DEETUNE_COMMON_BPF_H__ */

@@ -190,9 +190,7 @@ struct scratch {
 	/* The call being handled: here rather than on the stack, which the
 	 * accounting's calls need. */
 	struct call call;
-	/* In use: a program run in process context can be preempted, and another
-	 * task's run on the same CPU must not write over its bytes (DT_SCRATCH_SLOTS). */
-	__u32 busy;
+	__u32 busy; /* see dt_scratch_acquire */
 };
 
 struct {
@@ -281,22 +279,6 @@ static __always_inline void identify_call(struct task_struct *task, __u8 directi
 	call->fd = (int)SYSCALL_ARG0(regs);
 	call->arg = SYSCALL_ARG1(regs);
 	call->vlen = SYSCALL_ARG2(regs);
-}
-
-/* A free slot of this CPU's (see struct scratch's busy), or NULL. The check and
- * the mark are not one atomic step: a run preempted between them has not yet
- * written the slot, and the one that took it meanwhile is done when it resumes. */
-static __always_inline struct scratch *scratch_slot(void)
-{
-	__u32 key = bpf_get_smp_processor_id() * DT_SCRATCH_SLOTS;
-	for (int i = 0; i < DT_SCRATCH_SLOTS; i++, key++) {
-		struct scratch *s = bpf_map_lookup_elem(&data_scratch, &key);
-		if (s && !s->busy) {
-			s->busy = 1;
-			return s;
-		}
-	}
-	return 0;
 }
 
 /* Copy up to `len` bytes from user memory at data[offset]; returns the new offset. */
@@ -624,7 +606,7 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	if (!copy && !account)
 		return 0;
 
-	struct scratch *s = scratch_slot();
+	struct scratch *s = dt_scratch_acquire(data_scratch);
 	if (!s)
 		return 0;
 	struct call *call = &s->call;

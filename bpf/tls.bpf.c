@@ -191,7 +191,7 @@ struct {
 struct scratch {
 	struct dt_data_record rec;
 	__u8 slack[DT_PAYLOAD_MAX];
-	__u32 busy; /* DT_SCRATCH_SLOTS per CPU: a preempted run keeps its own */
+	__u32 busy; /* see dt_scratch_acquire */
 };
 
 struct {
@@ -423,16 +423,7 @@ static __always_inline void emit(struct tls_key *key, __u64 buf, __u64 bytes, __
 	}
 	if (!copy && !counted)
 		return;
-	__u32 slot = bpf_get_smp_processor_id() * DT_SCRATCH_SLOTS;
-	struct scratch *s = 0;
-	for (int i = 0; i < DT_SCRATCH_SLOTS; i++, slot++) {
-		struct scratch *each = bpf_map_lookup_elem(&tls_scratch, &slot);
-		if (each && !each->busy) {
-			each->busy = 1;
-			s = each;
-			break;
-		}
-	}
+	struct scratch *s = dt_scratch_acquire(tls_scratch);
 	if (!s)
 		return;
 	__u32 copied = copy_plaintext(s, buf, bytes, copy ? limit : 0);

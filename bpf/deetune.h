@@ -172,6 +172,10 @@ enum dt_l7_limits {
 	/* Latency bounds user space gives the kernel (const volatile); the last
 	 * bucket holds what is above the last bound. */
 	DT_LATENCY_BOUNDS = 512,
+	/* Buckets of a latency histogram: above the bounds user space sets (it checks). */
+	DT_LATENCY_BUCKETS = 368,
+	/* Keys the kernel counts at once: each has a slot in the counters' arrays. */
+	DT_L7_SLOTS = 8192,
 	/* Bytes of an error response copied for its detail (DT_DATA_ERROR_HEAD). */
 	DT_ERROR_HEAD_BYTES = 1024,
 };
@@ -213,7 +217,7 @@ struct dt_l7_key {
 	__u8 _pad[5];
 };
 
-/* Per CPU, per dt_l7_key. */
+/* Per CPU, per slot (the dt_l7_key a dt_l7_slot names). */
 struct dt_l7_counts {
 	__u64 requests;       /* exchanges (or chunks, replies: see dt_l7_flags) */
 	__u64 request_bytes;
@@ -221,12 +225,18 @@ struct dt_l7_counts {
 	__u64 latency_sum_ns; /* last request byte to first response byte */
 };
 
-/* Per CPU: count of exchanges whose latency fell in `bucket`. */
-struct dt_latency_key {
-	struct dt_edge edge;
-	char method[DT_L7_METHOD_LEN];
-	__u32 bucket;         /* index: latency <= bounds[bucket], or the last one */
-	__u32 _pad;
+/* Where a dt_l7_key's counters are (the dt_l7_slots map): slot `slot` of
+ * dt_l7_counts and dt_l7_latency while the slot's generation is `gen`. */
+struct dt_l7_slot {
+	__u32 slot;
+	__u32 gen;
+};
+
+/* Per slot, shared by the CPUs (atomic adds): exchanges by latency bucket
+ * (latency <= bounds[i], the last: above every bound).  Wraps at 2^32: user
+ * space reads the differences far more often. */
+struct dt_latency_histogram {
+	__u32 buckets[DT_LATENCY_BUCKETS];
 };
 
 /* Per CPU, per dt_edge (protocol 0): the connections of an edge. */

@@ -49,28 +49,53 @@
 #define L7_PENDING_RING 16
 #define L7_RESP_DEPTH 8
 
-/* New keys start from these (in .rodata: not on the stack, which the parser's
- * calls use up). */
-static const struct dt_l7_counts l7_zero_counts = {};
-static const __u64 l7_zero = 0;
-
 /* Latency bounds (ns, ascending, bounds[count-1] the last) that user space
  * sets before load (deetune.accounting.LATENCY_BOUNDS_NS). */
 const volatile __u64 dt_latency_bounds[DT_LATENCY_BOUNDS] = {};
 const volatile __u32 dt_latency_bound_count = 0;
+/* For each power of two 2^k: how many bounds are below it (user space sets it too). */
+const volatile __u16 dt_latency_octaves[64] = {};
+/* Bounds within one power of two, at most (user space checks), and one step more. */
+#define L7_OCTAVE_BOUNDS 32
+
+/* The counters live in arrays, a slot per key: a socket remembers the slot of
+ * its last key, so that an exchange like the one before it (most are) costs
+ * array updates and no hash lookup.  dt_l7_slots names each key's slot; free
+ * slots wait in dt_l7_free_slots (user space fills it before attaching, and
+ * frees the slots of keys long idle, bumping their generation so that no
+ * socket's memory of them holds). */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DT_L7_SLOTS);
+	__type(key, struct dt_l7_key);
+	__type(value, struct dt_l7_slot);
+} dt_l7_slots SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 16384);
-	__type(key, struct dt_l7_key);
+	__uint(type, BPF_MAP_TYPE_QUEUE);
+	__uint(max_entries, DT_L7_SLOTS);
+	__type(value, __u32);
+} dt_l7_free_slots SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DT_L7_SLOTS);
+	__type(key, __u32);
+	__type(value, __u32);
+} dt_l7_slot_gen SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, DT_L7_SLOTS);
+	__type(key, __u32);
 	__type(value, struct dt_l7_counts);
 } dt_l7_counts SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_HASH);
-	__uint(max_entries, 65536);
-	__type(key, struct dt_latency_key);
-	__type(value, __u64);
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DT_L7_SLOTS);
+	__type(key, __u32);
+	__type(value, struct dt_latency_histogram);
 } dt_l7_latency SEC(".maps");
 
 enum l7_phase {
@@ -124,10 +149,15 @@ struct pending_method {
 	char method[DT_L7_METHOD_LEN];
 };
 
-/* The two keys share their layout up to the status: one buffer serves both. */
-union l7_keys {
-	struct dt_l7_key counts;
-	struct dt_latency_key latency;
+/* The key of the last exchange a socket counted, and its slot (see dt_l7_slots). */
+struct l7_slot_cache {
+	char method[DT_L7_METHOD_LEN];
+	__u16 status;
+	__u8 flags;
+	__u8 valid;
+	__u32 slot;
+	__u32 gen;
+	__u32 _pad;
 };
 
 /* A socket's ends, noted by the includer while the socket is not classified
@@ -177,7 +207,8 @@ struct l7_sock {
 	struct resp_scan scan;
 	/* The counters' key being built: here rather than on the stack, which the
 	 * parser's chain of calls (callback, reply, exchange) would outgrow. */
-	union l7_keys key;
+	struct dt_l7_key key;
+	struct l7_slot_cache cache;
 	__u8 head[L7_SAVED_HEAD];
 };
 
@@ -224,62 +255,34 @@ static __always_inline __u8 l7_byte(const struct l7_bytes *buf, __u32 i)
 
 /* -- counting ----------------------------------------------------------------------------- */
 
+/* The position of the highest bit set (0 for 0 and 1). */
+static __always_inline __u32 log2_floor(__u64 x)
+{
+	__u32 k = 0;
+	if (x >> 32) { x >>= 32; k += 32; }
+	if (x >> 16) { x >>= 16; k += 16; }
+	if (x >> 8) { x >>= 8; k += 8; }
+	if (x >> 4) { x >>= 4; k += 4; }
+	if (x >> 2) { x >>= 2; k += 2; }
+	if (x >> 1) k += 1;
+	return k;
+}
+
 static __always_inline __u32 latency_bucket(__u64 ns)
 {
-	/* The first bound not below ns: a binary search over user space's table. */
-	__u32 lo = 0, hi = dt_latency_bound_count;
-	if (hi > DT_LATENCY_BOUNDS)
-		hi = DT_LATENCY_BOUNDS;
-	for (int i = 0; i < 10; i++) {
-		if (lo >= hi)
+	/* The first bound not below ns: from the first bound of ns's power of two, a few
+	 * steps up user space's table (two or three cache lines, where a binary search
+	 * over the whole table touched nine). */
+	__u32 count = dt_latency_bound_count;
+	if (count > DT_LATENCY_BOUNDS)
+		count = DT_LATENCY_BOUNDS;
+	__u32 i = dt_latency_octaves[log2_floor(ns) & 63];
+	for (int step = 0; step < L7_OCTAVE_BOUNDS; step++) {
+		if (i >= count || dt_latency_bounds[i & (DT_LATENCY_BOUNDS - 1)] >= ns)
 			break;
-		__u32 mid = (lo + hi) / 2;
-		if (dt_latency_bounds[mid & (DT_LATENCY_BOUNDS - 1)] < ns)
-			lo = mid + 1;
-		else
-			hi = mid;
+		i++;
 	}
-	return lo;
-}
-
-static __always_inline void add_counts(struct dt_l7_key *key, __u64 requests, __u64 req_bytes, __u64 resp_bytes,
-				       __u64 latency)
-{
-	struct dt_l7_counts *c = bpf_map_lookup_elem(&dt_l7_counts, key);
-	if (!c) {
-		bpf_map_update_elem(&dt_l7_counts, key, &l7_zero_counts, BPF_NOEXIST);
-		c = bpf_map_lookup_elem(&dt_l7_counts, key);
-		if (!c) {
-			dt_count(DT_STAT_ACCOUNTING_FULL);
-			return;
-		}
-	}
-	/* Atomic: a tracing program can be preempted by another task's run on this CPU. */
-	if (requests)
-		__sync_fetch_and_add(&c->requests, requests);
-	if (req_bytes)
-		__sync_fetch_and_add(&c->request_bytes, req_bytes);
-	if (resp_bytes)
-		__sync_fetch_and_add(&c->response_bytes, resp_bytes);
-	if (latency)
-		__sync_fetch_and_add(&c->latency_sum_ns, latency);
-}
-
-/* `key`: the exchange's edge and method (its status fields are reused for the bucket). */
-static __always_inline void add_latency(struct dt_latency_key *key, __u64 latency)
-{
-	key->bucket = latency_bucket(latency);
-	key->_pad = 0;
-	__u64 *n = bpf_map_lookup_elem(&dt_l7_latency, key);
-	if (!n) {
-		bpf_map_update_elem(&dt_l7_latency, key, &l7_zero, BPF_NOEXIST);
-		n = bpf_map_lookup_elem(&dt_l7_latency, key);
-		if (!n) {
-			dt_count(DT_STAT_ACCOUNTING_FULL);
-			return;
-		}
-	}
-	__sync_fetch_and_add(n, 1);
+	return i;
 }
 
 /* Copies 8-byte words one at a time: a plain struct copy within one map value
@@ -305,6 +308,86 @@ static __always_inline void fill_key(struct dt_l7_key *key, struct l7_sock *st, 
 	__builtin_memset(key->_pad, 0, sizeof(key->_pad));
 }
 
+static __always_inline bool same_method(const char *a, const char *b)
+{
+	const __u64 *x = (const __u64 *)a, *y = (const __u64 *)b;
+	return x[0] == y[0] && x[1] == y[1];
+}
+
+#define L7_NO_SLOT 0xffffffffu
+
+/* The slot of the socket's edge with this method, status and flags: the one it
+ * remembers when the key is the same and the slot still its (generation), else
+ * the key's in dt_l7_slots, else a free one given to the key.  `remember`: make
+ * it the one remembered (exchanges; not the rare keys of odd counts). */
+static __always_inline __u32 slot_of(struct l7_sock *st, const char *method, __u16 status, __u8 flags,
+				     bool remember)
+{
+	struct l7_slot_cache *cache = &st->cache;
+	if (cache->valid && cache->status == status && cache->flags == flags && same_method(cache->method, method)) {
+		__u32 *gen = bpf_map_lookup_elem(&dt_l7_slot_gen, &cache->slot);
+		if (gen && *gen == cache->gen)
+			return cache->slot;
+	}
+	struct dt_l7_key *key = &st->key;
+	fill_key(key, st, method, status, flags);
+	struct dt_l7_slot *found = bpf_map_lookup_elem(&dt_l7_slots, key);
+	if (!found) {
+		__u32 slot;
+		if (bpf_map_pop_elem(&dt_l7_free_slots, &slot) != 0) {
+			dt_count(DT_STAT_ACCOUNTING_FULL);
+			return L7_NO_SLOT;
+		}
+		__u32 *gen = bpf_map_lookup_elem(&dt_l7_slot_gen, &slot);
+		struct dt_l7_slot fresh = {.slot = slot, .gen = gen ? *gen : 0};
+		/* Another CPU may have given the key a slot meanwhile: then this one goes back. */
+		if (!gen || bpf_map_update_elem(&dt_l7_slots, key, &fresh, BPF_NOEXIST) != 0)
+			bpf_map_push_elem(&dt_l7_free_slots, &slot, 0);
+		found = bpf_map_lookup_elem(&dt_l7_slots, key);
+		if (!found) {
+			dt_count(DT_STAT_ACCOUNTING_FULL);
+			return L7_NO_SLOT;
+		}
+	}
+	if (remember) {
+		copy_words(cache->method, method, DT_L7_METHOD_LEN / 8);
+		cache->status = status;
+		cache->flags = flags;
+		cache->slot = found->slot;
+		cache->gen = found->gen;
+		cache->valid = 1;
+	}
+	return found->slot;
+}
+
+static __always_inline void add_counts(__u32 slot, __u64 requests, __u64 req_bytes, __u64 resp_bytes,
+				       __u64 latency)
+{
+	struct dt_l7_counts *c = bpf_map_lookup_elem(&dt_l7_counts, &slot);
+	if (!c)
+		return; /* L7_NO_SLOT: counted as DT_STAT_ACCOUNTING_FULL */
+	/* Atomic: a tracing program can be preempted by another task's run on this CPU. */
+	if (requests)
+		__sync_fetch_and_add(&c->requests, requests);
+	if (req_bytes)
+		__sync_fetch_and_add(&c->request_bytes, req_bytes);
+	if (resp_bytes)
+		__sync_fetch_and_add(&c->response_bytes, resp_bytes);
+	if (latency)
+		__sync_fetch_and_add(&c->latency_sum_ns, latency);
+}
+
+static __always_inline void add_latency(__u32 slot, __u64 latency)
+{
+	struct dt_latency_histogram *h = bpf_map_lookup_elem(&dt_l7_latency, &slot);
+	if (!h)
+		return;
+	__u32 bucket = latency_bucket(latency);
+	if (bucket >= DT_LATENCY_BUCKETS)
+		bucket = DT_LATENCY_BUCKETS - 1;
+	__sync_fetch_and_add(&h->buckets[bucket], 1);
+}
+
 /* The counting functions below are global: the verifier checks each once, not
  * at every call site (the Redis parser calls them from a bpf_loop callback).
  * Their pointer arguments may be NULL to the verifier, hence the checks. */
@@ -312,12 +395,11 @@ static __always_inline void fill_key(struct dt_l7_key *key, struct l7_sock *st, 
 /* An exchange counted without a latency (a command that expects no response). */
 #define L7_NO_LATENCY 0x100
 
-static __always_inline void flush_response_bytes(struct l7_sock *st, struct dt_l7_key *key)
+static __always_inline void flush_response_bytes(struct l7_sock *st)
 {
 	if (!st->resp_bytes)
 		return;
-	fill_key(key, st, st->last_method, st->last_status, st->last_flags);
-	add_counts(key, 0, 0, st->resp_bytes, 0);
+	add_counts(slot_of(st, st->last_method, st->last_status, st->last_flags, true), 0, 0, st->resp_bytes, 0);
 	st->resp_bytes = 0;
 }
 
@@ -326,7 +408,7 @@ __attribute__((noinline)) int l7_flush_response_bytes(struct l7_sock *st)
 {
 	if (!st)
 		return 0;
-	flush_response_bytes(st, &st->key.counts);
+	flush_response_bytes(st);
 	return 0;
 }
 
@@ -336,21 +418,20 @@ __attribute__((noinline)) int l7_count_exchange(struct l7_sock *st, struct l7_me
 {
 	if (!st || !method)
 		return 0;
-	union l7_keys *key = &st->key;
-	flush_response_bytes(st, &key->counts);
+	flush_response_bytes(st);
 	__u64 latency = 0;
 	bool timed = !(flags & (DT_L7_NO_RESPONSE | L7_NO_LATENCY));
 	if (timed && st->req_end_ns && now >= st->req_end_ns)
 		latency = now - st->req_end_ns;
-	fill_key(&key->counts, st, method->name, status, flags);
-	add_counts(&key->counts, 1, st->req_bytes, st->resp_first, latency);
+	__u32 slot = slot_of(st, method->name, status, flags, true);
+	add_counts(slot, 1, st->req_bytes, st->resp_first, latency);
 	st->req_bytes = 0;
 	st->resp_first = 0;
 	copy_words(st->last_method, method->name, DT_L7_METHOD_LEN / 8);
 	st->last_status = status;
 	st->last_flags = flags;
 	if (timed)
-		add_latency(&key->latency, latency);
+		add_latency(slot, latency);
 	return 0;
 }
 
@@ -360,8 +441,7 @@ __attribute__((noinline)) int l7_count_other(struct l7_sock *st, __u32 flags, __
 	if (!st)
 		return 0;
 	char none[DT_L7_METHOD_LEN] = {};
-	fill_key(&st->key.counts, st, none, 0, flags);
-	add_counts(&st->key.counts, n, 0, 0, 0);
+	add_counts(slot_of(st, none, 0, flags, false), n, 0, 0, 0);
 	return 0;
 }
 
@@ -372,8 +452,8 @@ __attribute__((noinline)) int l7_count_unanswered(struct l7_sock *st, __u32 flag
 		return 0;
 	char none[DT_L7_METHOD_LEN] = {};
 	/* MySQL has one request at a time; HTTP and Redis pipelines: which ones is not kept. */
-	fill_key(&st->key.counts, st, st->protocol == DT_L7_MYSQL ? st->method : none, 0, flags);
-	add_counts(&st->key.counts, st->pending, st->req_bytes, 0, 0);
+	add_counts(slot_of(st, st->protocol == DT_L7_MYSQL ? st->method : none, 0, flags, false), st->pending,
+		   st->req_bytes, 0, 0);
 	st->req_bytes = 0;
 	st->pending = 0;
 	st->popped = st->pushed;

@@ -130,12 +130,20 @@ class Run:
         assert near(requests, truth, TOLERANCE) and near(failed, errors, TOLERANCE), (
             f"{server}: the agent counted {requests} requests and {failed} errors, the server {truth} and {errors}")
         # The exposition holds every range the agent saw: this one's share is what it added.
-        assert near(prom[0] - self.prom_before[0], truth, TOLERANCE), (prom, self.prom_before, truth)
+        assert near(prom[0] - self.prom_before[0], truth, TOLERANCE), (
+            prom, self.prom_before, truth, [(dict(k[1]), v) for k, v in metrics(self.metrics_port).items()
+                                            if k[0] == "deetune_requests_total" and v])
         assert near(prom[1] - self.prom_before[1], errors, TOLERANCE), (
             prom, self.prom_before, errors, [(dict(k[1]), v) for k, v in metrics(self.metrics_port).items()
                                              if k[0] == "deetune_request_errors_total" and v])
-        kept = wait_for(lambda: self.errors_kept(since, server, port), lambda found: len(found) >= errors,
-                        f"the {errors} errors of {server} in /api/exchanges")
+        try:
+            kept = wait_for(lambda: self.errors_kept(since, server, port), lambda found: len(found) >= errors,
+                            f"the {errors} errors of {server} in /api/exchanges")
+        except AssertionError:
+            found = self.errors_kept(since, server, port)
+            self.agent.stop()  # its stop line says what it lost
+            raise AssertionError(f"{len(found)} of the {errors} errors of {server} in /api/exchanges; the agent's "
+                                 f"log: {self.agent.log[-1500:]}") from None
         assert len(kept) == errors and all(x["sampling"] == 1 for x in kept)
         # The detail trails the counts (decoded as fast as the agent goes, weighed at the next read).
         weights = settled(lambda: self.weights(since, until, port), quiet=3, timeout=120)

@@ -1,10 +1,10 @@
 """The kernel's exact counters, read in user space.
 
 The payload probe's BPF side (``bpf/l7.bpf.h``) counts every HTTP, Redis and MySQL exchange
-in per-CPU maps keyed by edge, method and status, with a latency histogram; the tcp probe
+in arrays, a slot per edge, method and status, with a latency histogram; the tcp probe
 (``bpf/tcp.bpf.c``) counts connections per edge.  Nothing there is sampled.  User space reads
-the maps on its tick (:class:`CounterMap`): the cost is per key and tick, not per request.  The
-differences since the last read become events (:class:`deetune.events.RequestCounts`,
+them on its tick (:class:`L7Counters`, :class:`CounterMap`): the cost is per key and tick, not
+per request.  The differences since the last read become events (:class:`deetune.events.RequestCounts`,
 :class:`~deetune.events.LatencyCounts`, :class:`~deetune.events.ConnectionCounts`) that the
 topology aggregator and the Prometheus sink count.
 """
@@ -16,6 +16,7 @@ import time
 from typing import Callable, Generic, Iterator, TypeVar
 
 from deetune import records
+from deetune.libbpf import num_possible_cpus
 from deetune.events import format_address
 
 _L = records.lib
@@ -32,6 +33,7 @@ LATENCY_BOUNDS_NS: tuple[int, ...] = tuple(
     int(round(m * 10**e)) for e in range(3, 11) for m in _MANTISSAS
 ) + (100_000_000_000,)
 assert len(LATENCY_BOUNDS_NS) <= _L.DT_LATENCY_BOUNDS
+assert len(LATENCY_BOUNDS_NS) < _L.DT_LATENCY_BUCKETS  # the last bucket: above every bound
 assert list(LATENCY_BOUNDS_NS) == sorted(set(LATENCY_BOUNDS_NS))
 
 
@@ -39,6 +41,17 @@ def latency_bounds_image() -> bytes:
     """The bounds as the kernel's ``dt_latency_bounds`` constant (zeros after the last)."""
     return struct.pack(f"<{_L.DT_LATENCY_BOUNDS}Q", *LATENCY_BOUNDS_NS,
                        *([0] * (_L.DT_LATENCY_BOUNDS - len(LATENCY_BOUNDS_NS))))
+
+
+def latency_octaves_image() -> bytes:
+    """The kernel's ``dt_latency_octaves``: for each power of two, how many bounds are below it
+    (where its bucket search starts)."""
+    below = [sum(1 for b in LATENCY_BOUNDS_NS if b < 1 << k) for k in range(64)]
+    return struct.pack("<64H", *below)
+
+
+#: The kernel steps through at most this many bounds from a power of two (L7_OCTAVE_BOUNDS).
+assert max(sum(1 for b in LATENCY_BOUNDS_NS if 1 << k <= b < 2 << k) for k in range(64)) < 32
 
 
 def bucket_upper_ns(bucket: int) -> int | None:
@@ -119,8 +132,6 @@ _EDGE, _EDGE_NAMES = records.record_struct("struct dt_edge")
 assert _EDGE_NAMES == ("pid", "peer_pid", "cgroup_id", "raddr", "family", "port", "role", "protocol", "_pad"), _EDGE_NAMES
 _L7_KEY, _L7_KEY_NAMES = records.record_struct("struct dt_l7_key")
 assert _L7_KEY_NAMES[-4:] == ("method", "status", "flags", "_pad"), _L7_KEY_NAMES
-_LATENCY_KEY, _LATENCY_KEY_NAMES = records.record_struct("struct dt_latency_key")
-assert _LATENCY_KEY_NAMES[-3:] == ("method", "bucket", "_pad"), _LATENCY_KEY_NAMES
 _AF_INET6 = 10
 
 
@@ -235,24 +246,141 @@ def decode_l7_key(raw: bytes) -> tuple[Edge, str, int | str | None, str]:
     return edge, method_name(protocol, method_raw), status_of(protocol, status, outcome), outcome
 
 
-def decode_latency_key(raw: bytes) -> tuple[Edge, str, int]:
-    """``(edge, method, bucket)`` of a dt_latency_key."""
-    fields = _LATENCY_KEY.unpack(raw)
-    return decode_edge(fields[:9]), method_name(fields[7], fields[9]), fields[10]
-
-
 def decode_edge_key(raw: bytes) -> Edge:
     return decode_edge(_EDGE.unpack(raw))
 
 
-def count_events(requests: CounterMap, latency: CounterMap) -> list:
+#: The maps of an l7.bpf.h includer's counting, one entry per slot.
+SLOT_MAPS = ("dt_l7_slots", "dt_l7_free_slots", "dt_l7_slot_gen", "dt_l7_counts", "dt_l7_latency")
+
+
+def size_maps(obj, keys: int) -> None:
+    """Before load: room for ``keys`` keys counted at once."""
+    for name in SLOT_MAPS:
+        obj.maps[name].max_entries = keys
+
+
+class L7Counters:
+    """The exchanges an ``l7.bpf.h`` includer counts in the kernel, read as differences since the
+    last read.
+
+    Each dt_l7_key (edge side, method, status, flags) has a slot (``dt_l7_slots``) in two arrays:
+    per-CPU counts (``dt_l7_counts``) and a latency histogram (``dt_l7_latency``, u32 buckets
+    that wrap).  :meth:`seed` hands the kernel its free slots before the programs attach.  Keys
+    idle for ``idle_seconds`` give their slot back once more than half are taken (an edge long
+    gone): their last counts are read after the kernel can no longer find them, so an exchange
+    counted between that read and the slot's reuse is the one thing that can be missed.
+    """
+
+    def __init__(self, maps, *, idle_seconds: float = 600.0, clock: Callable[[], float] = time.monotonic):
+        self.slots = maps["dt_l7_slots"]
+        self.counts = maps["dt_l7_counts"]
+        self.latency = maps["dt_l7_latency"]
+        self.generations = maps["dt_l7_slot_gen"]
+        self.free = maps["dt_l7_free_slots"]
+        self._idle = idle_seconds
+        self._clock = clock
+        self._counts_value = struct.Struct("<4Q")
+        self._histogram = struct.Struct(f"<{_L.DT_LATENCY_BUCKETS}I")
+        self._decoded: dict[bytes, tuple] = {}
+        self._slot_of: dict[bytes, int] = {}
+        self._totals: dict[int, tuple[int, ...]] = {}
+        self._histograms: dict[int, tuple[int, ...]] = {}
+        self._changed_at: dict[int, float] = {}
+        self._generation: dict[int, int] = {}
+        #: Keys whose slots were given back as idle, over the counters' life.
+        self.deleted = 0
+
+    def __len__(self) -> int:
+        return len(self._slot_of)
+
+    def seed(self) -> None:
+        """Every slot free (before the programs that count attach)."""
+        for slot in range(self.slots.max_entries):
+            self.free.push(struct.pack("<I", slot))
+
+    def _counts_of(self, slot: int) -> tuple[int, ...]:
+        sums = [0, 0, 0, 0]
+        for value in self.counts.lookup(struct.pack("<I", slot)) or ():
+            for i, v in enumerate(self._counts_value.unpack_from(value)):
+                sums[i] += v
+        return tuple(sums)
+
+    def _histogram_of(self, slot: int) -> tuple[int, ...]:
+        raw = self.latency.lookup(struct.pack("<I", slot))
+        return self._histogram.unpack(raw) if raw else (0,) * _L.DT_LATENCY_BUCKETS
+
+    def _differences(self, raw: bytes, slot: int, now: float, requests: list, latency: list) -> None:
+        total = self._counts_of(slot)
+        before = self._totals.get(slot, (0, 0, 0, 0))
+        if total == before:
+            return
+        self._totals[slot] = total
+        self._changed_at[slot] = now
+        key = self._decoded.get(raw)
+        if key is None:
+            key = self._decoded[raw] = decode_l7_key(raw)
+        requests.append((key, tuple(a - b for a, b in zip(total, before))))
+        if total[0] == before[0]:
+            return  # no exchange since: the histogram did not move
+        histogram = self._histogram_of(slot)
+        old = self._histograms.get(slot)
+        self._histograms[slot] = histogram
+        if old is None:
+            moved = {b: n for b, n in enumerate(histogram) if n}
+        else:
+            moved = {b: (n - o) & 0xFFFFFFFF for b, (n, o) in enumerate(zip(histogram, old)) if n != o}
+        if moved:
+            latency.append((key, moved))
+
+    def read(self) -> tuple[list, list]:
+        """``([((edge, method, status, outcome), (count, request bytes, response bytes, latency
+        sum)), …], [((edge, method, status, outcome), {bucket: count}), …])``: what moved."""
+        keys, values, n = self.slots.lookup_all()
+        ksize, vsize = self.slots.key_size, self.slots.value_size
+        now = self._clock()
+        requests: list = []
+        latency: list = []
+        for i in range(n):
+            raw = keys[i * ksize : (i + 1) * ksize]
+            slot = struct.unpack_from("<I", values, i * vsize)[0]
+            self._slot_of[raw] = slot
+            self._differences(raw, slot, now, requests, latency)
+        if len(self._slot_of) > self.slots.max_entries // 2:
+            self._free_idle(now, requests, latency)
+        return requests, latency
+
+    def _free_idle(self, now: float, requests: list, latency: list) -> None:
+        for raw, slot in list(self._slot_of.items()):
+            if now - self._changed_at.get(slot, now) < self._idle:
+                continue
+            # The kernel no longer finds the key, nor (the generation) a socket's memory of it:
+            # what it counted until then is read, then the slot starts again from zero.
+            self.slots.delete(raw)
+            slot_key = struct.pack("<I", slot)
+            generation = self._generation.get(slot, 0) + 1 & 0xFFFFFFFF
+            self._generation[slot] = generation
+            self.generations.update(slot_key, struct.pack("<I", generation))
+            self._differences(raw, slot, now, requests, latency)
+            self.counts.update(slot_key, bytes(self.counts.value_size * num_possible_cpus()))
+            self.latency.update(slot_key, bytes(self.latency.value_size))
+            for table in (self._totals, self._histograms, self._changed_at):
+                table.pop(slot, None)
+            del self._slot_of[raw]
+            self._decoded.pop(raw, None)
+            self.free.push(slot_key)
+            self.deleted += 1
+
+
+def count_events(counters: L7Counters) -> list:
     """The exchanges an l7.bpf.h includer's maps counted since the last call (RequestCounts), and
     their latencies (LatencyCounts, per edge side and method)."""
     from deetune.events import LatencyCounts, RequestCounts
 
     ts, mono = time.time_ns(), time.monotonic_ns()
     out: list = []
-    for (edge, method, status, outcome), (count, req_bytes, resp_bytes, latency_sum) in requests.read():
+    requests, latency = counters.read()
+    for (edge, method, status, outcome), (count, req_bytes, resp_bytes, latency_sum) in requests:
         out.append(RequestCounts(
             ts, ts_mono_ns=mono, role=edge.role, pid=edge.pid, peer_pid=edge.peer_pid, cgroup_id=edge.cgroup_id,
             raddr=edge.raddr, port=edge.port, protocol=edge.protocol, method=method, status=status,
@@ -260,8 +388,10 @@ def count_events(requests: CounterMap, latency: CounterMap) -> list:
             latency_sum_ns=latency_sum,
         ))
     histograms: dict[tuple, dict[int, int]] = {}
-    for (edge, method, bucket), (count,) in latency.read():
-        histograms.setdefault((edge, method), {})[bucket] = count
+    for (edge, method, _status, _outcome), moved in latency:
+        buckets = histograms.setdefault((edge, method), {})
+        for bucket, count in moved.items():
+            buckets[bucket] = buckets.get(bucket, 0) + count
     for (edge, method), buckets in histograms.items():
         out.append(LatencyCounts(
             ts, ts_mono_ns=mono, role=edge.role, pid=edge.pid, peer_pid=edge.peer_pid, cgroup_id=edge.cgroup_id,

@@ -365,6 +365,12 @@ class Map:
         if ret < 0:
             raise LibbpfError(f"update of map {self.name}", ffi.errno)
 
+    def push(self, value: bytes) -> None:
+        """Add ``value`` to a queue or stack map."""
+        ret = lib().bpf_map_update_elem(self.fd, ffi.NULL, ffi.from_buffer(value), BPF_ANY)
+        if ret < 0:
+            raise LibbpfError(f"push to map {self.name}", ffi.errno)
+
     def delete(self, key: bytes) -> bool:
         """Delete ``key``; False when it was absent."""
         ret = lib().bpf_map_delete_elem(self.fd, self._key(key))

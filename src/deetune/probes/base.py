@@ -152,6 +152,9 @@ class Probe:
         programs go where only run time tells (uprobes on files it finds) attaches them itself."""
         obj.attach_all()
 
+    def loaded(self, obj: BpfObject) -> None:
+        """After the object is loaded, before its programs attach: fill the maps they need."""
+
     def after_attach(self) -> None:
         """Called once attached: e.g. snapshot state that predates the probe."""
 
@@ -189,6 +192,7 @@ class Probe:
             obj.load()
             SHARED_MAPS.after_load(obj, shared)
             self._shared = shared
+            self.loaded(obj)
             self.attach(obj)
             self._rings = [RingBuffer(m) for m in obj.maps.values() if m.type == 27]
         except BaseException:
@@ -208,13 +212,16 @@ class Probe:
         return self._rings
 
     def counters(self) -> dict[str, int]:
-        """Kernel-side counters: ``emitted`` and ``lost`` records (ring full), and calls
-        ``sampled_out`` (left out by overload sampling, see the payload probe)."""
+        """Kernel-side counters: ``emitted`` and ``lost`` records (ring full), calls
+        ``sampled_out`` (left out by overload sampling, see the payload probe), counts the kernel
+        could not make because its table of keys was full (``uncounted_key_table_full``) and
+        error heads beyond their rate cap (``error_heads_capped``)."""
         if self.obj is None or "dt_stats" not in self.obj.maps:
             return {"emitted": 0, "lost": 0, "sampled_out": 0}
         stats = self.obj.maps["dt_stats"]
+        names = ("emitted", "lost", "sampled_out", "uncounted_key_table_full", "error_heads_capped")
         counts = {name: stats.sum_percpu_u64(index.to_bytes(4, "little"))
-                  for index, name in enumerate(("emitted", "lost", "sampled_out")) if index < stats.max_entries}
+                  for index, name in enumerate(names) if index < stats.max_entries}
         counts.setdefault("sampled_out", 0)  # a third-party object built against an older deetune.h
         return counts
 

@@ -6,11 +6,10 @@ import logging
 import os
 import struct
 import threading
-import time
 from typing import Iterable
 
 from deetune import accounting, records
-from deetune.events import DataEvent, Event, LatencyCounts, RequestCounts, format_address
+from deetune.events import DataEvent, Event, format_address
 from deetune.libbpf import BpfObject, num_possible_cpus
 from deetune.probes.base import Probe, ProbeOptions
 from deetune.probes.overload import DEFAULT_BUSY_CPU, OverloadSampling
@@ -63,7 +62,8 @@ class PayloadProbe(OverloadSampling, Probe):
     def __init__(self, options: ProbeOptions | None = None, clock=None, *, capture_bytes: int = DEFAULT_CAPTURE_BYTES,
                  cgroup_id: int | None = None, ports: Iterable[int] = (), exclude_self: bool | None = None,
                  overload_sampling: bool = True, busy_cpu: float | None = DEFAULT_BUSY_CPU,
-                 accounting: bool = True, error_heads_per_second: int = DEFAULT_ERROR_HEADS_PER_SECOND):
+                 accounting: bool = True, error_heads_per_second: int = DEFAULT_ERROR_HEADS_PER_SECOND,
+                 accounting_keys: int = _L.DT_L7_SLOTS):
         super().__init__(options, clock)
         #: Count every HTTP, Redis and MySQL exchange in the kernel (read_counts); off: only copies.
         self.accounting = accounting
@@ -71,8 +71,11 @@ class PayloadProbe(OverloadSampling, Probe):
             raise ValueError(f"error_heads_per_second must be 0 or more, got {error_heads_per_second}")
         #: Heads of error exchanges copied per second, on connections the overload sampling leaves out.
         self.error_heads_per_second = error_heads_per_second
-        self._requests: accounting.CounterMap | None = None
-        self._latency: accounting.CounterMap | None = None
+        if not 1 <= accounting_keys <= _L.DT_L7_SLOTS:
+            raise ValueError(f"accounting_keys must be between 1 and {_L.DT_L7_SLOTS}, got {accounting_keys}")
+        #: Keys (edge side, method, status) the kernel counts at once; beyond: uncounted_key_table_full.
+        self.accounting_keys = accounting_keys
+        self._counters: accounting.L7Counters | None = None
         if not 0 <= capture_bytes <= MAX_CAPTURE_BYTES:
             raise ValueError(f"capture_bytes must be between 0 and {MAX_CAPTURE_BYTES}, got {capture_bytes}")
         self.capture_bytes = capture_bytes
@@ -101,12 +104,21 @@ class PayloadProbe(OverloadSampling, Probe):
             obj.set_constant("filter_ports", 1)
         obj.set_constant("account_l7", int(self.accounting))
         obj.set_constant("error_heads_per_second", self.error_heads_per_second)
+        # A sixteenth of the ring is kept for error heads (see payload.bpf.c): 1 MiB of the
+        # default 16 MiB, some 400 errors' heads.  (A quarter left copies out so often that
+        # the detail's weights could not follow.)
+        ring = obj.maps["data_events"].max_entries
+        obj.set_constant("copies_ring_limit", ring - ring // 16)
         obj.set_constant("dt_latency_bounds", accounting.latency_bounds_image())
         obj.set_constant("dt_latency_bound_count", len(accounting.LATENCY_BOUNDS_NS))
+        obj.set_constant("dt_latency_octaves", accounting.latency_octaves_image())
+        accounting.size_maps(obj, self.accounting_keys)
+
+    def loaded(self, obj: BpfObject) -> None:
+        self._counters = accounting.L7Counters(obj.maps)
+        self._counters.seed()
 
     def after_attach(self) -> None:
-        self._requests = accounting.CounterMap(self.obj.maps["dt_l7_counts"], 4, accounting.decode_l7_key)
-        self._latency = accounting.CounterMap(self.obj.maps["dt_l7_latency"], 1, accounting.decode_latency_key)
         # Attached first, then filled: until the first generation is written, nothing is copied.
         ports = self.obj.maps["capture_ports"]
         for port in self.ports:
@@ -154,26 +166,9 @@ class PayloadProbe(OverloadSampling, Probe):
     def read_counts(self) -> list[Event]:
         """The exchanges the kernel counted since the last call (RequestCounts), and their
         latencies (LatencyCounts, per edge side and method)."""
-        if self.obj is None or self._requests is None or not self.accounting:
+        if self.obj is None or self._counters is None or not self.accounting:
             return []
-        ts, mono = time.time_ns(), time.monotonic_ns()
-        out: list[Event] = []
-        for (edge, method, status, outcome), (count, req_bytes, resp_bytes, latency) in self._requests.read():
-            out.append(RequestCounts(
-                ts, ts_mono_ns=mono, role=edge.role, pid=edge.pid, peer_pid=edge.peer_pid, cgroup_id=edge.cgroup_id,
-                raddr=edge.raddr, port=edge.port, protocol=edge.protocol, method=method, status=status,
-                outcome=outcome, count=count, request_bytes=req_bytes, response_bytes=resp_bytes,
-                latency_sum_ns=latency,
-            ))
-        histograms: dict[tuple, dict[int, int]] = {}
-        for (edge, method, bucket), (count,) in self._latency.read():
-            histograms.setdefault((edge, method), {})[bucket] = count
-        for (edge, method), buckets in histograms.items():
-            out.append(LatencyCounts(
-                ts, ts_mono_ns=mono, role=edge.role, pid=edge.pid, peer_pid=edge.peer_pid, cgroup_id=edge.cgroup_id,
-                raddr=edge.raddr, port=edge.port, protocol=edge.protocol, method=method, buckets=buckets,
-            ))
-        return out
+        return accounting.count_events(self._counters)
 
     def decode(self, raw: bytes) -> Iterable[DataEvent]:
         (kind, pid, ts_mono, sock_id, conn_id, cgroup_id, seq, tid, fd, size, captured, family, lport, rport,

@@ -106,8 +106,7 @@ class TlsProbe(OverloadSampling, Probe):
         self._init_overload_sampling(overload_sampling, busy_cpu)
         #: Count every HTTP, Redis and MySQL exchange of the plaintext in the kernel (read_counts).
         self.accounting = accounting
-        self._requests: "accounting_.CounterMap | None" = None
-        self._latency: "accounting_.CounterMap | None" = None
+        self._counters: "accounting_.L7Counters | None" = None
         if not 0 <= capture_bytes <= _L.DT_PAYLOAD_MAX:
             raise ValueError(f"capture_bytes must be between 0 and {_L.DT_PAYLOAD_MAX}, got {capture_bytes}")
         self.capture_bytes = capture_bytes
@@ -140,6 +139,7 @@ class TlsProbe(OverloadSampling, Probe):
         obj.set_constant("account_l7", int(self.accounting))
         obj.set_constant("dt_latency_bounds", accounting_.latency_bounds_image())
         obj.set_constant("dt_latency_bound_count", len(accounting_.LATENCY_BOUNDS_NS))
+        obj.set_constant("dt_latency_octaves", accounting_.latency_octaves_image())
 
     def attach(self, obj: BpfObject) -> None:
         # The tracepoints first: a TLS object is tied to its socket as soon as the uprobes fire.
@@ -151,9 +151,11 @@ class TlsProbe(OverloadSampling, Probe):
     def _write_sampling(self) -> None:
         self.obj.maps["controls"].update(b"\0\0\0\0", _CONTROLS.pack(self.sampling - 1, self.sampling.bit_length() - 1))
 
+    def loaded(self, obj: BpfObject) -> None:
+        self._counters = accounting_.L7Counters(obj.maps)
+        self._counters.seed()
+
     def after_attach(self) -> None:
-        self._requests = accounting_.CounterMap(self.obj.maps["dt_l7_counts"], 4, accounting_.decode_l7_key)
-        self._latency = accounting_.CounterMap(self.obj.maps["dt_l7_latency"], 1, accounting_.decode_latency_key)
         self._write_sampling()
         # Synchronously: when start() returns, the TLS libraries in use are probed.
         if self.system_libraries:
@@ -176,9 +178,9 @@ class TlsProbe(OverloadSampling, Probe):
     def read_counts(self) -> list[Event]:
         """The exchanges of TLS plaintext the kernel counted since the last call (RequestCounts,
         LatencyCounts): those of HTTP/1, Redis and MySQL over TLS, exact whatever the sampling."""
-        if self.obj is None or self._requests is None or not self.accounting:
+        if self.obj is None or self._counters is None or not self.accounting:
             return []
-        return accounting_.count_events(self._requests, self._latency)
+        return accounting_.count_events(self._counters)
 
     def set_port_capture(self, port: int, capture_bytes: int | None) -> None:
         """Copy ``capture_bytes`` of plaintext per call on connections with this local or remote

@@ -497,8 +497,9 @@ static __always_inline int ssl_exit(struct pt_regs *ctx)
 	long ret = (int)C_RET(ctx);
 	__u64 bytes = 0;
 	if (size_out) {
-		/* SSL_read_ex/SSL_write_ex: 1 on success, the count through the pointer. */
-		if (ret != 1 || bpf_probe_read_user(&bytes, sizeof(bytes), (const void *)size_out) != 0)
+		/* SSL_read_ex/SSL_write_ex: 1 on success, the count through the pointer (and
+		 * ssl_read_internal/ssl_write_internal, which they wrap: > 0). */
+		if (ret <= 0 || bpf_probe_read_user(&bytes, sizeof(bytes), (const void *)size_out) != 0)
 			return 0;
 	} else {
 		if (ret <= 0)
@@ -585,6 +586,12 @@ static __always_inline int go_enter(struct pt_regs *ctx, __u8 op)
 		return 0;
 	struct go_key key = {.tgid = tgid, .g = GO_G(ctx)};
 	struct go_call call = {.conn = GO_ARG0(ctx), .buf = GO_ARG1(ctx), .op = op};
+	/* The probe is at the stack check's jump (tls_targets._go_stack_check): when the stack
+	 * grows the call starts again, with the same arguments, and the probe fires again before
+	 * any RET.  Its Write was reported the first time. */
+	struct go_call *again = bpf_map_lookup_elem(&go_calls, &key);
+	if (again && again->op == op && again->conn == call.conn && again->buf == call.buf)
+		return 0;
 	if (op == OP_WRITE) {
 		/* Reported now, before its bytes leave: Go reads and writes a connection from
 		 * different goroutines (its HTTP client's read and write loops, HTTP/2's reader
@@ -673,3 +680,13 @@ int tls_exec(void *ctx)
 	dt_output(&tls_events, &hdr, sizeof(hdr));
 	return 0;
 }
+
+/* -- the trap floor --------------------------------------------------------------------- */
+
+/* Attached in place of the programs above by bench/bench_tls.py's floor mode (TlsProbe's floor=True),
+ * at the same places: what the uprobe and uretprobe traps cost with nothing to run. */
+SEC("uprobe")
+int tls_floor_enter(struct pt_regs *ctx) { return 0; }
+
+SEC("uretprobe")
+int tls_floor_exit(struct pt_regs *ctx) { return 0; }

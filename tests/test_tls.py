@@ -28,6 +28,7 @@ from deetune.probes import ProbeOptions
 from deetune.probes.payload import PayloadProbe
 from deetune.probes.tcp import TcpProbe
 from deetune.probes.tls import TlsProbe
+from deetune.probes import tls_targets
 from deetune.probes.tls_targets import file_key
 from tests.harness import running_pipeline
 from tests.servers import HOST, need_module, nginx_server, require_binary, stop_process  # noqa: F401
@@ -200,6 +201,80 @@ def test_openssl_linked_into_a_binary(certificate, tmp_path):
     assert {e.pid for e in got if e.role == "client"} == {client.pid}
     target, _ = c.tls.attached[file_key(str(binary))]
     assert target.functions == ("SSL_read", "SSL_read_ex", "SSL_write", "SSL_write_ex", "SSL_do_handshake")
+    assert [p.name for p in target.openssl] == ["ssl_read_internal", "ssl_write_internal", "SSL_do_handshake"]
+
+
+# -- where the probes are set ------------------------------------------------------------------------
+
+SYSTEM_LIBSSL = "/usr/lib/x86_64-linux-gnu/libssl.so.3"
+
+
+def code_at(pid: int, path: str, offset: int, size: int = 1) -> bytes:
+    """The bytes process ``pid`` runs at file offset ``offset`` of ``path`` (0xcc: a uprobe's
+    breakpoint)."""
+    key = file_key(path)
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split()
+            if len(fields) < 6 or file_key(f"/proc/{pid}/root{fields[5]}") != key:
+                continue
+            low, high = (int(x, 16) for x in fields[0].split("-"))
+            start = int(fields[2], 16)
+            if start <= offset < start + high - low:
+                with open(f"/proc/{pid}/mem", "rb") as mem:
+                    mem.seek(low + offset - start)
+                    return mem.read(size)
+    raise AssertionError(f"{path} offset {offset:#x} is not mapped by {pid}")
+
+
+def test_openssl_calls_are_probed_where_the_kernel_emulates_the_instruction():
+    """Debian's libssl: SSL_read, SSL_read_ex, SSL_write and SSL_write_ex start with ``sub $N,%rsp``,
+    which a uprobe would single-step (a debug exception, a VM exit under KVM), and call
+    ssl_read_internal or ssl_write_internal, which start with a push (emulated): those are probed,
+    once for both forms; SSL_do_handshake at its entry, a push too."""
+    target = tls_targets.inspect(SYSTEM_LIBSSL)
+    assert [(p.name, p.emulated) for p in target.openssl] == [
+        ("ssl_read_internal", True), ("ssl_write_internal", True), ("SSL_do_handshake", True)]
+    with open(SYSTEM_LIBSSL, "rb") as f:
+        code = f.read()
+    for point in target.openssl:  # push %rbx … push %rdi, push %r8 … push %r15
+        first = code[point.offset + 1] if code[point.offset] == 0x41 else code[point.offset]
+        assert 0x50 <= first <= 0x57, point
+    with open(SYSTEM_LIBSSL, "rb") as f:
+        elf = tls_targets.ELFFile(f)
+        wrappers = tls_targets._symbols(elf, set(tls_targets.OPENSSL_DATA))
+        for name, (value, _size) in wrappers.items():
+            assert code[tls_targets._file_offset(elf, value):][:3] == b"\x48\x83\xec", name  # sub $N,%rsp
+
+
+def test_with_a_pid_the_breakpoints_are_in_that_process_only(certificate):
+    """--pid: the uprobes are set for that process only; its client, mapping the same libssl,
+    runs the library unmodified and takes no trap."""
+    server = python_program("py_server.py", *map(str, certificate), server=True)
+    try:
+        client = python_program("py_client.py", str(server.port), "/pid/only")
+        target = tls_targets.inspect(SYSTEM_LIBSSL)
+        deadline = time.monotonic() + WAIT
+        while not any(SYSTEM_LIBSSL in p for p in tls_targets.libssl_in_maps(client.pid)):  # Python starting
+            assert time.monotonic() < deadline, "the client did not load libssl"
+            time.sleep(0.05)
+        original = {p.offset: code_at(client.pid, SYSTEM_LIBSSL, p.offset) for p in target.openssl}
+        assert b"\xcc" not in original.values()
+        probe = TlsProbe(ProbeOptions(pid=server.pid, port=server.port), exclude_self=False, overload_sampling=False)
+        with running_pipeline([probe]) as c:
+            assert {p.offset: code_at(server.pid, SYSTEM_LIBSSL, p.offset) for p in target.openssl} == {
+                p.offset: b"\xcc" for p in target.openssl}
+            assert {p.offset: code_at(client.pid, SYSTEM_LIBSSL, p.offset) for p in target.openssl} == original
+            assert client.go() == ["200"]
+            c.wait_for(lambda e: isinstance(e, DataEvent) and e.tls, 2, timeout=WAIT)
+            time.sleep(SETTLE)
+        assert {p.offset: code_at(server.pid, SYSTEM_LIBSSL, p.offset) for p in target.openssl} == original
+    finally:
+        server.stop()
+    data = c.matching(lambda e: isinstance(e, DataEvent) and e.tls)
+    assert {(e.pid, e.direction, e.syscall) for e in data} == {(server.pid, "ingress", "SSL_read"),
+                                                               (server.pid, "egress", "SSL_write")}
+    assert b"".join(e.data for e in data if e.direction == "ingress").startswith(b"GET /pid/only HTTP/1.1\r\n")
 
 
 # -- Go ----------------------------------------------------------------------------------------------
@@ -228,6 +303,12 @@ def test_go_server_and_client(go_programs, certificate, proto):
     assert summary(got, "client") == expected and summary(got, "server") == expected
     assert {e.pid for e in got} == {client.pid, server.pid}
     assert all(e.attributes["tls"] for e in got)
+    # Entries probed at the stack check's jump (jbe), which the kernel emulates, not at the cmp.
+    target, _ = c.tls.attached[file_key(str(server_binary))]
+    with open(server_binary, "rb") as f:
+        code = f.read()
+    assert {f.name: code[f.entry:f.entry + 2] in (b"\x0f\x86",) or code[f.entry] == 0x76 for f in target.go} == {
+        tls_targets.GO_READ: True, tls_targets.GO_WRITE: True, tls_targets.GO_HANDSHAKE: True}
     target, _ = c.tls.attached[file_key(str(client_binary))]
     assert (target.kind, target.version[:6]) == ("go", "go1.19")
 

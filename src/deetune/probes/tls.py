@@ -26,6 +26,8 @@ import threading
 import time
 from typing import Iterable
 
+import attrs
+
 from deetune import accounting as accounting_
 from deetune import records
 from deetune.events import DataEvent, Event, format_address
@@ -62,12 +64,16 @@ EXEC_RESCANS = (0.0, 0.2, 1.0, 5.0)
 #: How often every process is looked at again.
 RESCAN_SECONDS = 30.0
 
-#: OpenSSL function → (entry program, return program).
+#: OpenSSL function → (entry program, return program).  ssl_read_internal and ssl_write_internal,
+#: probed in place of the functions that wrap them (tls_targets.openssl_probe_points), take the _ex
+#: forms' arguments (s, buf, num, &processed).
 _OPENSSL_PROGRAMS = {
     "SSL_read": ("ssl_read_enter", "ssl_data_exit"),
     "SSL_read_ex": ("ssl_read_ex_enter", "ssl_data_exit"),
+    "ssl_read_internal": ("ssl_read_ex_enter", "ssl_data_exit"),
     "SSL_write": ("ssl_write_enter", "ssl_data_exit"),
     "SSL_write_ex": ("ssl_write_ex_enter", "ssl_data_exit"),
+    "ssl_write_internal": ("ssl_write_ex_enter", "ssl_data_exit"),
     "SSL_do_handshake": ("ssl_handshake_enter", "ssl_handshake_exit"),
 }
 #: Go function → (entry program, program at each RET).
@@ -101,8 +107,10 @@ class TlsProbe(OverloadSampling, Probe):
                  capture_bytes: int = DEFAULT_CAPTURE_BYTES, exclude_self: bool | None = None,
                  rescan_seconds: float = RESCAN_SECONDS, system_libraries: bool = True,
                  overload_sampling: bool = True, busy_cpu: float | None = DEFAULT_BUSY_CPU,
-                 accounting: bool = True):
+                 accounting: bool = True, floor: bool = False):
         super().__init__(options, clock)
+        #: Attach programs that return at once, and nothing else (bench/bench_tls.py): the traps' cost.
+        self.floor = floor
         self._init_overload_sampling(overload_sampling, busy_cpu)
         #: Count every HTTP, Redis and MySQL exchange of the plaintext in the kernel (read_counts).
         self.accounting = accounting
@@ -144,7 +152,8 @@ class TlsProbe(OverloadSampling, Probe):
     def attach(self, obj: BpfObject) -> None:
         # The tracepoints first: a TLS object is tied to its socket as soon as the uprobes fire.
         for name in ("tls_tie_send", "tls_tie_recv", "tls_sock_close", "tls_exec"):
-            obj.programs[name].attach()
+            if not self.floor or name == "tls_exec":
+                obj.programs[name].attach()
         if self.options.port:
             obj.maps["capture_ports"].update(self.options.port.to_bytes(2, "little"), b"\x01")
 
@@ -320,18 +329,29 @@ class TlsProbe(OverloadSampling, Probe):
     def _attach_target(self, target: Target) -> list[Link]:
         programs = self.obj.programs
         links: list[Link] = []
+        # With --pid, the breakpoints are written into that process only: others mapping the file
+        # take no trap.
+        pid = self.options.pid or -1
+
+        def attach(name: str, offset: int, retprobe: bool = False) -> None:
+            if self.floor:
+                name = "tls_floor_exit" if retprobe else "tls_floor_enter"
+            links.append(programs[name].attach_uprobe(target.path, offset=offset, pid=pid, retprobe=retprobe))
+
         try:
             if target.kind == "openssl":
-                for function in target.functions:
-                    enter, leave = _OPENSSL_PROGRAMS[function]
-                    links.append(programs[enter].attach_uprobe(target.path, function))
-                    links.append(programs[leave].attach_uprobe(target.path, function, retprobe=True))
+                for point in target.openssl:
+                    enter, leave = _OPENSSL_PROGRAMS[point.name]
+                    attach(enter, point.offset)
+                    attach(leave, point.offset, retprobe=True)
             else:
                 for function in target.go:
                     enter, leave = _GO_PROGRAMS[function.name]
-                    links.append(programs[enter].attach_uprobe(target.path, offset=function.entry))
+                    # The RETs first: a call whose entry was seen is seen to return (go_enter takes
+                    # a call still in progress with the same arguments for the same call).
                     for offset in function.returns:
-                        links.append(programs[leave].attach_uprobe(target.path, offset=offset))
+                        attach(leave, offset)
+                    attach(enter, function.entry)
         except BaseException:
             for link in links:
                 link.close()
@@ -381,7 +401,7 @@ def scan_host() -> tuple[list[Target], list[Unprobed]]:
         target = seen[key] = tls_targets.inspect(path)
         if target is None:
             continue
-        target = Target(_real(path), target.kind, target.functions, target.go, target.version, target.reason)
+        target = attrs.evolve(target, path=_real(path))
         if target.probeable:
             probeable.append(target)
         else:

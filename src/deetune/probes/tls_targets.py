@@ -58,6 +58,21 @@ class GoFunction:
 
 
 @attrs.frozen
+class ProbePoint:
+    """Where an OpenSSL function's calls are taken: the function, or the internal function it
+    wraps (``ssl_read_internal``, ``ssl_write_internal``), at the file offset of its entry."""
+
+    #: ``SSL_read``, …, ``ssl_read_internal`` or ``ssl_write_internal``.
+    name: str
+    #: File offset of the probed instruction: the function's first, or the one after its
+    #: ``endbr64``, where the return address is still on top of the stack (for the uretprobe).
+    offset: int
+    #: The kernel runs the probed instruction for the program (x86: a push, call, jump or nop)
+    #: instead of single-stepping a copy of it, which costs a debug exception.
+    emulated: bool
+
+
+@attrs.frozen
 class Target:
     """One file the probe attaches to, or names as unprobeable."""
 
@@ -65,8 +80,10 @@ class Target:
     path: str
     #: ``openssl`` (a libssl, or a binary with OpenSSL linked in) or ``go``.
     kind: str
-    #: The OpenSSL functions present (libbpf finds their offsets by name).
+    #: The OpenSSL functions present.
     functions: tuple[str, ...] = ()
+    #: Where their calls are probed (see :func:`openssl_probe_points`).
+    openssl: tuple[ProbePoint, ...] = ()
     #: Go: the functions, with their RETs.
     go: tuple[GoFunction, ...] = ()
     #: ``go1.19.8``, …; "" when not a Go binary or unknown.
@@ -223,6 +240,111 @@ def _returns(elf: ELFFile, machine: str, vaddr: int, size: int) -> tuple[int, ..
                  if mnemonic == "ret")
 
 
+# -- OpenSSL probe points ---------------------------------------------------------------------------
+#
+# A uprobe replaces the probed instruction with a breakpoint.  After the programs ran, the kernel
+# either emulates the instruction (x86: push of a register, call, jmp, conditional jumps, nops) or
+# runs a copy of it single-stepped, which takes a debug exception more; under KVM every debug
+# exception exits to the hypervisor (it always intercepts #DB), which makes the single-stepped
+# probe more than ten times as costly (docs/tls.md, Cost).  OpenSSL's SSL_read, SSL_read_ex,
+# SSL_write and SSL_write_ex start by reserving their stack frame (``sub $N,%rsp``, single-stepped)
+# and call ssl_read_internal or ssl_write_internal (s, buf, num, &processed), which start with a
+# push: those are probed instead when both forms call the same function.
+
+_ENDBR64 = b"\xf3\x0f\x1e\xfa"
+#: (plain, _ex, the internal function both call, what it is reported as).
+_OPENSSL_WRAPPERS = (("SSL_read", "SSL_read_ex", "ssl_read_internal"),
+                     ("SSL_write", "SSL_write_ex", "ssl_write_internal"))
+
+
+def _x86_emulated(code: bytes) -> bool:
+    """Whether x86's uprobes emulate the instruction at the start of ``code`` (arch/x86/kernel/
+    uprobes.c: push of a register, call rel32, jmp, jcc, nop)."""
+    if len(code) < 2:
+        return False
+    op = code[1] if code[0] == 0x41 else code[0]  # REX.B: push %r8…%r15
+    if 0x50 <= op <= 0x57:
+        return True
+    return (code[0] in (0x90, 0xE8, 0xE9, 0xEB) or 0x70 <= code[0] <= 0x7F
+            or (code[0] == 0x0F and (0x80 <= code[1] <= 0x8F or code[1] == 0x1F)))
+
+
+def _entry_point(elf: ELFFile, machine: str, vaddr: int) -> tuple[int, int, bool] | None:
+    """(virtual address, file offset, emulated) of where a function's entry is probed: after an
+    ``endbr64`` (not emulated) when the next instruction is, since the return address is still on
+    top of the stack there."""
+    code = _read_at(elf, vaddr, 16)
+    offset = _file_offset(elf, vaddr)
+    if offset is None or not code:
+        return None
+    if machine != "EM_X86_64":
+        return vaddr, offset, False
+    if code.startswith(_ENDBR64) and _x86_emulated(code[4:]):
+        return vaddr + 4, offset + 4, True
+    return vaddr, offset, _x86_emulated(code)
+
+
+def _first_call(elf: ELFFile, vaddr: int, size: int) -> int | None:
+    """The target of a function's first direct call, before any return or jump out."""
+    import capstone
+
+    code = _read_at(elf, vaddr, min(size, 256))
+    disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    for address, length, mnemonic, _ops in disassembler.disasm_lite(code, vaddr):
+        first = code[address - vaddr]
+        if mnemonic == "call":
+            if first != 0xE8 or length != 5:
+                return None  # indirect
+            rel = int.from_bytes(code[address - vaddr + 1:address - vaddr + 5], "little", signed=True)
+            return address + length + rel
+        if mnemonic in ("ret", "jmp"):
+            return None
+    return None
+
+
+def openssl_probe_points(elf: ELFFile, machine: str, found: dict[str, tuple[int, int]]) -> tuple[ProbePoint, ...]:
+    """Where the probe takes each OpenSSL function's calls: its entry, unless that instruction is
+    single-stepped and both forms (SSL_read and SSL_read_ex; SSL_write and SSL_write_ex) first call
+    one internal function whose entry is emulated: then that function, once for both forms."""
+    points: list[ProbePoint] = []
+    entries = {name: _entry_point(elf, machine, found[name][0]) for name in (*OPENSSL_DATA, OPENSSL_HANDSHAKE)
+               if name in found}
+    done: set[str] = set()
+    if machine == "EM_X86_64":
+        for plain, ex, internal in _OPENSSL_WRAPPERS:
+            if not (entries.get(plain) and entries.get(ex)) or (entries[plain][2] and entries[ex][2]):
+                continue
+            callee = _first_call(elf, *found[plain])
+            if callee is None or callee != _first_call(elf, *found[ex]):
+                continue
+            entry = _entry_point(elf, machine, callee)
+            if entry is not None and entry[2]:
+                points.append(ProbePoint(internal, entry[1], True))
+                done |= {plain, ex}
+    for name, entry in entries.items():
+        if name not in done and entry is not None:
+            points.append(ProbePoint(name, entry[1], entry[2]))
+    return tuple(points)
+
+
+def _go_stack_check(code: bytes) -> int:
+    """Where a Go function's entry is probed, from its first instruction: at the conditional jump
+    of its stack check (``cmp 0x10(%r14),%rsp; jbe`` or ``lea -N(%rsp),%r12; cmp 0x10(%r14),%r12;
+    jbe``), which the kernel emulates, when the instructions before it write no register the
+    programs read (the arguments, R14); else 0, the entry.  When the stack grows, the function
+    starts again and the probe fires twice for one call: go_enter in bpf/tls.bpf.c allows for it."""
+    import capstone
+
+    disassembler = capstone.Cs(capstone.CS_ARCH_X86, capstone.CS_MODE_64)
+    for address, length, mnemonic, ops in disassembler.disasm_lite(code, 0):
+        if mnemonic == "cmp" or (mnemonic == "lea" and ops.startswith(("r12,", "r13,"))):
+            continue
+        if mnemonic.startswith("j") and mnemonic != "jmp" and _x86_emulated(code[address:address + length]):
+            return address
+        return 0
+    return 0
+
+
 def inspect(path: str) -> Target | None:
     """What ``path`` offers the probe: None when it uses no TLS we know."""
     try:
@@ -239,7 +361,8 @@ def inspect(path: str) -> Target | None:
                 return _inspect_go(path, elf, machine, version)
             found = _symbols(elf, set(OPENSSL_DATA) | {OPENSSL_HANDSHAKE})
             if "SSL_read" in found and "SSL_write" in found:
-                return Target(path, "openssl", tuple(n for n in (*OPENSSL_DATA, OPENSSL_HANDSHAKE) if n in found))
+                return Target(path, "openssl", tuple(n for n in (*OPENSSL_DATA, OPENSSL_HANDSHAKE) if n in found),
+                              openssl=openssl_probe_points(elf, machine, found))
             if _LIBSSL.search(path):
                 return Target(path, "openssl", reason="no SSL_read/SSL_write symbols")
             if elf.get_section_by_name(".symtab") is None and _mentions_openssl(elf):
@@ -292,6 +415,8 @@ def _inspect_go(path: str, elf: ELFFile, machine: str, version: str) -> Target |
             continue
         value, size = found[name]
         entry = _file_offset(elf, value)
+        if entry is not None and machine == "EM_X86_64":
+            entry += _go_stack_check(_read_at(elf, value, 32))
         returns = _returns(elf, machine, value, size)
         if entry is None or not returns:
             return Target(path, "go", version=version, reason=f"cannot find the returns of {name}")
@@ -299,5 +424,5 @@ def _inspect_go(path: str, elf: ELFFile, machine: str, version: str) -> Target |
     return Target(path, "go", version=version, go=tuple(functions))
 
 
-__all__ = ["GoFunction", "Target", "file_key", "go_version", "inspect", "libssl_in_maps", "process_ids",
+__all__ = ["GoFunction", "ProbePoint", "Target", "openssl_probe_points", "file_key", "go_version", "inspect", "libssl_in_maps", "process_ids",
            "system_libssl"]

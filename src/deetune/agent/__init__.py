@@ -436,9 +436,9 @@ def open_store(path: str, retention: float, *, exchanges_per_edge: int | None = 
 #: Allocations between two young-generation collections (Python's default: 700).
 GC_YOUNG_THRESHOLD = 20_000
 #: Longest a thread waiting for the GIL waits for a busy thread to give it up (Python's
-#: default: 5 ms).  An API request takes the GIL back some twenty times (waitress's I/O thread,
-#: its worker, every SQLite statement): behind a busy pipeline it waited 5 ms each time, a
-#: topology request 100-170 ms for 4 ms of work (bench/soak.py).
+#: default: 5 ms).  An API request takes the GIL back many times (waitress's I/O thread, its
+#: worker, every SQLite statement), up to 5 ms each behind a busy pipeline: a topology request
+#: took 100-170 ms for 4 ms of work (bench/soak.py).
 SWITCH_INTERVAL = 0.0005
 
 

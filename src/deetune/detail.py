@@ -36,7 +36,7 @@ from deetune.l7 import KERNEL_COUNTED
 
 #: Exchanges held at most (beyond, all those waiting go at once with the weight they have,
 #: counted as ``released_early``): about half a kilobyte each.  A flood of sampled exchanges
-#: (held HOLD_TICKS reads) reached 90,000 held, 45 MB of the agent's memory (bench/soak.py).
+#: (held HOLD_TICKS reads) reached 89,000 held, 43 MB of the agent's memory (bench/soak.py).
 MAX_HELD = 10_000
 #: Reads a batch of sampled exchanges waits for the next batch of its edge side.
 HOLD_TICKS = 5

@@ -247,6 +247,7 @@ def main() -> int:
     agent.start()
     children: list[subprocess.Popen] = []
     samples: list[dict] = []
+    breakdowns: list[dict] = []
     api_slow: list[tuple[str, float, int]] = []
     stop = threading.Event()
     count_file = work / "normal.count"
@@ -258,6 +259,7 @@ def main() -> int:
         for port in ports.values():
             common.wait_port(port)
         began_ns = time.time_ns()
+        other_cpu, host_cpu, began = common.OtherCpu(), common.busy_cores_since(), time.monotonic()
         children.append(spawn("soak-client", "client", str(ports["server"]), str(args.rate), str(count_file)))
         children.append(spawn("soak-adversary", "adversary", json.dumps(ports)))
 
@@ -280,6 +282,8 @@ def main() -> int:
                 raise RuntimeError("the agent exited: " + "\n".join(agent.stderr[-10:]))
             samples.append({"t": round(time.monotonic() - (end - args.minutes * 60), 1),
                             **common.memory_mb(agent.pid)})
+            if len(samples) % 30 == 1:  # where the RSS goes: Python's heap is [anonymous] and [heap]
+                breakdowns.append({"t": samples[-1]["t"], **common.smaps_breakdown(agent.pid, 6)})
             time.sleep(1.0)
         # Normal traffic stops; its last window reaches the store.
         children[-2].send_signal(signal.SIGTERM)
@@ -302,6 +306,8 @@ def main() -> int:
             time.sleep(1.0)
         stop.set()
         watcher.join(10)
+        # The host is shared: how busy it was, and with what besides this benchmark.
+        load = {"host_busy_cores": common.busy_cores_since(host_cpu), **other_cpu.stop(time.monotonic() - began)}
         health = json.loads(api_get(api_port, "/healthz")[2] or b"{}")
     finally:
         stop.set()
@@ -316,11 +322,12 @@ def main() -> int:
         "machine": common.machine(),
         "minutes": args.minutes, "rate": args.rate,
         "normal_sent": sent, "normal_counted": counted, "soak_edges": soak_edges,
-        "max_rss_mb": max_rss, "rss_samples": samples,
+        "max_rss_mb": max_rss, "rss_samples": samples, "rss_breakdown_mb": breakdowns,
         "api_requests": len(api_ms), "api_max_ms": round(api_ms[-1] * 1000, 1) if api_ms else None,
         "api_p99_ms": round(api_ms[int(len(api_ms) * 0.99)] * 1000, 1) if api_ms else None,
         "api_over_limit": api_slow[:50], "api_over_limit_count": len(api_slow),
-        "health_at_end": health, "agent": result,
+        "health_at_end": health, "agent": result, "load": load,
+        "stop_line": next((line for line in reversed(agent.stderr) if " events in " in line), None),
     }
     checks = [
         ["agent RSS", f"< {args.max_rss_mb:g} MB", f"max {max_rss:.1f} MB" if max_rss else "-",

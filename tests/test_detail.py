@@ -5,6 +5,7 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from deetune.agent import detail_summary
 from deetune.detail import HOLD_TICKS, DetailWeigher
 from deetune.events import ExchangeEvent, RequestCounts
 
@@ -156,3 +157,8 @@ def test_far_behind_the_exchanges_go_early_with_the_probes_weight_and_the_rest_i
     weigher.drained(2**62)
     released = weigher.tick()
     assert released == late and [e.sampling for e in released] == [2.5, 2.5]  # 10 - 5 over 2
+    # The agent's stop line says the bound cut in, and says nothing when it did not.
+    assert weigher.stats.released_early == 5
+    assert detail_summary([object(), weigher]) == \
+        "detail: 5 exchanges weighed before their count was read (over 4 waiting)"
+    assert detail_summary([DetailWeigher()]) is None

@@ -34,8 +34,10 @@ from deetune.accounting import EXCHANGE_OUTCOMES, OUTCOME_ERROR
 from deetune.events import Event, ExchangeEvent, RequestCounts
 from deetune.l7 import KERNEL_COUNTED
 
-#: Exchanges held at most (the oldest are let go with the weight they have).
-MAX_HELD = 100_000
+#: Exchanges held at most (beyond, all those waiting go at once with the weight they have,
+#: counted as ``released_early``): about half a kilobyte each.  A flood of sampled exchanges
+#: (held HOLD_TICKS reads) reached 89,000 held, 43 MB of the agent's memory (bench/soak.py).
+MAX_HELD = 10_000
 #: Reads a batch of sampled exchanges waits for the next batch of its edge side.
 HOLD_TICKS = 5
 #: Reads a read waits for the rings to be read past it (a backlog longer than that: weighed as is).

@@ -435,6 +435,11 @@ def open_store(path: str, retention: float, *, exchanges_per_edge: int | None = 
 
 #: Allocations between two young-generation collections (Python's default: 700).
 GC_YOUNG_THRESHOLD = 20_000
+#: Longest a thread waiting for the GIL waits for a busy thread to give it up (Python's
+#: default: 5 ms).  An API request takes the GIL back many times (waitress's I/O thread, its
+#: worker, every SQLite statement), up to 5 ms each behind a busy pipeline: a topology request
+#: took 100-170 ms for 4 ms of work (bench/soak.py).
+SWITCH_INTERVAL = 0.0005
 
 
 def _tune_gc() -> None:
@@ -444,6 +449,19 @@ def _tune_gc() -> None:
     what start-up built (modules, plugins, tables) out of every later full collection."""
     gc.set_threshold(GC_YOUNG_THRESHOLD, 50, 100)
     gc.freeze()
+    sys.setswitchinterval(SWITCH_INTERVAL)
+
+
+def detail_summary(handlers: Sequence[object]) -> str | None:
+    """For the stop line: the exchanges the DetailWeigher let go before the kernel's count they
+    belong to was read, to stay within its bound (None: none were)."""
+    for handler in handlers:
+        early = getattr(getattr(handler, "stats", None), "released_early", 0)
+        if early:
+            from deetune.detail import MAX_HELD
+
+            return f"detail: {early} exchanges weighed before their count was read (over {MAX_HELD} waiting)"
+    return None
 
 
 def cmd_run(argv: Sequence[str]) -> int:
@@ -467,6 +485,9 @@ def cmd_run(argv: Sequence[str]) -> int:
     _tune_gc()
     stats = pipeline.run(args.duration)
     summary = stats.summary()
+    detail_line = detail_summary(pipeline.handlers)
+    if detail_line:
+        summary += f"; {detail_line}"
     unpersisted = False
     for sink in pipeline.sinks:
         if isinstance(sink, StoreSink):

@@ -1185,15 +1185,18 @@ class StoreSink(Sink):
         store: TopologyStore | str | os.PathLike,
         *,
         max_queue: int = 20_000,
-        batch_size: int = 10_000,
+        batch_size: int = 2_000,
         interval: float = 1.0,
         maintenance_interval: float = 60.0,
         retry_interval: float = 1.0,
         max_exchanges_per_edge_window: int | None | object = _STORE_DEFAULT,
         exchange_window_seconds: float | object = _STORE_DEFAULT,
     ):
-        """``max_exchanges_per_edge_window``, ``exchange_window_seconds``: see
-        :class:`TopologyStore` (left out: the store's own settings, 100 per 10 s by default)."""
+        """``max_queue``: events queued at most (exchanges: half of it); ``batch_size``: events
+        per transaction, taken off the queue by the writer (a batch being written is memory beside
+        the queue: 10,000 exchanges took 5 MB more); ``max_exchanges_per_edge_window``,
+        ``exchange_window_seconds``: see :class:`TopologyStore` (left out: the store's own
+        settings, 100 per 10 s by default)."""
         self.store = store if isinstance(store, TopologyStore) else TopologyStore(store)
         if max_exchanges_per_edge_window is not _STORE_DEFAULT or exchange_window_seconds is not _STORE_DEFAULT:
             self.store.bound_exchanges(

@@ -413,10 +413,11 @@ class FleetQueries:
     def _read_remote(got: dict[str, list[Sample]], hosts: dict[str, Host],
                      remote: dict[tuple, set[tuple[str, int]]], only: Any = None) -> None:
         for labels, _ in got.get("remote", ()):
-            port = labels.get("port", "")
-            key = tuple(labels.get(k, "") for k in PAIR)
-            if labels.get("host") in hosts and port.isdigit() and (only is None or only(key, labels)):
-                remote[key].add((labels.get("address", ""), int(port)))
+            get = labels.get
+            port = get("port", "")
+            key = (get("host", ""), get("client", ""), get("server", ""))  # PAIR
+            if key[0] in hosts and port.isdigit() and (only is None or only(key, labels)):
+                remote[key].add((get("address", ""), int(port)))
 
     def neighbourhood(self, service: str, depth: int, direction: str, since_ns: int, until_ns: int) -> "Fleet":
         """The part of the fleet within ``depth`` hops of ``service``, asked of Prometheus hop by hop
@@ -701,7 +702,7 @@ class Fleet:
             if not found:
                 side = self.rows[(pair[0], "tcp", pair[1], pair[2])] = Side(pair[0], "tcp", pair[1], pair[2])
                 by_pair[pair] = found = [side]
-            target = max(found, key=lambda s: (s.metrics.get("requests", 0), s.protocol))
+            target = found[0] if len(found) == 1 else max(found, key=lambda s: (s.metrics.get("requests", 0), s.protocol))
             target.metrics.update(counters)  # a row is the target of its own pair only
 
     @staticmethod

@@ -8,15 +8,20 @@
    agents, as they do: the client's side with its remote endpoint, the server's side by client
    address; every RED, latency-histogram and connection family), written as OpenMetrics at three
    scrape times and turned into TSDB blocks by ``promtool tsdb create-blocks-from openmetrics``;
-   Prometheus (Debian's) started on them.
+   Prometheus (Debian's) started on them; the server's recording rules (the file its set-up
+   writes, ``deetune.server.scrape.rules_file``) evaluated over those times into blocks too by
+   ``promtool tsdb create-blocks-from rules``, as a Prometheus loading them would have recorded.
 2. Timed through :class:`deetune.server.fleet.FleetQueries`, as the server's API asks: the fleet
-   topology (``graph``), a service's dependencies (depth 1, downstream and upstream), in rounds
-   (the first, cold, reported apart); medians.  Targets: topology < 2 s, dependencies < 500 ms.
+   topology (``graph``: from the recorded series, and interleaved with it ``graph_without_rules``,
+   the raw families read as without the rules), a service's dependencies (depth 1, downstream and
+   upstream), in rounds (the first, cold, reported apart); medians.  Targets: topology < 2 s,
+   dependencies < 500 ms.
 3. Series per agent at a typical host: a real ``PrometheusSink`` fed a host's traffic (50
    services, 500 edges: half this host calling others, half others calling it) and scraped; its
    series counted per family, with the caps that bound them.
 
 Prints a summary and saves JSON in bench/results/.  Needs prometheus and promtool (``make test-deps``).
+With ``--keep DIR`` the blocks (raw and recorded) are made once and reused.
 """
 
 from __future__ import annotations
@@ -169,13 +174,43 @@ def start_prometheus(directory: pathlib.Path, data: pathlib.Path) -> tuple[subpr
 
 
 def timed(fn, rounds: int) -> dict:
-    times = []
+    return timed_interleaved({"x": fn}, rounds)["x"]
+
+
+def timed_interleaved(fns: dict, rounds: int) -> dict:
+    """Each function timed ``rounds`` + 1 times, taking turns (the first round: cold)."""
+    times: dict = {name: [] for name in fns}
+    results = {}
     for _ in range(rounds + 1):
-        began = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - began)
-    return {"cold_s": round(times[0], 4), "median_s": round(statistics.median(times[1:]), 4),
-            "max_s": round(max(times[1:]), 4), "rounds": rounds, "result": result}
+        for name, fn in fns.items():
+            began = time.perf_counter()
+            results[name] = fn()
+            times[name].append(time.perf_counter() - began)
+    return {name: {"cold_s": round(t[0], 4), "median_s": round(statistics.median(t[1:]), 4),
+                   "max_s": round(max(t[1:]), 4), "rounds": rounds, "result": results[name]}
+            for name, t in times.items()}
+
+
+def backfill_rules(work: pathlib.Path, data: pathlib.Path, times: list[float]) -> None:
+    """The server's recording rules evaluated over the fleet's times, into blocks in ``data``
+    (Prometheus, started on the raw blocks, answers promtool's queries; stopped after)."""
+    from deetune.server.scrape import rules_file
+
+    rules = work / "deetune-rules.yml"
+    rules.write_text(rules_file("15s"))
+    blocks = work / "rule-blocks"
+    shutil.rmtree(blocks, ignore_errors=True)
+    proc, url = start_prometheus(work, data)
+    try:
+        subprocess.run(["promtool", "tsdb", "create-blocks-from", "rules", "-q", f"--url={url}",
+                        f"--start={int(times[0]) - 60}", f"--end={int(times[-1]) + 60}", f"--output-dir={blocks}",
+                        str(rules)], check=True)
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    for block in blocks.iterdir():
+        block.rename(data / block.name)
+    blocks.rmdir()
 
 
 def agent_series(services: int, edges: int) -> dict:
@@ -248,18 +283,46 @@ def main(argv=None) -> None:
         meta.write_text(json.dumps({"args": [args.hosts, args.services, args.edges], "times": times,
                                     "series": out["series"]}))
     saved = json.loads(meta.read_text())
+    from deetune.server.scrape import rules_file
+
+    if saved.get("rules") != rules_file("15s"):
+        began = time.monotonic()
+        backfill_rules(work, data, saved["times"])
+        out["rules_backfill_s"] = round(time.monotonic() - began, 1)
+        saved["rules"] = rules_file("15s")
+        meta.write_text(json.dumps(saved))
     times, out["series"] = saved["times"], saved["series"]
     proc, url = start_prometheus(work, data)
     try:
-        queries = FleetQueries(Prometheus(url, timeout=120))
-        since, until = int((times[0] + 30) * 1e9), int((times[-1] + 10) * 1e9)
+        prom = Prometheus(url, timeout=120)
+        queries = FleetQueries(prom)
+        # `until` a minute after the last scrape: the rules' first evaluation after it (at their
+        # group's offset) lies before it, as every evaluation does at a real scrape interval.
+        since, until = int((times[0] + 30) * 1e9), int((times[-1] + 60) * 1e9)
+        assert queries._state(since / 1e9, until / 1e9)[1], "the recorded series do not cover the range"
+        answers: dict = {}
+        prometheus_cpu: dict = {"graph": [], "graph_without_rules": []}
 
-        def graph():
-            answer = queries.graph(since, until)
+        def cpu_seconds() -> float:  # Prometheus's user + system time
+            fields = pathlib.Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+        def graph(queries=queries, name="graph"):
+            before = cpu_seconds()
+            answer = answers[name] = queries.graph(since, until)
+            prometheus_cpu[name].append(cpu_seconds() - before)
             return {"nodes": len(answer["nodes"]), "edges": len(answer["edges"]),
                     "joined": sum(e["joined"] for e in answer["edges"])}
 
-        out["graph"] = timed(graph, args.rounds)
+        without = FleetQueries(prom, use_rules=False)
+        out.update(timed_interleaved({"graph": graph,
+                                      "graph_without_rules": lambda: graph(without, "graph_without_rules")},
+                                     args.rounds))
+        for name, spent in prometheus_cpu.items():
+            out[name]["prometheus_cpu_s_median"] = round(statistics.median(spent[1:]), 2)
+        out["graph_same_answer"] = answers["graph"] == answers["graph_without_rules"]
+        assert out["graph_same_answer"], "the graph from the recorded series differs from the raw one"
+        answers.clear()
         # A service with callers and callees: the server of host h000's first call.
         calls = synthetic_fleet(args.hosts, args.services, args.edges)[2]
         service = calls[0][3]

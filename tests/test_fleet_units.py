@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import urllib.error
 import sys
 
@@ -14,8 +15,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from deetune.events import ConnectionEvent, ExchangeEvent
 from deetune.place import MAX_LABELS, Place, PlaceError
-from deetune.server.fleet import Fleet, Host, Side
-from deetune.server.scrape import ConfigError, check_target, scrape_config, write_file_sd
+from deetune.server.cli import PrometheusProcess
+from deetune.server.fleet import NS, RECORDED, Fleet, FleetQueries, Host, Side
+from deetune.server.prom import Prometheus
+from deetune.server.scrape import ConfigError, check_target, rules_file, scrape_config, write_file_sd
 from deetune.sinks.prometheus import PrometheusSink
 from tests.conftest import ROOT
 from tests.servers import require_binary
@@ -291,3 +294,149 @@ def test_agent_series_per_step_from_its_store(tmp_path):
             assert info.value.code == 400
     finally:
         store.close()
+
+
+# ---- the recording rules -------------------------------------------------------------------------
+
+
+def test_scrape_config_writes_and_loads_the_recording_rules(tmp_path):
+    promtool = require_binary("promtool", "prometheus")
+    rules = tmp_path / "deetune-rules.yml"
+    out = subprocess.run([sys.executable, "-m", "deetune.server", "scrape-config", "--agent", "10.0.0.1:9464",
+                          "--scrape-interval", "10s", "--rules", str(rules)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f'rule_files: ["{rules}"]' in out.stdout.splitlines()
+    config = tmp_path / "prometheus.yml"
+    config.write_text(out.stdout)
+    check = subprocess.run([promtool, "check", "config", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0 and "SUCCESS: 1 rule files found" in check.stdout, check.stdout + check.stderr
+    check = subprocess.run([promtool, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert check.returncode == 0 and f"SUCCESS: {len(RECORDED) + 1} rules found" in check.stdout, check.stdout
+    text = rules.read_text()
+    assert "    interval: 10s" in text.splitlines()
+    assert ('- record: "row:deetune_requests_total:sum"\n'
+            '        expr: "sum by (host, protocol, client, server) (deetune_requests_total)"') in text
+    assert '- record: "deetune:recording_rules"\n        expr: "vector(1)"\n        labels: {"version": "1"}' in text
+
+
+class _Asked(Prometheus):
+    """A Prometheus client that keeps the expressions it was asked."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.asked: list[str] = []
+
+    def many(self, queries):
+        self.asked += [args[0] for args in queries.values()]
+        return super().many(queries)
+
+
+def _fleet_openmetrics(t0: int) -> str:
+    """Three agents' series every 15 s over [t0, t0 + 1200] (host c's until t0 + 450: its agent goes
+    away): a's web calls api on b (and an endpoint no agent owns, connections only), c calls api on
+    b too; the counters step up once, at t0 + 300."""
+    families: dict[str, tuple[str, list[tuple[dict, float]]]] = {}
+
+    def add(name, kind, labels, value):
+        families.setdefault(name, (kind, []))[1].append((labels, value))
+
+    hosts = {"a": "10.0.0.1", "b": "10.0.0.2", "c": "10.0.0.3"}
+    for host, address in hosts.items():
+        base = {"host": host, "idc": "x", "instance": f"{address}:9464", "job": "deetune"}
+        add("deetune_agent_info", "gauge", {**base, "version": "0.1.0", "api_port": "9477"}, 1)
+        add("deetune_agent_start_time_seconds", "gauge", base, t0 - 3600)
+        add("deetune_host_address", "gauge", {**base, "address": address}, 1)
+        if host != "b":  # a client of api on b
+            add("deetune_remote_endpoint", "gauge", {**base, "client": "web", "server": "10.0.0.2:80",
+                                                     "address": "10.0.0.2", "port": "80"}, 1)
+            for status, count in (("200", 7), ("500", 2)):
+                labels = {**base, "protocol": "http", "client": "web", "server": "10.0.0.2:80", "method": "GET",
+                          "status": status}
+                add("deetune_requests", "counter", labels, count)
+                add("deetune_request_errors", "counter", labels, count if status == "500" else 0)
+            add("deetune_connections_opened", "counter", {**base, "client": "web", "server": "10.0.0.2:80"}, 3)
+            add("deetune_connections_failed", "counter", {**base, "client": "web", "server": "10.0.0.2:80"}, 1)
+        else:
+            add("deetune_listen_endpoint", "gauge", {**base, "service": "api", "pid": "20", "address": "0.0.0.0",
+                                                     "port": "80"}, 1)
+            for client in ("10.0.0.1", "10.0.0.3"):
+                for method, count in (("GET", 9), ("POST", 1)):
+                    labels = {**base, "protocol": "http", "client": client, "server": "api", "method": method,
+                              "status": "200"}
+                    add("deetune_requests", "counter", labels, count)
+                    add("deetune_request_errors", "counter", labels, 0)
+                add("deetune_connections_opened", "counter", {**base, "client": client, "server": "api"}, 3)
+                add("deetune_connections_failed", "counter", {**base, "client": client, "server": "api"}, 0)
+    a = {"host": "a", "idc": "x", "instance": "10.0.0.1:9464", "job": "deetune"}
+    add("deetune_remote_endpoint", "gauge", {**a, "client": "web", "server": "10.0.0.9:5432", "address": "10.0.0.9",
+                                             "port": "5432"}, 1)
+    add("deetune_connections_opened", "counter", {**a, "client": "web", "server": "10.0.0.9:5432"}, 5)
+    add("deetune_connections_failed", "counter", {**a, "client": "web", "server": "10.0.0.9:5432"}, 4)
+    lines = []
+    for name, (kind, samples) in families.items():
+        lines.append(f"# TYPE {name} {kind}")
+        for labels, value in samples:
+            text = ",".join(f'{k}="{v}"' for k, v in labels.items())
+            sample = f"{name}_total" if kind == "counter" else name
+            for t in range(t0, t0 + 1201, 15):
+                if labels["host"] == "c" and t > t0 + 450:
+                    continue
+                # Counters: 10 × their count before t0 + 300, 11 × from then on.
+                at = value * (10 if t < t0 + 300 else 11) if kind == "counter" else value
+                lines.append(f"{sample}{{{text}}} {at} {t}")
+    return "\n".join(lines) + "\n# EOF\n"
+
+
+def test_the_recorded_series_give_the_same_fleet_and_are_read_only_where_they_cover_the_range(tmp_path):
+    """Prometheus on three agents' series, then the recording rules backfilled from a later time (as
+    when they were loaded then): a range they cover is read from them, one they do not from the raw
+    families, each with the same answers as without the rules."""
+    promtool = require_binary("promtool", "prometheus")
+    require_binary("prometheus", "prometheus")
+    t0 = int(time.time()) // 60 * 60 - 1800
+    (tmp_path / "fleet.om").write_text(_fleet_openmetrics(t0))
+    subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", "-q", str(tmp_path / "fleet.om"),
+                    str(tmp_path / "prom" / "data")], check=True)
+    # At `until`, host c's series (raw and recorded) are stale: read at their last samples.
+    since, until, later = (t0 + 150) * NS, (t0 + 1230) * NS, (t0 + 270) * NS
+    rules = tmp_path / "rules.yml"
+    rules.write_text(rules_file("15s"))
+    prometheus = PrometheusProcess(str(tmp_path / "prom"), scrape_config([], interval="15s"), ("127.0.0.1", 0))
+    try:
+        raw = FleetQueries(Prometheus(prometheus.url), use_rules=False)
+        expected = {(since, until): raw.graph(since, until), (later, until): raw.graph(later, until)}
+        # Before the rules: read from the raw families.
+        asked = _Asked(prometheus.url)
+        assert FleetQueries(asked).graph(since, until) == expected[(since, until)]
+        assert not any(record in expr for expr in asked.asked for record, _m, _by in RECORDED.values())
+        subprocess.run([promtool, "tsdb", "create-blocks-from", "rules", "-q", f"--url={prometheus.url}",
+                        f"--start={t0 + 240}", f"--end={t0 + 1500}", f"--output-dir={tmp_path / 'rules'}", str(rules)],
+                       check=True)
+    finally:
+        prometheus.stop()
+    for block in (tmp_path / "rules").iterdir():
+        block.rename(tmp_path / "prom" / "data" / block.name)
+    prometheus = PrometheusProcess(str(tmp_path / "prom"), scrape_config([], interval="15s"), ("127.0.0.1", 0))
+    try:
+        for (start, end), answer in expected.items():
+            asked = _Asked(prometheus.url)
+            assert FleetQueries(asked).graph(start, end) == answer
+            summed = [f"sum by ({', '.join(by)}) ({metric})" for _r, metric, by in RECORDED.values()]
+            used = {record for record, _m, _by in RECORDED.values() if any(record in e for e in asked.asked)}
+            if start == since:  # the rules' series begin after `since`: not read
+                assert used == set() and all(any(s in e for e in asked.asked) for s in summed), asked.asked
+            else:  # read instead of the raw families they sum
+                assert used == {record for record, _m, _by in RECORDED.values()}, asked.asked
+                assert not any(s in e for s in summed for e in asked.asked), asked.asked
+        # What they read: web → api joined (a's and c's client sides), the connections-only edge.
+        edges = {(e["client"], e["server"], e["protocol"]): e for e in expected[(later, until)]["edges"]}
+        assert set(edges) == {("web", "api", "http"), ("web", "10.0.0.9:5432", "tcp")}
+        web = edges[("web", "api", "http")]
+        assert (web["requests"], web["errors"], web["connections_opened"], web["connections_failed"]) == (18, 4, 6, 2)
+        assert (web["server_side"]["requests"], web["client_hosts"], web["joined"]) == (20, ["a", "c"], True)
+        tcp = edges[("web", "10.0.0.9:5432", "tcp")]
+        assert (tcp["requests"], tcp["connections_opened"], tcp["connections_failed"]) == (0, 5, 4)
+        hosts = {h["name"]: h["reporting"] for h in expected[(later, until)]["hosts"]}
+        assert hosts == {"a": True, "b": True, "c": False}
+    finally:
+        prometheus.stop()

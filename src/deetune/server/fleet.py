@@ -11,7 +11,9 @@ How a range's numbers are read
     after ``since``: its counters began at 0 then): the family's sums at ``until`` and at
     ``since`` (one range query of those two steps: the series selected once), subtracted here.
     Exact: no extrapolation, unlike ``increase()``.  A host whose agent no longer reports (its series went stale) is read at
-    its last sample in the range instead of at ``until``.
+    its last sample in the range instead of at ``until``.  Where the server's recording rules
+    (:data:`RECORDED`) cover the range, the sums a whole fleet's shape needs are read as they
+    recorded them (one series per row, nothing to aggregate), else from the raw families.
 
 How the halves of an edge are joined
     Each agent counts an exchange once on its host: on the server's side, and on the
@@ -63,6 +65,16 @@ CONNECTION_COUNTERS = {
 QUANTILE_EDGES = 1000
 #: Read even without detail: an edge of connections only (nothing decoded) is part of the shape.
 SHAPE_COUNTERS = ("connections_opened", "connections_failed")
+#: Recording rules (:func:`recording_rules`, written by the server's Prometheus set-up, docs/fleet.md):
+#: the families a whole fleet's shape reads, summed by the labels it reads them by, so that Prometheus
+#: reads one series per row instead of one per status and method.  Read instead of the raw families
+#: when :data:`RULES_MARKER` (recorded by the same rules) shows them evaluated over the whole range.
+RECORDED = {"requests": ("row:deetune_requests_total:sum", "deetune_requests_total", ROW),
+            "errors": ("row:deetune_request_errors_total:sum", "deetune_request_errors_total", ROW),
+            "connections_opened": ("pair:deetune_connections_opened_total:sum", "deetune_connections_opened_total", PAIR),
+            "connections_failed": ("pair:deetune_connections_failed_total:sum", "deetune_connections_failed_total", PAIR)}
+RULES_MARKER = "deetune:recording_rules"
+RULES_VERSION = "1"
 EDGE_FIELDS = ("requests", "errors", "latency_p50_ns", "latency_p90_ns", "latency_p99_ns", "latency_avg_ns",
                *CONNECTION_COUNTERS)
 
@@ -76,7 +88,10 @@ _gc_was_enabled = False
 def _no_gc_pauses():
     """The cyclic garbage collector off while a large answer is built: its hundreds of thousands
     of new dicts and tuples (no cycles among them) otherwise trigger collection after collection,
-    a third of the time.  Back on when the last request building one ends, if it was on."""
+    a third of the time.  Back on when the last request building one ends, if it was on; the
+    objects made meanwhile (the answer, alive still) moved to the oldest generation first, as
+    ``gc.freeze()`` then ``gc.unfreeze()`` do, instead of all traversed by the next young
+    collection (a tenth of a second on a large fleet): a full collection frees any cycle among them."""
     global _gc_holders, _gc_was_enabled
     with _gc_lock:
         if _gc_holders == 0:
@@ -89,7 +104,18 @@ def _no_gc_pauses():
         with _gc_lock:
             _gc_holders -= 1
             if _gc_holders == 0 and _gc_was_enabled:
+                if not gc.get_freeze_count():  # nothing frozen on purpose: unfreeze() thaws only ours
+                    gc.freeze()
+                    gc.unfreeze()
                 gc.enable()
+
+
+def recording_rules() -> list[dict[str, Any]]:
+    """The recording rules the server reads (see :data:`RECORDED`), as a rule group's ``rules``."""
+    rules: list[dict[str, Any]] = [{"record": RULES_MARKER, "expr": "vector(1)", "labels": {"version": RULES_VERSION}}]
+    for record, metric, by in RECORDED.values():
+        rules.append({"record": record, "expr": f"sum by ({', '.join(by)}) ({metric})"})
+    return rules
 
 
 def _is_address(text: str) -> bool:
@@ -155,14 +181,17 @@ class Edge:
 
 
 COUNTED = ("requests", "errors", *CONNECTION_COUNTERS)
+#: The counters of an edge a graph without detail did not read.
+_NOT_READ = {name: None for name in CONNECTION_COUNTERS if name not in SHAPE_COUNTERS}
 
 
 def _sum_sides(sides: list[Side]) -> dict[str, Any]:
     """The counts of several rows added up; a latency quantile only when one row has them all."""
     if len(sides) == 1:  # most edges: the same numbers without the sums
         metrics = sides[0].metrics
-        one: dict[str, Any] = {name: int(round(metrics.get(name, 0))) for name in COUNTED}
-        count = metrics.get("latency_count")
+        get = metrics.get
+        one: dict[str, Any] = {name: round(get(name, 0)) for name in COUNTED}  # round(): an int
+        count = get("latency_count")
         one["latency_avg_ns"] = int(metrics.get("latency_sum", 0.0) / count * NS) if count else None
         cumulative = metrics.get("latency_buckets")
         for name, q in QUANTILES.items():
@@ -188,8 +217,10 @@ class FleetQueries:
     """The fleet topology from Prometheus (see the module doc); every method is one round of queries."""
 
     def __init__(self, prometheus: Prometheus, *, idc_label: str = "idc", selector: str = "",
-                 agents: Any = None, clock: Any = time.time) -> None:
+                 agents: Any = None, clock: Any = time.time, use_rules: bool = True) -> None:
         self.prom = prometheus
+        #: Read the recording rules' series (:data:`RECORDED`) where they cover the range.
+        self.use_rules = use_rules
         #: deetune.server.agents.Agents: asks the agents for per-request detail.
         self.agents = agents
         self.idc_label = idc_label
@@ -210,8 +241,17 @@ class FleetQueries:
     # -- the fleet's state -----------------------------------------------------------------------
 
     def hosts(self, since: float, until: float) -> dict[str, Host]:
+        return self._state(since, until)[0]
+
+    def _state(self, since: float, until: float) -> tuple[dict[str, Host], bool]:
+        """The hosts, and whether the recording rules' series cover [since, until] (their marker
+        has a value at both ends; never with a selector: the recorded series keep no job label)."""
         rng = _duration(until - since)
+        rules = {}
+        if self.use_rules and not self.selector:
+            rules["rules"] = (f'{RULES_MARKER}{{version="{RULES_VERSION}"}}', since, until)
         got = self.prom.many({
+            **rules,
             "seen": (f"max_over_time({self._sel('deetune_agent_info')}[{rng}])", until),
             "now": (self._sel("deetune_agent_info"), until),
             "last": (f"max_over_time({self._sel('deetune_agent_time_seconds')}[{rng}])", until),
@@ -244,12 +284,14 @@ class FleetQueries:
                 pid = labels.get("pid", "")
                 host.listeners.append((labels.get("service", ""), int(pid) if pid.isdigit() else 0,
                                        labels.get("address", ""), int(port)))
-        return hosts
+        recorded = any(before is not None and after is not None for _labels, before, after in got.get("rules", ()))
+        return hosts, recorded
 
     def _queries(self, since: float, until: float, hosts: dict[str, Host], names: Iterable[str],
-                 extra: str = "") -> dict[str, list[Sample]]:
+                 extra: str = "", recorded: bool = False) -> dict[str, list[Sample]]:
         """The named row values over [since, until] (requests, errors, latency_sum, latency_count,
         the quantiles, the connection counters; remote: the endpoint rows), as (labels, value).
+        With ``recorded``, the families of :data:`RECORDED` are read from the rules' sums.
 
         Each counter family is one query evaluated at ``since`` and at ``until`` (a range query of
         those two steps: its series selected once), its sums at both subtracted here (hosts not
@@ -266,6 +308,12 @@ class FleetQueries:
             counters.append(("buckets", "deetune_request_duration_seconds_bucket", (*ROW, "le")))
         queries: dict[str, tuple] = {}
         for name, metric, by in counters:
+            if recorded and name in RECORDED:  # already summed by these labels
+                queries[name] = (self._sel(RECORDED[name][0], extra), since, until)
+                if stale:
+                    stale_series = self._sel(RECORDED[name][0], self._and(extra, f'host=~"{quote_regex(stale)}"'))
+                    queries[f"{name}@stale"] = (f"last_over_time({stale_series}[{rng}])", until)
+                continue
             labels = ", ".join(by)
             queries[name] = (f"sum by ({labels}) ({self._sel(metric, extra)})", since, until)
             if stale:
@@ -346,7 +394,7 @@ class FleetQueries:
         failed), with ``latency`` averages (default: with ``detail``) and with ``detail`` the
         other connection counters."""
         since, until = since_ns / NS, until_ns / NS
-        hosts = self.hosts(since, until)
+        hosts, recorded = self._state(since, until)
         if not hosts:
             return Fleet(self.idc_label, hosts, {}, since_ns, until_ns)
         names = ["requests", "errors", "remote", *SHAPE_COUNTERS]
@@ -354,7 +402,7 @@ class FleetQueries:
             names += ["latency_sum", "latency_count"]
         if detail:
             names += [c for c in CONNECTION_COUNTERS if c not in SHAPE_COUNTERS]
-        got = self._queries(since, until, hosts, names)
+        got = self._queries(since, until, hosts, names, recorded=recorded)
         rows: dict[tuple, Side] = {}
         self._read_rows(got, hosts, rows)
         remote: dict[tuple, set[tuple[str, int]]] = collections.defaultdict(set)
@@ -365,16 +413,17 @@ class FleetQueries:
     def _read_remote(got: dict[str, list[Sample]], hosts: dict[str, Host],
                      remote: dict[tuple, set[tuple[str, int]]], only: Any = None) -> None:
         for labels, _ in got.get("remote", ()):
-            port = labels.get("port", "")
-            key = tuple(labels.get(k, "") for k in PAIR)
-            if labels.get("host") in hosts and port.isdigit() and (only is None or only(key, labels)):
-                remote[key].add((labels.get("address", ""), int(port)))
+            get = labels.get
+            port = get("port", "")
+            key = (get("host", ""), get("client", ""), get("server", ""))  # PAIR
+            if key[0] in hosts and port.isdigit() and (only is None or only(key, labels)):
+                remote[key].add((get("address", ""), int(port)))
 
     def neighbourhood(self, service: str, depth: int, direction: str, since_ns: int, until_ns: int) -> "Fleet":
         """The part of the fleet within ``depth`` hops of ``service``, asked of Prometheus hop by hop
         for those services' rows only (label matchers), joined like the whole fleet."""
         since, until = since_ns / NS, until_ns / NS
-        hosts = self.hosts(since, until)
+        hosts, recorded = self._state(since, until)
         names = ["requests", "errors", "remote", *SHAPE_COUNTERS]
         rows: dict[tuple, Side] = {}
         pairs: dict[tuple, dict[str, float]] = {}
@@ -382,7 +431,7 @@ class FleetQueries:
         owner, listening = Fleet.address_book(hosts)
 
         def fetch(extra: str, keep: Any = None) -> None:
-            got = self._queries(since, until, hosts, names, extra=extra)
+            got = self._queries(since, until, hosts, names, extra=extra, recorded=recorded)
             for name in ("requests", "errors"):
                 got[name] = [(labels, v) for labels, v in got[name]
                              if keep is None or keep(tuple(labels.get(k, "") for k in PAIR))]
@@ -653,7 +702,7 @@ class Fleet:
             if not found:
                 side = self.rows[(pair[0], "tcp", pair[1], pair[2])] = Side(pair[0], "tcp", pair[1], pair[2])
                 by_pair[pair] = found = [side]
-            target = max(found, key=lambda s: (s.metrics.get("requests", 0), s.protocol))
+            target = found[0] if len(found) == 1 else max(found, key=lambda s: (s.metrics.get("requests", 0), s.protocol))
             target.metrics.update(counters)  # a row is the target of its own pair only
 
     @staticmethod
@@ -778,7 +827,7 @@ class Fleet:
         out: dict[str, Any] = {"client": e.client, "server": e.server, "protocol": e.protocol, "port": e.port,
                                **_sum_sides(counted)}
         if self.partial:
-            out.update({name: None for name in CONNECTION_COUNTERS if name not in SHAPE_COUNTERS})
+            out.update(_NOT_READ)
         out["client_hosts"] = sorted(e.client_hosts)
         out["server_hosts"] = sorted(e.server_hosts)
         out["joined"] = bool(e.client_sides and e.server_sides)
@@ -793,8 +842,12 @@ class Fleet:
                 out["network_latency_avg_ns"] = out["latency_avg_ns"] - server["latency_avg_ns"]
             else:
                 out["network_latency_avg_ns"] = None
-        idc_pairs = sorted({(self._idc(c), self._idc(s)) for c in e.client_hosts for s in e.server_hosts},
-                           key=lambda p: (str(p[0]), str(p[1])))
+        idc = self._idc
+        if len(e.client_hosts) == 1 and len(e.server_hosts) == 1:  # most edges
+            idc_pairs = [(idc(next(iter(e.client_hosts))), idc(next(iter(e.server_hosts))))]
+        else:
+            idc_pairs = sorted({(idc(c), idc(s)) for c in e.client_hosts for s in e.server_hosts},
+                               key=lambda p: (str(p[0]), str(p[1])))
         out["idcs"] = [{"client": c, "server": s} for c, s in idc_pairs]
         out["cross_idc"] = any(c is not None and s is not None and c != s for c, s in idc_pairs)
         return out

@@ -664,6 +664,13 @@ class PostgresDecoder(Decoder):
             # answer or the Sync comes first is a race).  Reported at the client's next message.
             group.held = self._holding = True
             return
+        groups = self._groups
+        if groups and groups[0] is group and not (group.ops or group.held or group is self._open):
+            # The oldest group, finished: out at once (the common case of _finish).
+            groups.popleft()
+            self._emit(group)
+            if not groups:
+                return
         self._finish()
 
     def _release(self) -> None:

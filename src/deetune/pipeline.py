@@ -363,8 +363,10 @@ class Pipeline:
         self._emit_from(0, [event])
 
     def _emit_from(self, first_handler: int, pending: list[Event]) -> None:
-        for handler in self.handlers[first_handler:]:
+        for handler in self.handlers[first_handler:] if first_handler else self.handlers:
             pending = [out for item in pending for out in handler(item)]
+            if not pending:
+                return  # (most payload records end in the L7 handler)
         for item in pending:
             self.stats.events += 1
             for sink in self.sinks:

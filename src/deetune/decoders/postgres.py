@@ -172,29 +172,23 @@ class _Group:
     """Request messages reported as one exchange, and the response gathered for them."""
 
     __slots__ = ("method", "target", "attrs", "req_start", "req_end", "req_bytes", "resp_start", "resp_end",
-                 "resp_bytes", "ops", "closed", "error", "error_message", "rows", "command", "truncated",
-                 "copy_in", "aborted", "status", "synced", "held")
+                 "resp_bytes", "ops", "closed", "error_message", "copy_in", "aborted", "status", "synced", "held")
 
     def __init__(self, method: str, ts0: int) -> None:
         self.method = method
         self.target = ""
+        #: The exchange's attributes (``command``, ``rows``, ``truncated`` … as they come).
         self.attrs: dict[str, Any] = {}
-        self.req_start = ts0
-        self.req_end = ts0
-        self.req_bytes = 0
+        self.req_start = self.req_end = ts0
+        self.req_bytes = self.resp_bytes = 0
         self.resp_start: int | None = None
         self.resp_end: int | None = None
-        self.resp_bytes = 0
         self.ops = 0  # operations not answered yet
         self.closed = False  # no more request messages join it
-        self.error = False
         self.error_message: str | None = None
-        self.rows: int | None = None
-        self.command: str | None = None
-        self.truncated = False
         self.copy_in = False  # COPY FROM STDIN in progress: the client's CopyData joins it
         self.aborted = False
-        self.status: str | None = None
+        self.status: str | None = None  # "ERR" after an ErrorResponse (or skipped after one)
         self.synced = False  # a Sync joined it
         self.held = False  # answered, waiting to see whether a Sync joins
 
@@ -214,6 +208,7 @@ class PostgresDecoder(Decoder):
         self._groups: deque[_Group] = deque()
         self._open: _Group | None = None  # the group request messages join
         self._last: _Group | None = None  # the group the latest request message joined
+        self._holding = False  # a group is held (see _settle)
         self._skipping = False  # an error: the server ignores messages up to the next Sync
         self._statements: dict[bytes, str] = {}
         self._texts: dict[bytes, str] = {}
@@ -252,11 +247,20 @@ class PostgresDecoder(Decoder):
                     # first byte is 0); one joined later starts at a typed message.
                     self._fresh = False
                     self._front.special = data[0] == 0
-                self._requests(self._front.feed(data, chunk.size, chunk.ts_ns))
+                # The whole messages the chunk starts with are decoded straight from it (no slice,
+                # no frame per message); the rest goes through the framer: a message across
+                # chunks, a capture gap, the untyped start-up messages.
+                front, ts = self._front, chunk.ts_ns
+                pos = 0 if front.special or front._left or front._carry else self._requests(data, ts, ts)
+                if pos != chunk.size:
+                    self._framed(front, self._requests, data, pos, chunk.size, ts)
                 if len(self._ops) > MAX_PENDING or len(self._groups) > MAX_PENDING:
                     raise Undecodable(f"postgres: over {MAX_PENDING} operations without a response")
             else:
-                self._responses(self._back.feed(chunk.data, chunk.size, chunk.ts_ns))
+                back, data, ts = self._back, chunk.data, chunk.ts_ns
+                pos = 0 if back.special or back._left or back._carry else self._responses(data, ts, ts)
+                if pos != chunk.size:
+                    self._framed(back, self._responses, data, pos, chunk.size, ts)
         except Undecodable as exc:
             self._failed = str(exc)
             raise
@@ -279,17 +283,42 @@ class PostgresDecoder(Decoder):
 
     # ------------------------------------------------------------------ requests
 
-    def _requests(self, frames: list) -> None:
+    @staticmethod
+    def _framed(framer: Framer, decode, data: bytes, pos: int, size: int, ts: int) -> None:
+        """The chunk from ``pos`` on (where its whole messages ended) through the framer."""
+        for m, total, ts0, ts1, truncated in framer.feed(data[pos:] if pos else data, size - pos, ts):
+            decode(m, ts0, ts1, total, truncated)
+
+    def _requests(self, buf: bytes, ts0: int, ts1: int, size: int = 0, truncated: bool = False) -> int:
+        """Frontend messages: the whole ones ``buf`` starts with (``size`` 0), or ``buf`` is the
+        kept head of one message of ``size`` bytes.  Returns where the whole messages end."""
         ops = self._ops
-        for m, size, ts0, ts1, truncated in frames:
-            kind = m[0]
-            if kind != 0x53 and self._last is not None and self._last.held:
+        end = len(buf)
+        pos = 0
+        last_start = end - (1 if size else 5)  # the last position a (whole) message may start at
+        while pos <= last_start:
+            p = pos
+            total = size or _unpack_u32(buf, p + 1)[0] + 1
+            pos = p + total
+            if pos > end or total < 5:
+                if not size:
+                    return p  # not whole (or not valid: the framer says so)
+                pos = end
+            q = pos  # end of the message's kept bytes
+            kind = buf[p]
+            if self._holding and kind != 0x53:
                 self._release()
             if kind == 0x50:  # 'P' Parse: name, query, parameter types
-                name_end = m.find(b"\x00", 5)
-                name = m[5:name_end]
+                if buf[p + 5]:  # a named statement
+                    name_end = buf.find(b"\x00", p + 5, q)
+                    if name_end < 0:
+                        name_end = q
+                    name = buf[p + 5:name_end]
+                else:  # the unnamed one
+                    name_end = p + 5
+                    name = b""
                 group = self._open or self._join(ts0)
-                sql = self._statement(group, m, name_end + 1, size)
+                sql = self._statement(group, buf, name_end + 1, q, q - p < total)
                 statements = self._statements
                 if name not in statements and len(statements) >= MAX_STATEMENTS:
                     statements.pop(next(iter(statements)))
@@ -299,9 +328,15 @@ class PostgresDecoder(Decoder):
                     group.target = sql
                 op = _PARSE
             elif kind == 0x42:  # 'B' Bind: portal, statement, …
-                portal_end = m.find(b"\x00", 5)
-                portal = m[5:portal_end]
-                statement = m[portal_end + 1:m.find(b"\x00", portal_end + 1)]
+                if buf[p + 5] or buf[p + 6]:  # a named portal or statement
+                    portal_end = buf.find(b"\x00", p + 5, q)
+                    if portal_end < 0:
+                        portal_end = q
+                    statement_end = buf.find(b"\x00", portal_end + 1, q)
+                    statement = buf[portal_end + 1:statement_end if statement_end >= 0 else q]
+                    portal = buf[p + 5:portal_end]
+                else:  # both unnamed
+                    portal = statement = b""
                 portals = self._portals
                 if portal not in portals and len(portals) >= MAX_STATEMENTS:
                     portals.pop(next(iter(portals)))
@@ -317,11 +352,16 @@ class PostgresDecoder(Decoder):
                 group = self._open or self._join(ts0)
                 if not group.method:
                     group.method = "DESCRIBE"
-                op = _DESCRIBE_S if size > 5 and m[5] == 0x53 else _DESCRIBE_P
+                op = _DESCRIBE_S if total > 5 and buf[p + 5] == 0x53 else _DESCRIBE_P
             elif kind == 0x45:  # 'E' Execute: portal, max rows
                 group = self._open or self._join(ts0)
                 group.method = "EXECUTE"
-                group.target = self._portals.get(m[5:m.find(b"\x00", 5)], group.target)
+                if buf[p + 5]:  # a named portal
+                    portal_end = buf.find(b"\x00", p + 5, q)
+                    portal = buf[p + 5:portal_end if portal_end >= 0 else q]
+                else:
+                    portal = b""
+                group.target = self._portals.get(portal, group.target)
                 group.closed = True
                 self._open = None
                 op = _EXECUTE
@@ -332,7 +372,7 @@ class PostgresDecoder(Decoder):
                     if (last is not None and last.method == "EXECUTE" and not last.synced
                             and self._groups and self._groups[-1] is last):
                         group = last  # the Sync right behind an Execute: one exchange
-                        group.held = False
+                        group.held = self._holding = False
                     else:
                         group = self._new_group("SYNC", ts0)
                 group.closed = True
@@ -343,7 +383,7 @@ class PostgresDecoder(Decoder):
                 self._close_open()
                 group = self._new_group("QUERY" if kind == 0x51 else "FUNCTION_CALL", ts0)
                 if kind == 0x51:
-                    group.target = self._statement(group, m, 5, size)
+                    group.target = self._statement(group, buf, p + 5, q, q - p < total)
                 group.closed = True
                 op = _QUERY if kind == 0x51 else _FUNCTION
             elif kind == 0x43:  # 'C' Close
@@ -352,7 +392,7 @@ class PostgresDecoder(Decoder):
                     group.method = "CLOSE"
                 op = _CLOSE
             elif kind == 0:
-                self._untyped(m, size, ts0, ts1)
+                self._untyped(buf[p:q], total, ts0, ts1)
                 continue
             else:
                 if kind not in _FRONTEND_TYPES:
@@ -371,21 +411,22 @@ class PostgresDecoder(Decoder):
                         # latency runs from here.
                         group.resp_start = None
                 if group is not None:
-                    group.req_bytes += size
+                    group.req_bytes += total
                     group.req_end = ts1
                     if truncated:
-                        group.truncated = True
+                        group.attrs["truncated"] = True
                 continue
-            group.req_bytes += size
+            group.req_bytes += total
             group.req_end = ts1
             if truncated:
-                group.truncated = True
-            if group.aborted and op != _SYNC:
-                continue  # the server skips it: it is never answered
+                group.attrs["truncated"] = True
             if op == _SYNC:
                 self._skipping = False
+            elif group.aborted:
+                continue  # the server skips it: it is never answered
             group.ops += 1
             ops.append((op, group))
+        return pos
 
     def _untyped(self, m: bytes, size: int, ts0: int, ts1: int) -> None:
         """The untyped messages that open a connection."""
@@ -425,16 +466,18 @@ class PostgresDecoder(Decoder):
         self._open = None
 
     def _new_group(self, method: str, ts0: int) -> _Group:
-        group = _Group(method, ts0)
+        group = self._last = _Group(method, ts0)
         self._groups.append(group)
-        self._last = group
         if self._skipping and method != "SYNC":
             self._mark_aborted(group)
         return group
 
     def _join(self, ts0: int) -> _Group:
         """A new group for extended-protocol messages to join."""
-        group = self._open = self._new_group("", ts0)
+        group = self._open = self._last = _Group("", ts0)
+        self._groups.append(group)
+        if self._skipping:
+            self._mark_aborted(group)
         return group
 
     def _close_open(self) -> None:
@@ -459,17 +502,18 @@ class PostgresDecoder(Decoder):
         group.ops += 1
         self._ops.append((op, group))
 
-    def _statement(self, group: _Group, m: bytes, pos: int, size: int) -> str:
-        """The statement text at ``m[pos]`` (NUL-terminated; cut at MAX_STATEMENT_BYTES)."""
-        end = m.find(b"\x00", pos)
+    def _statement(self, group: _Group, buf: bytes, pos: int, stop: int, cut: bool) -> str:
+        """The statement text at ``buf[pos]`` (NUL-terminated before ``stop``; cut at
+        MAX_STATEMENT_BYTES); ``cut``: the message's end was not kept."""
+        end = buf.find(b"\x00", pos, stop)
         if end < 0:
-            end = len(m)
-            if len(m) < size:
+            end = stop
+            if cut:
                 group.attrs["target_truncated"] = True
         if end - pos > MAX_STATEMENT_BYTES:
             end = pos + MAX_STATEMENT_BYTES
             group.attrs["target_truncated"] = True
-        sql = m[pos:end]
+        sql = buf[pos:end]
         text = self._texts.get(sql)
         if text is None:
             text = _text(sql)
@@ -479,32 +523,44 @@ class PostgresDecoder(Decoder):
 
     # ------------------------------------------------------------------ responses
 
-    def _responses(self, frames: list) -> None:
+    def _responses(self, buf: bytes, ts0: int, ts1: int, size: int = 0, truncated: bool = False) -> int:
+        """Backend messages, as :meth:`_requests` takes frontend ones."""
         ops = self._ops
-        for m, size, ts0, ts1, truncated in frames:
-            if not ops:
+        end = len(buf)
+        pos = 0
+        last_start = end - (1 if size else 5)
+        while pos <= last_start:
+            p = pos
+            total = size or _unpack_u32(buf, p + 1)[0] + 1
+            pos = p + total
+            if pos > end or total < 5:
+                if not size:
+                    return p
+                pos = end
+            try:
+                kind, group = ops[0]
+            except IndexError:
                 continue  # an asynchronous message, or the answer to a request not seen (started mid-stream)
-            kind, group = ops[0]
+            t = buf[p]
             if group.resp_start is None:
                 group.resp_start = ts0
             group.resp_end = ts1
-            group.resp_bytes += size
+            group.resp_bytes += total
             if truncated:
-                group.truncated = True
-            t = m[0]
+                group.attrs["truncated"] = True
             if t == 0x44 or t == 0x64:  # DataRow, CopyData
                 continue
-            if t not in _BACKEND_TYPES and size > 1:
-                raise Undecodable(f"postgres: unknown backend message type 0x{t:02x}")
             if (kind << 8 | t) in _COMPLETES:
                 ops.popleft()
                 group.ops -= 1
                 if not group.ops:
                     self._settle(group)
             elif t == 0x43:  # CommandComplete
-                group.command, rows = _command_tag(m[5:m.find(b"\x00", 5)])
+                tag_end = buf.find(b"\x00", p + 5, pos)
+                attrs = group.attrs
+                attrs["command"], rows = _command_tag(buf[p + 5:tag_end if tag_end >= 0 else pos])
                 if rows is not None:
-                    group.rows = (group.rows or 0) + rows
+                    attrs["rows"] = attrs.get("rows", 0) + rows
                 group.copy_in = False
                 if kind == _EXECUTE:
                     ops.popleft()
@@ -519,8 +575,8 @@ class PostgresDecoder(Decoder):
                     if not group.ops:
                         self._settle(group)
             elif t == 0x45:  # ErrorResponse
-                self._on_error(kind, group, m)
-            elif size == 1 and kind == _STARTUP:  # the answer to SSLRequest / GSSENCRequest
+                self._on_error(kind, group, buf[p:pos])
+            elif total == 1 and kind == _STARTUP:  # the answer to SSLRequest / GSSENCRequest
                 accepted = t == 0x53 or t == 0x47  # 'S', 'G'
                 group.attrs["encryption"] = "accepted" if accepted else "refused"
                 ops.popleft()
@@ -534,19 +590,21 @@ class PostgresDecoder(Decoder):
                 group.copy_in = True
             elif t == 0x57:
                 raise Undecodable("postgres: CopyBoth (replication) is not decoded")
+            elif t not in _BACKEND_TYPES and total > 1:
+                raise Undecodable(f"postgres: unknown backend message type 0x{t:02x}")
             elif kind == _STARTUP:
-                if t == 0x52 and len(m) >= 9:  # Authentication*
-                    code = _unpack_u32(m, 5)[0]
+                if t == 0x52 and pos - p >= 9:  # Authentication*
+                    code = _unpack_u32(buf, p + 5)[0]
                     if code != 0 and "auth" not in group.attrs:
                         group.attrs["auth"] = _AUTH_METHODS.get(code, str(code))
-                elif t == 0x4B and len(m) >= 13:  # BackendKeyData
-                    group.attrs["backend_pid"] = _unpack_u32(m, 5)[0]
+                elif t == 0x4B and pos - p >= 13:  # BackendKeyData
+                    group.attrs["backend_pid"] = _unpack_u32(buf, p + 5)[0]
             elif t == 0x73 and kind == _EXECUTE:  # PortalSuspended: the row limit was reached
                 group.attrs["suspended"] = True
+        return pos
 
     def _on_error(self, kind: int, group: _Group, m: bytes) -> None:
         fields = _error_fields(m[5:])
-        group.error = True
         group.status = "ERR"
         if group.error_message is None:
             group.error_message = fields.get("M", "")
@@ -585,7 +643,6 @@ class PostgresDecoder(Decoder):
     def _mark_aborted(group: _Group) -> None:
         if not group.aborted:
             group.aborted = True
-            group.error = True
             group.status = "ERR"
             group.error_message = "not executed: an earlier statement failed (the server skips to the next Sync)"
             group.attrs["aborted"] = True
@@ -601,16 +658,24 @@ class PostgresDecoder(Decoder):
             return  # more request messages may join it
         if group.status is None:
             group.status = "OK"
-        if group is self._last and group.method == "EXECUTE" and not group.synced:
+        if not group.synced and group is self._last and group.method == "EXECUTE":
             # Answered before the client sent anything after its Execute: a Sync may still come and
             # join it (the server flushes results as soon as it waits for input, so whether the
             # answer or the Sync comes first is a race).  Reported at the client's next message.
-            group.held = True
+            group.held = self._holding = True
             return
+        groups = self._groups
+        if groups and groups[0] is group and not (group.ops or group.held or group is self._open):
+            # The oldest group, finished: out at once (the common case of _finish).
+            groups.popleft()
+            self._emit(group)
+            if not groups:
+                return
         self._finish()
 
     def _release(self) -> None:
         """The client sent something after an answered Execute: that exchange is over."""
+        self._holding = False
         last = self._last
         if last is not None and last.held:
             last.held = False
@@ -627,17 +692,11 @@ class PostgresDecoder(Decoder):
             self._emit(head)
 
     def _emit(self, group: _Group) -> None:
-        attrs = group.attrs
-        if group.command is not None:
-            attrs["command"] = group.command
-        if group.rows is not None:
-            attrs["rows"] = group.rows
-        if group.truncated:
-            attrs["truncated"] = True
+        status = group.status
         self._out.append(Exchange(
-            "postgres", group.method or "SYNC", group.target, group.status, group.error,
+            "postgres", group.method or "SYNC", group.target, status, status == "ERR",
             group.req_start, group.req_end, group.resp_start, group.resp_end,
-            group.req_bytes, group.resp_bytes, group.error_message, attrs,
+            group.req_bytes, group.resp_bytes, group.error_message, group.attrs,
         ))
 
 

@@ -528,3 +528,25 @@ def test_each_call_says_where_its_bytes_start_in_the_stream():
     server_in = [e.seq for e in events if e.lport == pair.port and e.direction == "ingress"]
     assert client_out == server_in == [0, 5, 12]
     assert [e.seq for e in events if e.direction == "egress" and e.lport == pair.port] == [0]
+
+
+def test_idle_gaps_beside_busy_applications_take_connections_back_two_at_a_time():
+    """A client and a server waiting on each other leave idle CPU (a quarter of the host here) that
+    is not room to spare: the sampling steps back by 2 at a time.  A mostly idle host (a burst is
+    over) takes every connection back at once."""
+    probe = PayloadProbe(busy_cpu=0.05)
+    with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
+
+    def relax(idle: float) -> list[int]:
+        probe.set_sampling(256)
+        seen = [256]
+        for _ in range(200):
+            if seen[-1] == 1:
+                break
+            now = _tick_on_two_cpus(probe, idle=idle, own=0.002, seconds=0.25)
+            if now != seen[-1]:
+                seen.append(now)
+        return seen
+
+    assert relax(idle=0.5) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
+    assert relax(idle=1.5) == [256, 1]

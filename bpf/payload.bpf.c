@@ -40,11 +40,6 @@ const volatile bool account_l7 = true;
 /* Heads of error exchanges copied per second at most, on connections the
  * overload sampling leaves out (the rest counted as capped). */
 const volatile __u32 error_heads_per_second = 200;
-/* Bytes waiting in data_events past which copies are lost (counted) rather than
- * written: the rest of the ring is kept for error heads, so that a flood of
- * copies the agent cannot keep up with loses copies, not errors' detail.  User
- * space sets it from the ring's size (0: no reserve). */
-const volatile __u64 copies_ring_limit = 0;
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -643,10 +638,6 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 		action = l7_account(st, bytes, (__u64)captured << 32 | (__u32)ret, how);
 	}
 	__u32 pid = pid_tgid >> 32, tid = (__u32)pid_tgid;
-	if (copy && copies_ring_limit && bpf_ringbuf_query(&data_events, BPF_RB_AVAIL_DATA) > copies_ring_limit) {
-		dt_count(DT_STAT_LOST);
-		copy = false;
-	}
 	if (copy) {
 		fill_record(&s->rec, sk, call, now, pid, tid, direction, ret, captured < want ? captured : want, seq,
 			    key, ctl->sample_shift, dgram ? DT_DATA_DATAGRAM : 0);

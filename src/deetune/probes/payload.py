@@ -104,11 +104,6 @@ class PayloadProbe(OverloadSampling, Probe):
             obj.set_constant("filter_ports", 1)
         obj.set_constant("account_l7", int(self.accounting))
         obj.set_constant("error_heads_per_second", self.error_heads_per_second)
-        # A sixteenth of the ring is kept for error heads (see payload.bpf.c): 1 MiB of the
-        # default 16 MiB, some 400 errors' heads.  (A quarter left copies out so often that
-        # the detail's weights could not follow.)
-        ring = obj.maps["data_events"].max_entries
-        obj.set_constant("copies_ring_limit", ring - ring // 16)
         obj.set_constant("dt_latency_bounds", accounting.latency_bounds_image())
         obj.set_constant("dt_latency_bound_count", len(accounting.LATENCY_BOUNDS_NS))
         obj.set_constant("dt_latency_octaves", accounting.latency_octaves_image())

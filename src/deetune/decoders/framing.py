@@ -119,20 +119,6 @@ class Framer:
         end = len(data)
         append = out.append
         length_at = self.length_at
-        if length_at is not None and not self.special:
-            # Fast path: whole messages straight from the chunk.
-            unpack, need = self._unpack, self._need
-            adds, low, high = self.length_adds, self.min_size, self.max_size
-            while pos + need <= end:
-                total = unpack(data, pos + length_at)[0] + adds
-                if total < low or total > high:
-                    raise Undecodable(f"{type(self).__name__}: message length {total} out of range")
-                stop = pos + total
-                if stop > end:
-                    break
-                append((data[pos:stop] if total <= keep else data[pos:pos + keep], total, start_ts, ts, False))
-                pos = stop
-                start_ts = ts
         while pos < end:
             if length_at is None or self.special:
                 total = self.header(data, pos, end)

@@ -254,8 +254,12 @@ def decode_edge_key(raw: bytes) -> Edge:
 SLOT_MAPS = ("dt_l7_slots", "dt_l7_free_slots", "dt_l7_slot_gen", "dt_l7_counts", "dt_l7_latency")
 
 
-def size_maps(obj, keys: int) -> None:
-    """Before load: room for ``keys`` keys counted at once."""
+def configure(obj, keys: int = _L.DT_L7_SLOTS) -> None:
+    """Before load, an l7.bpf.h includer's object: the latency bounds, and room for ``keys`` keys
+    counted at once."""
+    obj.set_constant("dt_latency_bounds", latency_bounds_image())
+    obj.set_constant("dt_latency_bound_count", len(LATENCY_BOUNDS_NS))
+    obj.set_constant("dt_latency_octaves", latency_octaves_image())
     for name in SLOT_MAPS:
         obj.maps[name].max_entries = keys
 
@@ -287,12 +291,8 @@ class L7Counters:
         self._totals: dict[int, tuple[int, ...]] = {}
         self._histograms: dict[int, tuple[int, ...]] = {}
         self._changed_at: dict[int, float] = {}
-        self._generation: dict[int, int] = {}
         #: Keys whose slots were given back as idle, over the counters' life.
         self.deleted = 0
-
-    def __len__(self) -> int:
-        return len(self._slot_of)
 
     def seed(self) -> None:
         """Every slot free (before the programs that count attach)."""
@@ -358,8 +358,7 @@ class L7Counters:
             # what it counted until then is read, then the slot starts again from zero.
             self.slots.delete(raw)
             slot_key = struct.pack("<I", slot)
-            generation = self._generation.get(slot, 0) + 1 & 0xFFFFFFFF
-            self._generation[slot] = generation
+            generation = struct.unpack("<I", self.generations.lookup(slot_key))[0] + 1 & 0xFFFFFFFF
             self.generations.update(slot_key, struct.pack("<I", generation))
             self._differences(raw, slot, now, requests, latency)
             self.counts.update(slot_key, bytes(self.counts.value_size * num_possible_cpus()))

@@ -27,8 +27,8 @@ DEFAULT_BUSY_CPU = 0.02
 MAX_CALM_SECONDS = 80
 #: Below this share of its CPUs idle (but not busy), a host's idle CPU is the gaps of applications
 #: that wait on each other (a client and its server): overload sampling then takes at most twice
-#: as many connections at a time, not all the idle CPU would hold (each such step back to full
-#: detail cost pgbench ~8 % of its transactions).
+#: as many connections at a time, not all the idle CPU would hold (under pgbench, stepping back
+#: to full detail at once made the sampling swing between sparse and dense).
 RELAX_IDLE_SHARE = 0.5
 #: Overload sampling judges the CPU use over this long.
 CPU_WINDOW_SECONDS = 1.0

@@ -104,10 +104,7 @@ class PayloadProbe(OverloadSampling, Probe):
             obj.set_constant("filter_ports", 1)
         obj.set_constant("account_l7", int(self.accounting))
         obj.set_constant("error_heads_per_second", self.error_heads_per_second)
-        obj.set_constant("dt_latency_bounds", accounting.latency_bounds_image())
-        obj.set_constant("dt_latency_bound_count", len(accounting.LATENCY_BOUNDS_NS))
-        obj.set_constant("dt_latency_octaves", accounting.latency_octaves_image())
-        accounting.size_maps(obj, self.accounting_keys)
+        accounting.configure(obj, self.accounting_keys)
 
     def loaded(self, obj: BpfObject) -> None:
         self._counters = accounting.L7Counters(obj.maps)

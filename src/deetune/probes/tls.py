@@ -145,9 +145,7 @@ class TlsProbe(OverloadSampling, Probe):
         if self.options.port:
             obj.set_constant("filter_ports", 1)
         obj.set_constant("account_l7", int(self.accounting))
-        obj.set_constant("dt_latency_bounds", accounting_.latency_bounds_image())
-        obj.set_constant("dt_latency_bound_count", len(accounting_.LATENCY_BOUNDS_NS))
-        obj.set_constant("dt_latency_octaves", accounting_.latency_octaves_image())
+        accounting_.configure(obj)
 
     def attach(self, obj: BpfObject) -> None:
         # The tracepoints first: a TLS object is tied to its socket as soon as the uprobes fire.

@@ -5,49 +5,19 @@ from __future__ import annotations
 
 import collections
 import socket
-import threading
 
 from deetune.events import RequestCounts
 from deetune.probes.base import ProbeOptions
 from deetune.probes.payload import PayloadProbe
 from tests.harness import running_pipeline
-
-HOST = "127.0.0.1"
-
-
-class StatusServer:
-    """Answers ``METHOD /NNN HTTP/1.1`` with status NNN, on keep-alive connections."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server((HOST, 0))
-        self.port = self.sock.getsockname()[1]
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
-
-    def _serve(self) -> None:
-        try:
-            conn, _ = self.sock.accept()
-        except OSError:
-            return
-        with conn:
-            buf = b""
-            while True:
-                data = conn.recv(4096)
-                if not data:
-                    return
-                buf += data
-                while b"\r\n\r\n" in buf:
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    status = head.split(b" ")[1][1:].decode()
-                    conn.sendall(f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\nok".encode())
-
-    def close(self) -> None:
-        self.sock.close()
+from tests.servers import HOST, Upstream, upstream_response
 
 
 def exchange(client: socket.socket, method: str, status: int) -> None:
-    client.sendall(f"{method} /{status} HTTP/1.1\r\nHost: t\r\n\r\n".encode())
-    want = len(f"HTTP/1.1 {status} X\r\nContent-Length: 2\r\n\r\nok")
+    """One request to the upstream on a keep-alive connection, answered with ``status``."""
+    request = f"{method} /api/status/{status} HTTP/1.1\r\nHost: t\r\n\r\n".encode()
+    client.sendall(request)
+    want = len(upstream_response(f"/api/status/{status}", len(request)))
     got = b""
     while len(got) < want:
         got += client.recv(4096)
@@ -72,7 +42,7 @@ def wait_totals(collector, port: int, expected: dict, probe: PayloadProbe) -> No
 
 
 def test_a_full_table_counts_what_it_misses_and_idle_keys_free_their_slots():
-    server = StatusServer()
+    server = Upstream.start()
     probe = PayloadProbe(ProbeOptions(port=server.port), exclude_self=False, accounting_keys=4)
     try:
         with running_pipeline([probe]) as collector, socket.create_connection((HOST, server.port)) as client:
@@ -97,4 +67,4 @@ def test_a_full_table_counts_what_it_misses_and_idle_keys_free_their_slots():
             wait_totals(collector, server.port, expected, probe)
             assert probe.counters()["uncounted_key_table_full"] == 2
     finally:
-        server.close()
+        server.stop()

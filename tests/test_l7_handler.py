@@ -217,3 +217,38 @@ def test_an_error_answering_a_request_not_copied_is_reported_from_its_heads():
     ])
     assert [(e.target, e.status, e.error) for e in got] == [("/a", 200, False), ("/1", 503, True), ("/2", 503, True)]
     assert h.stats.error_heads_duplicate == 1
+
+
+def test_an_error_its_own_decoding_drops_is_reported_from_its_heads_once():
+    """Server side: /1's 500 head is copied and fed to the connection's decoding in step (its body
+    is to follow); then the stream loses its framing (bytes that are no request) and the decoding
+    drops /1 unreported.  The kernel's heads of that call waited for the decoding and report /1
+    once a second of traffic has passed.  /2's 500, written in two copied calls, is reported by
+    the decoding when whole: its waiting heads are dropped."""
+    h = L7Handler([HttpDecoder], listening=ListeningPorts(reader=lambda: {80}))
+    head = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\n"
+
+    def server(ts, direction, payload, seq, *, is_head=False):
+        return DataEvent(ts=ts, ts_mono_ns=ts, pid=20, tid=20, comm="server", fd=4, sock_id=SOCK,
+                         direction=direction, syscall="read", size=len(payload), data=payload, start_mono_ns=ts,
+                         laddr="127.0.0.1", lport=80, raddr="127.0.0.1", rport=40000, family=4, conn_id=7,
+                         seq=-1 if is_head else seq, error_head=is_head)
+
+    req2 = b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
+    out = len(head) + 4
+    got = run(h, [
+        server(30, "ingress", req2, 0), server(40, "egress", head, 0),
+        server(30, "ingress", req2, 0, is_head=True), server(40, "egress", head, 0, is_head=True),
+        server(41, "egress", b"boom", len(head)),
+    ])
+    assert [(e.target, e.status, e.error) for e in got] == [("/2", 500, True)]
+    assert h.stats.error_heads_duplicate == 1
+    req1 = b"GET /1 HTTP/1.1\r\nHost: x\r\n\r\n"
+    assert run(h, [
+        server(50, "ingress", req1, len(req2)), server(60, "egress", head, out),
+        server(50, "ingress", req1, 0, is_head=True), server(60, "egress", head, 0, is_head=True),
+        server(70, "ingress", b"\x16\x03\x01\x00\x05hello", len(req2) + len(req1)),  # framing lost
+    ]) == []
+    later = run(h, [server(60 + l7.ERROR_HEAD_WAIT_NS, "ingress", req2, len(req2) + len(req1) + 10)])
+    assert [(e.target, e.status, e.error) for e in later] == [("/1", 500, True)]
+    assert h.stats.error_heads_duplicate == 1 and h.stats.error_heads == 2

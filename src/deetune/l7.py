@@ -31,6 +31,11 @@ MAX_CONNECTIONS = 65536
 #: the data comes through another ring buffer, which the pipeline may drain after the one
 #: carrying the close.
 CLOSE_GRACE_NS = 1_000_000_000
+#: How long (ns, event time; or wall time once no data comes) an error decoded from the kernel's
+#: heads waits for its connection's own decoding, which was fed the same call, to report it.
+ERROR_HEAD_WAIT_NS = 1_000_000_000
+#: Errors waiting so, at most; the oldest is reported beyond.
+MAX_PARKED_ERRORS = 4096
 
 #: Live chunks are whole syscalls: a write usually ends where a message ends,
 #: so when a capture gap hides HTTP framing the decoder may assume just that.
@@ -176,6 +181,10 @@ class L7Handler:
         #: (connection, response start) of the errors the connections' decoding reported lately.
         #: Errors reported per (connection, time of the response write that answered them).
         self._errors_reported: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
+        #: Errors from the kernel's heads whose connection's own decoding may still report them:
+        #: (connection, response start) → [(event-time deadline, wall deadline, conn, exchange)].
+        self._parked: collections.OrderedDict[tuple[int, int], list[tuple[int, int, _Conn, Exchange]]] = (
+            collections.OrderedDict())
 
     def __call__(self, event: Event) -> Iterable[Event]:
         if isinstance(event, DataEvent):
@@ -183,9 +192,11 @@ class L7Handler:
         elif isinstance(event, ConnectionEvent):
             out = self._on_connection(event)
         else:
-            return (event,)
+            out = [event]
         if self._closing:
             out.extend(self._finish_closes())
+        if self._parked:
+            out.extend(self._release_parked())
         return out
 
     # -- connection lifecycle ---------------------------------------------------------------
@@ -240,6 +251,8 @@ class L7Handler:
         out: list[Event] = [self._exchange_event(conn, x) for x in conn.session.close(ts_ns)]
         self._take_counts(conn.session)
         self.stats.exchanges += len(out)
+        if self._parked:  # what its decoding did not report by its end, the heads do
+            out.extend(self._release_parked(conn.conn_id or conn.sock_id))
         return out
 
     # -- payload ----------------------------------------------------------------------------
@@ -345,8 +358,10 @@ class L7Handler:
     def _on_error_head(self, event: DataEvent) -> list[Event]:
         """Every error the kernel's accounting saw comes as two records: the request's head, then
         the response's.  Decoded on their own (the connection's session, if any, never sees them):
-        every error has its detail, once: when the connection's own decoding reported it already
-        (its records came first, from the same call), the heads are dropped."""
+        every error has its detail, once.  The connection's own decoding reports an error first
+        when it was copied; when it was fed the answering call but has not reported the error yet
+        (a response written in several calls is complete there only), the heads' error waits
+        for it (see _release_parked) and is reported only if it does not come."""
         key = event.conn_id or event.sock_id
         request = self._error_requests.pop(key, None)
         if request is None:
@@ -355,12 +370,7 @@ class L7Handler:
                 self._error_requests.pop(next(iter(self._error_requests)))
             return []
         own = self._conns.get(conn_key(event))
-        if own is not None and own.fed_at == event.ts_mono_ns and own.session.active:
-            # The call that answered with the error was copied and fed to the connection's own
-            # decoding (it came first): that reports the error, whole (a response written in
-            # several calls is complete there only).
-            self.stats.error_heads_duplicate += 1
-            return []
+        in_step = own is not None and own.fed_at == event.ts_mono_ns and own.session.active
         # The request's side says the role: a client writes its requests, a server reads them.
         role = "client" if request.direction == "egress" else "server"
         session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
@@ -380,9 +390,42 @@ class L7Handler:
             if seen[x.response_start_ns] <= self._errors_reported.get((key, x.response_start_ns), 0):
                 self.stats.error_heads_duplicate += 1  # its connection's own decoding reported it
                 continue
+            if in_step and x.response_start_ns is not None:
+                self._park(key, conn, x)
+                continue
             out.append(self._exchange_event(conn, x))
         self.stats.error_heads += 1
         self.stats.exchanges += len(out)
+        return out
+
+    def _park(self, key: int, conn: _Conn, x: Exchange) -> None:
+        assert x.response_start_ns is not None
+        waiting = self._parked.setdefault((key, x.response_start_ns), [])
+        waiting.append((x.response_start_ns + ERROR_HEAD_WAIT_NS, time.monotonic_ns() + ERROR_HEAD_WAIT_NS, conn, x))
+        if len(self._parked) > MAX_PARKED_ERRORS:
+            self._report_parked(self._parked.popitem(last=False)[1])
+
+    def _report_parked(self, waiting: list[tuple[int, int, _Conn, Exchange]]) -> list[Event]:
+        out: list[Event] = [self._exchange_event(conn, x) for _, _, conn, x in waiting]
+        self.stats.exchanges += len(out)
+        return out
+
+    def _release_parked(self, conn_id: int | None = None) -> list[Event]:
+        """Report the parked errors of ``conn_id`` (it ended), else those whose wait is over: data
+        from a second after them has been seen, or a second passed with none."""
+        out: list[Event] = []
+        if conn_id is not None:
+            for key in [k for k in self._parked if k[0] == conn_id]:
+                out.extend(self._report_parked(self._parked.pop(key)))
+            return out
+        now = time.monotonic_ns()
+        while self._parked:
+            key, waiting = next(iter(self._parked.items()))
+            data_deadline, wall_deadline, _, _ = waiting[0]
+            if self._data_ns < data_deadline and now < wall_deadline:
+                break
+            del self._parked[key]
+            out.extend(self._report_parked(waiting))
         return out
 
     @staticmethod
@@ -522,6 +565,12 @@ class L7Handler:
         if x.error and x.response_start_ns is not None and x.protocol in KERNEL_COUNTED:
             reported = self._errors_reported
             key = (conn.conn_id or conn.sock_id, x.response_start_ns)
+            waiting = self._parked.get(key)
+            if waiting and waiting[0][2] is not conn:  # reported by its own decoding: not by the heads
+                waiting.pop(0)
+                self.stats.error_heads_duplicate += 1
+                if not waiting:
+                    del self._parked[key]
             reported[key] = reported.get(key, 0) + 1
             if len(reported) > 4096:
                 reported.popitem(last=False)
@@ -579,6 +628,8 @@ class L7Handler:
         self._datagrams.clear()
         self._closing.clear()
         self.stats.exchanges += len(out)
+        while self._parked:
+            out.extend(self._report_parked(self._parked.popitem(last=False)[1]))
         if self.stats.resynced or self.stats.gaps or self.stats.skipped:
             log.info("L7: %d gaps (%d bytes), %d resyncs; skipped: %s", self.stats.gaps, self.stats.gap_bytes,
                      self.stats.resynced, self.stats.skipped)  # fmt: skip

@@ -212,6 +212,18 @@ static __always_inline bool process_selected(__u32 tgid)
 	return !targ_cgroup_id || bpf_get_current_cgroup_id() == targ_cgroup_id;
 }
 
+/* bench/bench_kernel_stages.py builds this program stopped after each stage of a call's work
+ * (-DDT_STAGE_STOP=N) to measure what each costs; 0, the default, is the whole program. */
+#ifndef DT_STAGE_STOP
+#define DT_STAGE_STOP 0
+#endif
+#define DT_STAGE_ENTRY 1     /* past the first checks */
+#define DT_STAGE_VERDICT 2   /* past the socket's storage */
+#define DT_STAGE_CALL 3      /* past identifying the call and its buffer */
+#define DT_STAGE_BYTES 4     /* past copying the bytes the accounting needs */
+#define DT_STAGE_ACCOUNT 5   /* the accounting whole, no copies for detail */
+#define DT_STAGE_IS(n) (DT_STAGE_STOP == (n))
+
 /* The map lookups behind a verdict. */
 static __always_inline void decide(struct verdict *v, __u64 sk_key, __u16 lport, __u16 rport)
 {
@@ -560,6 +572,8 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	/* A peek is read again; the error queue is not the stream. */
 	if (flags & (MSG_PEEK | MSG_ERRQUEUE))
 		return 0;
+	if (DT_STAGE_IS(DT_STAGE_ENTRY))
+		return 0;
 	__u64 pid_tgid = bpf_get_current_pid_tgid();
 	if (!process_selected(pid_tgid >> 32))
 		return 0;
@@ -580,7 +594,7 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	if (!generation)
 		return 0; /* user space has not set up the maps yet */
 	struct verdict *v = bpf_sk_storage_get(&verdicts, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
-	if (!v)
+	if (!v || DT_STAGE_IS(DT_STAGE_VERDICT))
 		return 0;
 	__u16 lport = sk->__sk_common.skc_num;
 	__u16 rport = __builtin_bswap16(sk->__sk_common.skc_dport);
@@ -594,7 +608,7 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 		return 0;
 	__u64 seq = 0;
 	__u16 key = sample_key(lport, rport);
-	bool copy = v->copy;
+	bool copy = v->copy && DT_STAGE_STOP < DT_STAGE_CALL;
 	if (copy) {
 		/* Counted before the sampling: a call it leaves out is a jump in the stream. */
 		seq = __sync_fetch_and_add(&v->moved[direction & 1], (__u64)ret);
@@ -613,12 +627,20 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 	__builtin_memset(call, 0, sizeof(*call));
 	identify_call(task, direction, call);
 	resolve_buffer(task, call);
+	if (DT_STAGE_IS(DT_STAGE_CALL)) {
+		s->busy = 0;
+		return 0;
+	}
 	__u32 want = copy ? v->capture : 0;
 	/* The accounting keeps each request's head in case its response is an error that the
 	 * sampling leaves out (or left its request out). */
 	bool save_head = error_heads_per_second != 0;
 	__u32 need = account ? l7_bytes_wanted(&v->l7, save_head, direction) : 0;
 	__u32 captured = copy_call(s, call, want > need ? want : need, ret);
+	if (DT_STAGE_IS(DT_STAGE_BYTES)) {
+		s->busy = 0;
+		return 0;
+	}
 	__u64 now = bpf_ktime_get_ns();
 	int action = L7_NOTHING;
 	if (account) {

@@ -154,6 +154,10 @@ enum dt_data_flags {
 	/* The bytes are a TLS connection's plaintext (the tls probe); the socket's
 	 * own bytes (ciphertext) are not to be decoded. */
 	DT_DATA_TLS = 4,
+	/* With DT_DATA_ERROR_HEAD, on the response's head: the call was copied as
+	 * well, for the connection's own decoding, which reports the error unless
+	 * it lost the exchange (or the record was lost). */
+	DT_DATA_ALSO_COPIED = 8,
 };
 
 /* Exact accounting in the kernel (bpf/l7.bpf.h, tcp.bpf.c): per-CPU counters keyed by

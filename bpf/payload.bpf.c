@@ -46,6 +46,13 @@ struct {
 	__uint(max_entries, 1 << 24);
 } data_events SEC(".maps");
 
+/* Error heads have a ring of their own: copies for detail filling data_events
+ * must not crowd out an error's only record. */
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+} error_heads SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
 	__uint(max_entries, 1024);
@@ -452,12 +459,17 @@ static __always_inline void fill_record(struct dt_data_record *rec, struct sock 
 	bpf_get_current_comm(rec->comm, sizeof(rec->comm));
 }
 
-static __always_inline void output_record(struct scratch *s)
+static __always_inline void output_record_to(void *ring, struct scratch *s)
 {
 	__u64 total = __builtin_offsetof(struct dt_data_record, data) + (s->rec.captured & (DT_PAYLOAD_MAX * 2 - 1));
 	if (total > sizeof(*s))
 		return;
-	dt_output(&data_events, &s->rec, total);
+	dt_output(ring, &s->rec, total);
+}
+
+static __always_inline void output_record(struct scratch *s)
+{
+	output_record_to(&data_events, s);
 }
 
 /* Another error head within this second's budget? */
@@ -480,11 +492,13 @@ static __always_inline bool error_head_allowed(__u64 now)
 	return true;
 }
 
-/* An error on a connection whose calls are not copied: its request's head (kept
- * by the accounting) and this response's head, as two records for decoding. */
+/* An error: its request's head (kept by the accounting) and this response's
+ * head, as two records for decoding on their own.  Also when the call was
+ * copied (`copied`): the connection's own decoding may yet lose the exchange
+ * (a gap, a resync, its record lost), and user space reports the error once. */
 static __always_inline void emit_error_detail(struct scratch *s, struct sock *sk, struct call *call,
 					      struct l7_sock *st, __u64 now, __u32 pid, __u32 tid, __u8 direction,
-					      __u32 size)
+					      __u32 size, bool copied)
 {
 	if (!error_head_allowed(now))
 		return;
@@ -492,10 +506,11 @@ static __always_inline void emit_error_detail(struct scratch *s, struct sock *sk
 	__u32 head = st->head_len < L7_SAVED_HEAD ? st->head_len : L7_SAVED_HEAD;
 	fill_record(&s->rec, sk, call, st->head_ns, pid, tid, st->request_dir, head, head, 0, 0, 0,
 		    DT_DATA_ERROR_HEAD);
-	output_record(s);
+	output_record_to(&error_heads, s);
 	__u32 captured = copy_call(s, call, DT_ERROR_HEAD_BYTES, size);
-	fill_record(&s->rec, sk, call, now, pid, tid, direction, size, captured, 0, 0, 0, DT_DATA_ERROR_HEAD);
-	output_record(s);
+	fill_record(&s->rec, sk, call, now, pid, tid, direction, size, captured, 0, 0, 0,
+		    DT_DATA_ERROR_HEAD | (copied ? DT_DATA_ALSO_COPIED : 0));
+	output_record_to(&error_heads, s);
 }
 
 /* ---- Datagram (UDP) sockets, for DNS ---------------------------------------
@@ -668,7 +683,7 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 		output_record(s);
 	}
 	if (action == L7_ERROR_DETAIL)
-		emit_error_detail(s, sk, call, &v->l7, now, pid, tid, direction, ret);
+		emit_error_detail(s, sk, call, &v->l7, now, pid, tid, direction, ret, copy);
 	s->busy = 0;
 	return 0;
 }

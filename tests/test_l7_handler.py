@@ -219,20 +219,22 @@ def test_an_error_answering_a_request_not_copied_is_reported_from_its_heads():
     assert h.stats.error_heads_duplicate == 1
 
 
-def test_an_error_its_own_decoding_drops_is_reported_from_its_heads_once():
-    """Server side: /1's 500 head is copied and fed to the connection's decoding in step (its body
-    is to follow); then the stream loses its framing (bytes that are no request) and the decoding
-    drops /1 unreported.  The kernel's heads of that call waited for the decoding and report /1
-    once a second of traffic has passed.  /2's 500, written in two copied calls, is reported by
-    the decoding when whole: its waiting heads are dropped."""
+def test_an_error_its_own_decoding_holds_is_reported_from_its_heads_once():
+    """Server side: /1's 500 head is copied for the connection's decoding (its body is to follow);
+    then the stream loses its framing (bytes that are no request) and the decoding holds /1
+    unreported.  The kernel's heads of that call (marked: also copied) waited for the decoding and
+    report /1 once a second of data has passed; the decoding's report at the connection's end is
+    then dropped.  /2's 500, written in two copied calls, is
+    reported by the decoding when whole: its waiting heads are dropped, whichever comes first."""
     h = L7Handler([HttpDecoder], listening=ListeningPorts(reader=lambda: {80}))
     head = b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 4\r\n\r\n"
 
-    def server(ts, direction, payload, seq, *, is_head=False):
+    def server(ts, direction, payload, seq, *, is_head=False, conn_id=7):
         return DataEvent(ts=ts, ts_mono_ns=ts, pid=20, tid=20, comm="server", fd=4, sock_id=SOCK,
                          direction=direction, syscall="read", size=len(payload), data=payload, start_mono_ns=ts,
-                         laddr="127.0.0.1", lport=80, raddr="127.0.0.1", rport=40000, family=4, conn_id=7,
-                         seq=-1 if is_head else seq, error_head=is_head)
+                         laddr="127.0.0.1", lport=80, raddr="127.0.0.1", rport=40000, family=4, conn_id=conn_id,
+                         seq=-1 if is_head else seq, error_head=is_head,
+                         also_copied=is_head and direction == "egress")
 
     req2 = b"GET /2 HTTP/1.1\r\nHost: x\r\n\r\n"
     out = len(head) + 4
@@ -252,3 +254,13 @@ def test_an_error_its_own_decoding_drops_is_reported_from_its_heads_once():
     later = run(h, [server(60 + l7.ERROR_HEAD_WAIT_NS, "ingress", req2, len(req2) + len(req1) + 10)])
     assert [(e.target, e.status, e.error) for e in later] == [("/1", 500, True)]
     assert h.stats.error_heads_duplicate == 1 and h.stats.error_heads == 2
+    # /3, on a new connection: its heads come through their own ring before the copied calls.
+    req3, at = b"GET /3 HTTP/1.1\r\nHost: x\r\n\r\n", 2 * l7.ERROR_HEAD_WAIT_NS
+    got = run(h, [
+        server(at, "ingress", req3, 0, is_head=True, conn_id=8), server(at + 10, "egress", head, 0, is_head=True, conn_id=8),
+        server(at, "ingress", req3, 0, conn_id=8), server(at + 10, "egress", head + b"boom", 0, conn_id=8),
+    ])
+    # Connection 7 ends there: its decoding's late report of /1 is dropped, /2 never answered.
+    assert [(e.target, e.status) for e in got] == [("/2", None), ("/3", 500)]
+    assert h.stats.error_heads_duplicate == 3
+    assert h.flush() == []

@@ -175,10 +175,13 @@ class DataEvent(Event):
     conn_id: int = attrs.field(kw_only=True, default=0)
     #: Overload sampling: copied while 1 connection-period in this many was (1: every one).
     sampling: int = attrs.field(kw_only=True, default=1)
-    #: Copied because the kernel's accounting saw an error response on a connection whose calls were
-    #: not copied (overload sampling): the request's head, then the response's head, two events to be
-    #: decoded on their own (``seq`` means nothing then).
+    #: Copied because the kernel's accounting saw an error response: the request's head, then the
+    #: response's head, two events to be decoded on their own (``seq`` means nothing then), whether
+    #: or not the connection's calls are copied (overload sampling).
     error_head: bool = attrs.field(kw_only=True, default=False)
+    #: On a response's error head: the call was copied for the connection's own decoding too, which
+    #: reports the error unless it loses the exchange.
+    also_copied: bool = attrs.field(kw_only=True, default=False)
     #: Where these bytes start in their direction's stream (bytes moved that way before them, since
     #: the probe first copied from the socket); -1 when the source does not know.  A call that was
     #: not copied (overload sampling, a record lost) shows as a jump: ``seq`` > previous seq + size.

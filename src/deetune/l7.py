@@ -31,9 +31,11 @@ MAX_CONNECTIONS = 65536
 #: the data comes through another ring buffer, which the pipeline may drain after the one
 #: carrying the close.
 CLOSE_GRACE_NS = 1_000_000_000
-#: How long (ns, event time; or wall time once no data comes) an error decoded from the kernel's
-#: heads waits for its connection's own decoding, which was fed the same call, to report it.
+#: How long (ns of data events' time) an error decoded from the kernel's heads waits for its
+#: connection's own decoding, copied the same call, to report it; ERROR_HEAD_WALL_WAIT_NS of wall
+#: time when no data comes.
 ERROR_HEAD_WAIT_NS = 1_000_000_000
+ERROR_HEAD_WALL_WAIT_NS = 5_000_000_000
 #: Errors waiting so, at most; the oldest is reported beyond.
 MAX_PARKED_ERRORS = 4096
 
@@ -107,9 +109,6 @@ class _Conn:
     answered_last: bool = False
     #: The bytes decoded are the TLS plaintext of the connection (the tls probe's), not its own.
     tls: bool = False
-    #: Kernel time of the last call fed to the session (an error's heads from that same call are
-    #: its own decoding's to report).
-    fed_at: int = -1
 
 
 #: A connection's identity in the table: its socket cookie, or where the source has none (0),
@@ -185,6 +184,9 @@ class L7Handler:
         #: (connection, response start) → [(event-time deadline, wall deadline, conn, exchange)].
         self._parked: collections.OrderedDict[tuple[int, int], list[tuple[int, int, _Conn, Exchange]]] = (
             collections.OrderedDict())
+        #: Errors reported from their heads after waiting for the decoding: (connection, response
+        #: start) → how many; the decoding's own report of them, should it come, is dropped.
+        self._released: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()
 
     def __call__(self, event: Event) -> Iterable[Event]:
         if isinstance(event, DataEvent):
@@ -248,9 +250,8 @@ class L7Handler:
             return []
         if self._by_sock.get(conn.sock_id) == key:
             del self._by_sock[conn.sock_id]
-        out: list[Event] = [self._exchange_event(conn, x) for x in conn.session.close(ts_ns)]
+        out = self._own_events(conn, conn.session.close(ts_ns))
         self._take_counts(conn.session)
-        self.stats.exchanges += len(out)
         if self._parked:  # what its decoding did not report by its end, the heads do
             out.extend(self._release_parked(conn.conn_id or conn.sock_id))
         return out
@@ -330,17 +331,9 @@ class L7Handler:
             self._record(conn, egress, data, size, recording.ports)
         self._advance(conn, egress, size)
         if session.active:
-            in_step = session.state is State.DECODING and not session.counts
             exchanges.extend(session.feed(egress, data, size, ts))
-            # An error in this call is this decoding's to report only if it decoded the call in
-            # step: a response whose request was not copied is skipped (unsolicited, resync), and
-            # the kernel's heads of the error report it instead.
-            in_step = in_step and session.state is State.DECODING and not session.counts
-            conn.fed_at = event.ts_mono_ns if in_step else -1
         self.stats.resynced += session.resyncs - resyncs
-        for exchange in exchanges:
-            out.append(self._exchange_event(conn, exchange))
-        self.stats.exchanges += len(exchanges)
+        out.extend(self._own_events(conn, exchanges))
         request_chunk = session.role is not None and egress == (session.role == "client")
         conn.answered_last = not request_chunk and (bool(exchanges) or conn.answered_last)
         if session.counts:
@@ -358,10 +351,11 @@ class L7Handler:
     def _on_error_head(self, event: DataEvent) -> list[Event]:
         """Every error the kernel's accounting saw comes as two records: the request's head, then
         the response's.  Decoded on their own (the connection's session, if any, never sees them):
-        every error has its detail, once.  The connection's own decoding reports an error first
-        when it was copied; when it was fed the answering call but has not reported the error yet
-        (a response written in several calls is complete there only), the heads' error waits
-        for it (see _release_parked) and is reported only if it does not come."""
+        every error has its detail, once.  When the answering call was also copied for the
+        connection's own decoding (``also_copied``), that decoding reports the error, whole (a
+        response in several writes is complete there only): the heads' error is reported only if
+        it has not and does not within a second of data (see _release_parked): the decoding lost
+        the exchange (a gap, a resync) or its record was lost."""
         key = event.conn_id or event.sock_id
         request = self._error_requests.pop(key, None)
         if request is None:
@@ -369,8 +363,6 @@ class L7Handler:
             if len(self._error_requests) > MAX_CONNECTIONS:
                 self._error_requests.pop(next(iter(self._error_requests)))
             return []
-        own = self._conns.get(conn_key(event))
-        in_step = own is not None and own.fed_at == event.ts_mono_ns and own.session.active
         # The request's side says the role: a client writes its requests, a server reads them.
         role = "client" if request.direction == "egress" else "server"
         session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
@@ -390,7 +382,7 @@ class L7Handler:
             if seen[x.response_start_ns] <= self._errors_reported.get((key, x.response_start_ns), 0):
                 self.stats.error_heads_duplicate += 1  # its connection's own decoding reported it
                 continue
-            if in_step and x.response_start_ns is not None:
+            if event.also_copied and x.response_start_ns is not None:
                 self._park(key, conn, x)
                 continue
             out.append(self._exchange_event(conn, x))
@@ -398,21 +390,45 @@ class L7Handler:
         self.stats.exchanges += len(out)
         return out
 
+    def _own_events(self, conn: _Conn, exchanges: Sequence[Exchange]) -> list[Event]:
+        """Events for the exchanges of a connection's own decoding, but for the errors its kernel
+        heads reported already (after waiting for them in vain: the decoding held them longer)."""
+        out: list[Event] = []
+        for x in exchanges:
+            if x.error and self._released:
+                key = (conn.conn_id or conn.sock_id, x.response_start_ns)
+                left = self._released.get(key, 0)
+                if left:
+                    self._released[key] = left - 1
+                    if left == 1:
+                        del self._released[key]
+                    self.stats.error_heads_duplicate += 1
+                    continue
+            out.append(self._exchange_event(conn, x))
+        self.stats.exchanges += len(out)
+        return out
+
     def _park(self, key: int, conn: _Conn, x: Exchange) -> None:
         assert x.response_start_ns is not None
         waiting = self._parked.setdefault((key, x.response_start_ns), [])
-        waiting.append((x.response_start_ns + ERROR_HEAD_WAIT_NS, time.monotonic_ns() + ERROR_HEAD_WAIT_NS, conn, x))
+        waiting.append((x.response_start_ns + ERROR_HEAD_WAIT_NS, time.monotonic_ns() + ERROR_HEAD_WALL_WAIT_NS, conn, x))
         if len(self._parked) > MAX_PARKED_ERRORS:
             self._report_parked(self._parked.popitem(last=False)[1])
 
     def _report_parked(self, waiting: list[tuple[int, int, _Conn, Exchange]]) -> list[Event]:
-        out: list[Event] = [self._exchange_event(conn, x) for _, _, conn, x in waiting]
+        out: list[Event] = []
+        for _, _, conn, x in waiting:
+            key = (conn.conn_id or conn.sock_id, x.response_start_ns)
+            self._released[key] = self._released.get(key, 0) + 1  # its decoding may report it yet
+            if len(self._released) > MAX_PARKED_ERRORS:
+                self._released.popitem(last=False)
+            out.append(self._exchange_event(conn, x))
         self.stats.exchanges += len(out)
         return out
 
     def _release_parked(self, conn_id: int | None = None) -> list[Event]:
         """Report the parked errors of ``conn_id`` (it ended), else those whose wait is over: data
-        from a second after them has been seen, or a second passed with none."""
+        from a second after them has been seen, or five seconds passed."""
         out: list[Event] = []
         if conn_id is not None:
             for key in [k for k in self._parked if k[0] == conn_id]:
@@ -616,18 +632,17 @@ class L7Handler:
         now = time.monotonic_ns()
         for key, conn in self._conns.items():
             closing = self._closing.get(key)
-            for x in conn.session.close(now if closing is None else closing[0]):
-                out.append(self._exchange_event(conn, x))
+            out.extend(self._own_events(conn, conn.session.close(now if closing is None else closing[0])))
             self._take_counts(conn.session)
         for conn in self._datagrams.values():
             for x in conn.session.close(now):
                 conn.raddr, conn.rport = x.peer if x.peer is not None else (conn.raddr, conn.rport)
                 out.append(self._exchange_event(conn, x))
+                self.stats.exchanges += 1
         self._conns.clear()
         self._by_sock.clear()
         self._datagrams.clear()
         self._closing.clear()
-        self.stats.exchanges += len(out)
         while self._parked:
             out.extend(self._report_parked(self._parked.popitem(last=False)[1]))
         if self.stats.resynced or self.stats.gaps or self.stats.skipped:

@@ -196,6 +196,7 @@ class PayloadProbe(OverloadSampling, Probe):
                 seq=-1 if error_head else seq,
                 sampling=1 if error_head else max(1 << sample_shift, self.sampling),
                 error_head=error_head,
+                also_copied=bool(flags & _L.DT_DATA_ALSO_COPIED),
                 transport="udp" if flags & _DATAGRAM else "tcp",
             ),
         )

@@ -1327,11 +1327,11 @@ class StoreSink(Sink):
 
     def flush(self, timeout: float | None = 30.0) -> None:
         """Wait until everything queued so far is committed (or let go by the bound, counted)."""
-        target = self.stats.queued
+        target, not_kept = self.stats.queued, self.stats.not_kept
         self._wake.set()
         with self._done:
             self._done.wait_for(lambda: (self.stats.written + self._not_kept_written >= target
-                                         and self._not_kept_written >= self.stats.not_kept)
+                                         and self._not_kept_written >= not_kept)
                                 or not self._thread.is_alive(), timeout)
 
     def close(self) -> None:
@@ -1359,11 +1359,14 @@ class StoreSink(Sink):
             stopping = self._stopping
             if not self._taken and self._buffered:
                 self._take_recent()  # once a round: what waits is batched, not trickled
-            while (self._retry is not None or self._queue or self._taken
-                   or self.stats.not_kept != self._not_kept_written):
+            committed = False
+            while self._retry is not None or self._queue or self._taken:
                 if not self._commit_next():
                     break  # failing: try again after retry_interval
+                committed = True
             healthy = self._retry is None
+            if healthy and not committed and self.stats.not_kept != self._not_kept_written:
+                self._commit([])  # the count of the exchanges let go (a commit carries it)
             if healthy and time.monotonic() >= next_maintenance and not stopping:
                 next_maintenance = time.monotonic() + self.maintenance_interval
                 try:

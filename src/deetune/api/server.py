@@ -863,9 +863,10 @@ def _set_nice(nice: int | None) -> None:
 
     The agent lowers its priority (--nice 10) so that on a busy host the applications keep their
     CPU.  A request wakes two of the API's threads (waitress's I/O thread, then a worker), each
-    waiting its turn on the run queue; at nice 10 beside busy applications a wake-up waited up
-    to 90 ms (bench/soak.py), and /healthz, with nothing to compute, took 100-240 ms.  The API
-    uses a few milliseconds a request: its threads keep the agent's original priority."""
+    waiting its turn on the run queue: at nice 10 beside busy applications the agent's threads
+    waited up to 90 ms there (bench/soak.py), and /healthz, with nothing to compute, took up to
+    237 ms.  The API uses a few milliseconds a request: its threads keep the agent's original
+    priority."""
     if nice is None:
         return
     try:

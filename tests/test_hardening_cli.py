@@ -135,3 +135,41 @@ def test_the_api_token_is_made_once_kept_0600_and_printed_once(tmp_path):
     os.chmod(token_file, 0o644)
     third = run_agent(*args, "--api", f"127.0.0.1:{free_port()}")
     assert _one_line(third) == f"deetune: --api: {token_file} is readable by others (mode 644): chmod 600 it"
+
+
+@pytest.mark.bpf
+def test_the_api_threads_keep_the_agents_first_priority(tmp_path):
+    """--nice 10 lowers the agent's priority, not its API's: at nice 10 beside busy applications
+    each of the API's thread wake-ups waited up to 90 ms for a CPU (bench/soak.py)."""
+    import os
+    import signal
+    import time
+    import urllib.request
+
+    from tests.servers import free_port
+
+    port = free_port()
+    agent = subprocess.Popen([*AGENT, "--probe", "process", "--store", str(tmp_path / "s.db"), "--sink", "jsonl:/dev/null",
+                              "--api", f"127.0.0.1:{port}", "--api-token", "t", "--nice", "10", "--duration", "60"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as reply:
+                    assert json.loads(reply.read())["status"] == "ok"
+                break
+            except OSError:
+                assert agent.poll() is None and time.monotonic() < deadline, agent.stderr.read() if agent.stderr else ""
+                time.sleep(0.2)
+        first = os.getpriority(os.PRIO_PROCESS, 0)
+        nices = []
+        for task in os.listdir(f"/proc/{agent.pid}/task"):
+            with open(f"/proc/{agent.pid}/task/{task}/stat") as stat:
+                nices.append(int(stat.read().rsplit(")", 1)[1].split()[16]))  # field 19: nice
+        # waitress's I/O thread and its 4 workers; the pipeline and the store's writer at +10.
+        assert nices.count(first) == 5 and nices.count(min(first + 10, 19)) == len(nices) - 5 >= 2, nices
+    finally:
+        agent.send_signal(signal.SIGTERM)
+        agent.wait(30)
+    assert agent.returncode == 0

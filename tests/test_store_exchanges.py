@@ -170,6 +170,46 @@ def test_the_bound_is_configurable_on_the_store_and_the_sink(path, tmp_path) -> 
         sink.close()
 
 
+def test_the_sink_bounds_a_flood_on_one_edge_before_queueing_it(path) -> None:
+    """A client pipelining requests nobody answers (bench/soak.py: 10,000 exchanges a second on one
+    edge): the sink keeps the most recent of each edge, side and window waiting, lets the older go
+    (counted as not kept), and drops nothing: the queue stays free for the other edges' exchanges,
+    the errors and the windows."""
+    sink = StoreSink(TopologyStore(path, clock=Clock(T0), exchange_hold_seconds=0), max_queue=1_000, interval=60)
+    flood = [exchange(T0 + i, "flood", "api", target=f"/{i}", error=i % 4_000 == 1) for i in range(20_000)]
+    quiet = [exchange(T0 + i, "web", "api", target=f"/web/{i}") for i in range(10)]
+    for i, event in enumerate(flood):
+        sink.handle(event)
+        if i % 2_000 == 0:
+            sink.handle(quiet[i // 2_000])
+    health = sink.health()
+    assert sink.stats.dropped == 0 and health["status"] == "ok"
+    assert health["store"]["pending_events"] == 100 + 10 + 5  # the flood's 100 most recent, web's 10, 5 errors
+    assert sink.stats.not_kept == 20_000 - 5 - 100
+    sink.close()
+    reopened = TopologyStore(path)
+    errors = [(T0 + i, f"/{i}") for i in range(1, 20_000, 4_000)]
+    recent = [(T0 + i, f"/{i}") for i in range(20_000) if i % 4_000 != 1][-100:]
+    assert stored(reopened, service="flood") == sorted(errors + recent)
+    assert stored(reopened, service="web") == [(T0 + i, f"/web/{i}") for i in range(10)]
+    assert reopened.exchange_counts() == {"stored": 115, "not_kept": 20_000 - 5 - 100}
+    reopened.close()
+
+
+def test_the_sink_bounds_each_side_and_the_store_pairs_what_is_left(path) -> None:
+    sink = StoreSink(TopologyStore(path, clock=Clock(T0)), max_exchanges_per_edge_window=10, interval=60)
+    for i in range(50):
+        sink.handle(exchange(T0 + i, target=f"/{i}", peer_port=40000 + i))
+        sink.handle(exchange(T0 + i, target=f"/{i}", role="client", peer_port=40000 + i))
+    assert sink.stats.not_kept == 2 * 40 and sink.health()["store"]["pending_events"] == 2 * 10
+    sink.close()
+    assert sink.store.stats.duplicate_exchanges == 10  # the client copies of the 10 server copies kept
+    reopened = TopologyStore(path)
+    assert stored(reopened) == [(T0 + i, f"/{i}") for i in range(40, 50)]
+    assert reopened.exchange_counts() == {"stored": 10, "not_kept": 80}
+    reopened.close()
+
+
 # ---- pairing both ends' copies ------------------------------------------------------------------------
 
 

@@ -488,6 +488,33 @@ def test_commands_never_answered_are_bounded():
     assert feed_all([(RESP, b"$1\r\nv\r\n", 3), (REQ, GET_K, 4), (RESP, b"$1\r\nw\r\n", 5)], decoder)[0].response_start_ns == 5
 
 
+def test_commands_waiting_for_replies_are_small():
+    """A client pipelining commands nobody answers keeps max_pending of them per direction waiting
+    (bench/soak.py: over 20,000 at once in the agent, 595 bytes each); each is about 250 bytes, and
+    says what it said when reported."""
+    import tracemalloc
+
+    decoder = RedisDecoder()
+    chunk = command("GET", "key") * 64
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for i in range(100):
+            assert list(decoder.feed(Chunk(REQ, chunk, len(chunk), i))) == []
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(decoder._pending) == 6400 and held / 6400 < 300  # (was 595)
+    out = list(decoder.feed(Chunk(REQ, chunk * 30, len(chunk) * 30, 100)))  # past max_pending: reported
+    assert len(out) == 6400 + 64 * 30 and decoder.take_counts() == {"pending_limit": 1}
+    assert {(e.method, e.target, e.status, tuple(e.attributes.items())) for e in out} == {("GET", "key", None, (("argc", 1),))}
+    hset = command("HSET", "h", "f", "v")
+    decoder = RedisDecoder()
+    feed_all([(REQ, hset, 1)], decoder)
+    (answered,) = feed_all([(RESP, b":1\r\n", 2)], decoder)
+    assert (answered.method, answered.target, answered.attributes) == ("HSET", "h", {"argc": 3, "reply_type": "integer"})
+
+
 def test_multi_exec():
     multi, set_, exec_ = command("MULTI"), command("SET", "k", "v"), command("EXEC")
     out = feed_all([(REQ, multi + set_ + exec_, 1), (RESP, b"+OK\r\n+QUEUED\r\n*1\r\n+OK\r\n", 2)])

@@ -408,7 +408,8 @@ def build_api(args: argparse.Namespace, store: TopologyStore, store_sink: StoreS
     try:
         server = ApiServer(store, host, port, token=args.api_token, recordings=manager,
                            allowed_hosts=args.api_hostname or (), health=store_sink.health,
-                           extensions=[AgentPlaceRoutes(place)] if place is not None else ())
+                           extensions=[AgentPlaceRoutes(place)] if place is not None else (),
+                           nice=getattr(args, "api_nice", None))
         server.bind()
     except ValueError as exc:
         raise UsageError(f"--api: {exc}") from None
@@ -479,6 +480,8 @@ def cmd_run(argv: Sequence[str]) -> int:
     if args.nice == "idle":
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     elif args.nice:
+        # The API's threads keep the priority the agent started with (deetune.api.server._set_nice).
+        args.api_nice = os.getpriority(os.PRIO_PROCESS, 0)
         os.nice(args.nice)
     netns = enter_netns(args.netns) if args.netns else None
     pipeline = build_pipeline(args, plugins, netns=netns)

@@ -346,6 +346,7 @@ class ApiServer:
         backlog: int = 128,
         channel_timeout: float = 30.0,
         extensions: Any = (),
+        nice: int | None = None,
     ) -> None:
         if token is not None and (not token or not token.isascii() or not token.isprintable() or " " in token):
             raise ValueError("the API token must be non-empty printable ASCII without spaces")
@@ -373,6 +374,9 @@ class ApiServer:
         self.connection_limit = connection_limit
         self.backlog = backlog
         self.channel_timeout = channel_timeout
+        #: The nice value of the server's threads (None: the one they inherit).  The agent lowers
+        #: its own priority (--nice); its API keeps the one the agent started with, see _set_nice.
+        self.nice = nice
         #: More /api/* endpoints (deetune.api.routes): RED over time, hosts; the fleet server's.
         from deetune.api.routes import SharedRoutes
 
@@ -421,7 +425,8 @@ class ApiServer:
 
         self._stopping = False
         self._server = create_server(
-            _App(self), sockets=[self._socket], threads=self.threads, connection_limit=self.connection_limit,
+            _App(self), sockets=[self._socket], _dispatcher=_dispatcher(self.nice, self.threads), threads=self.threads,
+            connection_limit=self.connection_limit,
             backlog=self.backlog, channel_timeout=self.channel_timeout, cleanup_interval=min(10, self.channel_timeout),
             max_request_header_size=MAX_HEAD, max_request_body_size=MAX_BODY, asyncore_use_poll=True,
             ident=f"deetune/{__version__}", expose_tracebacks=False, clear_untrusted_proxy_headers=True,
@@ -435,6 +440,7 @@ class ApiServer:
     def _loop(self) -> None:
         from waitress import wasyncore
 
+        _set_nice(self.nice)
         server = self._server
         while not self._stopping:
             try:
@@ -850,6 +856,37 @@ def _make_channel_class() -> type:
 
 
 _channel_class: type | None = None
+
+
+def _set_nice(nice: int | None) -> None:
+    """This thread's nice value (Linux keeps one per thread; threads inherit their creator's).
+
+    The agent lowers its priority (--nice 10) so that on a busy host the applications keep their
+    CPU.  A request wakes two of the API's threads (waitress's I/O thread, then a worker), each
+    waiting its turn on the run queue: at nice 10 beside busy applications the agent's threads
+    waited up to 90 ms there (bench/soak.py), and /healthz, with nothing to compute, took up to
+    237 ms.  The API uses a few milliseconds a request: its threads keep the agent's original
+    priority."""
+    if nice is None:
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
+    except OSError as exc:  # not allowed to raise its priority (no CAP_SYS_NICE): it stays as it is
+        log.debug("API thread keeps its priority: %s", exc)
+
+
+def _dispatcher(nice: int | None, threads: int) -> Any:
+    """waitress's ``threads`` worker threads, at ``nice`` (see _set_nice)."""
+    from waitress.task import ThreadedTaskDispatcher
+
+    class Dispatcher(ThreadedTaskDispatcher):
+        def handler_thread(self, thread_no: int) -> None:
+            _set_nice(nice)
+            super().handler_thread(thread_no)
+
+    dispatcher = Dispatcher()
+    dispatcher.set_thread_count(threads)  # (waitress starts them only for a dispatcher of its own)
+    return dispatcher
 
 
 def _channel() -> type:

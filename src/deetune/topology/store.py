@@ -53,7 +53,9 @@ Exchanges
     (kept in ``meta`` across restarts).  The bound lives in memory for the
     newest two windows seen (up to the clock's): an exchange arriving later than
     that starts a count of its own, and after a restart the current window may
-    keep up to twice as many.
+    keep up to twice as many.  :class:`StoreSink` applies the same bound before queueing (per
+    side as well: the client's and the server's copies apart), counting what it lets go with the
+    store's ``not_kept``.
 """
 
 from __future__ import annotations
@@ -582,15 +584,17 @@ class TopologyStore:
             raise StoreError(f"{self.path}: the exchanges held at close could not be written: {failure}")
 
     # -- writing -----------------------------------------------------------------------------
-    def write(self, events: Iterable[Event]) -> None:
+    def write(self, events: Iterable[Event], *, not_kept: int = 0) -> None:
         """Store a batch of EdgeWindowEvent, InstanceEvent and ExchangeEvent (others are
-        ignored) in one transaction."""
+        ignored) in one transaction; ``not_kept``: exchanges the caller left out by the same
+        bound per edge and window (:class:`StoreSink` does, before queueing), counted with the
+        store's own."""
         with self._write_lock:
             if self._closed:
                 raise StoreError(f"{self.path}: store is closed")
             now = self.clock()
             batch = [*events]
-            self._write(batch, now)
+            self._write(batch, now, not_kept=not_kept)
 
     @property
     def holding(self) -> bool:
@@ -616,12 +620,14 @@ class TopologyStore:
             setattr(self.stats, field.name, getattr(stats, field.name))
         self._since_prune = since_prune
 
-    def _write(self, events: list[Event], now: int, final: bool = False) -> None:
+    def _write(self, events: list[Event], now: int, final: bool = False, not_kept: int = 0) -> None:
         conn = self._writer
         stats, since_prune = attrs.evolve(self.stats), self._since_prune
         self._released_in_write = 0
         conn.execute("BEGIN IMMEDIATE")
         try:
+            if not_kept:
+                self._count_not_kept(not_kept)
             instances, windows, exchanges, recorded, statuses = [], [], [], [], []
             for event in events:
                 if isinstance(event, ExchangeEvent):  # the most frequent first
@@ -791,11 +797,15 @@ class TopologyStore:
         conn.executemany("DELETE FROM exchanges WHERE id = ?", stored_before)
         not_kept = len(replaced) + len(stored_before)
         if not_kept:
-            conn.execute("INSERT INTO meta VALUES ('exchanges_not_kept', ?) ON CONFLICT (key) DO UPDATE SET"
-                         " value = CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER)", (str(not_kept),))
+            self._count_not_kept(not_kept)
         self.stats.exchanges += len(keep) - not_kept
-        self.stats.exchanges_not_kept += not_kept
         self._since_prune += len(keep) - not_kept
+
+    def _count_not_kept(self, count: int) -> None:
+        """In the write's transaction: ``count`` more exchanges not kept (kept in ``meta``)."""
+        self._writer.execute("INSERT INTO meta VALUES ('exchanges_not_kept', ?) ON CONFLICT (key) DO UPDATE SET"
+                             " value = CAST(value AS INTEGER) + CAST(excluded.value AS INTEGER)", (str(count),))
+        self.stats.exchanges_not_kept += count
 
     def _bound(self, exchanges: Iterable[tuple[int, ExchangeEvent]], now: int) -> list[int]:
         """Count (id, exchange) in their edge's window; returns the ids past the bound (the
@@ -1161,6 +1171,10 @@ class StoreSinkStats:
     failed_batches: int = 0
     #: Events never written: still failing at close (the batch, and what was queued behind it).
     lost: int = 0
+    #: Exchanges without errors left out before queueing: their edge and window (and side) had
+    #: ``max_exchanges_per_edge_window`` more recent ones waiting (counted by the store too, as
+    #: not kept: the store would not have kept them either).
+    not_kept: int = 0
 
     @property
     def not_persisted(self) -> int:
@@ -1170,6 +1184,10 @@ class StoreSinkStats:
 
 #: What a full queue drops first (see StoreSink.handle).
 _DETAIL = (ExchangeEvent,)
+
+
+def _event_ts(event: Event) -> int:
+    return event.ts
 
 
 class StoreSink(Sink):
@@ -1196,7 +1214,15 @@ class StoreSink(Sink):
         per transaction, taken off the queue by the writer (a batch being written is memory beside
         the queue: 10,000 exchanges took 5 MB more); ``max_exchanges_per_edge_window``,
         ``exchange_window_seconds``: see :class:`TopologyStore` (left out: the store's own
-        settings, 100 per 10 s by default)."""
+        settings, 100 per 10 s by default).
+
+        The bound per edge and window applies here already, before an exchange without an error
+        is queued: of those of an edge (and side: client or server copies) and window, only the
+        most recent ``max_exchanges_per_edge_window`` wait for the writer, the older ones are let
+        go and counted (``stats.not_kept``, and the store's ``not_kept``).  A flood on one edge
+        (a client pipelining requests nobody answers: 10,000 exchanges a second in
+        bench/soak.py) then neither fills the queue, pushing out other edges' exchanges and
+        errors, nor holds megabytes and the writer's time for rows the store would not keep."""
         self.store = store if isinstance(store, TopologyStore) else TopologyStore(store)
         if max_exchanges_per_edge_window is not _STORE_DEFAULT or exchange_window_seconds is not _STORE_DEFAULT:
             self.store.bound_exchanges(
@@ -1215,8 +1241,17 @@ class StoreSink(Sink):
         #: The batch whose commit failed, written again before anything else; the last error.
         self._retry: list[Event] | None = None
         self.last_error: str | None = None
-        # deque append/popleft are atomic: handle() takes no lock.
+        # deque append/popleft are atomic: handle() takes no lock for the queue.
         self._queue: collections.deque[Event] = collections.deque()
+        #: Exchanges without errors waiting for the writer, the most recent of each
+        #: (client, server, protocol, server port, role, window); the writer takes them all at
+        #: once (under ``_recent_lock``), into ``_taken``; ``_buffered`` counts them.
+        self._recent: dict[tuple, collections.deque[ExchangeEvent]] = {}
+        self._recent_lock = threading.Lock()
+        self._buffered = 0
+        self._taken: list[ExchangeEvent] = []
+        #: stats.not_kept as far as the store counted it (the writer's).
+        self._not_kept_written = 0
         self._wake = threading.Event()
         self._done = threading.Condition()
         self._stopping = False
@@ -1243,26 +1278,61 @@ class StoreSink(Sink):
         if self.last_error is not None:
             limit = self.batch_size
         elif isinstance(event, _DETAIL):
+            if not event.error and self.store.max_exchanges_per_edge_window is not None and not self._stopping:
+                self._handle_recent(event)  # type: ignore[arg-type]
+                return
             limit = self.max_queue // 2
         else:
             limit = self.max_queue
-        if len(queue) >= limit or self._stopping:
-            self.stats.dropped += 1
-            on_drop = getattr(event, "on_drop", None)
-            if on_drop is not None:
-                on_drop(event)  # a recorded exchange: its task counts it as dropped
+        if len(queue) + self._buffered >= limit or self._stopping:
+            self._drop(event)
             return
         queue.append(event)
         self.stats.queued += 1
         if len(queue) >= self.batch_size:
             self._wake.set()
 
+    def _drop(self, event: Event) -> None:
+        self.stats.dropped += 1
+        on_drop = getattr(event, "on_drop", None)
+        if on_drop is not None:
+            on_drop(event)  # a recorded exchange: its task counts it as dropped
+
+    def _handle_recent(self, event: ExchangeEvent) -> None:
+        """An exchange without an error: it waits among the most recent of its edge, side and
+        window (the bound per edge and window, see __init__); the oldest waiting goes, counted."""
+        store = self.store
+        limit = store.max_exchanges_per_edge_window
+        stats = self.stats
+        if not limit:  # 0: errors only
+            stats.queued += 1
+            stats.not_kept += 1
+            return
+        role = event.role
+        key = (event.client_service, event.server_service, event.protocol,
+               event.lport if role == "server" else event.rport, role, event.ts // store.exchange_window_ns)
+        with self._recent_lock:
+            recent = self._recent.get(key)
+            if recent is not None and len(recent) >= limit:
+                stats.not_kept += 1  # the oldest waiting, pushed out by this one
+            elif len(self._queue) + self._buffered >= self.max_queue // 2:
+                self._drop(event)  # exchanges fill half the queue at most
+                return
+            else:
+                if recent is None:
+                    recent = self._recent[key] = collections.deque(maxlen=limit)
+                self._buffered += 1
+            recent.append(event)
+            stats.queued += 1
+
     def flush(self, timeout: float | None = 30.0) -> None:
-        """Wait until everything queued so far is committed."""
-        target = self.stats.queued
+        """Wait until everything queued so far is committed (or let go by the bound, counted)."""
+        target, not_kept = self.stats.queued, self.stats.not_kept
         self._wake.set()
         with self._done:
-            self._done.wait_for(lambda: self.stats.written >= target or not self._thread.is_alive(), timeout)
+            self._done.wait_for(lambda: (self.stats.written + self._not_kept_written >= target
+                                         and self._not_kept_written >= not_kept)
+                                or not self._thread.is_alive(), timeout)
 
     def close(self) -> None:
         """Commit everything queued, the held exchanges too, and close the store (a store that
@@ -1287,10 +1357,16 @@ class StoreSink(Sink):
             self._wake.wait(self.retry_interval if self._retry is not None else self.interval)
             self._wake.clear()
             stopping = self._stopping
-            while self._retry is not None or self._queue:
+            if not self._taken and self._buffered:
+                self._take_recent()  # once a round: what waits is batched, not trickled
+            committed = False
+            while self._retry is not None or self._queue or self._taken:
                 if not self._commit_next():
                     break  # failing: try again after retry_interval
+                committed = True
             healthy = self._retry is None
+            if healthy and not committed and self.stats.not_kept != self._not_kept_written:
+                self._commit([])  # the count of the exchanges let go (a commit carries it)
             if healthy and time.monotonic() >= next_maintenance and not stopping:
                 next_maintenance = time.monotonic() + self.maintenance_interval
                 try:
@@ -1300,24 +1376,46 @@ class StoreSink(Sink):
             elif healthy and not stopping and self.store.holding:
                 self._commit([])  # releases exchanges held past their time
             if stopping:
-                if healthy and not self._queue:
+                if healthy and not self._queue and not self._pending_detail():
                     return
                 attempts_at_stop += 1
                 if attempts_at_stop >= self.attempts_at_stop:
                     self._give_up()
                     return
 
+    def _pending_detail(self) -> bool:
+        """Exchanges without errors wait, or a count of those let go is not in the store yet."""
+        return bool(self._buffered or self._taken or self.stats.not_kept != self._not_kept_written)
+
+    def _take_recent(self) -> None:
+        """The exchanges waiting in ``_recent``, oldest first, into ``_taken`` (the writer's)."""
+        with self._recent_lock:
+            recent, self._recent = self._recent, {}
+            self._buffered = 0
+        taken = [event for waiting in recent.values() for event in waiting]
+        taken.sort(key=_event_ts)
+        self._taken = taken
+
     def _commit_next(self) -> bool:
-        """Commit the batch that failed last, else the next batch of the queue; False if it failed."""
+        """Commit the batch that failed last, else the next batch of the queue and of the
+        exchanges taken from ``_recent``; False if it failed."""
         batch = self._retry
         if batch is None:
             queue = self._queue
             batch = [queue.popleft() for _ in range(min(len(queue), self.batch_size))]
+            room = self.batch_size - len(batch)
+            if room > 0 and self._taken:
+                batch.extend(self._taken[:room])
+                del self._taken[:room]
         return self._commit(batch)
 
     def _commit(self, batch: list[Event]) -> bool:
+        not_kept = self.stats.not_kept - self._not_kept_written
         try:
-            self.store.write(batch)
+            if not_kept:
+                self.store.write(batch, not_kept=not_kept)
+            else:
+                self.store.write(batch)
         except Exception as exc:
             self.stats.failed_batches += 1
             self._retry = batch
@@ -1335,6 +1433,7 @@ class StoreSink(Sink):
         if batch:
             self.stats.batches += 1
         with self._done:
+            self._not_kept_written += not_kept
             self.stats.written += len(batch)
             self._done.notify_all()
         return True
@@ -1345,6 +1444,9 @@ class StoreSink(Sink):
         self._retry = None
         while self._queue:
             left.append(self._queue.popleft())
+        self._take_recent()
+        left.extend(self._taken)
+        self._taken = []
         self.stats.lost += len(left)
         log.error("topology store: %d events could not be written (%s)", len(left), self.last_error)
         for event in left:
@@ -1361,7 +1463,7 @@ class StoreSink(Sink):
         failing = self.last_error is not None
         store = {
             "writing": not failing, "failed_commits": stats.failed_batches,
-            "pending_events": len(self._queue) + len(self._retry or ()),
+            "pending_events": len(self._queue) + len(self._retry or ()) + self._buffered + len(self._taken),
             "dropped_events": stats.dropped, "lost_events": stats.lost, "unwritten_exchanges": store_stats.unwritten,
             "last_error": self.last_error,
         }

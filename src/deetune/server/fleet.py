@@ -36,6 +36,7 @@ import collections
 import contextlib
 import gc
 import ipaddress
+import operator
 import threading
 import time
 from typing import Any, Iterable
@@ -181,19 +182,34 @@ class Edge:
 
 
 COUNTED = ("requests", "errors", *CONNECTION_COUNTERS)
+_SERVER_SIDE_FIELDS = ("requests", "errors", *QUANTILES, "latency_avg_ns")
+_edge_fields = operator.itemgetter(*EDGE_FIELDS)
+#: A series' ROW and PAIR labels (KeyError when one is absent, as a label with an empty value is).
+_row_key = operator.itemgetter(*ROW)
+_pair_key = operator.itemgetter(*PAIR)
+_server_side_fields = operator.itemgetter(*_SERVER_SIDE_FIELDS)
 #: The counters of an edge a graph without detail did not read.
 _NOT_READ = {name: None for name in CONNECTION_COUNTERS if name not in SHAPE_COUNTERS}
+
+
+_ZEROS: dict[str, Any] = {name: 0 for name in COUNTED}
+_NO_LATENCY: dict[str, Any] = {"latency_avg_ns": None, **{name: None for name in QUANTILES}}
 
 
 def _sum_sides(sides: list[Side]) -> dict[str, Any]:
     """The counts of several rows added up; a latency quantile only when one row has them all."""
     if len(sides) == 1:  # most edges: the same numbers without the sums
         metrics = sides[0].metrics
-        get = metrics.get
-        one: dict[str, Any] = {name: round(get(name, 0)) for name in COUNTED}  # round(): an int
-        count = get("latency_count")
-        one["latency_avg_ns"] = int(metrics.get("latency_sum", 0.0) / count * NS) if count else None
+        one: dict[str, Any] = _ZEROS.copy()  # the counters a row lacks: 0
+        for name, value in metrics.items():  # a handful: cheaper than a lookup per counter
+            if name in one:
+                one[name] = round(value)  # round(): an int
+        count = metrics.get("latency_count")
         cumulative = metrics.get("latency_buckets")
+        if not count and not cumulative:  # a graph without latency: most rows of a large one
+            one.update(_NO_LATENCY)
+            return one
+        one["latency_avg_ns"] = int(metrics.get("latency_sum", 0.0) / count * NS) if count else None
         for name, q in QUANTILES.items():
             one[name] = _bucket_quantile(q, cumulative) if cumulative else None
         return one
@@ -366,8 +382,10 @@ class FleetQueries:
                    only: set[tuple] | None = None) -> None:
         for name in ("requests", "errors", "latency_sum", "latency_count", "latency_buckets"):
             for labels, value in got.get(name, ()):
-                get = labels.get
-                key = (get("host", ""), get("protocol", ""), get("client", ""), get("server", ""))  # ROW
+                try:
+                    key = _row_key(labels)
+                except KeyError:  # a label with an empty value: absent
+                    key = tuple(labels.get(k, "") for k in ROW)
                 if key[0] not in hosts or (only is not None and key not in only):
                     continue
                 side = rows.get(key)
@@ -381,8 +399,10 @@ class FleetQueries:
         pairs: dict[tuple, dict[str, float]] = collections.defaultdict(dict)
         for name in CONNECTION_COUNTERS:
             for labels, value in got.get(name, ()):
-                get = labels.get
-                key = (get("host", ""), get("client", ""), get("server", ""))  # PAIR
+                try:
+                    key = _pair_key(labels)
+                except KeyError:  # a label with an empty value: absent
+                    key = tuple(labels.get(k, "") for k in PAIR)
                 if key[0] in hosts:
                     pairs[key][name] = value
         return pairs
@@ -823,28 +843,31 @@ class Fleet:
         return found.labels.get(self.idc_label) if found else None
 
     def edge_json(self, e: Edge) -> dict[str, Any]:
-        counted = e.client_sides or e.server_sides
-        out: dict[str, Any] = {"client": e.client, "server": e.server, "protocol": e.protocol, "port": e.port,
-                               **_sum_sides(counted)}
+        client_sides, server_sides = e.client_sides, e.server_sides
+        out: dict[str, Any] = {"client": e.client, "server": e.server, "protocol": e.protocol, "port": e.port}
+        out.update(_sum_sides(client_sides or server_sides))
         if self.partial:
             out.update(_NOT_READ)
-        out["client_hosts"] = sorted(e.client_hosts)
-        out["server_hosts"] = sorted(e.server_hosts)
-        out["joined"] = bool(e.client_sides and e.server_sides)
-        if out["joined"]:
-            server = _sum_sides(e.server_sides)
-            out["client_side"] = {k: out[k] for k in EDGE_FIELDS}
-            out["server_side"] = {k: server[k] for k in ("requests", "errors", *QUANTILES, "latency_avg_ns")}
+        client_hosts, server_hosts = e.client_hosts, e.server_hosts
+        out["client_hosts"] = sorted(client_hosts)
+        out["server_hosts"] = sorted(server_hosts)
+        joined = out["joined"] = bool(client_sides and server_sides)
+        if joined:
+            server = _sum_sides(server_sides)
+            out["client_side"] = dict(zip(EDGE_FIELDS, _edge_fields(out)))
+            server_side = out["server_side"] = dict(zip(_SERVER_SIDE_FIELDS, _server_side_fields(server)))
             # True when several client services of one host call this server: its rows name the
             # client host's address, not the service, and are shared by their edges (graph() says).
-            out["server_side"]["shared"] = False
+            server_side["shared"] = False
             if out["latency_avg_ns"] is not None and server["latency_avg_ns"] is not None:
                 out["network_latency_avg_ns"] = out["latency_avg_ns"] - server["latency_avg_ns"]
             else:
                 out["network_latency_avg_ns"] = None
         idc = self._idc
-        if len(e.client_hosts) == 1 and len(e.server_hosts) == 1:  # most edges
-            idc_pairs = [(idc(next(iter(e.client_hosts))), idc(next(iter(e.server_hosts))))]
+        if len(client_hosts) == 1 and len(server_hosts) == 1:  # most edges
+            for client_host in client_hosts:
+                for server_host in server_hosts:
+                    idc_pairs = [(idc(client_host), idc(server_host))]
         else:
             idc_pairs = sorted({(idc(c), idc(s)) for c in e.client_hosts for s in e.server_hosts},
                                key=lambda p: (str(p[0]), str(p[1])))

@@ -435,7 +435,10 @@ class FleetQueries:
         for labels, _ in got.get("remote", ()):
             get = labels.get
             port = get("port", "")
-            key = (get("host", ""), get("client", ""), get("server", ""))  # PAIR
+            try:
+                key = _pair_key(labels)
+            except KeyError:  # a label with an empty value: absent
+                key = tuple(get(k, "") for k in PAIR)
             if key[0] in hosts and port.isdigit() and (only is None or only(key, labels)):
                 remote[key].add((get("address", ""), int(port)))
 
@@ -793,37 +796,52 @@ class Fleet:
         # Client sides first: they name both services once joined.
         joined: dict[tuple[str, str, str], list[Edge]] = collections.defaultdict(list)  # (client host, server, proto)
         server_rows: list[Side] = []
-        for key, side in sorted(rows.items()):
-            endpoints = remote.get((side.host, side.client, side.server))
+        for key in sorted(rows):
+            side = rows[key]
+            host, protocol, client, server = key
+            endpoints = remote.get((host, client, server))
             if endpoints is None:
                 server_rows.append(side)
                 continue
-            placed[side.client].add(side.host)
-            targets = {resolve(address, port) for address, port in endpoints}
-            port_set = {port for _, port in endpoints}
-            port = port_set.pop() if len(port_set) == 1 else 0
-            services = {t[1] for t in targets if t is not None}
-            if None not in targets and len(services) == 1:
-                found = edge(side.client, services.pop(), side.protocol, port)
-                found.server_hosts |= {t[0] for t in targets if t is not None}
-                if found not in joined[(side.host, found.server, side.protocol)]:
-                    joined[(side.host, found.server, side.protocol)].append(found)
+            placed[client].add(host)
+            if len(endpoints) == 1:  # most client rows: one endpoint called
+                for address, port in endpoints:
+                    target = resolved.get((address, port), False)
+                    if target is False:
+                        target = resolve(address, port)
+                targets = (target,)
+                services = {target[1]} if target is not None else set()
             else:
-                found = edge(side.client, side.server, side.protocol, port)
+                targets = {resolve(address, port) for address, port in endpoints}
+                port_set = {port for _, port in endpoints}
+                port = port_set.pop() if len(port_set) == 1 else 0
+                services = {t[1] for t in targets if t is not None}
+            if None not in targets and len(services) == 1:
+                found = edge(client, services.pop(), protocol, port)
+                found.server_hosts.update(t[0] for t in targets)
+                halves = joined[(host, found.server, protocol)]
+                if found not in halves:
+                    halves.append(found)
+            else:
+                found = edge(client, server, protocol, port)
             found.client_sides.append(side)
-            found.client_hosts.add(side.host)
+            found.client_hosts.add(host)
         # Server sides: a local client, a client on another agent's host (the joined edge's
         # other half), or an external client.
         for side in server_rows:
             placed[side.server].add(side.host)
         for side in server_rows:
-            client_host = address_owner(side.client)
-            halves = joined.get((client_host, side.server, side.protocol), []) if client_host else []
-            halves = [e for e in halves if side.host in e.server_hosts]
-            if halves:
-                for found in halves:
-                    found.server_sides.append(side)
-                continue
+            client_host = addresses.get(side.client, False)
+            if client_host is False:
+                client_host = address_owner(side.client)
+            if client_host:
+                halves = joined.get((client_host, side.server, side.protocol))
+                if halves:
+                    halves = [e for e in halves if side.host in e.server_hosts]
+                    if halves:
+                        for found in halves:
+                            found.server_sides.append(side)
+                        continue
             service_ports = ports.get((side.host, side.server), set())
             port = next(iter(service_ports)) if len(service_ports) == 1 else 0
             found = edge(side.client, side.server, side.protocol, port)

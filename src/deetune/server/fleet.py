@@ -885,10 +885,12 @@ class Fleet:
         if len(client_hosts) == 1 and len(server_hosts) == 1:  # most edges
             for client_host in client_hosts:
                 for server_host in server_hosts:
-                    idc_pairs = [(idc(client_host), idc(server_host))]
-        else:
-            idc_pairs = sorted({(idc(c), idc(s)) for c in e.client_hosts for s in e.server_hosts},
-                               key=lambda p: (str(p[0]), str(p[1])))
+                    c, s = idc(client_host), idc(server_host)
+            out["idcs"] = [{"client": c, "server": s}]
+            out["cross_idc"] = c is not None and s is not None and c != s
+            return out
+        idc_pairs = sorted({(idc(c), idc(s)) for c in e.client_hosts for s in e.server_hosts},
+                           key=lambda p: (str(p[0]), str(p[1])))
         out["idcs"] = [{"client": c, "server": s} for c, s in idc_pairs]
         out["cross_idc"] = any(c is not None and s is not None and c != s for c, s in idc_pairs)
         return out

@@ -36,6 +36,7 @@ import collections
 import contextlib
 import gc
 import ipaddress
+import operator
 import threading
 import time
 from typing import Any, Iterable
@@ -181,19 +182,34 @@ class Edge:
 
 
 COUNTED = ("requests", "errors", *CONNECTION_COUNTERS)
+_SERVER_SIDE_FIELDS = ("requests", "errors", *QUANTILES, "latency_avg_ns")
+_edge_fields = operator.itemgetter(*EDGE_FIELDS)
+#: A series' ROW and PAIR labels (KeyError when one is absent, as a label with an empty value is).
+_row_key = operator.itemgetter(*ROW)
+_pair_key = operator.itemgetter(*PAIR)
+_server_side_fields = operator.itemgetter(*_SERVER_SIDE_FIELDS)
 #: The counters of an edge a graph without detail did not read.
 _NOT_READ = {name: None for name in CONNECTION_COUNTERS if name not in SHAPE_COUNTERS}
+
+
+_ZEROS: dict[str, Any] = {name: 0 for name in COUNTED}
+_NO_LATENCY: dict[str, Any] = {"latency_avg_ns": None, **{name: None for name in QUANTILES}}
 
 
 def _sum_sides(sides: list[Side]) -> dict[str, Any]:
     """The counts of several rows added up; a latency quantile only when one row has them all."""
     if len(sides) == 1:  # most edges: the same numbers without the sums
         metrics = sides[0].metrics
-        get = metrics.get
-        one: dict[str, Any] = {name: round(get(name, 0)) for name in COUNTED}  # round(): an int
-        count = get("latency_count")
-        one["latency_avg_ns"] = int(metrics.get("latency_sum", 0.0) / count * NS) if count else None
+        one: dict[str, Any] = _ZEROS.copy()  # the counters a row lacks: 0
+        for name, value in metrics.items():  # a handful: cheaper than a lookup per counter
+            if name in one:
+                one[name] = round(value)  # round(): an int
+        count = metrics.get("latency_count")
         cumulative = metrics.get("latency_buckets")
+        if not count and not cumulative:  # a graph without latency: most rows of a large one
+            one.update(_NO_LATENCY)
+            return one
+        one["latency_avg_ns"] = int(metrics.get("latency_sum", 0.0) / count * NS) if count else None
         for name, q in QUANTILES.items():
             one[name] = _bucket_quantile(q, cumulative) if cumulative else None
         return one
@@ -366,8 +382,10 @@ class FleetQueries:
                    only: set[tuple] | None = None) -> None:
         for name in ("requests", "errors", "latency_sum", "latency_count", "latency_buckets"):
             for labels, value in got.get(name, ()):
-                get = labels.get
-                key = (get("host", ""), get("protocol", ""), get("client", ""), get("server", ""))  # ROW
+                try:
+                    key = _row_key(labels)
+                except KeyError:  # a label with an empty value: absent
+                    key = tuple(labels.get(k, "") for k in ROW)
                 if key[0] not in hosts or (only is not None and key not in only):
                     continue
                 side = rows.get(key)
@@ -381,8 +399,10 @@ class FleetQueries:
         pairs: dict[tuple, dict[str, float]] = collections.defaultdict(dict)
         for name in CONNECTION_COUNTERS:
             for labels, value in got.get(name, ()):
-                get = labels.get
-                key = (get("host", ""), get("client", ""), get("server", ""))  # PAIR
+                try:
+                    key = _pair_key(labels)
+                except KeyError:  # a label with an empty value: absent
+                    key = tuple(labels.get(k, "") for k in PAIR)
                 if key[0] in hosts:
                     pairs[key][name] = value
         return pairs
@@ -415,7 +435,10 @@ class FleetQueries:
         for labels, _ in got.get("remote", ()):
             get = labels.get
             port = get("port", "")
-            key = (get("host", ""), get("client", ""), get("server", ""))  # PAIR
+            try:
+                key = _pair_key(labels)
+            except KeyError:  # a label with an empty value: absent
+                key = tuple(get(k, "") for k in PAIR)
             if key[0] in hosts and port.isdigit() and (only is None or only(key, labels)):
                 remote[key].add((get("address", ""), int(port)))
 
@@ -773,37 +796,52 @@ class Fleet:
         # Client sides first: they name both services once joined.
         joined: dict[tuple[str, str, str], list[Edge]] = collections.defaultdict(list)  # (client host, server, proto)
         server_rows: list[Side] = []
-        for key, side in sorted(rows.items()):
-            endpoints = remote.get((side.host, side.client, side.server))
+        for key in sorted(rows):
+            side = rows[key]
+            host, protocol, client, server = key
+            endpoints = remote.get((host, client, server))
             if endpoints is None:
                 server_rows.append(side)
                 continue
-            placed[side.client].add(side.host)
-            targets = {resolve(address, port) for address, port in endpoints}
-            port_set = {port for _, port in endpoints}
-            port = port_set.pop() if len(port_set) == 1 else 0
-            services = {t[1] for t in targets if t is not None}
-            if None not in targets and len(services) == 1:
-                found = edge(side.client, services.pop(), side.protocol, port)
-                found.server_hosts |= {t[0] for t in targets if t is not None}
-                if found not in joined[(side.host, found.server, side.protocol)]:
-                    joined[(side.host, found.server, side.protocol)].append(found)
+            placed[client].add(host)
+            if len(endpoints) == 1:  # most client rows: one endpoint called
+                for address, port in endpoints:
+                    target = resolved.get((address, port), False)
+                    if target is False:
+                        target = resolve(address, port)
+                targets = (target,)
+                services = {target[1]} if target is not None else set()
             else:
-                found = edge(side.client, side.server, side.protocol, port)
+                targets = {resolve(address, port) for address, port in endpoints}
+                port_set = {port for _, port in endpoints}
+                port = port_set.pop() if len(port_set) == 1 else 0
+                services = {t[1] for t in targets if t is not None}
+            if None not in targets and len(services) == 1:
+                found = edge(client, services.pop(), protocol, port)
+                found.server_hosts.update(t[0] for t in targets)
+                halves = joined[(host, found.server, protocol)]
+                if found not in halves:
+                    halves.append(found)
+            else:
+                found = edge(client, server, protocol, port)
             found.client_sides.append(side)
-            found.client_hosts.add(side.host)
+            found.client_hosts.add(host)
         # Server sides: a local client, a client on another agent's host (the joined edge's
         # other half), or an external client.
         for side in server_rows:
             placed[side.server].add(side.host)
         for side in server_rows:
-            client_host = address_owner(side.client)
-            halves = joined.get((client_host, side.server, side.protocol), []) if client_host else []
-            halves = [e for e in halves if side.host in e.server_hosts]
-            if halves:
-                for found in halves:
-                    found.server_sides.append(side)
-                continue
+            client_host = addresses.get(side.client, False)
+            if client_host is False:
+                client_host = address_owner(side.client)
+            if client_host:
+                halves = joined.get((client_host, side.server, side.protocol))
+                if halves:
+                    halves = [e for e in halves if side.host in e.server_hosts]
+                    if halves:
+                        for found in halves:
+                            found.server_sides.append(side)
+                        continue
             service_ports = ports.get((side.host, side.server), set())
             port = next(iter(service_ports)) if len(service_ports) == 1 else 0
             found = edge(side.client, side.server, side.protocol, port)
@@ -823,31 +861,36 @@ class Fleet:
         return found.labels.get(self.idc_label) if found else None
 
     def edge_json(self, e: Edge) -> dict[str, Any]:
-        counted = e.client_sides or e.server_sides
-        out: dict[str, Any] = {"client": e.client, "server": e.server, "protocol": e.protocol, "port": e.port,
-                               **_sum_sides(counted)}
+        client_sides, server_sides = e.client_sides, e.server_sides
+        out: dict[str, Any] = {"client": e.client, "server": e.server, "protocol": e.protocol, "port": e.port}
+        out.update(_sum_sides(client_sides or server_sides))
         if self.partial:
             out.update(_NOT_READ)
-        out["client_hosts"] = sorted(e.client_hosts)
-        out["server_hosts"] = sorted(e.server_hosts)
-        out["joined"] = bool(e.client_sides and e.server_sides)
-        if out["joined"]:
-            server = _sum_sides(e.server_sides)
-            out["client_side"] = {k: out[k] for k in EDGE_FIELDS}
-            out["server_side"] = {k: server[k] for k in ("requests", "errors", *QUANTILES, "latency_avg_ns")}
+        client_hosts, server_hosts = e.client_hosts, e.server_hosts
+        out["client_hosts"] = sorted(client_hosts)
+        out["server_hosts"] = sorted(server_hosts)
+        joined = out["joined"] = bool(client_sides and server_sides)
+        if joined:
+            server = _sum_sides(server_sides)
+            out["client_side"] = dict(zip(EDGE_FIELDS, _edge_fields(out)))
+            server_side = out["server_side"] = dict(zip(_SERVER_SIDE_FIELDS, _server_side_fields(server)))
             # True when several client services of one host call this server: its rows name the
             # client host's address, not the service, and are shared by their edges (graph() says).
-            out["server_side"]["shared"] = False
+            server_side["shared"] = False
             if out["latency_avg_ns"] is not None and server["latency_avg_ns"] is not None:
                 out["network_latency_avg_ns"] = out["latency_avg_ns"] - server["latency_avg_ns"]
             else:
                 out["network_latency_avg_ns"] = None
         idc = self._idc
-        if len(e.client_hosts) == 1 and len(e.server_hosts) == 1:  # most edges
-            idc_pairs = [(idc(next(iter(e.client_hosts))), idc(next(iter(e.server_hosts))))]
-        else:
-            idc_pairs = sorted({(idc(c), idc(s)) for c in e.client_hosts for s in e.server_hosts},
-                               key=lambda p: (str(p[0]), str(p[1])))
+        if len(client_hosts) == 1 and len(server_hosts) == 1:  # most edges
+            for client_host in client_hosts:
+                for server_host in server_hosts:
+                    c, s = idc(client_host), idc(server_host)
+            out["idcs"] = [{"client": c, "server": s}]
+            out["cross_idc"] = c is not None and s is not None and c != s
+            return out
+        idc_pairs = sorted({(idc(c), idc(s)) for c in e.client_hosts for s in e.server_hosts},
+                           key=lambda p: (str(p[0]), str(p[1])))
         out["idcs"] = [{"client": c, "server": s} for c, s in idc_pairs]
         out["cross_idc"] = any(c is not None and s is not None and c != s for c, s in idc_pairs)
         return out

@@ -1,7 +1,8 @@
 """A small client of Prometheus's HTTP API (``/api/v1/query``, ``/api/v1/query_range``).
 
 Queries go as POST forms (long label regexes fit), answers are parsed with orjson; several
-queries run side by side (:meth:`Prometheus.many`), as Prometheus evaluates them concurrently.
+queries run side by side (:meth:`Prometheus.many`, a few at a time), as Prometheus evaluates them
+concurrently.
 Any failure is a :class:`PrometheusError` with one line saying what and where.
 """
 
@@ -40,7 +41,7 @@ def quote(value: str) -> str:
 
 class Prometheus:
     def __init__(self, url: str, *, timeout: float = 30.0, headers: dict[str, str] | None = None,
-                 workers: int = 8) -> None:
+                 workers: int = 8, in_flight: int = 3) -> None:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(f"Prometheus URL must be http(s)://HOST:PORT, got {url!r}")
@@ -48,6 +49,8 @@ class Prometheus:
         self.timeout = timeout
         self.headers = dict(headers or {})
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="deetune-promql")
+        #: At most this many of one :meth:`many` call's queries asked at a time (see there).
+        self.in_flight = max(1, in_flight)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False)
@@ -116,7 +119,22 @@ class Prometheus:
     def many(self, queries: dict[str, tuple]) -> dict[str, list]:
         """Several queries side by side: ``{name: (expr, at)}`` an instant query (its
         :data:`Sample` list), ``{name: (expr, first, second)}`` a :meth:`query_pair` (its
-        :data:`Pair` list)."""
-        futures = {name: self._pool.submit(self.query if len(args) == 2 else self.query_pair, *args)
-                   for name, args in queries.items()}
+        :data:`Pair` list).
+
+        At most :attr:`in_flight` at a time, the next asked as one is answered: a whole fleet's
+        large answers then arrive one after another, each parsed here while Prometheus evaluates
+        the next, instead of all at once after it evaluated them all side by side (and held them
+        all in its memory).  On the benchmark's fleet (docs/performance.md) 3 beside Prometheus on
+        2 CPUs: 0.1 s faster than all 5 at once and a tenth less of Prometheus's CPU."""
+        futures: dict[str, concurrent.futures.Future] = {}
+        waiting = list(queries.items())[::-1]
+        running: set[concurrent.futures.Future] = set()
+        while waiting or running:
+            while waiting and len(running) < self.in_flight:
+                name, args = waiting.pop()
+                future = futures[name] = self._pool.submit(self.query if len(args) == 2 else self.query_pair, *args)
+                running.add(future)
+            done, running = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            if any(future.exception() is not None for future in done):
+                break  # its error is raised below; the others asked already still end
         return {name: future.result() for name, future in futures.items()}

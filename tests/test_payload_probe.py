@@ -583,3 +583,17 @@ def test_idle_gaps_beside_busy_applications_take_connections_back_within_the_bud
         tick(0.01, idle=0.3)  # partly idle (15 %), not a burst's end
         waited += 1
     assert waited == 7  # 1 s of calm after the second the change is judged on, as on a busy host
+
+
+def test_a_second_that_shows_no_cpu_used_is_under_one_clock_tick_not_nothing():
+    """The agent's CPU time comes in clock ticks (10 ms): a sparse sampling's second on a busy
+    host may show none.  That is room for the budget over one tick, not for every connection."""
+    probe = PayloadProbe(busy_cpu=0.05)
+    with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
+    probe.set_sampling(256)
+    seen = [256]
+    for _ in range(12):
+        now = _tick_on_two_cpus(probe, idle=0.1, own=0.0, seconds=0.25)
+        if now != seen[-1]:
+            seen.append(now)
+    assert seen[:2] == [256, 64]  # 0.05 / 0.01 (a tick a second): room for 4 times the work

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 
 from deetune.hostcpu import CpuSample
 
@@ -32,6 +33,8 @@ MAX_CALM_SECONDS = 80
 #: its budget (``busy_cpu``) holds, as on a busy host; the longer waits that bursts on a busy host
 #: earned are kept until the host is this idle again.
 RELAX_IDLE_SHARE = 0.5
+#: The resolution of a process's CPU time (os.times: clock ticks).
+OWN_CPU_TICK = 1.0 / os.sysconf("SC_CLK_TCK")
 #: Overload sampling judges the CPU use over this long.
 CPU_WINDOW_SECONDS = 1.0
 
@@ -202,7 +205,13 @@ class OverloadSampling:
         whole window yet): 1."""
         if cpu is None:
             return 1
-        room = (self.busy_cpu if budget or cpu.host_busy else cpu.host_idle + cpu.own) / max(cpu.own, 1e-6)
+        if budget or cpu.host_busy:
+            # The process's CPU time comes in clock ticks: a window that shows none used less than
+            # one tick, not nothing (taken as nothing, a budget had room for every connection at
+            # once, and a host hovering at the busy mark went from 1 in 256 to all of them).
+            room = self.busy_cpu / max(cpu.own, OWN_CPU_TICK / cpu.seconds)
+        else:
+            room = (cpu.host_idle + cpu.own) / max(cpu.own, 1e-6)
         factor = 1
         while factor * 2 <= room and factor < SPARSEST_SAMPLING:
             factor *= 2

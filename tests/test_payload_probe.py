@@ -550,3 +550,50 @@ def test_idle_gaps_beside_busy_applications_take_connections_back_two_at_a_time(
 
     assert relax(idle=0.5) == [256, 128, 64, 32, 16, 8, 4, 2, 1]
     assert relax(idle=1.5) == [256, 1]
+
+
+def test_idle_gaps_beside_busy_applications_take_connections_back_within_the_budget():
+    """A host hovering at the busy mark (pgbench: a client and a server waiting on each other, a
+    tenth of the CPUs idle or a little more): what the agent takes from the gaps delays the
+    applications as on a busy host.  It takes connections back only as far as its budget holds,
+    and a partly idle second does not undo the longer wait that bursts earned."""
+    probe = PayloadProbe(busy_cpu=0.05)
+    with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
+
+    def tick(own: float, idle: float) -> int:
+        return _tick_on_two_cpus(probe, idle=idle, own=own, seconds=0.25)
+
+    probe.set_sampling(64)
+    # A quarter of the host idle, the agent on 0.04 of its 0.05 cores: no room for twice the work.
+    assert [tick(0.04, idle=0.5) for _ in range(40)] == [64] * 40
+    # Within half the budget: twice as many connections at a time.
+    assert 32 in [tick(0.02, idle=0.5) for _ in range(8)]
+    # Bursts on a busy host make the wait longer; partly idle seconds between them keep it.
+    probe = PayloadProbe(busy_cpu=0.05)
+    with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
+    assert [tick(0.8, idle=0.1) for _ in range(4)] == [1, 1, 1, 16]
+    for _ in range(20):
+        if probe.sampling != 16:
+            break
+        tick(0.01, idle=0.1)
+    assert probe.sampling == 4
+    assert [tick(0.3, idle=0.1) for _ in range(4)] == [4, 4, 4, 32]  # overran soon after: waits 1 s next
+    waited = 0
+    while probe.sampling == 32 and waited < 100:
+        tick(0.01, idle=0.3)  # partly idle (15 %), not a burst's end
+        waited += 1
+    assert waited == 7  # 1 s of calm after the second the change is judged on, as on a busy host
+
+
+def test_a_second_that_shows_no_cpu_used_is_under_one_clock_tick_not_nothing():
+    """The agent's CPU time comes in clock ticks (10 ms): a sparse sampling's second on a busy
+    host may show none.  That is room for the budget over one tick, not for every connection."""
+    probe = PayloadProbe(busy_cpu=0.05)
+    with_fake_controls(probe, {"emitted": 0, "lost": 0, "sampled_out": 0})
+    probe.set_sampling(256)
+    seen = [256]
+    for _ in range(12):
+        now = _tick_on_two_cpus(probe, idle=0.1, own=0.0, seconds=0.25)
+        if now != seen[-1]:
+            seen.append(now)
+    assert seen[:2] == [256, 64]  # 0.05 / 0.01 (a tick a second): room for 4 times the work

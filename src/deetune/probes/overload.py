@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import os
 
 from deetune.hostcpu import CpuSample
 
@@ -28,8 +29,12 @@ MAX_CALM_SECONDS = 80
 #: Below this share of its CPUs idle (but not busy), a host's idle CPU is the gaps of applications
 #: that wait on each other (a client and its server): overload sampling then takes at most twice
 #: as many connections at a time, not all the idle CPU would hold (under pgbench, stepping back
-#: to full detail at once made the sampling swing between sparse and dense).
+#: to full detail at once made the sampling swing between sparse and dense), and only as far as
+#: its budget (``busy_cpu``) holds, as on a busy host; the longer waits that bursts on a busy host
+#: earned are kept until the host is this idle again.
 RELAX_IDLE_SHARE = 0.5
+#: The resolution of a process's CPU time (os.times: clock ticks).
+OWN_CPU_TICK = 1.0 / os.sysconf("SC_CLK_TCK")
 #: Overload sampling judges the CPU use over this long.
 CPU_WINDOW_SECONDS = 1.0
 
@@ -109,12 +114,12 @@ class OverloadSampling:
 
         After CALM_SECONDS without a loss and with room for more work (idle CPU for it, or on a
         busy host, room in the budget), it takes as many more connections as fit: all of them at
-        once when a burst is over (the host mostly idle), at most twice as many while the
-        host's idle CPU is only the gaps of busy applications (RELAX_IDLE_SHARE).
+        once when a burst is over (the host mostly idle), at most twice as many, and within the
+        budget, while the host's idle CPU is only the gaps of busy applications (RELAX_IDLE_SHARE).
         On a busy host, a step back that overran the budget soon after makes the next one
         wait twice as long (up to MAX_CALM_SECONDS): few busy connections make the work
         come in bursts, and without this the agent would spend its budget on them over and
-        over.  Without ``cpu`` (a caller that does not measure it), a tick counts as a
+        over; only a mostly idle host (RELAX_IDLE_SHARE) resets that wait.  Without ``cpu`` (a caller that does not measure it), a tick counts as a
         second and only lost records count."""
         if self.obj is None or not self.overload_sampling:
             return
@@ -135,8 +140,10 @@ class OverloadSampling:
         competing = judged is not None and judged.host_busy and judged.own > self.busy_cpu
         elapsed = cpu.seconds if cpu is not None else 1.0
         self._since_relax += elapsed
-        if window is not None and not window.host_busy:
-            self._calm_needed = CALM_SECONDS  # idle CPU again: the wait was for bursts on a busy host
+        if window is not None and window.host_idle >= RELAX_IDLE_SHARE * window.host_cores:
+            # Mostly idle again: the wait was for bursts on a busy host.  (Not the idle gaps of
+            # applications waiting on each other: a host hovering at the busy mark would undo it.)
+            self._calm_needed = CALM_SECONDS
         sampling = self.sampling
         if competing and self._since_relax < 2 * self._calm_needed:
             self._calm_needed = min(self._calm_needed * 2, MAX_CALM_SECONDS)
@@ -186,15 +193,25 @@ class OverloadSampling:
         if not behind and not tick.host_busy:
             room = max(room, self._room_for(tick))
         if not tick.host_busy and tick.host_idle < RELAX_IDLE_SHARE * tick.host_cores:
-            room = min(room, 2)
+            # The gaps of applications waiting on each other: what the agent takes there delays
+            # them as on a busy host, so it takes connections back only as far as its budget
+            # holds (judged on the last second), and twice as many at a time at most.
+            room = min(room, 2, self._room_for(window, budget=True))
         return room
 
-    def _room_for(self, cpu: CpuSample | None) -> int:
+    def _room_for(self, cpu: CpuSample | None, budget: bool = False) -> int:
         """How many times the work would fit (a power of two; 1: no more): in the idle CPU and
-        what the agent uses now, or on a busy host in the budget.  None (no whole window yet): 1."""
+        what the agent uses now, or on a busy host (or with ``budget``) in the budget.  None (no
+        whole window yet): 1."""
         if cpu is None:
             return 1
-        room = (self.busy_cpu if cpu.host_busy else cpu.host_idle + cpu.own) / max(cpu.own, 1e-6)
+        if budget or cpu.host_busy:
+            # The process's CPU time comes in clock ticks: a window that shows none used less than
+            # one tick, not nothing (taken as nothing, a budget had room for every connection at
+            # once, and a host hovering at the busy mark went from 1 in 256 to all of them).
+            room = self.busy_cpu / max(cpu.own, OWN_CPU_TICK / cpu.seconds)
+        else:
+            room = (cpu.host_idle + cpu.own) / max(cpu.own, 1e-6)
         factor = 1
         while factor * 2 <= room and factor < SPARSEST_SAMPLING:
             factor *= 2

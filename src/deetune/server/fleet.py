@@ -259,11 +259,9 @@ class FleetQueries:
     def hosts(self, since: float, until: float) -> dict[str, Host]:
         return self._state(since, until)[0]
 
-    def _state(self, since: float, until: float, also: dict[str, tuple] | None = None,
-               ) -> tuple[dict[str, Host], bool]:
+    def _state(self, since: float, until: float) -> tuple[dict[str, Host], bool]:
         """The hosts, and whether the recording rules' series cover [since, until] (their marker
-        has a value at both ends; never with a selector: the recorded series keep no job label).
-        ``also``: more queries asked beside these, their answers put in it in their place."""
+        has a value at both ends; never with a selector: the recorded series keep no job label)."""
         rng = _duration(until - since)
         rules = {}
         if self.use_rules and not self.selector:
@@ -276,10 +274,7 @@ class FleetQueries:
             "started": (f"last_over_time({self._sel('deetune_agent_start_time_seconds')}[{rng}])", until),
             "addresses": (f"max_over_time({self._sel('deetune_host_address')}[{rng}])", until),
             "listeners": (f"max_over_time({self._sel('deetune_listen_endpoint')}[{rng}])", until),
-            **(also or {}),
         })
-        if also:
-            also.update((name, got[name]) for name in also)
         reporting = {labels.get("host") for labels, _ in got["now"]}
         hosts: dict[str, Host] = {}
         for labels, _ in got["seen"]:
@@ -309,8 +304,7 @@ class FleetQueries:
         return hosts, recorded
 
     def _queries(self, since: float, until: float, hosts: dict[str, Host], names: Iterable[str],
-                 extra: str = "", recorded: bool = False, asked: dict[str, list] | None = None,
-                 ) -> dict[str, list[Sample]]:
+                 extra: str = "", recorded: bool = False) -> dict[str, list[Sample]]:
         """The named row values over [since, until] (requests, errors, latency_sum, latency_count,
         the quantiles, the connection counters; remote: the endpoint rows), as (labels, value).
         With ``recorded``, the families of :data:`RECORDED` are read from the rules' sums.
@@ -318,20 +312,8 @@ class FleetQueries:
         Each counter family is one query evaluated at ``since`` and at ``until`` (a range query of
         those two steps: its series selected once), its sums at both subtracted here (hosts not
         reporting: their last sample in the range instead of ``until``); the quantiles come from
-        the buckets' increases, all three from one such query.  ``asked``: answers to some of these
-        queries already had (see :meth:`fleet`)."""
+        the buckets' increases, all three from one such query."""
         stale = {name for name, host in hosts.items() if not host.reporting}
-        names = list(names)
-        queries, counters = self._query_set(since, until, stale, names, extra, recorded)
-        got = dict(asked or {})
-        missing = {name: args for name, args in queries.items() if name not in got}
-        if missing:
-            got.update(self.prom.many(missing))
-        return self._rows_of(got, counters, hosts, since, names)
-
-    def _query_set(self, since: float, until: float, stale: set[str], names: Iterable[str], extra: str,
-                   recorded: bool) -> tuple[dict[str, tuple], list[tuple[str, str, tuple]]]:
-        """The queries behind :meth:`_queries`, and the counter families they read."""
         rng = _duration(until - since)
         red = {"requests": "deetune_requests_total", "errors": "deetune_request_errors_total",
                "latency_sum": "deetune_request_duration_seconds_sum",
@@ -358,11 +340,7 @@ class FleetQueries:
             if stale:
                 stale_series = self._sel("deetune_remote_endpoint", self._and(extra, f'host=~"{quote_regex(stale)}"'))
                 queries["remote@stale"] = (f"last_over_time({stale_series}[{rng}])", until)
-        return queries, counters
-
-    @staticmethod
-    def _rows_of(got: dict[str, list], counters: list[tuple[str, str, tuple]], hosts: dict[str, Host],
-                 since: float, names: list[str]) -> dict[str, list[Sample]]:
+        got = self.prom.many(queries)
         # A host whose agent started after `since` counted from 0 then: nothing to subtract.
         restarted = {name for name, host in hosts.items() if host.started is not None and host.started > since}
         out: dict[str, list[Sample]] = {}
@@ -436,19 +414,15 @@ class FleetQueries:
         failed), with ``latency`` averages (default: with ``detail``) and with ``detail`` the
         other connection counters."""
         since, until = since_ns / NS, until_ns / NS
+        hosts, recorded = self._state(since, until)
+        if not hosts:
+            return Fleet(self.idc_label, hosts, {}, since_ns, until_ns)
         names = ["requests", "errors", "remote", *SHAPE_COUNTERS]
         if detail if latency is None else latency:
             names += ["latency_sum", "latency_count"]
         if detail:
             names += [c for c in CONNECTION_COUNTERS if c not in SHAPE_COUNTERS]
-        # The queries that do not depend on the state (the rules' coverage, hosts not reporting) are
-        # asked beside it, the endpoints' the largest of them: no round trip between.
-        early = {name: args for name, args in self._query_set(since, until, set(), names, "", False)[0].items()
-                 if name not in RECORDED}
-        hosts, recorded = self._state(since, until, also=early)
-        if not hosts:
-            return Fleet(self.idc_label, hosts, {}, since_ns, until_ns)
-        got = self._queries(since, until, hosts, names, recorded=recorded, asked=early)
+        got = self._queries(since, until, hosts, names, recorded=recorded)
         rows: dict[tuple, Side] = {}
         self._read_rows(got, hosts, rows)
         remote: dict[tuple, set[tuple[str, int]]] = collections.defaultdict(set)

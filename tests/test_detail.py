@@ -52,6 +52,12 @@ def test_a_whole_batch_goes_at_once():
         weigher(e)
     weigher(counted(3))
     assert weigher.tick() == batch and [e.sampling for e in batch] == [1, 1, 1]
+    # Two answered across the read (counted at their first response byte, decoded after): at once.
+    batch = [exchange(ts=10 + i) for i in range(18)]
+    for e in batch:
+        weigher(e)
+    weigher(counted(20))
+    assert weigher.tick() == batch and all(e.sampling == 20 / 18 for e in batch)
 
 
 def test_when_nothing_is_decoded_after_a_sample_its_counts_are_the_samples():

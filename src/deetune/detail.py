@@ -10,7 +10,7 @@ weight that makes them add up to what the kernel counted over the same time:
 
 - A read whose exchanges were all copied (no overload sampling) weighs 1 each, more only where
   the kernel counted exchanges the agent did not see (records lost, calls left out).
-- A batch of sampled exchanges (or one with fewer exchanges than its read counted) waits for
+- A batch of sampled exchanges (or one with under half of what its read counted) waits for
   the next read that has decoded exchanges of its edge side (up to HOLD_TICKS reads) and stands
   for the counts of the reads between, in which the sampling copied none: when the traffic
   stops, the last sampled exchanges stand for its end.
@@ -181,10 +181,11 @@ class DetailWeigher:
             self._weigh(tally, tally.held, out)
             tally.held = []
         tally.owed += read.counted
-        # A sample (sampled calls, or fewer decoded than counted: a connection-period the
+        # A sample (sampled calls, or under half of what was counted: connection-periods the
         # sampling left out) waits: the reads after it may decode nothing, and their counts are
-        # then its to stand for, or no exchange would stand for them.
-        if tally.owed > len(read.decoded) or any(e.sampling != 1 for e in read.decoded):
+        # then its to stand for, or no exchange would stand for them.  A few short (exchanges
+        # counted at their response's first byte, decoded after its last) is no sample: at once.
+        if tally.owed > 2 * len(read.decoded) or any(e.sampling != 1 for e in read.decoded):
             tally.held, tally.held_at = read.decoded, self._reads
         else:
             self._weigh(tally, read.decoded, out)

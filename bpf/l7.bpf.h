@@ -194,7 +194,7 @@ enum pg_method {
 };
 
 /* Batches (Syncs, Queries) sent and not answered yet, at most: pipelines. */
-#define L7_PG_BATCHES 32
+#define L7_PG_BATCHES 16
 /* Messages walked in one call at most (a server writes 8 KiB at a time: ~1500 short rows). */
 #define L7_PG_STEPS 8192
 /* Bytes of a call copied for the walk: headers beyond are read from the call's buffer. */
@@ -270,16 +270,25 @@ struct l7_sock {
 	__u64 user;               /* its bytes in user memory, when in one buffer (set by the includer; 0: not) */
 	char method[DT_L7_METHOD_LEN];      /* HTTP and MySQL: the request in progress */
 	char last_method[DT_L7_METHOD_LEN];
-	struct pending_method ring[L7_PENDING_RING]; /* HTTP pipelines, Redis */
-	struct resp_parser rp[2]; /* Redis: [0] requests, [1] replies */
-	struct resp_scan scan;
-	struct pg_state pg;       /* PostgreSQL */
+	/* One protocol's state at a time (a socket's protocol is settled once): the storage stays
+	 * the size it was for the largest. */
+	union {
+		struct {
+			struct pending_method ring[L7_PENDING_RING]; /* HTTP pipelines, Redis */
+			struct resp_parser rp[2]; /* Redis: [0] requests, [1] replies */
+			struct resp_scan scan;
+		};
+		struct pg_state pg;       /* PostgreSQL */
+	};
 	/* The counters' key being built: here rather than on the stack, which the
 	 * parser's chain of calls (callback, reply, exchange) would outgrow. */
 	struct dt_l7_key key;
 	struct l7_slot_cache cache;
 	__u8 head[L7_SAVED_HEAD];
 };
+
+_Static_assert(sizeof(struct pg_state) <= sizeof(struct pending_method) * L7_PENDING_RING +
+		       sizeof(struct resp_parser) * 2 + sizeof(struct resp_scan), "PostgreSQL's state grows l7_sock");
 
 /* The bytes copied of a call (the caller's buffer, L7_BUF_SIZE of them readable). */
 struct l7_bytes {

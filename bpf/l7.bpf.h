@@ -198,7 +198,9 @@ enum pg_method {
 /* Messages walked in one call at most (a server writes 8 KiB at a time: ~1500 short rows). */
 #define L7_PG_STEPS 8192
 /* Bytes of a call copied for the walk: headers beyond are read from the call's buffer. */
+#ifndef L7_PG_WINDOW
 #define L7_PG_WINDOW 4096
+#endif
 
 /* What one ReadyForQuery answers: the exchanges a Sync or Query closed, in order: `execs`
  * EXECUTE groups, then a group of another method (`tail`, if any), then `last`. */
@@ -955,6 +957,8 @@ static __always_inline int account_postgres(struct l7_sock *st, struct l7_call *
 	pg->pos = 0;
 	pg->stop = 0;
 	pg->action = L7_NOTHING;
+	/* A response call's bytes go with the first exchange it ends (one map update, not two). */
+	st->resp_first = request ? 0 : call->size;
 	struct pg_walk walk = {
 		.st = st, .buf = call->buf, .ts = call->ts, .len = call->len, .size = call->size, .request = request,
 	};
@@ -963,8 +967,8 @@ static __always_inline int account_postgres(struct l7_sock *st, struct l7_call *
 		p->lost = 1; /* the steps ran out */
 	if (p->lost)
 		l7_count_other(st, DT_L7_UNPARSED, 1);
-	if (!request)
-		st->resp_bytes += call->size; /* after the exchanges it ended: theirs is the key flushed next */
+	st->resp_bytes += st->resp_first; /* it ended none: to the key counted last */
+	st->resp_first = 0;
 	return pg->action;
 }
 

@@ -161,6 +161,12 @@ def test_postgres_counts_do_not_move_with_the_overload_sampling(postgres_server)
         # heads are copied whatever the sampling).
         decoded = decoded_counts(collector, port)
         assert sum(n for (_, _, outcome), n in decoded.items() if outcome == "ok") < sum(expected.values()) // 2
+        # Every error is decoded, from the heads the kernel copies of each (l7_account's L7_ERROR_DETAIL).
+        errors = lambda: {k: n for k, n in decoded_counts(collector, port).items() if k[2] == "error"}  # noqa: E731
+        deadline = time.monotonic() + 10
+        while errors() != {(role, "QUERY", "error"): connections for role in ROLES} and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert errors() == {(role, "QUERY", "error"): connections for role in ROLES}
 
 
 def startup_message() -> bytes:

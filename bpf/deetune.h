@@ -168,6 +168,7 @@ enum dt_l7_protocol {
 	DT_L7_HTTP = 1,
 	DT_L7_REDIS = 2,
 	DT_L7_MYSQL = 3,
+	DT_L7_POSTGRES = 4,
 	DT_L7_NONE = 255,     /* none of these: not looked at again */
 };
 
@@ -186,7 +187,7 @@ enum dt_l7_limits {
 
 /* Bits of dt_l7_key.flags */
 enum dt_l7_flags {
-	DT_L7_ERROR = 1,          /* HTTP 5xx, a Redis error reply, a MySQL ERR */
+	DT_L7_ERROR = 1,          /* HTTP 5xx, a Redis error reply, a MySQL ERR, a PostgreSQL ErrorResponse */
 	DT_L7_NO_RESPONSE = 2,    /* the connection ended (or a new request came) before a response */
 	/* Not exchanges: counts of bytes the parser could not follow (requests =
 	 * chunks); the edge's counts are then a lower bound. */
@@ -215,8 +216,9 @@ struct dt_edge {
 
 struct dt_l7_key {
 	struct dt_edge edge;
-	char method[DT_L7_METHOD_LEN]; /* HTTP method, Redis command (upper case), MySQL command name */
-	__u16 status;         /* HTTP status code; Redis and MySQL: 0 */
+	char method[DT_L7_METHOD_LEN]; /* HTTP method, Redis command (upper case), MySQL command code,
+				       * PostgreSQL exchange ("QUERY", "EXECUTE", "STARTUP" …) */
+	__u16 status;         /* HTTP status code; the others: 0 */
 	__u8 flags;           /* enum dt_l7_flags */
 	__u8 _pad[5];
 };

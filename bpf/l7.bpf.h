@@ -1,5 +1,5 @@
 /* SPDX-License-Identifier: Apache-2.0
- * Exact L7 accounting in the kernel: HTTP/1.x, Redis (RESP2/3) and MySQL.
+ * Exact L7 accounting in the kernel: HTTP/1.x, Redis (RESP2/3), MySQL and PostgreSQL.
  *
  * Called once per transfer on a socket (payload.bpf.c's send/recv hooks) with
  * the first bytes of the call, it classifies the socket's protocol from its
@@ -17,7 +17,11 @@
  * from the last request chunk to the first response chunk.  Redis pipelines
  * are parsed command by command and reply by reply within the bytes copied
  * (L7_PARSE_WINDOW per call); what a window cannot reach is counted as
- * unparsed (DT_L7_UNPARSED), never silently.
+ * unparsed (DT_L7_UNPARSED), never silently.  PostgreSQL: each direction's
+ * message framing (type, length) is followed across calls, one header per
+ * message (the bytes copied, else the call's user buffer); a Sync or a Query
+ * closes a batch of exchanges that its ReadyForQuery answers (see
+ * account_postgres).
  *
  * The includer copies l7_bytes_wanted() bytes of each call into a buffer
  * of L7_BUF_SIZE bytes (power of two, with as much slack after it) and calls
@@ -171,6 +175,71 @@ struct l7_endpoints {
 	__u16 set;
 };
 
+
+/* PostgreSQL: the exchanges' methods (names in pg_names), as the user-space decoder names them. */
+enum pg_method {
+	PG_NONE = 0,
+	PG_QUERY = 1,
+	PG_EXECUTE = 2,
+	PG_STARTUP = 3,
+	PG_PARSE = 4,
+	PG_BIND = 5,
+	PG_DESCRIBE = 6,
+	PG_CLOSE = 7,
+	PG_SYNC = 8,
+	PG_FUNCTION_CALL = 9,
+	PG_SSL_REQUEST = 10,
+	PG_GSSENC_REQUEST = 11,
+	PG_CANCEL = 12,
+};
+
+/* Batches (Syncs, Queries) sent and not answered yet, at most: pipelines. */
+#define L7_PG_BATCHES 16
+/* Messages walked in one call at most (a server writes 8 KiB at a time: ~1500 short rows). */
+#define L7_PG_STEPS 8192
+/* Bytes of a call copied for the walk: headers beyond are read from the call's buffer. */
+#ifndef L7_PG_WINDOW
+#define L7_PG_WINDOW 4096
+#endif
+
+/* What one ReadyForQuery answers: the exchanges a Sync or Query closed, in order: `execs`
+ * EXECUTE groups, then a group of another method (`tail`, if any), then `last`. */
+struct pg_batch {
+	__u64 req_end;    /* its last request byte */
+	__u32 execs;
+	__u8 tail;        /* enum pg_method: Parse/Bind … messages a Query came after */
+	__u8 last;        /* enum pg_method: the Sync's group when not an Execute's, the Query … */
+	__u8 _pad[2];
+};
+
+/* One direction's framing. */
+struct pg_parser {
+	__u32 left;       /* bytes of the current message's body still to come */
+	__u8 hdr[8];      /* the next message's header, as far as read (split across calls) */
+	__u8 have;        /* bytes of it read */
+	__u8 special;     /* untyped next: the start-up message (requests), a 1-byte SSL answer (responses) */
+	__u8 lost;        /* out of step: waiting to start again */
+	__u8 _pad;
+};
+
+struct pg_state {
+	struct pg_parser dir[2];  /* [0] requests, [1] responses */
+	struct pg_batch ring[L7_PG_BATCHES];
+	__u32 pushed;     /* batches closed by the client */
+	__u32 popped;     /* batches answered */
+	__u32 execs;      /* EXECUTE groups since the last Sync */
+	__u32 done;       /* Executes completed (CommandComplete …) in the batch being answered */
+	__u32 fail_at;    /* `done` at its first ErrorResponse */
+	__u32 pos;        /* the walk's place in the call */
+	__u64 resp_ns;    /* the first response byte of the batch being answered (0: none yet) */
+	__u8 open;        /* enum pg_method of the extended-protocol group messages join (0: none) */
+	__u8 exec_last;   /* the last message was an Execute: a Sync joins its group */
+	__u8 failed;      /* an ErrorResponse in the batch being answered */
+	__u8 stop;        /* the walk of the call is over */
+	__u8 action;      /* enum l7_action for the call */
+	__u8 _pad[3];
+};
+
 /* What the accounting keeps of one socket (in the includer's socket storage). */
 struct l7_sock {
 	struct dt_edge edge;      /* set when classified */
@@ -200,17 +269,28 @@ struct l7_sock {
 	__u64 resp_first;         /* the bytes of the call that began the response being counted:
 				   * counted with the exchange (one map update, not two) */
 	__u64 now;                /* the call being accounted (set by the includer) */
+	__u64 user;               /* its bytes in user memory, when in one buffer (set by the includer; 0: not) */
 	char method[DT_L7_METHOD_LEN];      /* HTTP and MySQL: the request in progress */
 	char last_method[DT_L7_METHOD_LEN];
-	struct pending_method ring[L7_PENDING_RING]; /* HTTP pipelines, Redis */
-	struct resp_parser rp[2]; /* Redis: [0] requests, [1] replies */
-	struct resp_scan scan;
+	/* One protocol's state at a time (a socket's protocol is settled once): the storage stays
+	 * the size it was for the largest. */
+	union {
+		struct {
+			struct pending_method ring[L7_PENDING_RING]; /* HTTP pipelines, Redis */
+			struct resp_parser rp[2]; /* Redis: [0] requests, [1] replies */
+			struct resp_scan scan;
+		};
+		struct pg_state pg;       /* PostgreSQL */
+	};
 	/* The counters' key being built: here rather than on the stack, which the
 	 * parser's chain of calls (callback, reply, exchange) would outgrow. */
 	struct dt_l7_key key;
 	struct l7_slot_cache cache;
 	__u8 head[L7_SAVED_HEAD];
 };
+
+_Static_assert(sizeof(struct pg_state) <= sizeof(struct pending_method) * L7_PENDING_RING +
+		       sizeof(struct resp_parser) * 2 + sizeof(struct resp_scan), "PostgreSQL's state grows l7_sock");
 
 /* The bytes copied of a call (the caller's buffer, L7_BUF_SIZE of them readable). */
 struct l7_bytes {
@@ -245,6 +325,8 @@ static __always_inline __u32 l7_bytes_wanted(struct l7_sock *st, bool save_head,
 		return L7_HEAD_BYTES; /* enough to classify; then what the protocol needs (l7_classify_call) */
 	if (st->protocol == DT_L7_REDIS)
 		return L7_PARSE_WINDOW;
+	if (st->protocol == DT_L7_POSTGRES)
+		return L7_PG_WINDOW;
 	return save_head && direction == st->request_dir ? L7_SAVED_HEAD_SHORT : L7_HEAD_BYTES;
 }
 
@@ -377,7 +459,7 @@ static __always_inline void add_counts(__u32 slot, __u64 requests, __u64 req_byt
 		__sync_fetch_and_add(&c->latency_sum_ns, latency);
 }
 
-static __always_inline void add_latency(__u32 slot, __u64 latency)
+static __always_inline void add_latency(__u32 slot, __u64 latency, __u32 n)
 {
 	struct dt_latency_histogram *h = bpf_map_lookup_elem(&dt_l7_latency, &slot);
 	if (!h)
@@ -385,7 +467,7 @@ static __always_inline void add_latency(__u32 slot, __u64 latency)
 	__u32 bucket = latency_bucket(latency);
 	if (bucket >= DT_LATENCY_BUCKETS)
 		bucket = DT_LATENCY_BUCKETS - 1;
-	__sync_fetch_and_add(&h->buckets[bucket], 1);
+	__sync_fetch_and_add(&h->buckets[bucket], n);
 }
 
 /* The counting functions below are global: the verifier checks each once, not
@@ -431,7 +513,31 @@ __attribute__((noinline)) int l7_count_exchange(struct l7_sock *st, struct l7_me
 	st->last_status = status;
 	st->last_flags = flags;
 	if (timed)
-		add_latency(slot, latency);
+		add_latency(slot, latency, 1);
+	return 0;
+}
+
+/* `n` exchanges of one key answered by one response (a PostgreSQL batch), `latency` each
+ * (none with DT_L7_NO_RESPONSE or L7_NO_LATENCY). */
+__attribute__((noinline)) int l7_count_exchanges(struct l7_sock *st, struct l7_method *method, __u32 flags, __u32 n,
+						 __u64 latency)
+{
+	if (!st || !method || !n)
+		return 0;
+	flush_response_bytes(st);
+	bool timed = !(flags & (DT_L7_NO_RESPONSE | L7_NO_LATENCY));
+	flags &= 0xff;
+	if (!timed)
+		latency = 0;
+	__u32 slot = slot_of(st, method->name, 0, flags, true);
+	add_counts(slot, n, st->req_bytes, st->resp_first, latency * n);
+	st->req_bytes = 0;
+	st->resp_first = 0;
+	copy_words(st->last_method, method->name, DT_L7_METHOD_LEN / 8);
+	st->last_status = 0;
+	st->last_flags = flags;
+	if (timed)
+		add_latency(slot, latency, n);
 	return 0;
 }
 
@@ -459,6 +565,413 @@ __attribute__((noinline)) int l7_count_unanswered(struct l7_sock *st, __u32 flag
 	st->popped = st->pushed;
 	return 0;
 }
+
+/* -- PostgreSQL ------------------------------------------------------------------------------- */
+
+/* Exchanges as the user-space decoder (deetune.decoders.postgres) groups them, counted when the
+ * ReadyForQuery that ends them comes: a Query is one; in the extended protocol the messages up to
+ * an Execute are one (EXECUTE), a Sync right behind an Execute joins it, Parse/Bind/Describe/Close
+ * messages a Sync closes without an Execute are one (named by the first, BIND over the others), a
+ * Sync alone is one (SYNC).  A batch is what one ReadyForQuery answers (all since the last Sync or
+ * Query); each Execute completed (CommandComplete, EmptyQueryResponse, PortalSuspended) before an
+ * ErrorResponse was an exchange that succeeded, the one that failed and every one after it up to the
+ * Sync are errors (the server skips them).  The start-up is one (STARTUP) up to the first
+ * ReadyForQuery, or an error. */
+
+static const char pg_names[16][DT_L7_METHOD_LEN] = {
+	"", "QUERY", "EXECUTE", "STARTUP", "PARSE", "BIND", "DESCRIBE", "CLOSE", "SYNC", "FUNCTION_CALL",
+	"SSL_REQUEST", "GSSENC_REQUEST", "CANCEL",
+};
+
+#define PG_CODE_PROTOCOL_3 196608
+#define PG_CODE_SSL 80877103
+#define PG_CODE_GSSENC 80877104
+#define PG_CODE_CANCEL 80877102
+#define PG_MAX_LENGTH (1u << 30)
+
+static __always_inline __u32 pg_be32(const __u8 *h)
+{
+	return (__u32)h[0] << 24 | (__u32)h[1] << 16 | (__u32)h[2] << 8 | h[3];
+}
+
+/* Frontend message types (the decoder's): B C D E F H P Q S X c d f p. */
+static __always_inline bool pg_frontend_type(__u8 t)
+{
+	return t == 'B' || t == 'C' || t == 'D' || t == 'E' || t == 'F' || t == 'H' || t == 'P' || t == 'Q' ||
+	       t == 'S' || t == 'X' || t == 'c' || t == 'd' || t == 'f' || t == 'p';
+}
+
+/* Backend message types: 1 2 3 A C D E G H I K N R S T V W Z c d n s t v. */
+static __always_inline bool pg_backend_type(__u8 t)
+{
+	return (t >= '1' && t <= '3') || t == 'A' || t == 'C' || t == 'D' || t == 'E' || t == 'G' || t == 'H' ||
+	       t == 'I' || t == 'K' || t == 'N' || t == 'R' || t == 'S' || t == 'T' || t == 'V' || t == 'W' ||
+	       t == 'Z' || t == 'c' || t == 'd' || t == 'n' || t == 's' || t == 't' || t == 'v';
+}
+
+/* `n` (at most 8) bytes of the call at `pos`: from the bytes copied, else from the call's buffer
+ * (st->user).  False when neither has them. */
+static __always_inline bool pg_read(struct l7_sock *st, const struct l7_bytes *buf, __u32 len, __u32 pos, __u8 *out,
+				    __u32 n)
+{
+	if (n > 8)
+		return false;
+	if (pos + n <= len) {
+		for (int i = 0; i < 8; i++)
+			if (i < n)
+				out[i] = l7_byte(buf, pos + i);
+		return true;
+	}
+	if (!st->user)
+		return false;
+	return bpf_probe_read_user(out, n, (const void *)(st->user + pos)) == 0;
+}
+
+/* A call of whole frontend messages that a request round trip opens with: a Query alone, or
+ * Parse/Bind … ending with a Sync or Flush exactly where the call ends (a connection joined after
+ * its start-up, or followed again after a loss).  Strict, so that other protocols never pass. */
+__attribute__((noinline)) int pg_frontend_call(struct l7_sock *st, const struct l7_bytes *buf, __u64 lengths)
+{
+	if (!st || !buf)
+		return 0;
+	__u32 len = lengths >> 32, size = (__u32)lengths, pos = 0;
+	__u8 h[8] = {};
+	for (int i = 0; i < 8; i++) {
+		if (pos > size || size - pos < 5 || !pg_read(st, buf, len, pos, h, 5))
+			return 0;
+		__u8 t = h[0];
+		__u32 length = pg_be32(&h[1]);
+		if (length < 4 || length > PG_MAX_LENGTH)
+			return 0;
+		if (t == 'Q') {
+			/* A statement: NUL-terminated, starting like SQL. */
+			if (i || length + 1 != size || length < 6 || !pg_read(st, buf, len, 5, h, 1))
+				return 0;
+			__u8 c = h[0] | 0x20;
+			if (!((c >= 'a' && c <= 'z') || c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '(' ||
+			      c == '/' || c == '-'))
+				return 0;
+			return pg_read(st, buf, len, size - 1, h, 1) && h[0] == 0;
+		}
+		if (i == 0 ? t != 'P' && t != 'B'
+			   : t != 'P' && t != 'B' && t != 'D' && t != 'E' && t != 'S' && t != 'H' && t != 'C')
+			return 0;
+		__u64 next = (__u64)pos + 1 + length;
+		if (next == size)
+			return (t == 'S' || t == 'H') && length == 4;
+		if (next > size)
+			return 0;
+		pos = next;
+	}
+	return 0;
+}
+
+/* The name of a method, in st->method for the counting functions. */
+static __always_inline struct l7_method *pg_method(struct l7_sock *st, __u8 code)
+{
+	copy_words(st->method, pg_names[code & 15], DT_L7_METHOD_LEN / 8);
+	return (struct l7_method *)st->method;
+}
+
+static __always_inline void pg_count(struct l7_sock *st, __u8 code, __u32 flags, __u32 n, __u64 latency)
+{
+	if (n)
+		l7_count_exchanges(st, pg_method(st, code), flags, n, latency);
+}
+
+static __always_inline void pg_answered_reset(struct pg_state *pg)
+{
+	pg->done = 0;
+	pg->fail_at = 0;
+	pg->failed = 0;
+	pg->resp_ns = 0;
+}
+
+/* The batch at the head was answered (a ReadyForQuery, a refused start-up, an SSL answer). */
+static __always_inline void pg_answer(struct l7_sock *st)
+{
+	struct pg_state *pg = &st->pg;
+	struct pg_batch *b = &pg->ring[pg->popped & (L7_PG_BATCHES - 1)];
+	__u32 execs = b->execs;
+	__u8 tail = b->tail, last = b->last;
+	__u64 latency = b->req_end && pg->resp_ns > b->req_end ? pg->resp_ns - b->req_end : 0;
+	__u32 n = execs + (tail ? 1 : 0) + (last ? 1 : 0);
+	__u32 ok = execs;
+	bool tail_error = false, last_error = false;
+	if (pg->failed && n) {
+		/* The group that failed: the one after the Executes completed (or the last). */
+		__u32 f = pg->fail_at < n - 1 ? pg->fail_at : n - 1;
+		ok = f < execs ? f : execs;
+		tail_error = tail && f <= execs;
+		last_error = last != 0;
+	}
+	pg_count(st, PG_EXECUTE, 0, ok, latency);
+	pg_count(st, PG_EXECUTE, DT_L7_ERROR, execs - ok, latency);
+	if (tail)
+		pg_count(st, tail, tail_error ? DT_L7_ERROR : 0, 1, latency);
+	if (last)
+		pg_count(st, last, last_error ? DT_L7_ERROR : 0, 1, latency);
+	pg->popped++;
+	st->pending = st->pending > n ? st->pending - n : 0;
+	pg_answered_reset(pg);
+}
+
+/* The client closed a batch (a Sync, a Query, the start-up …). */
+static __always_inline void pg_push(struct l7_sock *st, __u8 tail, __u8 last, __u64 ts)
+{
+	struct pg_state *pg = &st->pg;
+	if (pg->pushed - pg->popped >= L7_PG_BATCHES) {
+		/* Too many unanswered: the oldest is counted as answered without its status (its answer
+		 * then ends the next: the counts stay whole, a status may shift). */
+		struct pg_batch *old = &pg->ring[pg->popped & (L7_PG_BATCHES - 1)];
+		__u32 n = old->execs + (old->tail ? 1 : 0) + (old->last ? 1 : 0);
+		pg_count(st, PG_NONE, DT_L7_STATUS_UNKNOWN | L7_NO_LATENCY, n, 0);
+		pg->popped++;
+		st->pending = st->pending > n ? st->pending - n : 0;
+		pg_answered_reset(pg);
+	}
+	struct pg_batch *b = &pg->ring[pg->pushed & (L7_PG_BATCHES - 1)];
+	b->req_end = ts;
+	b->execs = pg->execs;
+	b->tail = tail;
+	b->last = last;
+	pg->pushed++;
+	st->pending += pg->execs + (tail ? 1 : 0) + (last ? 1 : 0);
+	pg->execs = 0;
+	pg->open = 0;
+	pg->exec_last = 0;
+}
+
+/* The parse of one call (bpf_loop: one message a step; what changes lives in the socket's storage). */
+struct pg_walk {
+	struct l7_sock *st;
+	const struct l7_bytes *buf;
+	__u64 ts;
+	__u32 len;   /* bytes copied */
+	__u32 size;  /* bytes the call moved */
+	__u8 request;
+};
+
+static __always_inline void pg_lost(struct pg_state *pg, struct pg_parser *p)
+{
+	p->lost = 1;
+	pg->stop = 1;
+}
+
+static __always_inline void pg_request_message(struct pg_walk *w, struct pg_parser *p)
+{
+	struct l7_sock *st = w->st;
+	struct pg_state *pg = &st->pg;
+	const __u8 *h = p->hdr;
+	if (p->special) {
+		/* Untyped: a length and a code. */
+		__u32 length = pg_be32(h), code = pg_be32(&h[4]);
+		p->special = 0;
+		if (length < 8 || length > 10000) {
+			pg_lost(pg, p);
+			return;
+		}
+		p->left = length - 8;
+		if ((code >> 16) == 3) {
+			pg_push(st, 0, PG_STARTUP, w->ts);
+		} else if (code == PG_CODE_SSL || code == PG_CODE_GSSENC) {
+			pg_push(st, 0, code == PG_CODE_SSL ? PG_SSL_REQUEST : PG_GSSENC_REQUEST, w->ts);
+			pg->dir[1].special = 1; /* answered by one byte */
+		} else if (code == PG_CODE_CANCEL) {
+			/* A connection of its own, closed by the server without an answer. */
+			l7_count_exchange(st, pg_method(st, PG_CANCEL), 0, L7_NO_LATENCY, w->ts);
+			st->protocol = DT_L7_NONE;
+			pg->stop = 1;
+		} else {
+			pg_lost(pg, p);
+		}
+		return;
+	}
+	__u8 t = h[0];
+	__u32 length = pg_be32(&h[1]);
+	if (length < 4 || length > PG_MAX_LENGTH || !pg_frontend_type(t)) {
+		pg_lost(pg, p);
+		return;
+	}
+	p->left = length - 4;
+	if (t == 'P' || t == 'B' || t == 'D' || t == 'C') {
+		pg->exec_last = 0;
+		if (!pg->open)
+			pg->open = t == 'P' ? PG_PARSE : t == 'B' ? PG_BIND : t == 'D' ? PG_DESCRIBE : PG_CLOSE;
+		else if (t == 'B')
+			pg->open = PG_BIND;
+	} else if (t == 'E') {
+		pg->execs++;
+		pg->open = 0;
+		pg->exec_last = 1;
+	} else if (t == 'S') {
+		pg_push(st, 0, pg->open ? pg->open : pg->exec_last ? PG_NONE : PG_SYNC, w->ts);
+	} else if (t == 'Q' || t == 'F') {
+		pg_push(st, pg->open, t == 'Q' ? PG_QUERY : PG_FUNCTION_CALL, w->ts);
+	} else if (t == 'p' || t == 'd' || t == 'c' || t == 'f') {
+		/* A password, COPY data: sent when the server asked, the answer runs from here. */
+		if (pg->pushed != pg->popped) {
+			pg->ring[pg->popped & (L7_PG_BATCHES - 1)].req_end = w->ts;
+			pg->resp_ns = 0;
+		}
+	}
+	/* 'H' Flush and 'X' Terminate: no exchange of their own. */
+}
+
+static __always_inline void pg_response_message(struct pg_walk *w, struct pg_parser *p)
+{
+	struct l7_sock *st = w->st;
+	struct pg_state *pg = &st->pg;
+	const __u8 *h = p->hdr;
+	bool waiting = pg->pushed != pg->popped;
+	/* Answers may come before the Sync that closes their batch (after a Flush, or when the
+	 * server reads the Sync late): they belong to the batch being built. */
+	bool building = !waiting && (pg->execs || pg->open);
+	if (p->special) {
+		/* The one-byte answer to an SSLRequest or GSSENCRequest. */
+		__u8 c = h[0];
+		p->special = 0;
+		if (!waiting || (c != 'S' && c != 'G' && c != 'N')) {
+			pg_lost(pg, p);
+			return;
+		}
+		if (!pg->resp_ns)
+			pg->resp_ns = w->ts;
+		pg_answer(st);
+		if (c == 'N') {
+			pg->dir[0].special = 1; /* refused: the start-up message follows */
+		} else {
+			st->protocol = DT_L7_NONE; /* encrypted from here on (the tls probe may see its plaintext) */
+			pg->stop = 1;
+		}
+		return;
+	}
+	__u8 t = h[0];
+	__u32 length = pg_be32(&h[1]);
+	if (length < 4 || length > PG_MAX_LENGTH || !pg_backend_type(t)) {
+		pg_lost(pg, p);
+		return;
+	}
+	p->left = length - 4;
+	if (!waiting && !building)
+		return; /* asynchronous (notice, parameter, notification), or answering a request not seen */
+	if (!pg->resp_ns)
+		pg->resp_ns = w->ts;
+	if (t == 'C' || t == 'I' || t == 's') {
+		pg->done++;
+	} else if (t == 'E') {
+		if (!pg->failed) {
+			pg->failed = 1;
+			pg->fail_at = pg->done;
+			pg->action = L7_ERROR_DETAIL;
+		}
+		struct pg_batch *b = &pg->ring[pg->popped & (L7_PG_BATCHES - 1)];
+		if (waiting && b->last == PG_STARTUP)
+			pg_answer(st); /* a refused start-up: the server closes the connection */
+	} else if (t == 'Z' && waiting) {
+		pg_answer(st);
+	}
+}
+
+static long pg_step(__u32 index, void *ctx)
+{
+	struct pg_walk *w = ctx;
+	struct l7_sock *st = w->st;
+	struct pg_state *pg = &st->pg;
+	struct pg_parser *p = &pg->dir[w->request ? 0 : 1];
+	__u32 size = w->size;
+	if (pg->pos >= size)
+		return 1;
+	if (p->left) {
+		/* The body of the message whose header was read: skipped, not read. */
+		__u32 rest = size - pg->pos;
+		if (p->left >= rest) {
+			p->left -= rest;
+			pg->pos = size;
+			return 1;
+		}
+		pg->pos += p->left;
+		p->left = 0;
+	}
+	if (pg->pos >= size)
+		return 1;
+	__u32 need = p->special ? (w->request ? 8 : 1) : 5;
+	if (!p->have && size - pg->pos >= need) {
+		if (!pg_read(st, w->buf, w->len, pg->pos, p->hdr, need)) {
+			pg_lost(pg, p);
+			return 1;
+		}
+		pg->pos += need;
+	} else {
+		/* A header split across calls: its bytes one at a time, the rest with the next call. */
+		for (int i = 0; i < 8; i++) {
+			if (p->have >= need || pg->pos >= size)
+				break;
+			if (!pg_read(st, w->buf, w->len, pg->pos, &p->hdr[p->have & 7], 1)) {
+				pg_lost(pg, p);
+				return 1;
+			}
+			p->have++;
+			pg->pos++;
+		}
+		if (p->have < need)
+			return 1;
+		p->have = 0;
+	}
+	if (w->request)
+		pg_request_message(w, p);
+	else
+		pg_response_message(w, p);
+	return pg->stop ? 1 : 0;
+}
+
+static __always_inline int account_postgres(struct l7_sock *st, struct l7_call *call)
+{
+	struct pg_state *pg = &st->pg;
+	bool request = call->direction == st->request_dir;
+	struct pg_parser *p = &pg->dir[request ? 0 : 1];
+	if (request) {
+		st->req_bytes += call->size;
+		st->req_end_ns = call->ts;
+		if (pg->dir[1].lost) {
+			/* The responses were lost track of: what they answered is counted so, and they are
+			 * followed again from the next response call (one that answers this request). */
+			l7_count_unanswered(st, DT_L7_STATUS_UNKNOWN);
+			pg->popped = pg->pushed;
+			pg_answered_reset(pg);
+			__builtin_memset(&pg->dir[1], 0, sizeof(pg->dir[1]));
+		}
+	}
+	if (p->lost) {
+		/* Requests start again at a call that is a whole query. */
+		if (!request || !pg_frontend_call(st, call->buf, (__u64)call->len << 32 | call->size)) {
+			l7_count_other(st, DT_L7_UNPARSED, 1);
+			if (!request)
+				st->resp_bytes += call->size;
+			return L7_NOTHING;
+		}
+		__builtin_memset(p, 0, sizeof(*p));
+	}
+	if (request && !p->left && !p->have)
+		st->head_wanted = 1; /* begins with a message: the head an error's detail needs */
+	pg->pos = 0;
+	pg->stop = 0;
+	pg->action = L7_NOTHING;
+	/* A response call's bytes go with the first exchange it ends (one map update, not two). */
+	st->resp_first = request ? 0 : call->size;
+	struct pg_walk walk = {
+		.st = st, .buf = call->buf, .ts = call->ts, .len = call->len, .size = call->size, .request = request,
+	};
+	bpf_loop(L7_PG_STEPS, pg_step, &walk, 0);
+	if (st->protocol == DT_L7_POSTGRES && !p->lost && pg->pos < call->size)
+		p->lost = 1; /* the steps ran out */
+	if (p->lost)
+		l7_count_other(st, DT_L7_UNPARSED, 1);
+	st->resp_bytes += st->resp_first; /* it ended none: to the key counted last */
+	st->resp_first = 0;
+	return pg->action;
+}
+
 
 /* -- classification ------------------------------------------------------------------------ */
 
@@ -589,6 +1102,25 @@ static __always_inline bool classify(struct l7_sock *st, struct l7_call *call)
 	}
 	if (resp_command(b, len)) {
 		set_edge(st, call, DT_L7_REDIS, egress ? DT_ROLE_CLIENT : DT_ROLE_SERVER);
+		return true;
+	}
+	if (len >= 8 && l7_byte(b, 0) == 0) {
+		/* PostgreSQL's untyped first messages: the start-up, an SSL or GSS request, a cancel. */
+		__u8 h[8];
+		for (int i = 0; i < 8; i++)
+			h[i] = l7_byte(b, i);
+		__u32 length = pg_be32(h), code = pg_be32(&h[4]);
+		if ((code == PG_CODE_PROTOCOL_3 && length == call->size && length > 8 && length <= 10000) ||
+		    ((code == PG_CODE_SSL || code == PG_CODE_GSSENC) && length == 8 && call->size == 8) ||
+		    (code == PG_CODE_CANCEL && length == 16 && call->size == 16)) {
+			set_edge(st, call, DT_L7_POSTGRES, egress ? DT_ROLE_CLIENT : DT_ROLE_SERVER);
+			st->pg.dir[0].special = 1;
+			return true;
+		}
+	}
+	/* A PostgreSQL query on a connection older than the agent (before MySQL's looser test). */
+	if (pg_frontend_call(st, b, (__u64)len << 32 | call->size)) {
+		set_edge(st, call, DT_L7_POSTGRES, egress ? DT_ROLE_CLIENT : DT_ROLE_SERVER);
 		return true;
 	}
 	if (len >= 5) {
@@ -1077,6 +1609,7 @@ static __always_inline int account_redis(struct l7_sock *st, struct l7_call *cal
 	return scan->errors ? L7_ERROR_DETAIL : L7_NOTHING;
 }
 
+
 /* -- the entry points ------------------------------------------------------------------------ */
 
 /* Settle a socket's protocol from a call's first bytes (at most L7_HEAD_BYTES of them are
@@ -1124,6 +1657,8 @@ __attribute__((noinline)) int l7_account(struct l7_sock *st, const struct l7_byt
 		action = account_http(st, call);
 	else if (st->protocol == DT_L7_MYSQL)
 		action = account_mysql(st, call);
+	else if (st->protocol == DT_L7_POSTGRES)
+		action = account_postgres(st, call);
 	else
 		action = account_redis(st, call);
 	/* Response bytes go to their exchange's key as they come: an edge's bytes are exact at
@@ -1172,6 +1707,8 @@ static __always_inline void l7_close(struct l7_sock *st, __u64 now)
 		return;
 	}
 	l7_flush_response_bytes(st);
+	if (st->protocol == DT_L7_POSTGRES) /* and the groups no Sync closed */
+		st->pending += st->pg.execs + (st->pg.open ? 1 : 0);
 	l7_count_unanswered(st, DT_L7_NO_RESPONSE);
 }
 

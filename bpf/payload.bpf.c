@@ -35,7 +35,7 @@ const volatile __u32 self_tgid = 0;
 const volatile __u32 capture_bytes = 4096;
 /* When set, only sockets whose local or remote port is in capture_ports. */
 const volatile bool filter_ports = false;
-/* Exact accounting of HTTP, Redis and MySQL exchanges (l7.bpf.h), whatever is copied. */
+/* Exact accounting of HTTP, Redis, MySQL and PostgreSQL exchanges (l7.bpf.h), whatever is copied. */
 const volatile bool account_l7 = true;
 /* Heads of error exchanges copied per second at most, on connections the
  * overload sampling leaves out (the rest counted as capped). */
@@ -663,6 +663,8 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 		const struct l7_bytes *bytes = (const struct l7_bytes *)s->rec.data;
 		__u64 how = direction | save_head << 1;
 		st->now = now;
+		/* PostgreSQL reads headers beyond the bytes copied from the call's buffer. */
+		st->user = call->shape == SHAPE_BUF ? call->src : 0;
 		if (st->protocol == DT_L7_UNKNOWN) {
 			l7_note_endpoints(st, sk);
 			/* Classified on this call: copy what the protocol needs of it (Redis: its whole window). */

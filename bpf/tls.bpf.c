@@ -42,7 +42,7 @@ const volatile __u32 self_tgid = 0;
 const volatile __u32 capture_bytes = 4096;
 /* When set, only sockets whose local or remote port is in capture_ports. */
 const volatile bool filter_ports = false;
-/* Count every HTTP, Redis and MySQL exchange of the plaintext (l7.bpf.h). */
+/* Count every HTTP, Redis, MySQL and PostgreSQL exchange of the plaintext (l7.bpf.h). */
 const volatile bool account_l7 = true;
 
 /* The probe's own counters, beside dt_stats (user space reads both). */
@@ -365,6 +365,7 @@ static __always_inline __u32 account(struct tls_key *key, struct tls_conn *conn,
 		copied = copy_plaintext(s, buf, bytes, need);
 	const struct l7_bytes *b = (const struct l7_bytes *)s->rec.data;
 	st->now = now;
+	st->user = buf; /* the plaintext's buffer: PostgreSQL reads headers beyond the bytes copied */
 	if (st->protocol == DT_L7_UNKNOWN) {
 		if (!st->ends.set) {
 			struct l7_endpoints *ends = &st->ends;

@@ -1,4 +1,4 @@
-"""With the kernel counting HTTP, Redis and MySQL, the topology still counts the other protocols'
+"""With the kernel counting HTTP, Redis, MySQL and PostgreSQL, the topology still counts the other protocols'
 requests from their decoded exchanges (the kernel does not classify them)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from deetune.topology.model import EdgeWindowEvent
 def exchange(protocol: str, error: bool, sock_id: int) -> ExchangeEvent:
     return ExchangeEvent(
         ts=1, protocol=protocol, pid=1, comm="app", role="client", laddr="10.0.0.1", lport=40000 + sock_id,
-        raddr="203.0.113.5", rport=5432, method="QUERY", target="SELECT 1", status="ERR" if error else "OK",
+        raddr="203.0.113.5", rport=11211, method="get", target="k1", status="ERR" if error else "OK",
         error=error, latency_ns=2_000_000, request_bytes=30, response_bytes=60, sock_id=sock_id)
 
 
@@ -20,14 +20,14 @@ def test_decoded_protocols_the_kernel_does_not_count_are_counted():
     clock = [10**18]
     aggregator = TopologyAggregator(ServiceResolver(), window_seconds=10, clock=lambda: clock[0],
                                     kernel_counts=True)
-    for i, (protocol, error) in enumerate([("postgres", False), ("postgres", True), ("http", False)]):
+    for i, (protocol, error) in enumerate([("memcached", False), ("memcached", True), ("http", False)]):
         list(aggregator(exchange(protocol, error, i)))
     clock[0] += 11 * 10**9
     edges = [e for e in aggregator.flush() if isinstance(e, EdgeWindowEvent)]
     by_protocol = {e.key.protocol: e.stats for e in edges}
-    assert (by_protocol["postgres"].requests, by_protocol["postgres"].errors) == (2, 1)
-    assert by_protocol["postgres"].latency_sum_ns == 4_000_000
-    # HTTP is the kernel's to count: its decoded exchange is detail only.
+    assert (by_protocol["memcached"].requests, by_protocol["memcached"].errors) == (2, 1)
+    assert by_protocol["memcached"].latency_sum_ns == 4_000_000
+    # HTTP is the kernel's to count: its decoded exchange is detail only (PostgreSQL's too).
     assert (by_protocol["http"].requests, by_protocol["http"].decoded) == (0, 1)
 
 
@@ -40,12 +40,14 @@ def test_prometheus_counts_them_too():
     try:
         sink.handle(http_exchange(role="server", comm="api"))  # the kernel's to count
         sink.handle(http_exchange(role="server", comm="postgres", lport=5432, protocol="postgres", method="EXECUTE",
-                                  target="SELECT 1", status="ERR", error=True, latency_ns=1_000_000))
+                                  target="SELECT 1", status="ERR", error=True, latency_ns=1_000_000))  # the kernel's too
+        sink.handle(http_exchange(role="server", comm="memcached", lport=11211, protocol="memcached", method="get",
+                                  target="k1", status="ERR", error=True, latency_ns=1_000_000))
         got = scrape(sink)
     finally:
         sink.close()
     assert series(got, "deetune_requests_total") == {
-        labels(protocol="postgres", client="127.0.0.1", server="postgres", method="EXECUTE", status="ERR"): 1}
+        labels(protocol="memcached", client="127.0.0.1", server="memcached", method="get", status="ERR"): 1}
 
 
 def test_a_kernel_counted_open_waits_for_its_edge_protocol_until_the_window_ends():

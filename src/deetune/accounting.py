@@ -1,6 +1,6 @@
 """The kernel's exact counters, read in user space.
 
-The payload probe's BPF side (``bpf/l7.bpf.h``) counts every HTTP, Redis and MySQL exchange
+The payload probe's BPF side (``bpf/l7.bpf.h``) counts every HTTP, Redis, MySQL and PostgreSQL exchange
 in arrays, a slot per edge, method and status, with a latency histogram; the tcp probe
 (``bpf/tcp.bpf.c``) counts connections per edge.  Nothing there is sampled.  User space reads
 them on its tick (:class:`L7Counters`, :class:`CounterMap`): the cost is per key and tick, not
@@ -70,7 +70,8 @@ MYSQL_COMMANDS = {
     0xFA: "STMT_BULK_EXECUTE",
 }  # fmt: skip
 
-PROTOCOLS = {_L.DT_L7_HTTP: "http", _L.DT_L7_REDIS: "redis", _L.DT_L7_MYSQL: "mysql", _L.DT_L7_UNKNOWN: "tcp"}
+PROTOCOLS = {_L.DT_L7_HTTP: "http", _L.DT_L7_REDIS: "redis", _L.DT_L7_MYSQL: "mysql", _L.DT_L7_POSTGRES: "postgres",
+             _L.DT_L7_UNKNOWN: "tcp"}
 #: Protocols whose exchanges the kernel counts (bpf/l7.bpf.h, in the payload probe's socket calls and in
 #: the tls probe's plaintext).  Those of other protocols (HTTP/2, gRPC, the other decoders', plugins')
 #: are counted from their decoded exchanges.
@@ -107,7 +108,8 @@ def outcome_of(flags: int) -> str:
 
 
 def method_name(protocol: int, raw: bytes) -> str:
-    """A key's method as text: HTTP's as it is, Redis commands upper-cased, MySQL commands by name."""
+    """A key's method as text: HTTP's and PostgreSQL's as they are, Redis commands upper-cased, MySQL
+    commands by name."""
     if protocol == _L.DT_L7_MYSQL:
         if raw[:1] == b"\x02":
             return "LOGIN"
@@ -119,7 +121,7 @@ def method_name(protocol: int, raw: bytes) -> str:
 
 
 def status_of(protocol: int, status: int, outcome: str) -> int | str | None:
-    """The status as the decoders report it: HTTP's code, ``"OK"``/``"ERR"`` for Redis and MySQL,
+    """The status as the decoders report it: HTTP's code, ``"OK"``/``"ERR"`` for the others,
     None without one."""
     if outcome not in (OUTCOME_OK, OUTCOME_ERROR):
         return None

@@ -341,7 +341,7 @@ class RequestCounts(CountedEvent):
 
     type: ClassVar[str] = "request_counts"
     method: str = attrs.field(kw_only=True)
-    #: As the decoders report it: HTTP's code, ``"OK"``/``"ERR"`` for Redis and MySQL, None without one.
+    #: As the decoders report it: HTTP's code, ``"OK"``/``"ERR"`` for the others, None without one.
     status: int | str | None = attrs.field(kw_only=True)
     #: ``ok``, ``error``, ``no_response``, ``status_unknown`` (exchanges); ``unparsed`` (chunks the
     #: kernel could not follow), ``unsolicited`` (replies no request asked for): see deetune.accounting.

@@ -65,7 +65,7 @@ class PayloadProbe(OverloadSampling, Probe):
                  accounting: bool = True, error_heads_per_second: int = DEFAULT_ERROR_HEADS_PER_SECOND,
                  accounting_keys: int = _L.DT_L7_SLOTS):
         super().__init__(options, clock)
-        #: Count every HTTP, Redis and MySQL exchange in the kernel (read_counts); off: only copies.
+        #: Count every HTTP, Redis, MySQL and PostgreSQL exchange in the kernel (read_counts); off: only copies.
         self.accounting = accounting
         if error_heads_per_second < 0:
             raise ValueError(f"error_heads_per_second must be 0 or more, got {error_heads_per_second}")

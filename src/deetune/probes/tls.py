@@ -112,7 +112,7 @@ class TlsProbe(OverloadSampling, Probe):
         #: Attach programs that return at once, and nothing else (bench/bench_tls.py): the traps' cost.
         self.floor = floor
         self._init_overload_sampling(overload_sampling, busy_cpu)
-        #: Count every HTTP, Redis and MySQL exchange of the plaintext in the kernel (read_counts).
+        #: Count every HTTP, Redis, MySQL and PostgreSQL exchange of the plaintext in the kernel (read_counts).
         self.accounting = accounting
         self._counters: "accounting_.L7Counters | None" = None
         if not 0 <= capture_bytes <= _L.DT_PAYLOAD_MAX:
@@ -184,7 +184,7 @@ class TlsProbe(OverloadSampling, Probe):
 
     def read_counts(self) -> list[Event]:
         """The exchanges of TLS plaintext the kernel counted since the last call (RequestCounts,
-        LatencyCounts): those of HTTP/1, Redis and MySQL over TLS, exact whatever the sampling."""
+        LatencyCounts): those of HTTP/1, Redis, MySQL and PostgreSQL over TLS, exact whatever the sampling."""
         if self.obj is None or self._counters is None or not self.accounting:
             return []
         return accounting_.count_events(self._counters)

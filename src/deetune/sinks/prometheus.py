@@ -653,7 +653,7 @@ class PrometheusSink(Sink):
                 self._on_counts(event)
         elif isinstance(event, ExchangeEvent):
             with self._lock:
-                # The kernel counts these protocols' exchanges; others' (HTTP/2, gRPC, postgres,
+                # The kernel counts these protocols' exchanges; others' (HTTP/2, gRPC, kafka,
                 # dns, plugins' …) count here, from their decoding.
                 if self.kernel_counts and event.protocol in KERNEL_COUNTED:
                     self._on_decoded(event)

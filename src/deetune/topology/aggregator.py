@@ -366,7 +366,7 @@ class TopologyAggregator:
                 edge = self._bind(sock, protocol)
             stats = edge.stats
             # Counted by the kernel (RequestCounts): here only detail.  Other protocols (HTTP/2,
-            # gRPC, postgres, dns, plugins' …) are counted from their exchanges, below.
+            # gRPC, dns, kafka, plugins' …) are counted from their exchanges, below.
             if self.kernel_counts and protocol in KERNEL_COUNTED:
                 stats.decoded += 1
                 enriched = _enricher(type(event))(event, sock.client, sock.server)

@@ -25,8 +25,8 @@ def settle(weigher: DetailWeigher) -> list[ExchangeEvent]:
     return out
 
 
-def counted(count: int, *, outcome: str = "ok", protocol: str = "http", pid: int = 10) -> RequestCounts:
-    return RequestCounts(1, role="server", pid=pid, raddr="10.0.0.9", port=8080, protocol=protocol, method="GET",
+def counted(count: int, *, outcome: str = "ok", protocol: str = "http", pid: int = 10, read_ns: int = 0) -> RequestCounts:
+    return RequestCounts(1, ts_mono_ns=read_ns, role="server", pid=pid, raddr="10.0.0.9", port=8080, protocol=protocol, method="GET",
                          status=500 if outcome == "error" else 200, outcome=outcome, count=count)
 
 
@@ -58,6 +58,19 @@ def test_a_whole_batch_goes_at_once():
         weigher(e)
     weigher(counted(20))
     assert weigher.tick() == batch and all(e.sampling == 20 / 18 for e in batch)
+
+
+def test_a_read_ends_where_the_kernels_counts_were_read():
+    """Exchanges answered after the counts were read (decoded while the counts waited for the
+    rings to be read) are the next read's: each read's exchanges stand for its own counts."""
+    weigher = DetailWeigher()
+    before, after = [exchange(ts=100 + i) for i in range(3)], [exchange(ts=200 + i) for i in range(2)]
+    for e in before + after:
+        weigher(e)
+    weigher(counted(3, read_ns=150))
+    assert weigher.tick() == before and [e.sampling for e in before] == [1, 1, 1]
+    weigher(counted(2, read_ns=250))
+    assert weigher.tick() == after and [e.sampling for e in after] == [1, 1]
 
 
 def test_when_nothing_is_decoded_after_a_sample_its_counts_are_the_samples():

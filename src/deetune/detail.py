@@ -4,9 +4,10 @@ Under overload the payload probe copies the calls of 1 connection-period in N, s
 exchanges (the detail: targets, statements, error messages, spans, recordings) are a sample.
 The kernel counts every exchange (deetune.accounting), per edge side, method and status, and the
 pipeline reads those counts once a second.  This handler, placed after the L7 handler, matches
-each read with the decoded exchanges whose response came before it and after the previous read,
-once the rings have been read past it (the pipeline says when: ``drained``), and gives each the
-weight that makes them add up to what the kernel counted over the same time:
+each read with the decoded exchanges whose response came before it (the counts' own read time)
+and after the previous read, once the rings have been read SETTLE_NS past it (the pipeline says
+when: ``drained``; a response's last bytes come after the first, which the kernel counted), and
+gives each the weight that makes them add up to what the kernel counted over the same time:
 
 - A read whose exchanges were all copied (no overload sampling) weighs 1 each, more only where
   the kernel counted exchanges the agent did not see (records lost, calls left out).
@@ -45,6 +46,9 @@ HOLD_TICKS = 5
 MAX_WAIT_TICKS = 10
 #: Reads of the counts after which an edge side that saw nothing is forgotten.
 IDLE_TICKS = 60
+#: How far past a read the rings must have been read before it is weighed: the exchanges it
+#: counted at their response's first byte are decoded at its last.
+SETTLE_NS = 250_000_000
 
 
 def _side(event: ExchangeEvent) -> tuple:
@@ -74,6 +78,8 @@ class _Tally:
 
     #: Counted since the last read.
     counting: int = 0
+    #: When the kernel's counts were last read (monotonic; 0: not said, the tick's time is).
+    read_ns: int = 0
     #: Decoded exchanges answered after the last read.
     fresh: list[ExchangeEvent] = attrs.field(factory=list)
     #: Weight given to exchanges of ``fresh`` let go early: the next read's count is less that.
@@ -109,6 +115,8 @@ class DetailWeigher:
         self._reads = 0
         #: The rings were read up to here (kernel time); None: no pipeline says, each read is.
         self._drained_ns: int | None = None
+        #: When the kernel's counts were last read (any side's; 0: not since the last tick).
+        self._read_ns = 0
         self.stats = DetailStats()
         self._set_weight = _weight_setter()
 
@@ -118,12 +126,14 @@ class DetailWeigher:
 
     def __call__(self, event: Event) -> Iterable[Event]:
         if isinstance(event, RequestCounts):
+            self._read_ns = max(self._read_ns, event.ts_mono_ns)
             if event.outcome in EXCHANGE_OUTCOMES and event.outcome != OUTCOME_ERROR and event.count:
                 key = (event.role, event.pid, event.raddr, event.port, event.protocol)
                 tally = self._sides.get(key)
                 if tally is None:
                     tally = self._sides[key] = _Tally()
                 tally.counting += event.count
+                tally.read_ns = max(tally.read_ns, event.ts_mono_ns)
             return (event,)
         if not isinstance(event, ExchangeEvent) or event.protocol not in KERNEL_COUNTED:
             return (event,)
@@ -149,24 +159,31 @@ class DetailWeigher:
         """After each read of the kernel's counts (the pipeline ticks handlers right after it)."""
         now = time.monotonic_ns()
         self._reads += 1
-        drained = now if self._drained_ns is None else self._drained_ns
+        # Without a pipeline to say how far the rings were read, each read is weighed at once.
+        drained = now + SETTLE_NS if self._drained_ns is None else self._drained_ns
         out: list[Event] = []
         for key, tally in list(self._sides.items()):
             busy = bool(tally.counting or tally.fresh)
             if busy:
-                tally.reads.append(_Read(now, tally.counting - tally.prepaid, tally.fresh))
-                tally.counting, tally.fresh, tally.prepaid = 0, [], 0.0
-            while tally.reads and (tally.reads[0].end_ns <= drained or len(tally.reads) > MAX_WAIT_TICKS):
+                # Ends where the kernel's counts were read: exchanges answered after it (decoded
+                # while the counts waited for the rings to be read) are the next read's.
+                end = tally.read_ns or self._read_ns or now
+                decoded = [e for e in tally.fresh if _answered_at(e) <= end]
+                later = [e for e in tally.fresh if _answered_at(e) > end] if len(decoded) < len(tally.fresh) else []
+                tally.reads.append(_Read(end, tally.counting - tally.prepaid, decoded))
+                tally.counting, tally.fresh, tally.prepaid, tally.read_ns = 0, later, 0.0, 0
+            while tally.reads and (tally.reads[0].end_ns + SETTLE_NS <= drained or len(tally.reads) > MAX_WAIT_TICKS):
                 self._settle(tally, tally.reads.popleft(), out)
             if tally.held and self._reads - tally.held_at >= HOLD_TICKS:
                 self._weigh(tally, tally.held, out)
                 tally.held = []
-            if busy or tally.reads or tally.held:
+            if busy or tally.reads or tally.held or tally.fresh:
                 tally.idle = 0
             else:
                 tally.idle += 1
                 if tally.idle > IDLE_TICKS:
                     del self._sides[key]  # a side long quiet (a client process gone): its totals go too
+        self._read_ns = 0
         return self._out(out)
 
     def flush(self) -> list[Event]:

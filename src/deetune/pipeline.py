@@ -221,7 +221,7 @@ class Pipeline:
                         self._tick_probes()
                     if time.monotonic() >= next_stats:
                         next_stats = time.monotonic() + self.stats_interval
-                        self._read_counts_of_probes()
+                        self._read_counts_of_probes(rings.values())
                         self._tick_handlers()
                         if self._stats_observers():
                             self._read_counters()
@@ -231,7 +231,7 @@ class Pipeline:
                 drain_until = time.monotonic() + self.final_drain_seconds
                 while self._drain_round(rings.values()) and time.monotonic() < drain_until:
                     pass
-                self._read_counts_of_probes()
+                self._read_counts_of_probes(rings.values())
                 self._flush_handlers()
             finally:
                 epoll.close()
@@ -335,16 +335,20 @@ class Pipeline:
             self.emit(event)
         return len(events)
 
-    def _read_counts_of_probes(self) -> None:
-        """The kernel's exact counters (what changed since the last read) through the handlers."""
+    def _read_counts_of_probes(self, rings=()) -> None:
+        """The kernel's exact counters (what changed since the last read) through the handlers,
+        after what the rings hold from before the read: a short-lived client's exec record (its
+        name) and the exchanges counted come first."""
+        counts: list[Event] = []
         for probe in self._started:
             try:
-                events = list(probe.read_counts())
+                counts.extend(probe.read_counts())
             except Exception as exc:  # a probe half torn down, or a plugin's bug: counted, not fatal
                 log.warning("probe %s: cannot read its counters: %s", probe.name, exc)
-                continue
-            for event in events:
-                self.emit(event)
+        if rings:
+            self._drain_round(rings)
+        for event in counts:
+            self.emit(event)
 
     def _decode(self, probe: Probe, batch: list[bytes]) -> list[Event]:
         stats = self.stats.probes[probe.name]

@@ -326,9 +326,9 @@ class _Asked(Prometheus):
         super().__init__(url)
         self.asked: list[str] = []
 
-    def many(self, queries):
+    def many(self, queries, each=None):
         self.asked += [args[0] for args in queries.values()]
-        return super().many(queries)
+        return super().many(queries, each)
 
 
 def _fleet_openmetrics(t0: int) -> str:

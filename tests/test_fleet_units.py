@@ -443,7 +443,7 @@ def test_the_recorded_series_give_the_same_fleet_and_are_read_only_where_they_co
 
 
 def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
-    """``each`` is called once per query, in the calling thread, with the answer ``many`` returns."""
+    """``each`` is called once per query, in the calling thread, with its answer."""
     import http.server
     import threading
     import urllib.parse
@@ -473,7 +473,9 @@ def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
         assert sorted(name for name, _, _ in seen) == ["a", "b", "c", "slow"]
         assert seen[-1][0] == "slow"
         assert all(thread is threading.current_thread() for _, _, thread in seen)
-        assert {name: answer for name, answer, _ in seen} == got == {n: [({"q": n}, 1.0)] for n in got}
+        assert got == {}  # each answer was let go once read
+        assert {name: answer for name, answer, _ in seen} == {n: [({"q": n}, 1.0)] for n in ("slow", "a", "b", "c")}
+        assert prom.many({"a": ("a", 1.0), "b": ("b", 1.0)}) == {n: [({"q": n}, 1.0)] for n in "ab"}
     finally:
         prom.close()
         server.shutdown()

@@ -317,7 +317,8 @@ class FleetQueries:
         those two steps: its series selected once), its sums at both subtracted here (hosts not
         reporting: their last sample in the range instead of ``until``); the quantiles come from
         the buckets' increases, all three from one such query.  With ``each``, ``each(name, rows)``
-        as each family's rows are ready (its answers arrived), while Prometheus evaluates the rest;
+        as each family's rows are ready (its answers arrived), while Prometheus evaluates the rest,
+        instead of returning them;
         with ``each_pair`` too, a counter family that needs no other answer and no restarted host's
         care goes to ``each_pair(name, [(labels, value at since or None, at until or None), …])``
         as it arrives instead (and not into the returned rows): see :meth:`_read_increases`."""
@@ -356,9 +357,10 @@ class FleetQueries:
 
         def finish(name: str) -> None:
             if name == "remote":
+                if each is not None:  # handed over, not kept: freed once read
+                    each(name, got.pop("remote") + got.pop("remote@stale", []))
+                    return
                 out["remote"] = got["remote"] + got.get("remote@stale", [])
-                if each is not None:
-                    each(name, out["remote"])
                 return
             by = by_name[name]
             rows = []
@@ -387,10 +389,15 @@ class FleetQueries:
                     entry = by_row.setdefault(key, (labels, {}))
                     le = labels.get("le", "+Inf")
                     entry[1][float("inf") if le == "+Inf" else float(le)] = value
-                name, rows = "latency_buckets", list(by_row.values())
-            out[name] = rows
+                rows = list(by_row.values())
+            if each is not None:  # handed over, not kept: freed once read
+                got.pop(name)
+                got.pop(f"{name}@stale", None)
+            name = "latency_buckets" if name == "buckets" else name
             if each is not None:
                 each(name, rows)
+                return
+            out[name] = rows
 
         def arrived(name: str, answer: list) -> None:
             if each_pair is not None and name in by_name and name != "buckets" and not restarted \

@@ -326,9 +326,9 @@ class _Asked(Prometheus):
         super().__init__(url)
         self.asked: list[str] = []
 
-    def many(self, queries):
+    def many(self, queries, each=None):
         self.asked += [args[0] for args in queries.values()]
-        return super().many(queries)
+        return super().many(queries, each)
 
 
 def _fleet_openmetrics(t0: int) -> str:
@@ -440,3 +440,43 @@ def test_the_recorded_series_give_the_same_fleet_and_are_read_only_where_they_co
         assert hosts == {"a": True, "b": True, "c": False}
     finally:
         prometheus.stop()
+
+
+def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
+    """``each`` is called once per query, in the calling thread, with its answer."""
+    import http.server
+    import threading
+    import urllib.parse
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            if form["query"][0] == "slow":
+                time.sleep(0.2)  # answered after the others, which were asked after it
+            body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
+                {"metric": {"q": form["query"][0]}, "value": [float(form["time"][0]), "1"]}]}}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    prom = Prometheus(f"http://127.0.0.1:{server.server_address[1]}", in_flight=2)
+    try:
+        seen = []
+        got = prom.many({name: (name, 1.0) for name in ("slow", "a", "b", "c")},
+                        lambda name, answer: seen.append((name, answer, threading.current_thread())))
+        assert sorted(name for name, _, _ in seen) == ["a", "b", "c", "slow"]
+        assert seen[-1][0] == "slow"
+        assert all(thread is threading.current_thread() for _, _, thread in seen)
+        assert got == {}  # each answer was let go once read
+        assert {name: answer for name, answer, _ in seen} == {n: [({"q": n}, 1.0)] for n in ("slow", "a", "b", "c")}
+        assert prom.many({"a": ("a", 1.0), "b": ("b", 1.0)}) == {n: [({"q": n}, 1.0)] for n in "ab"}
+    finally:
+        prom.close()
+        server.shutdown()
+        server.server_close()

@@ -188,12 +188,15 @@ _edge_fields = operator.itemgetter(*EDGE_FIELDS)
 _row_key = operator.itemgetter(*ROW)
 _pair_key = operator.itemgetter(*PAIR)
 _server_side_fields = operator.itemgetter(*_SERVER_SIDE_FIELDS)
+#: Edge.key, without a property call per edge.
+_edge_key = operator.attrgetter("client", "server", "protocol", "port")
 #: The counters of an edge a graph without detail did not read.
 _NOT_READ = {name: None for name in CONNECTION_COUNTERS if name not in SHAPE_COUNTERS}
 
 
 _ZEROS: dict[str, Any] = {name: 0 for name in COUNTED}
 _NO_LATENCY: dict[str, Any] = {"latency_avg_ns": None, **{name: None for name in QUANTILES}}
+_NO_SERVER_LATENCY: dict[str, Any] = {name: None for name in _SERVER_SIDE_FIELDS[2:]}
 
 
 def _sum_sides(sides: list[Side]) -> dict[str, Any]:
@@ -304,7 +307,8 @@ class FleetQueries:
         return hosts, recorded
 
     def _queries(self, since: float, until: float, hosts: dict[str, Host], names: Iterable[str],
-                 extra: str = "", recorded: bool = False) -> dict[str, list[Sample]]:
+                 extra: str = "", recorded: bool = False, each: Any = None,
+                 each_pair: Any = None) -> dict[str, list[Sample]]:
         """The named row values over [since, until] (requests, errors, latency_sum, latency_count,
         the quantiles, the connection counters; remote: the endpoint rows), as (labels, value).
         With ``recorded``, the families of :data:`RECORDED` are read from the rules' sums.
@@ -312,7 +316,12 @@ class FleetQueries:
         Each counter family is one query evaluated at ``since`` and at ``until`` (a range query of
         those two steps: its series selected once), its sums at both subtracted here (hosts not
         reporting: their last sample in the range instead of ``until``); the quantiles come from
-        the buckets' increases, all three from one such query."""
+        the buckets' increases, all three from one such query.  With ``each``, ``each(name, rows)``
+        as each family's rows are ready (its answers arrived), while Prometheus evaluates the rest,
+        instead of returning them;
+        with ``each_pair`` too, a counter family that needs no other answer and no restarted host's
+        care goes to ``each_pair(name, [(labels, value at since or None, at until or None), …])``
+        as it arrives instead (and not into the returned rows): see :meth:`_read_increases`."""
         stale = {name for name, host in hosts.items() if not host.reporting}
         rng = _duration(until - since)
         red = {"requests": "deetune_requests_total", "errors": "deetune_request_errors_total",
@@ -340,11 +349,20 @@ class FleetQueries:
             if stale:
                 stale_series = self._sel("deetune_remote_endpoint", self._and(extra, f'host=~"{quote_regex(stale)}"'))
                 queries["remote@stale"] = (f"last_over_time({stale_series}[{rng}])", until)
-        got = self.prom.many(queries)
         # A host whose agent started after `since` counted from 0 then: nothing to subtract.
         restarted = {name for name, host in hosts.items() if host.started is not None and host.started > since}
+        by_name = {name: by for name, _metric, by in counters}
         out: dict[str, list[Sample]] = {}
-        for name, _metric, by in counters:
+        got: dict[str, list] = {}
+
+        def finish(name: str) -> None:
+            if name == "remote":
+                if each is not None:  # handed over, not kept: freed once read
+                    each(name, got.pop("remote") + got.pop("remote@stale", []))
+                    return
+                out["remote"] = got["remote"] + got.get("remote@stale", [])
+                return
+            by = by_name[name]
             rows = []
             gone: dict[tuple, float] = {}  # rows absent at `until`: their value at `since`
             for labels, before, value in got[name]:
@@ -364,17 +382,34 @@ class FleetQueries:
                     present.add(key)
                     before = gone.get(key, 0.0)
                     rows.append((labels, value - before if value >= before else value))
+            if name == "buckets":
+                by_row: dict[tuple, tuple[dict[str, str], dict[float, float]]] = {}
+                for labels, value in rows:
+                    key = tuple(labels.get(k, "") for k in ROW)
+                    entry = by_row.setdefault(key, (labels, {}))
+                    le = labels.get("le", "+Inf")
+                    entry[1][float("inf") if le == "+Inf" else float(le)] = value
+                rows = list(by_row.values())
+            if each is not None:  # handed over, not kept: freed once read
+                got.pop(name)
+                got.pop(f"{name}@stale", None)
+            name = "latency_buckets" if name == "buckets" else name
+            if each is not None:
+                each(name, rows)
+                return
             out[name] = rows
-        if "buckets" in out:
-            by_row: dict[tuple, tuple[dict[str, str], dict[float, float]]] = {}
-            for labels, value in out.pop("buckets"):
-                key = tuple(labels.get(k, "") for k in ROW)
-                entry = by_row.setdefault(key, (labels, {}))
-                le = labels.get("le", "+Inf")
-                entry[1][float("inf") if le == "+Inf" else float(le)] = value
-            out["latency_buckets"] = list(by_row.values())
-        if "remote" in names:
-            out["remote"] = got["remote"] + got.get("remote@stale", [])
+
+        def arrived(name: str, answer: list) -> None:
+            if each_pair is not None and name in by_name and name != "buckets" and not restarted \
+                    and f"{name}@stale" not in queries:
+                each_pair(name, answer)  # read as it is, in one pass: nothing to set apart first
+                return
+            got[name] = answer
+            family = name.partition("@")[0]
+            if family in got and (f"{family}@stale" not in queries or f"{family}@stale" in got):
+                finish(family)
+
+        self.prom.many(queries, arrived)
         return out
 
     @staticmethod
@@ -395,8 +430,10 @@ class FleetQueries:
                     side.metrics[name] = value
 
     @staticmethod
-    def _read_pairs(got: dict[str, list[Sample]], hosts: dict[str, Host]) -> dict[tuple, dict[str, float]]:
-        pairs: dict[tuple, dict[str, float]] = collections.defaultdict(dict)
+    def _read_pairs(got: dict[str, list[Sample]], hosts: dict[str, Host],
+                    pairs: dict[tuple, dict[str, float]] | None = None) -> dict[tuple, dict[str, float]]:
+        if pairs is None:
+            pairs = collections.defaultdict(dict)
         for name in CONNECTION_COUNTERS:
             for labels, value in got.get(name, ()):
                 try:
@@ -422,12 +459,52 @@ class FleetQueries:
             names += ["latency_sum", "latency_count"]
         if detail:
             names += [c for c in CONNECTION_COUNTERS if c not in SHAPE_COUNTERS]
-        got = self._queries(since, until, hosts, names, recorded=recorded)
         rows: dict[tuple, Side] = {}
-        self._read_rows(got, hosts, rows)
+        pairs: dict[tuple, dict[str, float]] = collections.defaultdict(dict)
         remote: dict[tuple, set[tuple[str, int]]] = collections.defaultdict(set)
-        self._read_remote(got, hosts, remote)
-        return Fleet.join(self.idc_label, hosts, rows, self._read_pairs(got, hosts), remote, since_ns, until_ns)
+
+        def read(name: str, samples: list[Sample]) -> None:  # each family as it arrives
+            if name == "remote":
+                self._read_remote({name: samples}, hosts, remote)
+            elif name in CONNECTION_COUNTERS:
+                self._read_pairs({name: samples}, hosts, pairs)
+            else:
+                self._read_rows({name: samples}, hosts, rows)
+
+        def read_pairs(name: str, answer: list) -> None:
+            self._read_increases(name, answer, hosts, pairs if name in CONNECTION_COUNTERS else rows,
+                                 name in CONNECTION_COUNTERS)
+
+        self._queries(since, until, hosts, names, recorded=recorded, each=read, each_pair=read_pairs)
+        return Fleet.join(self.idc_label, hosts, rows, pairs, remote, since_ns, until_ns)
+
+    @staticmethod
+    def _read_increases(name: str, answer: list, hosts: dict[str, Host], into: dict, pair: bool) -> None:
+        """A counter family's increases (value at until minus at since, as ``_queries`` reads them
+        for a range with no host stale or restarted) read into rows (:meth:`_read_rows`) or pairs
+        (:meth:`_read_pairs`) in one pass: the family's largest cost here on a whole fleet."""
+        key_of, labels_of = (_pair_key, PAIR) if pair else (_row_key, ROW)
+        get = into.get
+        for labels, before, value in answer:
+            if value is None:  # absent at `until`: not in the range's rows
+                continue
+            if before is None:
+                before = 0.0
+            value = value - before if value >= before else value  # lower: a restart
+            try:
+                key = key_of(labels)
+            except KeyError:  # a label with an empty value: absent
+                key = tuple(labels.get(k, "") for k in labels_of)
+            if key[0] not in hosts:
+                continue
+            if pair:
+                into[key][name] = value
+                continue
+            side = get(key)
+            if side is None:
+                side = into[key] = Side(*key)
+            if value == value:  # NaN: no observation in the range
+                side.metrics[name] = value
 
     @staticmethod
     def _read_remote(got: dict[str, list[Sample]], hosts: dict[str, Host],
@@ -711,6 +788,8 @@ class Fleet:
     rows: dict[tuple, Side] = attrs.field(factory=dict)
     #: read without quantiles and the connection counters beyond opened/failed (null in answers)
     partial: bool = False
+    #: host → its IDC, made once per answer (edge_json asks twice per edge)
+    _idc_of: dict[str, str | None] | None = attrs.field(default=None, init=False, repr=False, eq=False)
 
     def assign_connections(self, pairs: dict[tuple, dict[str, float]], only: set[tuple] | None = None) -> None:
         """Connection counters (by host, client, server) go to that pair's row with the most
@@ -818,7 +897,8 @@ class Fleet:
                 services = {t[1] for t in targets if t is not None}
             if None not in targets and len(services) == 1:
                 found = edge(client, services.pop(), protocol, port)
-                found.server_hosts.update(t[0] for t in targets)
+                for target in targets:  # no generator for the one of most rows
+                    found.server_hosts.add(target[0])
                 halves = joined[(host, found.server, protocol)]
                 if found not in halves:
                     halves.append(found)
@@ -857,8 +937,9 @@ class Fleet:
     # -- answers ---------------------------------------------------------------------------------
 
     def _idc(self, host: str) -> str | None:
-        found = self.hosts.get(host)
-        return found.labels.get(self.idc_label) if found else None
+        if self._idc_of is None:
+            self._idc_of = {name: found.labels.get(self.idc_label) for name, found in self.hosts.items()}
+        return self._idc_of.get(host)
 
     def edge_json(self, e: Edge) -> dict[str, Any]:
         client_sides, server_sides = e.client_sides, e.server_sides
@@ -871,17 +952,25 @@ class Fleet:
         out["server_hosts"] = sorted(server_hosts)
         joined = out["joined"] = bool(client_sides and server_sides)
         if joined:
-            server = _sum_sides(server_sides)
             out["client_side"] = dict(zip(EDGE_FIELDS, _edge_fields(out)))
-            server_side = out["server_side"] = dict(zip(_SERVER_SIDE_FIELDS, _server_side_fields(server)))
+            metrics = server_sides[0].metrics
+            if len(server_sides) == 1 and not metrics.get("latency_count") and not metrics.get("latency_buckets"):
+                # One row without latency (most of a large graph's): its two counts, as _sum_sides has them.
+                server = out["server_side"] = {"requests": round(metrics.get("requests", 0)),
+                                               "errors": round(metrics.get("errors", 0)), **_NO_SERVER_LATENCY}
+            else:
+                server = out["server_side"] = dict(zip(_SERVER_SIDE_FIELDS,
+                                                       _server_side_fields(_sum_sides(server_sides))))
             # True when several client services of one host call this server: its rows name the
             # client host's address, not the service, and are shared by their edges (graph() says).
-            server_side["shared"] = False
+            server["shared"] = False
             if out["latency_avg_ns"] is not None and server["latency_avg_ns"] is not None:
                 out["network_latency_avg_ns"] = out["latency_avg_ns"] - server["latency_avg_ns"]
             else:
                 out["network_latency_avg_ns"] = None
-        idc = self._idc
+        if self._idc_of is None:
+            self._idc(e.client)
+        idc = self._idc_of.get  # type: ignore[union-attr]
         if len(client_hosts) == 1 and len(server_hosts) == 1:  # most edges
             for client_host in client_hosts:
                 for server_host in server_hosts:
@@ -911,12 +1000,18 @@ class Fleet:
 
     def graph(self, service: str | None) -> dict[str, Any]:
         edges = [e for e in self.edges.values() if service is None or service in (e.client, e.server)]
-        edges.sort(key=lambda e: e.key)
+        edges.sort(key=_edge_key)
         answer = [self.edge_json(e) for e in edges]
-        counts = collections.Counter(id(s) for e in edges for s in e.server_sides if e.client_sides)
+        counts: dict[int, int] = {}
+        for e in edges:
+            if e.client_sides:
+                for s in e.server_sides:
+                    counts[id(s)] = counts.get(id(s), 0) + 1
         for e, data in zip(edges, answer):
             if data["joined"]:
-                data["server_side"]["shared"] = any(counts[id(s)] > 1 for s in e.server_sides)
+                sides = e.server_sides
+                data["server_side"]["shared"] = (counts[id(sides[0])] > 1 if len(sides) == 1
+                                                 else any(counts[id(s)] > 1 for s in sides))
         names = {e.client for e in edges} | {e.server for e in edges}
         if service is not None and service in self.placed:
             names.add(service)

@@ -198,6 +198,31 @@ def test_postgres_error_fields_and_rows():
     assert (got[2].error_message, got[2].attributes["sqlstate"]) == ('relation "nope" does not exist', "42P01")
 
 
+def test_postgres_pipeline_error_written_before_the_sync():
+    """The server read the pipeline before its Sync: the error is written at once, the
+    ReadyForQuery after the Sync.  The skipped statement is answered by that error (as the kernel's
+    heads of the error, which end before the Sync, see it: one exchange whichever decodes it), and
+    its latency is not negative."""
+    conversation = cv.PG_LOGIN + [
+        (cv.REQ, cv.pg_parse("SELECT 1") + cv.pg_bind() + cv.pg_execute() + cv.pg_parse("SELECT 1/0")
+         + cv.pg_bind() + cv.pg_execute() + cv.pg_parse("SELECT 3") + cv.pg_bind() + cv.pg_execute()),
+        (cv.RESP, cv.pg(b"1") + cv.pg(b"2") + cv.pg_row(b"1") + cv.pg_complete("SELECT 1") + cv.pg(b"1")
+         + cv.pg(b"2") + cv.pg_error("22012", "division by zero")),
+        (cv.REQ, cv.PG_SYNC),
+        (cv.RESP, cv.PG_READY),
+    ]
+    stream = cv.chunks(conversation)
+    error_at = stream[-3].ts_ns
+    _, ok, failed, skipped = decode_chunks(PostgresDecoder, stream)
+    assert [(x.status, x.attributes.get("aborted")) for x in (ok, failed, skipped)] == [
+        ("OK", None), ("ERR", None), ("ERR", True)]
+    assert failed.response_start_ns == skipped.response_start_ns == error_at
+    assert skipped.latency_ns is not None and skipped.latency_ns >= 0
+    # From the heads alone (the request's call and the error's): the same exchange, answered then.
+    *_, heads_skipped = decode_chunks(PostgresDecoder, stream[:-2])
+    assert (heads_skipped.method, heads_skipped.response_start_ns) == ("EXECUTE", error_at)
+
+
 def test_postgres_copy_from_stdin():
     conversation = cv.PG_LOGIN + [
         (cv.REQ, cv.pg_query("COPY t FROM STDIN")),

@@ -758,6 +758,20 @@ static __always_inline void pg_lost(struct pg_state *pg, struct pg_parser *p)
 	pg->stop = 1;
 }
 
+/* The header read in p->hdr of a typed message, a frontend one or a backend one: its type, its
+ * body's length to skip in p->left; 0 when it is no such message (the direction is lost). */
+static __always_inline __u8 pg_typed_header(struct pg_state *pg, struct pg_parser *p, bool frontend)
+{
+	__u8 t = p->hdr[0];
+	__u32 length = pg_be32(&p->hdr[1]);
+	if (length < 4 || length > PG_MAX_LENGTH || !(frontend ? pg_frontend_type(t) : pg_backend_type(t))) {
+		pg_lost(pg, p);
+		return 0; /* (no message type is 0) */
+	}
+	p->left = length - 4;
+	return t;
+}
+
 static __always_inline void pg_request_message(struct pg_walk *w, struct pg_parser *p)
 {
 	struct l7_sock *st = w->st;
@@ -787,13 +801,9 @@ static __always_inline void pg_request_message(struct pg_walk *w, struct pg_pars
 		}
 		return;
 	}
-	__u8 t = h[0];
-	__u32 length = pg_be32(&h[1]);
-	if (length < 4 || length > PG_MAX_LENGTH || !pg_frontend_type(t)) {
-		pg_lost(pg, p);
+	__u8 t = pg_typed_header(pg, p, true);
+	if (!t)
 		return;
-	}
-	p->left = length - 4;
 	if (t == 'P' || t == 'B' || t == 'D' || t == 'C') {
 		pg->exec_last = 0;
 		if (!pg->open)
@@ -846,13 +856,9 @@ static __always_inline void pg_response_message(struct pg_walk *w, struct pg_par
 		}
 		return;
 	}
-	__u8 t = h[0];
-	__u32 length = pg_be32(&h[1]);
-	if (length < 4 || length > PG_MAX_LENGTH || !pg_backend_type(t)) {
-		pg_lost(pg, p);
+	__u8 t = pg_typed_header(pg, p, false);
+	if (!t)
 		return;
-	}
-	p->left = length - 4;
 	if (!waiting && !building)
 		return; /* asynchronous (notice, parameter, notification), or answering a request not seen */
 	if (!pg->resp_ns)

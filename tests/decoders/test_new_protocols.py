@@ -223,6 +223,16 @@ def test_postgres_pipeline_error_written_before_the_sync():
     assert (heads_skipped.method, heads_skipped.response_start_ns) == ("EXECUTE", error_at)
 
 
+def test_postgres_requests_after_an_error_decoded_as_skipped():
+    """The kernel's heads of what a client sent after an error was answered, and its ReadyForQuery
+    (deetune.l7: DataEvent.after_error): statements the server skipped, errors."""
+    conversation = [(cv.REQ, cv.pg_parse("SELECT 3") + cv.pg_bind() + cv.pg_execute()), (cv.REQ, cv.PG_SYNC),
+                    (cv.RESP, cv.PG_READY)]
+    [x] = decode_chunks(PostgresDecoder(skipping=True), cv.chunks(conversation))
+    assert (x.method, x.target, x.status, x.attributes) == ("EXECUTE", "SELECT 3", "ERR", {"aborted": True})
+    assert x.latency_ns == 1000
+
+
 def test_postgres_copy_from_stdin():
     conversation = cv.PG_LOGIN + [
         (cv.REQ, cv.pg_query("COPY t FROM STDIN")),

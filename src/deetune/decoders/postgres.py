@@ -199,7 +199,9 @@ class PostgresDecoder(Decoder):
     protocol = "postgres"
     default_ports = (5432,)
 
-    def __init__(self) -> None:
+    def __init__(self, skipping: bool = False) -> None:
+        """``skipping``: the bytes start after an error was answered and before the next Sync
+        (what the server skips: errors, ``aborted``)."""
         self._front = _Frontend()
         self._back = _Backend()
         #: Operations awaiting their response, in order: (kind, group).
@@ -209,7 +211,7 @@ class PostgresDecoder(Decoder):
         self._open: _Group | None = None  # the group request messages join
         self._last: _Group | None = None  # the group the latest request message joined
         self._holding = False  # a group is held (see _settle)
-        self._skipping = False  # an error: the server ignores messages up to the next Sync
+        self._skipping = skipping  # an error: the server ignores messages up to the next Sync
         self._statements: dict[bytes, str] = {}
         self._texts: dict[bytes, str] = {}
         self._portals: dict[bytes, str] = {}

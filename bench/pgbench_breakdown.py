@@ -10,7 +10,9 @@ postgres --port PORT --no-store``).  Printed per run, one JSON line: transaction
 idle share, others' CPU, the agent's CPU, records, sampling; with ``--stats`` the BPF run time
 per program (BPF_ENABLE_STATS: it costs every program run two clock reads, so compare
 throughputs only between runs with the same setting).  Not interleaved pairs and not a target:
-bench_pgbench.py is the figure."""
+bench_pgbench.py is the figure.  ``agent@DIR`` (``agent@DIR,--flag,…``) runs the agent with the BPF
+objects in DIR (DEETUNE_BPF_DIR): builds of bpf/ with a part changed or left out, in turn with
+the shipped ones (``agent``), against the same PostgreSQL."""
 import sys, os, time, json, pathlib, argparse
 REPO = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO)); sys.path.insert(0, str(REPO / "bench"))
@@ -45,7 +47,12 @@ try:
                 r = {"cfg": cfg}
                 agent = None
                 if cfg != "none":
-                    more = [x for x in cfg.split(",") if x and x != "agent"]
+                    objects = cfg.split(",")[0].partition("@")[2]
+                    if objects:
+                        os.environ["DEETUNE_BPF_DIR"] = objects
+                    else:
+                        os.environ.pop("DEETUNE_BPF_DIR", None)
+                    more = [x for x in cfg.split(",")[1:] if x]
                     extra = ([] if "--protocol" in more else ["--protocol", "postgres"]) + ["--port", str(pg.port), "--no-store"] + more
                     agent = common.Agent(["tcp", "payload"], os.path.join(str(pg.dir), "breakdown.jsonl"), extra).start()
                     agent.begin_window()

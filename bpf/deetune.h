@@ -158,6 +158,11 @@ enum dt_data_flags {
 	 * well, for the connection's own decoding, which reports the error unless
 	 * it lost the exchange (or the record was lost). */
 	DT_DATA_ALSO_COPIED = 8,
+	/* With DT_DATA_ERROR_HEAD, on the response's head (PostgreSQL): the requests
+	 * were read after an error was answered, and the server skipped them (it
+	 * ignores messages up to the next Sync): the response is the ReadyForQuery
+	 * that ended them. */
+	DT_DATA_AFTER_ERROR = 16,
 };
 
 /* Exact accounting in the kernel (bpf/l7.bpf.h, tcp.bpf.c): per-CPU counters keyed by

@@ -237,7 +237,8 @@ struct pg_state {
 	__u8 failed;      /* an ErrorResponse in the batch being answered */
 	__u8 stop;        /* the walk of the call is over */
 	__u8 action;      /* enum l7_action for the call */
-	__u8 _pad[3];
+	__u8 late;        /* requests came after the batch's ErrorResponse (skipped by the server) */
+	__u8 _pad[2];
 };
 
 /* What the accounting keeps of one socket (in the includer's socket storage). */
@@ -251,7 +252,7 @@ struct l7_sock {
 	__u8 last_flags;          /* key of the last exchange counted (its response bytes follow) */
 	__u8 mysql_stash_len;     /* MySQL: a packet header read alone (4 bytes) */
 	__u8 mysql_stash_dir;
-	__u8 head_wanted;         /* the call just seen began a request: keep its head */
+	__u8 head_wanted;         /* the call just seen began a request: keep its head (2: after the head kept) */
 	__u8 head_stashed;        /* MySQL: that request's 4-byte header came alone, before it */
 	__u8 classified_now;      /* l7_classify_call settled the protocol on this call */
 	__u16 last_status;
@@ -314,6 +315,9 @@ enum l7_action {
 	 * for decoding, whatever the overload sampling copies (user space keeps one
 	 * report of each error: deetune.l7). */
 	L7_ERROR_DETAIL = 1,
+	/* PostgreSQL: the ReadyForQuery that ends requests sent after an error was answered, which
+	 * the server skipped (errors too): their heads and this response's, for their detail. */
+	L7_ERROR_SKIPPED = 2,
 };
 
 /* How many bytes of a call on this socket the accounting needs. */
@@ -684,6 +688,7 @@ static __always_inline void pg_answered_reset(struct pg_state *pg)
 	pg->done = 0;
 	pg->fail_at = 0;
 	pg->failed = 0;
+	pg->late = 0;
 	pg->resp_ns = 0;
 }
 
@@ -758,6 +763,20 @@ static __always_inline void pg_lost(struct pg_state *pg, struct pg_parser *p)
 	pg->stop = 1;
 }
 
+/* The header read in p->hdr of a typed message, a frontend one or a backend one: its type, its
+ * body's length to skip in p->left; 0 when it is no such message (the direction is lost). */
+static __always_inline __u8 pg_typed_header(struct pg_state *pg, struct pg_parser *p, bool frontend)
+{
+	__u8 t = p->hdr[0];
+	__u32 length = pg_be32(&p->hdr[1]);
+	if (length < 4 || length > PG_MAX_LENGTH || !(frontend ? pg_frontend_type(t) : pg_backend_type(t))) {
+		pg_lost(pg, p);
+		return 0; /* (no message type is 0) */
+	}
+	p->left = length - 4;
+	return t;
+}
+
 static __always_inline void pg_request_message(struct pg_walk *w, struct pg_parser *p)
 {
 	struct l7_sock *st = w->st;
@@ -787,13 +806,9 @@ static __always_inline void pg_request_message(struct pg_walk *w, struct pg_pars
 		}
 		return;
 	}
-	__u8 t = h[0];
-	__u32 length = pg_be32(&h[1]);
-	if (length < 4 || length > PG_MAX_LENGTH || !pg_frontend_type(t)) {
-		pg_lost(pg, p);
+	__u8 t = pg_typed_header(pg, p, true);
+	if (!t)
 		return;
-	}
-	p->left = length - 4;
 	if (t == 'P' || t == 'B' || t == 'D' || t == 'C') {
 		pg->exec_last = 0;
 		if (!pg->open)
@@ -846,13 +861,9 @@ static __always_inline void pg_response_message(struct pg_walk *w, struct pg_par
 		}
 		return;
 	}
-	__u8 t = h[0];
-	__u32 length = pg_be32(&h[1]);
-	if (length < 4 || length > PG_MAX_LENGTH || !pg_backend_type(t)) {
-		pg_lost(pg, p);
+	__u8 t = pg_typed_header(pg, p, false);
+	if (!t)
 		return;
-	}
-	p->left = length - 4;
 	if (!waiting && !building)
 		return; /* asynchronous (notice, parameter, notification), or answering a request not seen */
 	if (!pg->resp_ns)
@@ -869,6 +880,8 @@ static __always_inline void pg_response_message(struct pg_walk *w, struct pg_par
 		if (waiting && b->last == PG_STARTUP)
 			pg_answer(st); /* a refused start-up: the server closes the connection */
 	} else if (t == 'Z' && waiting) {
+		if (pg->failed && pg->late)
+			pg->action = L7_ERROR_SKIPPED;
 		pg_answer(st);
 	}
 }
@@ -952,8 +965,19 @@ static __always_inline int account_postgres(struct l7_sock *st, struct l7_call *
 		}
 		__builtin_memset(p, 0, sizeof(*p));
 	}
-	if (request && !p->left && !p->have)
-		st->head_wanted = 1; /* begins with a message: the head an error's detail needs */
+	if (request) {
+		if (pg->failed) {
+			/* After the batch's ErrorResponse was written: the server skips these up to the
+			 * Sync, errors whose detail the heads of the error did not have. */
+			st->head_wanted = pg->late ? 2 : 1;
+			pg->late = 1;
+		} else if (pg->pushed != pg->popped || pg->execs || pg->open)
+			/* More of requests not all answered (a pipeline sent in several calls): kept after
+			 * the head so far, an error's detail needs the requests its answer begins with. */
+			st->head_wanted = 2;
+		else if (!p->left && !p->have)
+			st->head_wanted = 1; /* begins with a message: the head an error's detail needs */
+	}
 	pg->pos = 0;
 	pg->stop = 0;
 	pg->action = L7_NOTHING;
@@ -1667,7 +1691,15 @@ __attribute__((noinline)) int l7_account(struct l7_sock *st, const struct l7_byt
 		l7_flush_response_bytes(st);
 	/* Each request's head is kept (the overload sampling may leave its response out, or
 	 * have left it out): an error's detail.  Its copy is 32 words, cheap beside the call. */
-	if (call->save_head && st->head_wanted) {
+	if (call->save_head && st->head_wanted == 2) {
+		/* After the head kept (PostgreSQL: account_postgres), up to L7_SAVED_HEAD in all. */
+		if (st->head_len < L7_SAVED_HEAD_SHORT) {
+			__u32 at = st->head_len & (L7_SAVED_HEAD_SHORT - 1);
+			__u32 n = call->len < L7_SAVED_HEAD_SHORT ? call->len : L7_SAVED_HEAD_SHORT;
+			if (bpf_probe_read_kernel(st->head + at, n & (L7_SAVED_HEAD_SHORT * 2 - 1), call->buf->b) == 0)
+				st->head_len = at + n;
+		}
+	} else if (call->save_head && st->head_wanted) {
 		if (st->head_stashed) { /* the packet's header, read alone before, comes first */
 			__builtin_memcpy(st->head, st->mysql_stash_head, 4);
 			__builtin_memcpy(st->head + 4, call->buf->b, L7_SAVED_HEAD_SHORT - 4);
@@ -1682,7 +1714,7 @@ __attribute__((noinline)) int l7_account(struct l7_sock *st, const struct l7_byt
 		st->head_ns = call->ts;
 		st->head_stashed = 0;
 	}
-	if (action == L7_ERROR_DETAIL && !call->save_head)
+	if (action != L7_NOTHING && !call->save_head)
 		return L7_NOTHING;
 	return action;
 }

@@ -498,7 +498,7 @@ static __always_inline bool error_head_allowed(__u64 now)
  * (a gap, a resync, its record lost), and user space reports the error once. */
 static __always_inline void emit_error_detail(struct scratch *s, struct sock *sk, struct call *call,
 					      struct l7_sock *st, __u64 now, __u32 pid, __u32 tid, __u8 direction,
-					      __u32 size, bool copied)
+					      __u32 size, bool copied, bool after_error)
 {
 	if (!error_head_allowed(now))
 		return;
@@ -509,7 +509,7 @@ static __always_inline void emit_error_detail(struct scratch *s, struct sock *sk
 	output_record_to(&error_heads, s);
 	__u32 captured = copy_call(s, call, DT_ERROR_HEAD_BYTES, size);
 	fill_record(&s->rec, sk, call, now, pid, tid, direction, size, captured, 0, 0, 0,
-		    DT_DATA_ERROR_HEAD | (copied ? DT_DATA_ALSO_COPIED : 0));
+		    DT_DATA_ERROR_HEAD | (copied ? DT_DATA_ALSO_COPIED : 0) | (after_error ? DT_DATA_AFTER_ERROR : 0));
 	output_record_to(&error_heads, s);
 }
 
@@ -684,8 +684,8 @@ static __always_inline int on_transfer(struct sock *sk, int ret, int flags, __u8
 			dgram_named_peer(task, call, &s->rec);
 		output_record(s);
 	}
-	if (action == L7_ERROR_DETAIL)
-		emit_error_detail(s, sk, call, &v->l7, now, pid, tid, direction, ret, copy);
+	if (action != L7_NOTHING)
+		emit_error_detail(s, sk, call, &v->l7, now, pid, tid, direction, ret, copy, action == L7_ERROR_SKIPPED);
 	s->busy = 0;
 	return 0;
 }

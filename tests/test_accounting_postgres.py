@@ -4,12 +4,16 @@ A real PostgreSQL 15 and psycopg clients: simple queries, extended-protocol ones
 pipeline, SQL errors (simple and extended, one in the middle of a pipeline), an SSL request the
 server refuses, and a connection opened before the probe (joined in the middle).  The kernel's
 counts per role, method and outcome must be exactly what was sent, on both sides, and the same as
-the decoded exchanges; with the overload sampling copying almost nothing they must not move.
+the decoded exchanges; with the overload sampling copying almost nothing they must not move.  And
+the agent at its default flags, on an idle host and on a saturated one (a busy loop at nice 19 on
+every CPU, as tests/test_accounting_servers.py does it): its edges and Prometheus series exactly
+what concurrent psycopg clients did, every error in /api/exchanges once.
 """
 
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import contextlib
 import socket
 import struct
@@ -189,3 +193,74 @@ def test_postgres_bytes_it_cannot_follow_are_counted_as_unparsed(postgres_server
             ("client", "STARTUP", "error"): 1, ("client", "", "unparsed"): 1,
             ("server", "STARTUP", "error"): 1, ("server", "", "unparsed"): 1,
         }))
+
+
+def psycopg_mix(psycopg, dsn: str, rounds: int, pipeline: int, errors_every: int) -> collections.Counter:
+    """One connection's simple, extended, prepared and pipelined queries, with errors of each kind
+    every ``errors_every`` rounds: the exchanges it made, as (method, outcome) → count."""
+    done: collections.Counter = collections.Counter()
+    with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
+        done["STARTUP", "ok"] += 1
+        for i in range(rounds):
+            assert conn.execute("SELECT square FROM numbers WHERE n = 3").fetchone() == (9,)
+            done["QUERY", "ok"] += 1
+            assert conn.execute("SELECT square FROM numbers WHERE n = %s", (i % 10 + 1,)).fetchone()
+            assert conn.execute("SELECT name FROM numbers WHERE n = %s", (i % 10 + 1,), prepare=True).fetchone()
+            with conn.pipeline():
+                cursors = [conn.execute("SELECT %s::int + 1", (j,)) for j in range(pipeline)]
+            assert [c.fetchone()[0] for c in cursors] == [j + 1 for j in range(pipeline)]
+            done["EXECUTE", "ok"] += 2 + pipeline
+            if i % errors_every == 0:
+                with pytest.raises(psycopg.errors.DivisionByZero):
+                    conn.execute("SELECT 1 / 0")
+                with pytest.raises(psycopg.errors.UndefinedTable):
+                    conn.execute("SELECT * FROM nowhere WHERE n = %s", (1,))
+                with pytest.raises(psycopg.errors.DivisionByZero):
+                    with conn.pipeline():  # answered, failed, skipped (an error too)
+                        conn.execute("SELECT %s::int", (1,))
+                        conn.execute("SELECT 1 / %s::int", (0,))
+                        conn.execute("SELECT %s::int", (3,))
+                done["QUERY", "error"] += 1
+                done["EXECUTE", "ok"] += 1
+                done["EXECUTE", "error"] += 3
+    return done
+
+
+@pytest.mark.parametrize("saturated", [False, True], ids=["idle", "saturated"])
+def test_postgres_counts_exact_with_the_agent_at_default_flags(postgres_server, tmp_path, saturated):
+    """The agent at default flags (its overload sampling on), psycopg connections at once, on an idle
+    host and a saturated one: the requests and errors of the edge, in the topology API and in the
+    Prometheus exposition, are exactly the exchanges the clients made; every error is in
+    /api/exchanges, copied (sampling 1); the detail's weights add up to the truth within 5 %."""
+    from tests.test_accounting_servers import Run, prometheus_counts, saturated_host
+
+    psycopg = need_module("psycopg", "psycopg[binary]")
+    pg = postgres_server
+    connections, rounds, pipeline, errors_every = 4, 60, 8, 15
+    clients = ("pytest", "python", "python3")  # this process (its threads)
+    run = Run(tmp_path)
+    try:
+        with saturated_host(saturated):
+            since = run.begin("postgres", "postgres", clients)
+            with concurrent.futures.ThreadPoolExecutor(connections) as pool:
+                done = sum((f.result() for f in [pool.submit(psycopg_mix, psycopg, pg.dsn(), rounds, pipeline,
+                                                             errors_every) for _ in range(connections)]),
+                           collections.Counter())
+            until = run.end()
+            truth = sum(done.values()), sum(n for (_, outcome), n in done.items() if outcome == "error")
+            run.check(since, until, server="postgres", port=pg.port, protocol="postgres", clients=clients,
+                      truth_of=lambda: truth)
+            # Exact, not only within the tolerance the other servers' checks allow.
+            assert run.counted(since, until, "postgres", pg.port) == truth, done
+            prom = prometheus_counts(run.metrics_port, "postgres", "postgres", clients)
+            assert (prom[0] - run.prom_before[0], prom[1] - run.prom_before[1]) == truth, done
+            # Each error once, of the method it was: a statement the server skipped too, whether it
+            # read it before or after it wrote the error, decoded from the stream or from the
+            # kernel's heads (the connection sampled out).
+            kept = run.errors_kept(since, "postgres", pg.port)
+            assert collections.Counter(x["method"] for x in kept) == {
+                method: n for (method, outcome), n in done.items() if outcome == "error"}
+            assert sum(bool(x["attributes"].get("aborted")) for x in kept) == done["EXECUTE", "error"] // 3
+            assert all(x["latency_ns"] is not None and x["latency_ns"] >= 0 for x in kept), kept
+    finally:
+        run.stop()

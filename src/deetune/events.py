@@ -182,6 +182,9 @@ class DataEvent(Event):
     #: On a response's error head: the call was copied for the connection's own decoding too, which
     #: reports the error unless it loses the exchange.
     also_copied: bool = attrs.field(kw_only=True, default=False)
+    #: On a response's error head (PostgreSQL): the request head is what was sent after an error
+    #: was answered, which the server skipped, and the response its ReadyForQuery.
+    after_error: bool = attrs.field(kw_only=True, default=False)
     #: Where these bytes start in their direction's stream (bytes moved that way before them, since
     #: the probe first copied from the socket); -1 when the source does not know.  A call that was
     #: not copied (overload sampling, a record lost) shows as a jump: ``seq`` > previous seq + size.

@@ -42,6 +42,8 @@ MAX_PARKED_ERRORS = 4096
 #: Live chunks are whole syscalls: a write usually ends where a message ends,
 #: so when a capture gap hides HTTP framing the decoder may assume just that.
 LIVE_DECODER_OPTIONS = {"http": {"trust_syscall_boundaries": True}, "http2": {"trust_syscall_boundaries": True}}
+#: The heads of requests sent after an error was answered (DataEvent.after_error): skipped.
+AFTER_ERROR_OPTIONS = {**LIVE_DECODER_OPTIONS, "postgres": {"skipping": True}}
 
 
 @attrs.define
@@ -365,7 +367,8 @@ class L7Handler:
             return []
         # The request's side says the role: a client writes its requests, a server reads them.
         role = "client" if request.direction == "egress" else "server"
-        session = StreamSession(self.decoders, role, ports=(event.rport, event.lport), options=LIVE_DECODER_OPTIONS)
+        session = StreamSession(self.decoders, role, ports=(event.rport, event.lport),
+                                options=AFTER_ERROR_OPTIONS if event.after_error else LIVE_DECODER_OPTIONS)
         exchanges = session.feed(request.direction == "egress", request.data, len(request.data), request.ts_mono_ns)
         exchanges += session.feed(event.direction == "egress", event.data, event.size, event.ts_mono_ns)
         exchanges += session.close(event.ts_mono_ns)

@@ -198,6 +198,41 @@ def test_postgres_error_fields_and_rows():
     assert (got[2].error_message, got[2].attributes["sqlstate"]) == ('relation "nope" does not exist', "42P01")
 
 
+def test_postgres_pipeline_error_written_before_the_sync():
+    """The server read the pipeline before its Sync: the error is written at once, the
+    ReadyForQuery after the Sync.  The skipped statement is answered by that error (as the kernel's
+    heads of the error, which end before the Sync, see it: one exchange whichever decodes it), and
+    its latency is not negative."""
+    conversation = cv.PG_LOGIN + [
+        (cv.REQ, cv.pg_parse("SELECT 1") + cv.pg_bind() + cv.pg_execute() + cv.pg_parse("SELECT 1/0")
+         + cv.pg_bind() + cv.pg_execute() + cv.pg_parse("SELECT 3") + cv.pg_bind() + cv.pg_execute()),
+        (cv.RESP, cv.pg(b"1") + cv.pg(b"2") + cv.pg_row(b"1") + cv.pg_complete("SELECT 1") + cv.pg(b"1")
+         + cv.pg(b"2") + cv.pg_error("22012", "division by zero")),
+        (cv.REQ, cv.PG_SYNC),
+        (cv.RESP, cv.PG_READY),
+    ]
+    stream = cv.chunks(conversation)
+    error_at = stream[-3].ts_ns
+    _, ok, failed, skipped = decode_chunks(PostgresDecoder, stream)
+    assert [(x.status, x.attributes.get("aborted")) for x in (ok, failed, skipped)] == [
+        ("OK", None), ("ERR", None), ("ERR", True)]
+    assert failed.response_start_ns == skipped.response_start_ns == error_at
+    assert skipped.latency_ns is not None and skipped.latency_ns >= 0
+    # From the heads alone (the request's call and the error's): the same exchange, answered then.
+    *_, heads_skipped = decode_chunks(PostgresDecoder, stream[:-2])
+    assert (heads_skipped.method, heads_skipped.response_start_ns) == ("EXECUTE", error_at)
+
+
+def test_postgres_requests_after_an_error_decoded_as_skipped():
+    """The kernel's heads of what a client sent after an error was answered, and its ReadyForQuery
+    (deetune.l7: DataEvent.after_error): statements the server skipped, errors."""
+    conversation = [(cv.REQ, cv.pg_parse("SELECT 3") + cv.pg_bind() + cv.pg_execute()), (cv.REQ, cv.PG_SYNC),
+                    (cv.RESP, cv.PG_READY)]
+    [x] = decode_chunks(PostgresDecoder(skipping=True), cv.chunks(conversation))
+    assert (x.method, x.target, x.status, x.attributes) == ("EXECUTE", "SELECT 3", "ERR", {"aborted": True})
+    assert x.latency_ns == 1000
+
+
 def test_postgres_copy_from_stdin():
     conversation = cv.PG_LOGIN + [
         (cv.REQ, cv.pg_query("COPY t FROM STDIN")),

@@ -199,7 +199,9 @@ class PostgresDecoder(Decoder):
     protocol = "postgres"
     default_ports = (5432,)
 
-    def __init__(self) -> None:
+    def __init__(self, skipping: bool = False) -> None:
+        """``skipping``: the bytes start after an error was answered and before the next Sync
+        (what the server skips: errors, ``aborted``)."""
         self._front = _Frontend()
         self._back = _Backend()
         #: Operations awaiting their response, in order: (kind, group).
@@ -209,7 +211,7 @@ class PostgresDecoder(Decoder):
         self._open: _Group | None = None  # the group request messages join
         self._last: _Group | None = None  # the group the latest request message joined
         self._holding = False  # a group is held (see _settle)
-        self._skipping = False  # an error: the server ignores messages up to the next Sync
+        self._skipping = skipping  # an error: the server ignores messages up to the next Sync
         self._statements: dict[bytes, str] = {}
         self._texts: dict[bytes, str] = {}
         self._portals: dict[bytes, str] = {}
@@ -417,7 +419,10 @@ class PostgresDecoder(Decoder):
                         group.attrs["truncated"] = True
                 continue
             group.req_bytes += total
-            group.req_end = ts1
+            if op != _SYNC or group.resp_start is None:
+                # (A Sync after its group's answer began, e.g. the error that skipped it: the
+                # answer did not wait for it.)
+                group.req_end = ts1
             if truncated:
                 group.attrs["truncated"] = True
             if op == _SYNC:
@@ -575,7 +580,7 @@ class PostgresDecoder(Decoder):
                     if not group.ops:
                         self._settle(group)
             elif t == 0x45:  # ErrorResponse
-                self._on_error(kind, group, buf[p:pos])
+                self._on_error(kind, group, buf[p:pos], ts0)
             elif total == 1 and kind == _STARTUP:  # the answer to SSLRequest / GSSENCRequest
                 accepted = t == 0x53 or t == 0x47  # 'S', 'G'
                 group.attrs["encryption"] = "accepted" if accepted else "refused"
@@ -603,7 +608,7 @@ class PostgresDecoder(Decoder):
                 group.attrs["suspended"] = True
         return pos
 
-    def _on_error(self, kind: int, group: _Group, m: bytes) -> None:
+    def _on_error(self, kind: int, group: _Group, m: bytes, ts: int) -> None:
         fields = _error_fields(m[5:])
         group.status = "ERR"
         if group.error_message is None:
@@ -626,15 +631,20 @@ class PostgresDecoder(Decoder):
             _, skipped = ops.popleft()
             skipped.ops -= 1
             if skipped is not group:
-                self._abort(skipped)
+                self._abort(skipped, ts)
             elif not skipped.ops:
                 self._settle(skipped)
         if not ops:
             self._skipping = True
             if self._open is not None:
-                self._abort(self._open)
+                self._abort(self._open, ts)
 
-    def _abort(self, group: _Group) -> None:
+    def _abort(self, group: _Group, ts: int) -> None:
+        """``group`` skipped for the error written at ``ts``: answered by it (its ReadyForQuery may
+        come in a later write, after the client's Sync: the error's heads end before it, and the
+        exchange must start its answer at the same time whether decoded from them or the stream)."""
+        if group.resp_start is None:
+            group.resp_start = ts
         self._mark_aborted(group)
         if not group.ops:
             self._settle(group)

@@ -197,6 +197,7 @@ class PayloadProbe(OverloadSampling, Probe):
                 sampling=1 if error_head else max(1 << sample_shift, self.sampling),
                 error_head=error_head,
                 also_copied=bool(flags & _L.DT_DATA_ALSO_COPIED),
+                after_error=bool(flags & _L.DT_DATA_AFTER_ERROR),
                 transport="udp" if flags & _DATAGRAM else "tcp",
             ),
         )

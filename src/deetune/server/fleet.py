@@ -1062,8 +1062,11 @@ class Fleet:
         return names
 
     def graph(self, service: str | None) -> dict[str, Any]:
-        edges = [e for e in self.edges.values() if service is None or service in (e.client, e.server)]
-        edges.sort(key=_edge_key)
+        if service is None:  # by their keys, made already (an edge's key is _edge_key of it)
+            edges = [e for _key, e in sorted(self.edges.items())]
+        else:
+            edges = [e for e in self.edges.values() if service in (e.client, e.server)]
+            edges.sort(key=_edge_key)
         answer = [self._shape_edge_json(e) or self.edge_json(e) for e in edges] if self.partial \
             else [self.edge_json(e) for e in edges]
         counts: dict[int, int] = {}

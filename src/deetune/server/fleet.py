@@ -889,7 +889,19 @@ class Fleet:
             return found
 
         # Client sides first: they name both services once joined.
-        joined: dict[tuple[str, str, str], list[Edge]] = collections.defaultdict(list)  # (client host, server, proto)
+        # (client host, server, protocol) → the joined edge, or its edges when several (few): no
+        # list made for each of a large fleet's edges.
+        joined: dict[tuple[str, str, str], Edge | list[Edge]] = {}
+
+        def add_half(key: tuple[str, str, str], found: Edge) -> None:
+            halves = joined.get(key)
+            if halves is None:
+                joined[key] = found
+            elif isinstance(halves, list):
+                if found not in halves:
+                    halves.append(found)
+            elif halves is not found:
+                joined[key] = [halves, found]
         server_rows: list[Side] = []
         for key, side in sorted(rows.items()):  # keys are unique: sides are never compared
             host, protocol, client, server = key
@@ -912,9 +924,11 @@ class Fleet:
                     if found is None:
                         found = edges[edge_key] = Edge(client, target[1], protocol, port)
                     found.server_hosts.add(target[0])
-                    halves = joined[(host, found.server, protocol)]
-                    if found not in halves:
-                        halves.append(found)
+                    jkey = (host, found.server, protocol)
+                    if jkey in joined:
+                        add_half(jkey, found)
+                    else:
+                        joined[jkey] = found
                 found.client_sides.append(side)
                 found.client_hosts.add(host)
                 continue
@@ -926,9 +940,7 @@ class Fleet:
                 found = edge(client, services.pop(), protocol, port)
                 for target in targets:
                     found.server_hosts.add(target[0])
-                halves = joined[(host, found.server, protocol)]
-                if found not in halves:
-                    halves.append(found)
+                add_half((host, found.server, protocol), found)
             else:
                 found = edge(client, server, protocol, port)
             found.client_sides.append(side)
@@ -943,7 +955,9 @@ class Fleet:
                 client_host = address_owner(side.client)
             if client_host:
                 halves = joined.get((client_host, side.server, side.protocol))
-                if halves:
+                if halves is not None:
+                    if not isinstance(halves, list):
+                        halves = (halves,)
                     matched = False
                     for found in halves:
                         if side.host in found.server_hosts:

@@ -1032,7 +1032,8 @@ class Fleet:
         row of each side, neither with latency, one host at each end), else None: the same dict
         made from templates (:data:`_SHAPE_EDGE`), without the general case's sums and lookups
         (a third of the time left once the last answer is in, on the benchmark's fleet)."""
-        client_sides, server_sides, client_hosts, server_hosts = e.client_sides, e.server_sides, e.client_hosts, e.server_hosts
+        client_sides, server_sides = e.client_sides, e.server_sides
+        client_hosts, server_hosts = e.client_hosts, e.server_hosts
         if len(client_sides) != 1 or len(server_sides) != 1 or len(client_hosts) != 1 or len(server_hosts) != 1:
             return None
         metrics, server_metrics = client_sides[0].metrics, server_sides[0].metrics
@@ -1045,12 +1046,14 @@ class Fleet:
         # round(): an int, as _sum_sides has them (0 for a counter the row lacks).
         requests, errors = round(get("requests", 0)), round(get("errors", 0))
         opened, failed = round(get("connections_opened", 0)), round(get("connections_failed", 0))
-        out["requests"], out["errors"], out["connections_opened"], out["connections_failed"] = requests, errors, opened, failed
+        out["requests"], out["errors"] = requests, errors
+        out["connections_opened"], out["connections_failed"] = opened, failed
         client = out["client_side"] = _SHAPE_CLIENT_SIDE.copy()
         client["requests"], client["errors"], client["connections_opened"], client["connections_failed"] = \
             requests, errors, opened, failed
         server = out["server_side"] = _SHAPE_SERVER_SIDE.copy()
-        server["requests"], server["errors"] = round(server_metrics.get("requests", 0)), round(server_metrics.get("errors", 0))
+        server["requests"] = round(server_metrics.get("requests", 0))
+        server["errors"] = round(server_metrics.get("errors", 0))
         (client_host,), (server_host,) = client_hosts, server_hosts
         out["client_hosts"], out["server_hosts"] = [client_host], [server_host]
         if self._idc_of is None:

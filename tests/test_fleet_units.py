@@ -206,6 +206,61 @@ def test_join_names_both_ends_and_keeps_what_it_cannot_join():
     assert [(i["host"], i["reporting"]) for i in nodes["api"]["instances"]] == [("b", True), ("c", False)]
 
 
+
+def test_a_graph_without_detail_reads_as_the_general_case_does(monkeypatch):
+    """Fleet.graph's shortcut for a large graph's common edges (_shape_edge_json) writes what
+    edge_json writes, key order included; and the connection counters go where they went."""
+    hosts = {
+        "a": Host("a", {"idc": "x"}, "10.0.0.1:9464", 9477, "0.1.0", True, addresses={"10.0.0.1"},
+                  listeners=[("web", 10, "0.0.0.0", 8080)]),
+        "b": Host("b", {"idc": "y"}, "10.0.0.2:9464", 9477, "0.1.0", True, addresses={"10.0.0.2"},
+                  listeners=[("api", 20, "0.0.0.0", 80), ("db", 21, "10.0.0.2", 5432)]),
+        "c": Host("c", {}, "10.0.0.3:9464", 9477, "0.1.0", True, addresses={"10.0.0.3"},
+                  listeners=[("api", 30, "10.0.0.3", 80)]),
+    }
+
+    def build():
+        rows = {}
+
+        def row(host, client, server, protocol="http", **metrics):
+            rows[(host, protocol, client, server)] = Side(host, protocol, client, server,
+                                                          {"requests": 7.0, "errors": 1.0, **metrics})
+
+        row("a", "web", "10.0.0.2:80")                            # joined, one row each side
+        row("a", "web", "10.0.0.2:80", protocol="grpc", requests=9.0)  # a pair of two protocols
+        row("a", "cron", "10.0.0.2:80")                           # shares b's row for 10.0.0.1
+        row("b", "10.0.0.1", "api")
+        row("b", "10.0.0.1", "api", protocol="grpc")
+        row("a", "web", "api-pool", latency_count=2.0, latency_sum=0.5)  # two server hosts, latency
+        row("c", "10.0.0.1", "api")
+        row("a", "web", "10.0.0.9:80")                            # external endpoint
+        row("b", "203.0.113.7", "api")                            # external client
+        row("b", "api", "10.0.0.2:5432", protocol="postgres")     # a local call
+        row("b", "10.0.0.2", "db", protocol="postgres", errors=float("0"))
+        remote = {("a", "web", "10.0.0.2:80"): {("10.0.0.2", 80)},
+                  ("a", "cron", "10.0.0.2:80"): {("10.0.0.2", 80)},
+                  ("a", "web", "api-pool"): {("10.0.0.2", 80), ("10.0.0.3", 80)},
+                  ("a", "web", "10.0.0.9:80"): {("10.0.0.9", 80)},
+                  ("b", "api", "10.0.0.2:5432"): {("10.0.0.2", 5432)}}
+        pairs = {("a", "web", "10.0.0.2:80"): {"connections_opened": 3.0, "connections_failed": 1.0},
+                 ("b", "10.0.0.1", "api"): {"connections_opened": 4.0},
+                 ("a", "web", "10.0.0.5:22"): {"connections_opened": 1.0}}  # no row: a tcp row
+        fleet = Fleet.join("idc", hosts, rows, pairs, remote, 0, 1)
+        fleet.partial = True
+        return fleet
+
+    fast = build().graph(None)
+    assert fast["edges"]
+    monkeypatch.setattr(Fleet, "_shape_edge_json", lambda self, e: None)
+    general = build().graph(None)
+    assert json.dumps(fast) == json.dumps(general)
+    edges = {(e["client"], e["server"], e["protocol"]): e for e in fast["edges"]}
+    # The pair's counters went to its row with the most requests; the pair without a row is "tcp".
+    assert edges[("web", "api", "grpc")]["connections_opened"] == 3
+    assert edges[("web", "api", "http")]["connections_opened"] == 0
+    assert edges[("web", "10.0.0.5:22", "tcp")]["connections_opened"] == 1
+    assert edges[("web", "api", "http")]["server_side"]["shared"] is True
+
 # ---- OTLP: many agents into one collector ------------------------------------------------------
 
 

@@ -197,6 +197,15 @@ _NOT_READ = {name: None for name in CONNECTION_COUNTERS if name not in SHAPE_COU
 _ZEROS: dict[str, Any] = {name: 0 for name in COUNTED}
 _NO_LATENCY: dict[str, Any] = {"latency_avg_ns": None, **{name: None for name in QUANTILES}}
 _NO_SERVER_LATENCY: dict[str, Any] = {name: None for name in _SERVER_SIDE_FIELDS[2:]}
+#: An edge of a graph without detail (Fleet.partial) as Fleet.edge_json writes one joined from one row
+#: of each side, neither with latency, between two hosts: its keys in that order, the values it
+#: always has (Fleet.graph copies these and fills in the rest: most edges of a large graph).
+_SHAPE_EDGE: dict[str, Any] = {"client": None, "server": None, "protocol": None, "port": None,
+                               **_ZEROS, **_NO_LATENCY, **_NOT_READ, "client_hosts": None, "server_hosts": None,
+                               "joined": True, "client_side": None, "server_side": None,
+                               "network_latency_avg_ns": None, "idcs": None, "cross_idc": None}
+_SHAPE_CLIENT_SIDE: dict[str, Any] = {name: None for name in EDGE_FIELDS}
+_SHAPE_SERVER_SIDE: dict[str, Any] = {"requests": None, "errors": None, **_NO_SERVER_LATENCY, "shared": False}
 
 
 def _sum_sides(sides: list[Side]) -> dict[str, Any]:
@@ -794,17 +803,24 @@ class Fleet:
     def assign_connections(self, pairs: dict[tuple, dict[str, float]], only: set[tuple] | None = None) -> None:
         """Connection counters (by host, client, server) go to that pair's row with the most
         requests; a pair with no row becomes a "tcp" row (traffic nothing decoded)."""
-        by_pair: dict[tuple, list[Side]] = collections.defaultdict(list)
-        for side in self.rows.values():
-            by_pair[(side.host, side.client, side.server)].append(side)
+        rows = self.rows
+        # Most pairs have one row (one protocol): a pair's rows are looked for among all only when
+        # some pair has several (the first one's length tells).
+        one = {(host, client, server): side for (host, _protocol, client, server), side in rows.items()}
+        several: dict[tuple, list[Side]] = {}
+        if len(one) < len(rows):
+            for (host, _protocol, client, server), side in rows.items():
+                several.setdefault((host, client, server), []).append(side)
+            several = {pair: sides for pair, sides in several.items() if len(sides) > 1}
+        get = one.get
         for pair, counters in pairs.items():
             if only is not None and pair not in only:
                 continue
-            found = by_pair.get(pair)
-            if not found:
-                side = self.rows[(pair[0], "tcp", pair[1], pair[2])] = Side(pair[0], "tcp", pair[1], pair[2])
-                by_pair[pair] = found = [side]
-            target = found[0] if len(found) == 1 else max(found, key=lambda s: (s.metrics.get("requests", 0), s.protocol))
+            target = get(pair)
+            if target is None:
+                target = rows[(pair[0], "tcp", pair[1], pair[2])] = Side(pair[0], "tcp", pair[1], pair[2])
+            elif several and pair in several:
+                target = max(several[pair], key=lambda s: (s.metrics.get("requests", 0), s.protocol))
             target.metrics.update(counters)  # a row is the target of its own pair only
 
     @staticmethod
@@ -873,35 +889,58 @@ class Fleet:
             return found
 
         # Client sides first: they name both services once joined.
-        joined: dict[tuple[str, str, str], list[Edge]] = collections.defaultdict(list)  # (client host, server, proto)
+        # (client host, server, protocol) → the joined edge, or its edges when several (few): no
+        # list made for each of a large fleet's edges.
+        joined: dict[tuple[str, str, str], Edge | list[Edge]] = {}
+
+        def add_half(key: tuple[str, str, str], found: Edge) -> None:
+            halves = joined.get(key)
+            if halves is None:
+                joined[key] = found
+            elif isinstance(halves, list):
+                if found not in halves:
+                    halves.append(found)
+            elif halves is not found:
+                joined[key] = [halves, found]
         server_rows: list[Side] = []
-        for key in sorted(rows):
-            side = rows[key]
+        for key, side in sorted(rows.items()):  # keys are unique: sides are never compared
             host, protocol, client, server = key
             endpoints = remote.get((host, client, server))
             if endpoints is None:
                 server_rows.append(side)
                 continue
             placed[client].add(host)
-            if len(endpoints) == 1:  # most client rows: one endpoint called
-                for address, port in endpoints:
-                    target = resolved.get((address, port), False)
-                    if target is False:
-                        target = resolve(address, port)
-                targets = (target,)
-                services = {target[1]} if target is not None else set()
-            else:
-                targets = {resolve(address, port) for address, port in endpoints}
-                port_set = {port for _, port in endpoints}
-                port = port_set.pop() if len(port_set) == 1 else 0
-                services = {t[1] for t in targets if t is not None}
+            if len(endpoints) == 1:  # most client rows: one endpoint called, an agent's listener
+                (endpoint,) = endpoints
+                target = resolved.get(endpoint, False)
+                if target is False:
+                    target = resolve(*endpoint)
+                port = endpoint[1]
+                if target is None:  # an external endpoint
+                    found = edge(client, server, protocol, port)
+                else:  # as below, without the sets of targets and services
+                    edge_key = (client, target[1], protocol, port)
+                    found = edges.get(edge_key)
+                    if found is None:
+                        found = edges[edge_key] = Edge(client, target[1], protocol, port)
+                    found.server_hosts.add(target[0])
+                    jkey = (host, found.server, protocol)
+                    if jkey in joined:
+                        add_half(jkey, found)
+                    else:
+                        joined[jkey] = found
+                found.client_sides.append(side)
+                found.client_hosts.add(host)
+                continue
+            targets = {resolve(address, port) for address, port in endpoints}
+            port_set = {port for _, port in endpoints}
+            port = port_set.pop() if len(port_set) == 1 else 0
+            services = {t[1] for t in targets if t is not None}
             if None not in targets and len(services) == 1:
                 found = edge(client, services.pop(), protocol, port)
-                for target in targets:  # no generator for the one of most rows
+                for target in targets:
                     found.server_hosts.add(target[0])
-                halves = joined[(host, found.server, protocol)]
-                if found not in halves:
-                    halves.append(found)
+                add_half((host, found.server, protocol), found)
             else:
                 found = edge(client, server, protocol, port)
             found.client_sides.append(side)
@@ -916,11 +955,15 @@ class Fleet:
                 client_host = address_owner(side.client)
             if client_host:
                 halves = joined.get((client_host, side.server, side.protocol))
-                if halves:
-                    halves = [e for e in halves if side.host in e.server_hosts]
-                    if halves:
-                        for found in halves:
+                if halves is not None:
+                    if not isinstance(halves, list):
+                        halves = (halves,)
+                    matched = False
+                    for found in halves:
+                        if side.host in found.server_hosts:
                             found.server_sides.append(side)
+                            matched = True
+                    if matched:
                         continue
             service_ports = ports.get((side.host, side.server), set())
             port = next(iter(service_ports)) if len(service_ports) == 1 else 0
@@ -984,6 +1027,43 @@ class Fleet:
         out["cross_idc"] = any(c is not None and s is not None and c != s for c, s in idc_pairs)
         return out
 
+    def _shape_edge_json(self, e: Edge) -> dict[str, Any] | None:
+        """:meth:`edge_json` of a graph without detail for the edges most of a large one's are (one
+        row of each side, neither with latency, one host at each end), else None: the same dict
+        made from templates (:data:`_SHAPE_EDGE`), without the general case's sums and lookups
+        (a third of the time left once the last answer is in, on the benchmark's fleet)."""
+        client_sides, server_sides = e.client_sides, e.server_sides
+        client_hosts, server_hosts = e.client_hosts, e.server_hosts
+        if len(client_sides) != 1 or len(server_sides) != 1 or len(client_hosts) != 1 or len(server_hosts) != 1:
+            return None
+        metrics, server_metrics = client_sides[0].metrics, server_sides[0].metrics
+        get = metrics.get
+        if get("latency_count") or get("latency_buckets") or server_metrics.get("latency_count") \
+                or server_metrics.get("latency_buckets"):
+            return None
+        out = _SHAPE_EDGE.copy()
+        out["client"], out["server"], out["protocol"], out["port"] = e.client, e.server, e.protocol, e.port
+        # round(): an int, as _sum_sides has them (0 for a counter the row lacks).
+        requests, errors = round(get("requests", 0)), round(get("errors", 0))
+        opened, failed = round(get("connections_opened", 0)), round(get("connections_failed", 0))
+        out["requests"], out["errors"] = requests, errors
+        out["connections_opened"], out["connections_failed"] = opened, failed
+        client = out["client_side"] = _SHAPE_CLIENT_SIDE.copy()
+        client["requests"], client["errors"], client["connections_opened"], client["connections_failed"] = \
+            requests, errors, opened, failed
+        server = out["server_side"] = _SHAPE_SERVER_SIDE.copy()
+        server["requests"] = round(server_metrics.get("requests", 0))
+        server["errors"] = round(server_metrics.get("errors", 0))
+        (client_host,), (server_host,) = client_hosts, server_hosts
+        out["client_hosts"], out["server_hosts"] = [client_host], [server_host]
+        if self._idc_of is None:
+            self._idc(client_host)
+        idc = self._idc_of.get  # type: ignore[union-attr]
+        c, s = idc(client_host), idc(server_host)
+        out["idcs"] = [{"client": c, "server": s}]
+        out["cross_idc"] = c is not None and s is not None and c != s
+        return out
+
     def _node(self, name: str) -> dict[str, Any]:
         hosts = sorted(self.placed.get(name, ()))
         instances = []
@@ -999,9 +1079,13 @@ class Fleet:
         return names
 
     def graph(self, service: str | None) -> dict[str, Any]:
-        edges = [e for e in self.edges.values() if service is None or service in (e.client, e.server)]
-        edges.sort(key=_edge_key)
-        answer = [self.edge_json(e) for e in edges]
+        if service is None:  # by their keys, made already (an edge's key is _edge_key of it)
+            edges = [e for _key, e in sorted(self.edges.items())]
+        else:
+            edges = [e for e in self.edges.values() if service in (e.client, e.server)]
+            edges.sort(key=_edge_key)
+        answer = [self._shape_edge_json(e) or self.edge_json(e) for e in edges] if self.partial \
+            else [self.edge_json(e) for e in edges]
         counts: dict[int, int] = {}
         for e in edges:
             if e.client_sides:

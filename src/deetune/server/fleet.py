@@ -197,15 +197,6 @@ _NOT_READ = {name: None for name in CONNECTION_COUNTERS if name not in SHAPE_COU
 _ZEROS: dict[str, Any] = {name: 0 for name in COUNTED}
 _NO_LATENCY: dict[str, Any] = {"latency_avg_ns": None, **{name: None for name in QUANTILES}}
 _NO_SERVER_LATENCY: dict[str, Any] = {name: None for name in _SERVER_SIDE_FIELDS[2:]}
-#: An edge of a graph without detail (Fleet.partial) as Fleet.edge_json writes one joined from one row
-#: of each side, neither with latency, between two hosts: its keys in that order, the values it
-#: always has (Fleet.graph copies these and fills in the rest: most edges of a large graph).
-_SHAPE_EDGE: dict[str, Any] = {"client": None, "server": None, "protocol": None, "port": None,
-                               **_ZEROS, **_NO_LATENCY, **_NOT_READ, "client_hosts": None, "server_hosts": None,
-                               "joined": True, "client_side": None, "server_side": None,
-                               "network_latency_avg_ns": None, "idcs": None, "cross_idc": None}
-_SHAPE_CLIENT_SIDE: dict[str, Any] = {name: None for name in EDGE_FIELDS}
-_SHAPE_SERVER_SIDE: dict[str, Any] = {"requests": None, "errors": None, **_NO_SERVER_LATENCY, "shared": False}
 
 
 def _sum_sides(sides: list[Side]) -> dict[str, Any]:
@@ -979,10 +970,10 @@ class Fleet:
 
     # -- answers ---------------------------------------------------------------------------------
 
-    def _idc(self, host: str) -> str | None:
+    def _idcs(self) -> dict[str, str | None]:
         if self._idc_of is None:
             self._idc_of = {name: found.labels.get(self.idc_label) for name, found in self.hosts.items()}
-        return self._idc_of.get(host)
+        return self._idc_of
 
     def edge_json(self, e: Edge) -> dict[str, Any]:
         client_sides, server_sides = e.client_sides, e.server_sides
@@ -1011,9 +1002,7 @@ class Fleet:
                 out["network_latency_avg_ns"] = out["latency_avg_ns"] - server["latency_avg_ns"]
             else:
                 out["network_latency_avg_ns"] = None
-        if self._idc_of is None:
-            self._idc(e.client)
-        idc = self._idc_of.get  # type: ignore[union-attr]
+        idc = self._idcs().get
         if len(client_hosts) == 1 and len(server_hosts) == 1:  # most edges
             for client_host in client_hosts:
                 for server_host in server_hosts:
@@ -1025,43 +1014,6 @@ class Fleet:
                            key=lambda p: (str(p[0]), str(p[1])))
         out["idcs"] = [{"client": c, "server": s} for c, s in idc_pairs]
         out["cross_idc"] = any(c is not None and s is not None and c != s for c, s in idc_pairs)
-        return out
-
-    def _shape_edge_json(self, e: Edge) -> dict[str, Any] | None:
-        """:meth:`edge_json` of a graph without detail for the edges most of a large one's are (one
-        row of each side, neither with latency, one host at each end), else None: the same dict
-        made from templates (:data:`_SHAPE_EDGE`), without the general case's sums and lookups
-        (a third of the time left once the last answer is in, on the benchmark's fleet)."""
-        client_sides, server_sides = e.client_sides, e.server_sides
-        client_hosts, server_hosts = e.client_hosts, e.server_hosts
-        if len(client_sides) != 1 or len(server_sides) != 1 or len(client_hosts) != 1 or len(server_hosts) != 1:
-            return None
-        metrics, server_metrics = client_sides[0].metrics, server_sides[0].metrics
-        get = metrics.get
-        if get("latency_count") or get("latency_buckets") or server_metrics.get("latency_count") \
-                or server_metrics.get("latency_buckets"):
-            return None
-        out = _SHAPE_EDGE.copy()
-        out["client"], out["server"], out["protocol"], out["port"] = e.client, e.server, e.protocol, e.port
-        # round(): an int, as _sum_sides has them (0 for a counter the row lacks).
-        requests, errors = round(get("requests", 0)), round(get("errors", 0))
-        opened, failed = round(get("connections_opened", 0)), round(get("connections_failed", 0))
-        out["requests"], out["errors"] = requests, errors
-        out["connections_opened"], out["connections_failed"] = opened, failed
-        client = out["client_side"] = _SHAPE_CLIENT_SIDE.copy()
-        client["requests"], client["errors"], client["connections_opened"], client["connections_failed"] = \
-            requests, errors, opened, failed
-        server = out["server_side"] = _SHAPE_SERVER_SIDE.copy()
-        server["requests"] = round(server_metrics.get("requests", 0))
-        server["errors"] = round(server_metrics.get("errors", 0))
-        (client_host,), (server_host,) = client_hosts, server_hosts
-        out["client_hosts"], out["server_hosts"] = [client_host], [server_host]
-        if self._idc_of is None:
-            self._idc(client_host)
-        idc = self._idc_of.get  # type: ignore[union-attr]
-        c, s = idc(client_host), idc(server_host)
-        out["idcs"] = [{"client": c, "server": s}]
-        out["cross_idc"] = c is not None and s is not None and c != s
         return out
 
     def _node(self, name: str) -> dict[str, Any]:
@@ -1084,8 +1036,7 @@ class Fleet:
         else:
             edges = [e for e in self.edges.values() if service in (e.client, e.server)]
             edges.sort(key=_edge_key)
-        answer = [self._shape_edge_json(e) or self.edge_json(e) for e in edges] if self.partial \
-            else [self.edge_json(e) for e in edges]
+        answer = [self.edge_json(e) for e in edges]
         counts: dict[int, int] = {}
         for e in edges:
             if e.client_sides:

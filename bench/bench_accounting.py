@@ -23,14 +23,12 @@ busy loop at nice 19 on every CPU, started before and ended after each run, in b
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from typing import Iterator
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
@@ -41,20 +39,6 @@ PROBES = ["process", "tcp", "payload"]
 RECOVERY_RATE = 200
 RECOVERY_SECONDS = 8
 BUCKET_NS = 250_000_000
-
-
-@contextlib.contextmanager
-def host(saturated: bool) -> Iterator[None]:
-    """A busy loop at nice 19 on every CPU while saturated (ended by pid)."""
-    loops = [subprocess.Popen([sys.executable, "-c", "import os\nos.nice(19)\nwhile True: pass"])
-             for _ in range(os.cpu_count() or 1)] if saturated else []
-    try:
-        time.sleep(0.5 if saturated else 0)
-        yield
-    finally:
-        for loop in loops:
-            loop.kill()
-            loop.wait()
 
 
 def server_side(path: str, port: int, since_mono_ns: int = 0) -> dict[str, float]:
@@ -83,7 +67,7 @@ def server_side(path: str, port: int, since_mono_ns: int = 0) -> dict[str, float
 def throughput(nginx: Nginx, tmp: str, rounds: int, seconds: int, saturated: bool) -> dict:
     def run(mode: str, r: int) -> dict:
         common.wait_quiet(max_wait=20)
-        with host(saturated):
+        with common.busy_loops(saturated):
             if mode == "none":
                 run_wrk(nginx.port, 5)
                 result = run_wrk(nginx.port, seconds)
@@ -118,7 +102,7 @@ def fixed_rate(nginx: Nginx, tmp: str, rate: float, seconds: float, saturated: b
     gen = common.loadgen()
     jsonl = os.path.join(tmp, "rate.jsonl")
     common.wait_quiet(max_wait=20)
-    with host(saturated), common.bpf_stats():
+    with common.busy_loops(saturated), common.bpf_stats():
         agent = common.Agent(PROBES, jsonl).start()
         try:
             since = time.monotonic_ns()
@@ -147,7 +131,7 @@ def recovery(nginx: Nginx, tmp: str, saturated: bool) -> dict:
     gen = common.loadgen()
     jsonl = os.path.join(tmp, "recovery.jsonl")
     common.wait_quiet(max_wait=20)
-    with host(saturated):
+    with common.busy_loops(saturated):
         agent = common.Agent(PROBES, jsonl).start()
         try:
             run_wrk(nginx.port, 3)

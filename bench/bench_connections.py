@@ -83,26 +83,13 @@ def host_cpu_per_conn(busy_cores: float | None, load: dict) -> float | None:
     return round(busy_cores / load["rate"] * 1e6, 2) if load["rate"] and busy_cores is not None else None
 
 
-@contextlib.contextmanager
-def busy_loops(on: bool):
-    """One busy loop per CPU at nice 19 while the load runs (``--saturate``), ended by pid."""
-    loops = [subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", "while True: pass"])
-             for _ in range(os.cpu_count() or 1)] if on else []
-    try:
-        yield
-    finally:
-        for loop in loops:
-            loop.kill()
-            loop.wait()
-
-
 def run_load(argv: Sequence[str], saturate: bool = False, warmup: Sequence[str] | None = None,
              measuring: Callable[[], Any] = lambda: None) -> tuple[dict, float | None, Any]:
     """The load generator's result, with the accept-queue overflows during it; the host's busy
     cores (None beside busy loops, which take whatever the load leaves); and what ``measuring()``,
     called as the measured load begins, returned.  With ``warmup``, that load runs first, not
     measured."""
-    with busy_loops(saturate):
+    with common.busy_loops(saturate, settle=0):
         if warmup:
             common.run_json(warmup)
         measured = measuring()

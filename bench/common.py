@@ -234,6 +234,22 @@ def listen_overflows() -> int:
     raise RuntimeError("no TcpExt ListenOverflows in /proc/net/netstat")
 
 
+@contextlib.contextmanager
+def busy_loops(on: bool = True, settle: float = 0.5) -> Iterator[None]:
+    """A saturated host while on: one busy loop per CPU at nice 19, so that no CPU is ever idle;
+    ended by pid.  ``settle`` seconds for the scheduler to spread them before the load starts."""
+    loops = [subprocess.Popen(["nice", "-n", "19", sys.executable, "-c", "while True: pass"])
+             for _ in range(os.cpu_count() or 1)] if on else []
+    try:
+        if loops:
+            time.sleep(settle)
+        yield
+    finally:
+        for loop in loops:
+            loop.kill()
+            loop.wait()
+
+
 def busy_cores_since(snapshot: tuple[float, list[int]] | None = None):
     """Without argument: a snapshot of /proc/stat; with one: cores busy (all processes) since it."""
     with open("/proc/stat") as f:

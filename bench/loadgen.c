@@ -16,6 +16,9 @@
  *       whole response (Content-Length) before the next request, RATE requests/s in total.
  *   loadgen redis PORT CONNS SECONDS RATE
  *       same with the Redis command GET (RESP), reading one whole reply each time.
+ *   loadgen syscalls COUNT
+ *       COUNT getppid(2) calls in a loop; prints {"calls":COUNT,"ns_per_call":X}: what a syscall
+ *       costs the host (a syscall tracepoint, attached, sends every syscall through a slow path).
  *
  * Clients print one JSON line: done (connections or requests completed), errors, seconds,
  * rate, the p50/p99/max latency of a connection or a request in microseconds, and how many took
@@ -35,6 +38,7 @@
 #include <sys/epoll.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
@@ -279,9 +283,23 @@ static double percentile(const uint64_t *hist, uint64_t total, double p)
 	return HIST_US;
 }
 
+static int syscalls(long count)
+{
+	struct timespec a, b;
+	clock_gettime(CLOCK_MONOTONIC, &a);
+	for (long i = 0; i < count; i++)
+		syscall(SYS_getppid);
+	clock_gettime(CLOCK_MONOTONIC, &b);
+	double ns = (b.tv_sec - a.tv_sec) * 1e9 + (b.tv_nsec - a.tv_nsec);
+	printf("{\"calls\":%ld,\"ns_per_call\":%.1f}\n", count, count ? ns / count : 0);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	signal(SIGPIPE, SIG_IGN);
+	if (argc == 3 && !strcmp(argv[1], "syscalls"))
+		return syscalls(atol(argv[2]));
 	if (argc >= 4 && !strcmp(argv[1], "serve"))
 		return serve(atoi(argv[2]), atoi(argv[3]));
 	enum mode mode;

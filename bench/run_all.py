@@ -11,7 +11,8 @@
 5. bench_recording.py: nginx + wrk with a recording task against decoding alone (issue 6);
 6. bench_protocol_decoders.py and bench_pgbench.py: each protocol decoder's exchanges/s on one core,
    and pgbench against PostgreSQL with and without the agent (issue 21);
-7. bench_accounting.py: the kernel's exact counting, idle and saturated (issue 16); bench_tls.py
+7. bench_accounting.py: the kernel's exact counting, idle and saturated, and bench_syscall_tax.py
+   (issue 16); bench_tls.py
    and bench_http2_decoder.py (issue 20); bench_fleet.py (issue 19); bench_capture_size.py (17);
 8. with --profile: profile_agent.py for the conn, http and redis scenarios (needs py-spy: see there).
 
@@ -63,6 +64,7 @@ def main(argv=None) -> None:
         "pgbench (issue 21)": ["bench_pgbench.py", *(["--rounds", "2", "--seconds", "5", "--scale", "1"]
                                                      if args.quick else [])],
         "kernel accounting (issue 16)": ["bench_accounting.py", *(["--rounds", "2", "--seconds", "3"] if args.quick else [])],
+        "syscall tax (issue 16)": ["bench_syscall_tax.py", *(["--rounds", "2", "--calls", "500000"] if args.quick else [])],
         "tls (issue 20)": ["bench_tls.py", *(["--rounds", "2", "--seconds", "3"] if args.quick else [])],
         "http2 decoder (issue 20)": ["bench_http2_decoder.py"],
         "fleet (issue 19)": ["bench_fleet.py"],

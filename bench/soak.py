@@ -3,6 +3,7 @@
 Run (root)::
 
     .venv/bin/python bench/soak.py --minutes 10        # the series; --minutes 1 to check it runs
+    .venv/bin/python bench/soak.py --minutes 10 --saturated   # beside a busy loop at nice 19 on every CPU
 
 The agent (``--probe process --probe tcp --probe payload --api … --window 5``, every port) watches,
 all on loopback, processes named by ``DEETUNE_SERVICE``:
@@ -223,6 +224,8 @@ def main() -> int:
     parser.add_argument("--rate", type=float, default=200.0, help="normal requests per second")
     parser.add_argument("--max-rss-mb", type=float, default=100.0)
     parser.add_argument("--max-api-ms", type=float, default=100.0)
+    parser.add_argument("--saturated", action="store_true",
+                        help="a busy loop at nice 19 on every CPU all along: no CPU is ever idle")
     parser.add_argument("--role", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.role:
@@ -251,7 +254,9 @@ def main() -> int:
     api_slow: list[tuple[str, float, int]] = []
     stop = threading.Event()
     count_file = work / "normal.count"
+    busy = contextlib.ExitStack()
     try:
+        busy.enter_context(common.busy_loops(args.saturated))
         children += [spawn("soak-server", "server", str(ports["server"])),
                      spawn("soak-blackhole", "blackhole", str(ports["blackhole"])),
                      spawn("soak-nesting", "nesting", str(ports["nesting"]))]
@@ -311,6 +316,7 @@ def main() -> int:
         health = json.loads(api_get(api_port, "/healthz")[2] or b"{}")
     finally:
         stop.set()
+        busy.close()
         for child in children:
             if child.poll() is None:
                 child.kill()
@@ -320,7 +326,7 @@ def main() -> int:
     api_ms = sorted(api_times)
     out = {
         "machine": common.machine(),
-        "minutes": args.minutes, "rate": args.rate,
+        "minutes": args.minutes, "rate": args.rate, "saturated": args.saturated,
         "normal_sent": sent, "normal_counted": counted, "soak_edges": soak_edges,
         "max_rss_mb": max_rss, "rss_samples": samples, "rss_breakdown_mb": breakdowns,
         "api_requests": len(api_ms), "api_max_ms": round(api_ms[-1] * 1000, 1) if api_ms else None,

@@ -1,8 +1,9 @@
 // SPDX-License-Identifier: Apache-2.0
 /* TCP connection lifecycle: active and passive opens, closes with byte counts
  * and retransmits, failed connects, resets.  Built on the BTF tracepoints
- * sock:inet_sock_set_state (state machine) and tcp:* (resets, retransmits), and
- * accept(2) exits (passive opens are announced, and timed, from the accept).  BTF
+ * sock:inet_sock_set_state (state machine), tcp:* (resets, retransmits) and
+ * sock:sock_{send,recv}_length (a passive open is claimed by the process that first
+ * reads or writes it, or closes it: see unclaimed).  BTF
  * tracepoints call the program with the kernel's own arguments: no record is
  * assembled for it first, as a classic tracepoint does (a quarter of a
  * microsecond per connection, measured). */
@@ -143,6 +144,15 @@ struct {
 	__type(key, __u64);
 	__type(value, struct conn_info);
 } conns SEC(".maps");
+
+/* Passive opens no process has claimed yet (see claim): marked at the handshake,
+ * which completes in softirq context, where the pid is whoever was interrupted. */
+struct {
+	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__type(key, int);
+	__type(value, __u8);
+} unclaimed SEC(".maps");
 
 static __always_inline bool port_wanted(__u16 lport, __u16 rport)
 {
@@ -308,9 +318,10 @@ static __always_inline void owner_is_current(struct conn_info *info, __u8 role)
  * for the server's side only when the sampling takes the connection: a close
  * the sampling leaves out is counted.  No entry and no file: still in the
  * accept queue (an orphan has left ESTABLISHED and CLOSE_WAIT), its close is
- * the server's, owner none.  Otherwise it predates the agent (or was taken
- * through io_uring): user space knows what it can from its start-up snapshot
- * and filters by pid itself. */
+ * the server's, owner none; so is one accepted but ended by a reset before its
+ * owner read, wrote or closed it (unclaimed).  Otherwise it predates the agent:
+ * user space knows what it can from its start-up snapshot and filters by pid
+ * itself. */
 static __always_inline void close_unknown(struct sock *sk, int oldstate)
 {
 	if (oldstate == TCP_SYN_SENT || oldstate == TCP_LISTEN || oldstate == TCP_SYN_RECV)
@@ -323,7 +334,8 @@ static __always_inline void close_unknown(struct sock *sk, int oldstate)
 		return;
 	/* No entry counted its retransmits. */
 	unknown.retransmits = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
-	if (!sk->sk_socket && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT)) {
+	if ((oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT) &&
+	    (!sk->sk_socket || bpf_sk_storage_get(&unclaimed, sk, 0, 0))) {
 		unknown.role = DT_ROLE_SERVER;
 		/* No entry to flag a received reset in: tcp_reset() set sk_err
 		 * first (the listener closing it sets it after the close). */
@@ -342,6 +354,40 @@ static __always_inline void store(struct sock *sk, struct conn_info *info)
 	__u64 key = (__u64)sk;
 	if (bpf_map_update_elem(&conns, &key, info, BPF_ANY))
 		dt_count(DT_STAT_LOST); /* table full: its records cannot be made */
+}
+
+/* A passive open is claimed by the process that reads, writes or closes it
+ * first (in practice the one that accepted it): that runs in the process's
+ * context, where the pid is right.  It is stored and announced then, so the
+ * server side's duration runs from its first read or write.  (It was claimed at
+ * accept(2)'s exit: a syscall tracepoint sends every syscall of every process on
+ * the host through the kernel's slow path, ~55 ns each on our test VM.) */
+static __always_inline void claim(struct sock *sk)
+{
+	bpf_sk_storage_delete(&unclaimed, sk);
+	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
+	if (!pid_wanted(tgid))
+		return;
+	/* Closed already (a reset in the accept queue): its close has been reported. */
+	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE)
+		return;
+	struct dt_conn_record rec = {};
+	dt_sock_ports(sk, &rec.lport, &rec.rport);
+	dt_sock_addresses(sk, &rec.family, rec.laddr, rec.raddr);
+	if (rec.family != AF_INET && rec.family != AF_INET6)
+		return;
+	/* Every connection is counted and keeps an entry (its close is counted too);
+	 * the sampling decides whether its records are made. */
+	struct conn_info info = {};
+	bool taken = sample(&info, rec.lport, rec.rport);
+	owner_is_current(&info, DT_ROLE_SERVER);
+	set_conn_edge(&info, sk, rec.lport, rec.rport);
+	count_conn(&info.edge, 1, 0, 0, 0, 0, 0, 0);
+	store(sk, &info);
+	if (!taken)
+		return;
+	/* The cookie was made at the handshake (handle_set_state). */
+	emit_conn(&rec, sk, BPF_CORE_READ(sk, __sk_common.skc_cookie.counter), DT_REC_CONN_OPEN, &info, 0, 0);
 }
 
 SEC("tp_btf/inet_sock_set_state")
@@ -363,10 +409,19 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 	}
 	if (oldstate == TCP_SYN_RECV && newstate == TCP_ESTABLISHED) {
 		/* A passive open: give the socket its cookie (its id in every record)
-		 * now, where the helper can; the accept reads it. */
+		 * now, where the helper can; the claim reads it.  Filtered out by port:
+		 * no entry, not counted; its close is not reported either. */
 		bpf_get_socket_cookie(sk);
+		if (port_wanted(local_port_at_state_change(sk), remote_port_at_state_change(sk)))
+			bpf_sk_storage_get(&unclaimed, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
 		return 0;
 	}
+	/* Closed by its owner before any read or write: a close(2) or shutdown(2),
+	 * which runs in the owner's context (a reset received is no owner's doing). */
+	if ((newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK ||
+	     (newstate == TCP_CLOSE && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT) && !sk->sk_err)) &&
+	    sk->sk_socket && bpf_sk_storage_get(&unclaimed, sk, 0, 0))
+		claim(sk);
 	if (oldstate == TCP_SYN_SENT && newstate == TCP_ESTABLISHED) {
 		struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
 		if (!info)
@@ -419,80 +474,25 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 	return 0;
 }
 
-/* The socket behind the descriptor accept(2) returned (a socket: no need to
- * check the inode).  The task's file table is reached through its BTF pointers,
- * with plain loads; a file's private data is untyped, so the last steps are
- * read with helpers.  (Read all with helpers, and the endpoints before the
- * sampling, the program took half as long again: docs/performance.md, 1.) */
-static __always_inline struct sock *accepted_sock(int fd)
+/* Every read and write on a socket: the first on an unclaimed passive open claims
+ * it.  Any other socket has no such storage: one lookup, then out. */
+static __always_inline int on_transfer(struct sock *sk)
 {
-	struct task_struct *task = bpf_get_current_task_btf();
-	struct fdtable *fdt = task->files->fdt;
-	if ((unsigned int)fd >= fdt->max_fds)
-		return 0;
-	struct file **fds = fdt->fd;
-	struct file *file = 0;
-	bpf_probe_read_kernel(&file, sizeof(file), &fds[fd]);
-	if (!file)
-		return 0;
-	struct socket *sock = BPF_CORE_READ(file, private_data);
-	if (!sock)
-		return 0;
-	return BPF_CORE_READ(sock, sk);
-}
-
-/* A passive open is stored and announced when a process accepts it: the
- * handshake completes in softirq context, where the pid is whoever was
- * interrupted.  (Storing it at the handshake, as before, and filling it in at
- * the accept cost the host more: docs/performance.md, section 1.)  A connection
- * closed before anyone accepted it is reported at its close, owner none; one
- * accepted through io_uring is not seen at all. */
-static __always_inline int on_accept_exit(struct trace_event_raw_sys_exit *ctx)
-{
-	if (ctx->ret < 0)
-		return 0;
-	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
-	if (!pid_wanted(tgid))
-		return 0;
-	struct sock *sk = accepted_sock(ctx->ret);
-	if (!sk || BPF_CORE_READ(sk, sk_protocol) != IPPROTO_TCP || !dt_sock_netns_wanted(sk))
-		return 0;
-	/* Closed already (a reset before the accept): its close has been reported. */
-	if (BPF_CORE_READ(sk, __sk_common.skc_state) == TCP_CLOSE)
-		return 0;
-	struct dt_conn_record rec = {};
-	dt_sock_ports(sk, &rec.lport, &rec.rport);
-	dt_sock_addresses(sk, &rec.family, rec.laddr, rec.raddr);
-	if (rec.family != AF_INET && rec.family != AF_INET6)
-		return 0;
-	/* Every connection is counted and keeps an entry (its close is counted too);
-	 * the sampling decides whether its records are made. */
-	if (!port_wanted(rec.lport, rec.rport))
-		return 0; /* filtered out: no entry, not counted; its close is not reported either */
-	struct conn_info info = {};
-	bool taken = sample(&info, rec.lport, rec.rport);
-	owner_is_current(&info, DT_ROLE_SERVER);
-	set_conn_edge(&info, sk, rec.lport, rec.rport);
-	count_conn(&info.edge, 1, 0, 0, 0, 0, 0, 0);
-	store(sk, &info);
-	if (!taken)
-		return 0;
-	/* The cookie was made at the handshake (handle_set_state): this pointer
-	 * is not one the helper takes. */
-	emit_conn(&rec, sk, BPF_CORE_READ(sk, __sk_common.skc_cookie.counter), DT_REC_CONN_OPEN, &info, 0, 0);
+	if (bpf_sk_storage_get(&unclaimed, sk, 0, 0))
+		claim(sk);
 	return 0;
 }
 
-SEC("tracepoint/syscalls/sys_exit_accept4")
-int handle_accept4_exit(struct trace_event_raw_sys_exit *ctx)
+SEC("tp_btf/sock_send_length")
+int BPF_PROG(claim_on_send, struct sock *sk, int ret, int flags)
 {
-	return on_accept_exit(ctx);
+	return on_transfer(sk);
 }
 
-SEC("tracepoint/syscalls/sys_exit_accept")
-int handle_accept_exit(struct trace_event_raw_sys_exit *ctx)
+SEC("tp_btf/sock_recv_length")
+int BPF_PROG(claim_on_recv, struct sock *sk, int ret, int flags)
 {
-	return on_accept_exit(ctx);
+	return on_transfer(sk);
 }
 
 SEC("tp_btf/tcp_retransmit_skb")

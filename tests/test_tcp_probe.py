@@ -307,12 +307,13 @@ def test_overload_sampling_reports_fewer_connections_but_counts_every_one():
         ports = [client.getsockname()[1] for client, _ in pairs]
         taken = [p for p in ports if _sampled_in(p, port, 4)]
         assert 0 < len(taken) < 64
+        for client, server in pairs:  # the server's side is claimed by its first read
+            client.sendall(b"x" * 100)
+            assert server.recv(1000) == b"x" * 100
         opens = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "open"
                                    and port in (e.lport, e.rport), 2 * len(taken))
         entries = len(list(probe.obj.maps["conns"].keys()))
         for client, server in pairs:
-            client.sendall(b"x" * 100)
-            assert server.recv(1000) == b"x" * 100
             client.close()
             server.close()
         closes = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "close"
@@ -398,3 +399,93 @@ def test_a_connection_reset_before_anyone_accepted_it_is_reported_on_close():
     assert server.duration_ns is None
     assert sorted((e.role, e.phase) for e in conn_events(collector, port)) == [
         ("client", "close"), ("client", "open"), ("server", "close")]
+
+
+# A server in its own process: accepts three connections, then on the first reads, on the
+# second writes, and closes the third untouched; prints its pid's view of nothing, just "done".
+_CLAIMING_SERVER = r"""
+import socket, sys
+listener = socket.socket()
+listener.bind(("127.0.0.1", 0))
+listener.listen(8)
+print(listener.getsockname()[1], flush=True)
+conns = [listener.accept()[0] for _ in range(3)]
+sys.stdin.readline()  # the test has looked: nothing was claimed yet
+assert conns[0].recv(10) == b"ping"
+conns[1].sendall(b"pong")
+conns[2].close()
+sys.stdin.readline()
+for c in conns[:2]:
+    c.close()
+"""
+
+
+def test_a_passive_open_is_claimed_by_the_process_that_first_reads_writes_or_closes_it():
+    server = subprocess.Popen([sys.executable, "-c", _CLAIMING_SERVER], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        port = int(server.stdout.readline())
+        with running_pipeline([TcpProbe(ProbeOptions(port=port))]) as collector:
+            clients = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+            lports = [c.getsockname()[1] for c in clients]
+            collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.role == "client"
+                               and e.phase == "open" and e.rport == port, 3)
+            time.sleep(0.3)  # accepted, untouched: not claimed, not announced
+            assert conn_events(collector, port, "open") and not [
+                e for e in conn_events(collector, port, "open") if e.role == "server"]
+            before = time.monotonic_ns()
+            clients[0].sendall(b"ping")
+            server.stdin.write("go\n")
+            server.stdin.flush()
+            assert clients[1].recv(10) == b"pong"
+            opens = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.role == "server"
+                                       and e.phase == "open" and e.lport == port, 3)
+            server.stdin.write("end\n")
+            server.stdin.flush()
+            server.wait(10)
+            for c in clients:
+                c.close()
+            closes = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.role == "server"
+                                        and e.phase == "close" and e.lport == port, 3)
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
+    assert sorted(e.rport for e in opens) == sorted(lports)
+    assert {(e.pid, e.comm) for e in opens + closes} == {(server.pid, "python")}
+    assert all(e.ts_mono_ns >= before for e in opens)  # from the first read, write or close
+    assert sorted(e.rport for e in closes) == sorted(lports)
+
+
+def test_an_accepted_connection_reset_before_its_owner_touched_it_is_the_servers_owner_none():
+    port = free_port()
+    with running_pipeline([TcpProbe(ProbeOptions(port=port))]) as collector, listening(port) as listener:
+        client = socket.create_connection(("127.0.0.1", port))
+        lport = client.getsockname()[1]
+        accepted, _ = listener.accept()
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        client.close()  # a reset, before the server read, wrote or closed
+        closes = collector.wait_for(lambda e: isinstance(e, ConnectionEvent) and e.phase == "close"
+                                    and lport in (e.lport, e.rport), 2)
+        with pytest.raises(ConnectionResetError):
+            accepted.recv(10)  # its first read comes after the close: it claims nothing
+        accepted.close()
+        time.sleep(0.2)
+    server = next(e for e in closes if e.lport == port)
+    assert (server.role, server.pid, server.reset) == ("server", 0, "received")
+    assert sorted((e.role, e.phase) for e in conn_events(collector, port)) == [
+        ("client", "close"), ("client", "open"), ("server", "close")]
+
+
+def test_no_probe_attaches_to_a_syscall_tracepoint():
+    """Any syscall tracepoint, attached, sends every syscall of every process on the host through
+    the kernel's slow path (about 55 ns each on our test VM, docs/design.md): the default probes
+    hook the socket layer's tracepoints instead."""
+    import glob
+    import subprocess as sp
+
+    for obj in glob.glob(os.path.join(os.path.dirname(records.__file__), "_bpf", "x86", "*.bpf.o")):
+        if obj.endswith("features.bpf.o"):  # the preflight's feature probes, attached for a moment
+            continue
+        sections = sp.run(["llvm-objdump", "-h", obj], capture_output=True, text=True, check=True).stdout
+        assert "syscalls/" not in sections and "raw_tp/sys_" not in sections, obj

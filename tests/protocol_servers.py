@@ -12,6 +12,7 @@ import os
 import pathlib
 import pwd
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -34,7 +35,13 @@ PG_DB = "deetune_pg"
 
 
 class Postgres:
-    """PostgreSQL 15 with a password (SCRAM) user ``PG_USER`` owning ``PG_DB`` (table ``numbers``)."""
+    """PostgreSQL 15 with a password (SCRAM) user ``PG_USER`` owning ``PG_DB`` (table ``numbers``).
+
+    ``count_statements``: the server counts what it does in its own ways too: the statements it
+    executed in ``pg_stat_statements`` (the extension created in the ``postgres`` database), each
+    login (``log_connections``) and each error in its log, whose lines name the user and database
+    (``user@database`` after the pid): see :meth:`statements_executed` and :meth:`logged`.
+    """
 
     def __init__(self, server: ServerProcess, directory: pathlib.Path):
         self.server = server
@@ -51,7 +58,7 @@ class Postgres:
         return " ".join(f"{k}={v}" for k, v in parts.items())
 
     @classmethod
-    def start(cls) -> "Postgres":
+    def start(cls, count_statements: bool = False) -> "Postgres":
         if not (PG_BIN / "postgres").exists():
             unavailable("PostgreSQL 15 not found: install the Debian package postgresql-15 (`make test-deps`)")
         # Its own directory under /tmp: the server refuses to run as root, and the user it runs as
@@ -89,10 +96,14 @@ class Postgres:
         server = ServerProcess.start(
             [*as_postgres, str(PG_BIN / "postgres"), "-D", str(data), "-h", HOST, "-p", "{port}",
              "-k", str(directory), "-c", "fsync=off", "-c", "max_connections=40", "-c", "shared_buffers=16MB",
-             "-c", "ssl=off"],
+             "-c", "ssl=off",
+             *(["-c", "shared_preload_libraries=pg_stat_statements", "-c", "pg_stat_statements.track=top",
+                "-c", "log_connections=on", "-c", "log_line_prefix=%m [%p] %q%u@%d "] if count_statements else [])],
             log=log, ready=ready)
         pg = cls(server, directory)
         try:
+            if count_statements:
+                pg.admin_sql("CREATE EXTENSION pg_stat_statements")
             pg.admin_sql(f"CREATE USER {PG_USER} PASSWORD '{PG_PASSWORD}'")
             pg.admin_sql(f"CREATE DATABASE {PG_DB} OWNER {PG_USER}")
             pg.admin_sql(
@@ -113,6 +124,29 @@ class Postgres:
         if out.returncode != 0:
             raise RuntimeError(f"psql -c {sql[:60]!r} failed: {out.stderr.strip()}")
         return out.stdout
+
+    def statements_executed(self, user: str = PG_USER, db: str = PG_DB) -> int:
+        """The executions of statements by ``user`` in ``db`` that ``pg_stat_statements`` counted
+        (since :meth:`reset_statements`): those that ran to their end, none that failed.  Asked
+        over the Unix socket as the superuser, in the ``postgres`` database: not counted in it."""
+        return int(self.admin_sql(
+            "SELECT coalesce(sum(s.calls), 0) FROM pg_stat_statements s JOIN pg_roles r ON r.oid = s.userid "
+            f"JOIN pg_database d ON d.oid = s.dbid WHERE r.rolname = '{user}' AND d.datname = '{db}'"))
+
+    def reset_statements(self) -> None:
+        self.admin_sql("SELECT pg_stat_statements_reset()")
+
+    def log_size(self) -> int:
+        return (self.dir / "postgres.log").stat().st_size
+
+    def logged(self, since: int, message: str, user: str = PG_USER, db: str = PG_DB) -> int:
+        """Lines of the server's log from byte ``since`` of a session of ``user`` in ``db`` whose
+        message starts with ``message`` (e.g. ``ERROR:``, ``LOG:  connection authorized:``)."""
+        with open(self.dir / "postgres.log", "rb") as f:
+            f.seek(since)
+            text = f.read().decode(errors="replace")
+        return sum(1 for line in text.splitlines()
+                   if re.match(r"\S+ \S+ \S+ \[\d+\] " + re.escape(f"{user}@{db} {message}"), line))
 
     def stop(self) -> None:
         self.server.stop(timeout=60)
@@ -293,7 +327,7 @@ def _udp_free(address: str, port: int) -> bool:
 
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory):
-    server = Postgres.start()
+    server = Postgres.start(count_statements=True)
     yield server
     server.stop()
 

@@ -7,7 +7,8 @@ counts per role, method and outcome must be exactly what was sent, on both sides
 the decoded exchanges; with the overload sampling copying almost nothing they must not move.  And
 the agent at its default flags, on an idle host and on a saturated one (a busy loop at nice 19 on
 every CPU, as tests/test_accounting_servers.py does it): its edges and Prometheus series exactly
-what concurrent psycopg clients did, every error in /api/exchanges once.
+what concurrent psycopg clients did and what PostgreSQL itself counted (pg_stat_statements, its
+log of logins and errors), every error in /api/exchanges once.
 """
 
 from __future__ import annotations
@@ -197,7 +198,9 @@ def test_postgres_bytes_it_cannot_follow_are_counted_as_unparsed(postgres_server
 
 def psycopg_mix(psycopg, dsn: str, rounds: int, pipeline: int, errors_every: int) -> collections.Counter:
     """One connection's simple, extended, prepared and pipelined queries, with errors of each kind
-    every ``errors_every`` rounds: the exchanges it made, as (method, outcome) → count."""
+    every ``errors_every`` rounds: the exchanges it made, as (method, outcome) → count, and under
+    ``"skipped"`` how many of its errors are statements the server skipped after an error (each
+    an exchange counted in ("EXECUTE", "error") too)."""
     done: collections.Counter = collections.Counter()
     with psycopg.connect(dsn, autocommit=True, prepare_threshold=None) as conn:
         done["STARTUP", "ok"] += 1
@@ -223,6 +226,7 @@ def psycopg_mix(psycopg, dsn: str, rounds: int, pipeline: int, errors_every: int
                 done["QUERY", "error"] += 1
                 done["EXECUTE", "ok"] += 1
                 done["EXECUTE", "error"] += 3
+                done["skipped"] += 1  # the pipeline's third
     return done
 
 
@@ -230,8 +234,20 @@ def psycopg_mix(psycopg, dsn: str, rounds: int, pipeline: int, errors_every: int
 def test_postgres_counts_exact_with_the_agent_at_default_flags(postgres_server, tmp_path, saturated):
     """The agent at default flags (its overload sampling on), psycopg connections at once, on an idle
     host and a saturated one: the requests and errors of the edge, in the topology API and in the
-    Prometheus exposition, are exactly the exchanges the clients made; every error is in
-    /api/exchanges, copied (sampling 1); the detail's weights add up to the truth within 5 %."""
+    Prometheus exposition, are exactly the exchanges the clients made and what the server counted;
+    every error is in /api/exchanges, copied (sampling 1); the detail's weights add up to the
+    truth within 5 %.
+
+    The server's own counts: logins (``log_connections``: one STARTUP exchange each), statements
+    executed to their end (``pg_stat_statements``' calls: a Query, or an Execute with the Parse,
+    Bind, Describe and Sync around it, one each) and errors (the ``ERROR:`` lines of its log: one
+    ErrorResponse each; ``pg_stat_statements`` counts no failed statement).  What PostgreSQL
+    counts nowhere: a statement of a pipeline it skipped after an error (read and dropped until
+    the Sync), an error exchange in the kernel's accounting as in the decoder's; their number is
+    what the clients sent (one a failing pipeline) and the agent marks them ``aborted``.  The
+    server's counters are reset and read, and its log sized, over the Unix socket as the
+    superuser in the ``postgres`` database (``Postgres.admin_sql``): no TCP the agent sees,
+    nothing the statistics of user ``deetune`` in ``deetune_pg`` count."""
     from tests.test_accounting_servers import Run, prometheus_counts, saturated_host
 
     psycopg = need_module("psycopg", "psycopg[binary]")
@@ -242,25 +258,39 @@ def test_postgres_counts_exact_with_the_agent_at_default_flags(postgres_server, 
     try:
         with saturated_host(saturated):
             since = run.begin("postgres", "postgres", clients)
+            pg.reset_statements()
+            log_from = pg.log_size()
             with concurrent.futures.ThreadPoolExecutor(connections) as pool:
                 done = sum((f.result() for f in [pool.submit(psycopg_mix, psycopg, pg.dsn(), rounds, pipeline,
                                                              errors_every) for _ in range(connections)]),
                            collections.Counter())
+            skipped = done.pop("skipped")
+            # What the server counted, each before it answered (the clients have all their answers).
+            logins = pg.logged(log_from, "LOG:  connection authorized:")
+            executed = pg.statements_executed()
+            failed = pg.logged(log_from, "ERROR:")
             until = run.end()
             truth = sum(done.values()), sum(n for (_, outcome), n in done.items() if outcome == "error")
+            by_server = logins + executed + failed + skipped, failed + skipped
+            # The server's counts and the clients' agree (per kind: not only in total).
+            assert (logins, executed, failed) == (
+                done["STARTUP", "ok"], done["QUERY", "ok"] + done["EXECUTE", "ok"],
+                done["QUERY", "error"] + done["EXECUTE", "error"] - skipped), (logins, executed, failed, skipped, done)
+            assert by_server == truth
             run.check(since, until, server="postgres", port=pg.port, protocol="postgres", clients=clients,
-                      truth_of=lambda: truth)
-            # Exact, not only within the tolerance the other servers' checks allow.
-            assert run.counted(since, until, "postgres", pg.port) == truth, done
+                      truth_of=lambda: by_server)
+            # Exact, not only within the tolerance the other servers' checks allow: what the server
+            # counted (and the statements it skipped), what the clients did.
+            assert run.counted(since, until, "postgres", pg.port) == by_server, (by_server, done)
             prom = prometheus_counts(run.metrics_port, "postgres", "postgres", clients)
-            assert (prom[0] - run.prom_before[0], prom[1] - run.prom_before[1]) == truth, done
+            assert (prom[0] - run.prom_before[0], prom[1] - run.prom_before[1]) == by_server, (by_server, done)
             # Each error once, of the method it was: a statement the server skipped too, whether it
             # read it before or after it wrote the error, decoded from the stream or from the
             # kernel's heads (the connection sampled out).
             kept = run.errors_kept(since, "postgres", pg.port)
             assert collections.Counter(x["method"] for x in kept) == {
                 method: n for (method, outcome), n in done.items() if outcome == "error"}
-            assert sum(bool(x["attributes"].get("aborted")) for x in kept) == done["EXECUTE", "error"] // 3
+            assert sum(bool(x["attributes"].get("aborted")) for x in kept) == skipped
             assert all(x["latency_ns"] is not None and x["latency_ns"] >= 0 for x in kept), kept
     finally:
         run.stop()

@@ -119,6 +119,7 @@ def fixed_rate(nginx: Nginx, tmp: str, rate: float, seconds: float, saturated: b
     os.unlink(jsonl)
     out = {"rate": res["rate"], "done": res["done"], "errors": res["errors"], "window": window,
            "bpf_ns_per_request_side": round(bpf["run_time_ns"] / res["done"] / 2, 1) if res["done"] else None,
+           "bpf_programs": bpf["programs"],
            "counted": seen["counted"], "decoded": seen["decoded"], "weights": round(seen["weights"], 1),
            "sparsest_sampling": stopped.get("sparsest_sampling"), "lost": stopped.get("lost")}
     common.log(f"  fixed {out['rate']:,.0f}/s: done {out['done']:,} counted {out['counted']:,} decoded {out['decoded']:,}"

@@ -145,14 +145,31 @@ struct {
 	__type(value, struct conn_info);
 } conns SEC(".maps");
 
-/* Passive opens no process has claimed yet (see claim): marked at the handshake,
- * which completes in softirq context, where the pid is whoever was interrupted. */
+/* Passive opens no process has claimed yet (see claim): marked 1 at the handshake,
+ * which completes in softirq context, where the pid is whoever was interrupted;
+ * 0 once claimed (kept, not deleted: freeing it costs more than keeping the word
+ * until the socket goes). */
 struct {
 	__uint(type, BPF_MAP_TYPE_SK_STORAGE);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, int);
-	__type(value, __u8);
+	__type(value, __u64); /* 64 bits: the atomic exchange below */
 } unclaimed SEC(".maps");
+
+static const __u64 unclaimed_mark = 1;
+
+static __always_inline bool is_unclaimed(struct sock *sk)
+{
+	__u64 *mark = bpf_sk_storage_get(&unclaimed, sk, 0, 0);
+	return mark && *mark;
+}
+
+/* True for the one caller that claims the socket (two threads may read it at once). */
+static __always_inline bool take_unclaimed(struct sock *sk)
+{
+	__u64 *mark = bpf_sk_storage_get(&unclaimed, sk, 0, 0);
+	return mark && *mark && __sync_lock_test_and_set(mark, 0);
+}
 
 static __always_inline bool port_wanted(__u16 lport, __u16 rport)
 {
@@ -335,7 +352,7 @@ static __always_inline void close_unknown(struct sock *sk, int oldstate)
 	/* No entry counted its retransmits. */
 	unknown.retransmits = BPF_CORE_READ((struct tcp_sock *)sk, total_retrans);
 	if ((oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT) &&
-	    (!sk->sk_socket || bpf_sk_storage_get(&unclaimed, sk, 0, 0))) {
+	    (!sk->sk_socket || is_unclaimed(sk))) {
 		unknown.role = DT_ROLE_SERVER;
 		/* No entry to flag a received reset in: tcp_reset() set sk_err
 		 * first (the listener closing it sets it after the close). */
@@ -364,7 +381,6 @@ static __always_inline void store(struct sock *sk, struct conn_info *info)
  * the host through the kernel's slow path, ~55 ns each on our test VM.) */
 static __always_inline void claim(struct sock *sk)
 {
-	bpf_sk_storage_delete(&unclaimed, sk);
 	__u32 tgid = bpf_get_current_pid_tgid() >> 32;
 	if (!pid_wanted(tgid))
 		return;
@@ -413,14 +429,14 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
 		 * no entry, not counted; its close is not reported either. */
 		bpf_get_socket_cookie(sk);
 		if (port_wanted(local_port_at_state_change(sk), remote_port_at_state_change(sk)))
-			bpf_sk_storage_get(&unclaimed, sk, 0, BPF_SK_STORAGE_GET_F_CREATE);
+			bpf_sk_storage_get(&unclaimed, sk, (void *)&unclaimed_mark, BPF_SK_STORAGE_GET_F_CREATE);
 		return 0;
 	}
 	/* Closed by its owner before any read or write: a close(2) or shutdown(2),
 	 * which runs in the owner's context (a reset received is no owner's doing). */
 	if ((newstate == TCP_FIN_WAIT1 || newstate == TCP_LAST_ACK ||
 	     (newstate == TCP_CLOSE && (oldstate == TCP_ESTABLISHED || oldstate == TCP_CLOSE_WAIT) && !sk->sk_err)) &&
-	    sk->sk_socket && bpf_sk_storage_get(&unclaimed, sk, 0, 0))
+	    sk->sk_socket && take_unclaimed(sk))
 		claim(sk);
 	if (oldstate == TCP_SYN_SENT && newstate == TCP_ESTABLISHED) {
 		struct conn_info *info = bpf_map_lookup_elem(&conns, &key);
@@ -478,7 +494,7 @@ int BPF_PROG(handle_set_state, struct sock *sk, int oldstate, int newstate)
  * it.  Any other socket has no such storage: one lookup, then out. */
 static __always_inline int on_transfer(struct sock *sk)
 {
-	if (bpf_sk_storage_get(&unclaimed, sk, 0, 0))
+	if (take_unclaimed(sk))
 		claim(sk);
 	return 0;
 }

@@ -588,7 +588,7 @@ def test_a_recorded_key_of_more_parts_than_it_packs_is_refused():
 
 
 def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
-    """``each`` is called once per query, in the calling thread, with its answer."""
+    """``each`` is called once per query, in the calling thread, with its answer; its error is raised."""
     import http.server
     import threading
     import urllib.parse
@@ -596,6 +596,7 @@ def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            asked.append(form["query"][0])
             if form["query"][0] == "slow":
                 time.sleep(0.2)  # answered after the others, which were asked after it
             body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
@@ -608,6 +609,7 @@ def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
         def log_message(self, *args):
             pass
 
+    asked: list[str] = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     prom = Prometheus(f"http://127.0.0.1:{server.server_address[1]}", in_flight=2)
@@ -621,6 +623,17 @@ def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
         assert got == {}  # each answer was let go once read
         assert {name: answer for name, answer, _ in seen} == {n: [({"q": n}, 1.0)] for n in ("slow", "a", "b", "c")}
         assert prom.many({"a": ("a", 1.0), "b": ("b", 1.0)}) == {n: [({"q": n}, 1.0)] for n in "ab"}
+        # An error of `each` is raised; the queries not yet asked stay unasked.
+        asked.clear()
+        one = Prometheus(prom.url, in_flight=1, workers=1)
+
+        def refuse(name, answer):
+            raise ValueError(name)
+
+        with pytest.raises(ValueError, match="^a$"):
+            one.many({name: (name, 1.0) for name in ("a", "slow", "c")}, refuse)
+        one._pool.shutdown(wait=True)
+        assert asked[0] == "a" and "c" not in asked, asked  # `slow` may have been asked with a's answer in
     finally:
         prom.close()
         server.shutdown()

@@ -3,6 +3,7 @@ scrape config, the join on hand-made rows, the OTLP path to a collector, the ser
 
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import time
@@ -16,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from deetune.events import ConnectionEvent, ExchangeEvent
 from deetune.place import MAX_LABELS, Place, PlaceError
 from deetune.server.cli import PrometheusProcess
-from deetune.server.fleet import NS, RECORDED, Fleet, FleetQueries, Host, Side
+from deetune.server.fleet import (ENDPOINT, NS, PAIR, RECORDED, Fleet, FleetQueries, Host, Side, _Ambiguous,
+                                  _unpack)
 from deetune.server.prom import Prometheus
 from deetune.server.scrape import ConfigError, check_target, rules_file, scrape_config, write_file_sd
 from deetune.sinks.prometheus import PrometheusSink
@@ -364,9 +366,13 @@ def test_scrape_config_writes_and_loads_the_recording_rules(tmp_path):
     assert check.returncode == 0 and f"SUCCESS: {len(RECORDED) + 1} rules found" in check.stdout, check.stdout
     text = rules.read_text()
     assert "    interval: 10s" in text.splitlines()
-    assert ('- record: "row:deetune_requests_total:sum"\n'
-            '        expr: "sum by (host, protocol, client, server) (deetune_requests_total)"') in text
-    assert '- record: "deetune:recording_rules"\n        expr: "vector(1)"\n        labels: {"version": "1"}' in text
+    assert ('- record: "rowkey:deetune_requests_total:sum"\n'
+            '        expr: "sum by (key) (label_join(sum by (host, protocol, client, server) (deetune_requests_total), '
+            '\\"key\\", \\"\\\\u001f\\", \\"host\\", \\"protocol\\", \\"client\\", \\"server\\"))"') in text
+    assert ('- record: "endpointkey:deetune_remote_endpoint:max"\n'
+            '        expr: "max by (key) (label_join(max by (host, client, server, address, port) (deetune_remote_endpoint), '
+            '\\"key\\", \\"\\\\u001f\\", \\"host\\", \\"client\\", \\"server\\", \\"address\\", \\"port\\"))"') in text
+    assert '- record: "deetune:recording_rules"\n        expr: "vector(1)"\n        labels: {"version": "2"}' in text
 
 
 class _Asked(Prometheus):
@@ -381,10 +387,11 @@ class _Asked(Prometheus):
         return super().many(queries, each)
 
 
-def _fleet_openmetrics(t0: int) -> str:
-    """Three agents' series every 15 s over [t0, t0 + 1200] (host c's until t0 + 450: its agent goes
-    away): a's web calls api on b (and an endpoint no agent owns, connections only), c calls api on
-    b too; the counters step up once, at t0 + 300."""
+def _fleet_openmetrics(t0: int, cron: str = "cron") -> str:
+    """Four agents' series every 15 s over [t0, t0 + 1200] (host c's until t0 + 450: its agent goes
+    away; host d's from t0 + 600: its agent started then): a's web calls api on b (and an endpoint no
+    agent owns, connections only), c calls api on b too, d's ``cron`` an endpoint no agent owns; the
+    counters step up once, at t0 + 300 (d's: 3 × their count from t0 + 600, 4 × from t0 + 900)."""
     families: dict[str, tuple[str, list[tuple[dict, float]]]] = {}
 
     def add(name, kind, labels, value):
@@ -417,6 +424,19 @@ def _fleet_openmetrics(t0: int) -> str:
                     add("deetune_request_errors", "counter", labels, 0)
                 add("deetune_connections_opened", "counter", {**base, "client": client, "server": "api"}, 3)
                 add("deetune_connections_failed", "counter", {**base, "client": client, "server": "api"}, 0)
+    d = {"host": "d", "idc": "y", "instance": "10.0.0.4:9464", "job": "deetune"}
+    add("deetune_agent_info", "gauge", {**d, "version": "0.1.0", "api_port": "9477"}, 1)
+    add("deetune_agent_start_time_seconds", "gauge", d, t0 + 600)
+    add("deetune_host_address", "gauge", {**d, "address": "10.0.0.4"}, 1)
+    add("deetune_remote_endpoint", "gauge", {**d, "client": cron, "server": "10.0.0.8:6379", "address": "10.0.0.8",
+                                             "port": "6379"}, 1)
+    for status, count in (("OK", 5), ("ERR", 1)):
+        labels = {**d, "protocol": "redis", "client": cron, "server": "10.0.0.8:6379", "method": "GET",
+                  "status": status}
+        add("deetune_requests", "counter", labels, count)
+        add("deetune_request_errors", "counter", labels, count if status == "ERR" else 0)
+    add("deetune_connections_opened", "counter", {**d, "client": cron, "server": "10.0.0.8:6379"}, 2)
+    add("deetune_connections_failed", "counter", {**d, "client": cron, "server": "10.0.0.8:6379"}, 0)
     a = {"host": "a", "idc": "x", "instance": "10.0.0.1:9464", "job": "deetune"}
     add("deetune_remote_endpoint", "gauge", {**a, "client": "web", "server": "10.0.0.9:5432", "address": "10.0.0.9",
                                              "port": "5432"}, 1)
@@ -429,36 +449,31 @@ def _fleet_openmetrics(t0: int) -> str:
             text = ",".join(f'{k}="{v}"' for k, v in labels.items())
             sample = f"{name}_total" if kind == "counter" else name
             for t in range(t0, t0 + 1201, 15):
-                if labels["host"] == "c" and t > t0 + 450:
+                if labels["host"] == "c" and t > t0 + 450 or labels["host"] == "d" and t < t0 + 600:
                     continue
-                # Counters: 10 × their count before t0 + 300, 11 × from then on.
-                at = value * (10 if t < t0 + 300 else 11) if kind == "counter" else value
+                # Counters: 10 × their count before t0 + 300, 11 × from then on (d's: 3 ×, then 4 × from t0 + 900).
+                if labels["host"] == "d":
+                    at = value * (3 if t < t0 + 900 else 4) if kind == "counter" else value
+                else:
+                    at = value * (10 if t < t0 + 300 else 11) if kind == "counter" else value
                 lines.append(f"{sample}{{{text}}} {at} {t}")
     return "\n".join(lines) + "\n# EOF\n"
 
 
-def test_the_recorded_series_give_the_same_fleet_and_are_read_only_where_they_cover_the_range(tmp_path):
-    """Prometheus on three agents' series, then the recording rules backfilled from a later time (as
-    when they were loaded then): a range they cover is read from them, one they do not from the raw
-    families, each with the same answers as without the rules."""
+def _backfilled(tmp_path, text: str, t0: int, before_rules):
+    """Prometheus on the series of ``text``: ``before_rules(url)`` called on them alone, then the
+    recording rules backfilled from t0 + 240 (as when they were loaded then); Prometheus restarted
+    with them (stop it)."""
     promtool = require_binary("promtool", "prometheus")
     require_binary("prometheus", "prometheus")
-    t0 = int(time.time()) // 60 * 60 - 1800
-    (tmp_path / "fleet.om").write_text(_fleet_openmetrics(t0))
+    (tmp_path / "fleet.om").write_text(text)
     subprocess.run([promtool, "tsdb", "create-blocks-from", "openmetrics", "-q", str(tmp_path / "fleet.om"),
                     str(tmp_path / "prom" / "data")], check=True)
-    # At `until`, host c's series (raw and recorded) are stale: read at their last samples.
-    since, until, later = (t0 + 150) * NS, (t0 + 1230) * NS, (t0 + 270) * NS
     rules = tmp_path / "rules.yml"
     rules.write_text(rules_file("15s"))
     prometheus = PrometheusProcess(str(tmp_path / "prom"), scrape_config([], interval="15s"), ("127.0.0.1", 0))
     try:
-        raw = FleetQueries(Prometheus(prometheus.url), use_rules=False)
-        expected = {(since, until): raw.graph(since, until), (later, until): raw.graph(later, until)}
-        # Before the rules: read from the raw families.
-        asked = _Asked(prometheus.url)
-        assert FleetQueries(asked).graph(since, until) == expected[(since, until)]
-        assert not any(record in expr for expr in asked.asked for record, _m, _by in RECORDED.values())
+        before_rules(prometheus.url)
         subprocess.run([promtool, "tsdb", "create-blocks-from", "rules", "-q", f"--url={prometheus.url}",
                         f"--start={t0 + 240}", f"--end={t0 + 1500}", f"--output-dir={tmp_path / 'rules'}", str(rules)],
                        check=True)
@@ -466,34 +481,114 @@ def test_the_recorded_series_give_the_same_fleet_and_are_read_only_where_they_co
         prometheus.stop()
     for block in (tmp_path / "rules").iterdir():
         block.rename(tmp_path / "prom" / "data" / block.name)
-    prometheus = PrometheusProcess(str(tmp_path / "prom"), scrape_config([], interval="15s"), ("127.0.0.1", 0))
+    return PrometheusProcess(str(tmp_path / "prom"), scrape_config([], interval="15s"), ("127.0.0.1", 0))
+
+
+#: What each family of RECORDED is read by from the raw series.
+_RAW = [f"sum by ({', '.join(by)}) ({metric})" if by != ENDPOINT else metric for _r, metric, by in RECORDED.values()]
+
+
+def _asks_raw(raw: str, asked: list[str]) -> bool:
+    """Whether any expression asked reads ``raw`` (a recorded family's name, which may hold it, aside)."""
+    for expr in asked:
+        for record, _m, _by in RECORDED.values():
+            expr = expr.replace(record, "")
+        if raw in expr:
+            return True
+    return False
+
+
+def test_the_recorded_series_give_the_same_fleet_and_are_read_only_where_they_cover_the_range(tmp_path):
+    """Prometheus on four agents' series, then the recording rules backfilled from a later time (as
+    when they were loaded then): a range they cover is read from them, one they do not from the raw
+    families, each with the same answers as without the rules (a host gone stale, and one whose
+    agent started in the range, included)."""
+    t0 = int(time.time()) // 60 * 60 - 1800
+    # At `until`, host c's series (raw and recorded) are stale: read at their last samples.
+    since, until, later = (t0 + 150) * NS, (t0 + 1230) * NS, (t0 + 270) * NS
+    expected = {}
+
+    def before_rules(url):
+        raw = FleetQueries(Prometheus(url), use_rules=False)
+        expected.update({(since, until): raw.graph(since, until), (later, until): raw.graph(later, until)})
+        # Before the rules: read from the raw families.
+        asked = _Asked(url)
+        assert FleetQueries(asked).graph(since, until) == expected[(since, until)]
+        assert not any(record in expr for expr in asked.asked for record, _m, _by in RECORDED.values())
+
+    prometheus = _backfilled(tmp_path, _fleet_openmetrics(t0), t0, before_rules)
     try:
         for (start, end), answer in expected.items():
             asked = _Asked(prometheus.url)
             assert FleetQueries(asked).graph(start, end) == answer
-            summed = [f"sum by ({', '.join(by)}) ({metric})" for _r, metric, by in RECORDED.values()]
             used = {record for record, _m, _by in RECORDED.values() if any(record in e for e in asked.asked)}
             if start == since:  # the rules' series begin after `since`: not read
-                assert used == set() and all(any(s in e for e in asked.asked) for s in summed), asked.asked
+                assert used == set() and all(_asks_raw(s, asked.asked) for s in _RAW), asked.asked
             else:  # read instead of the raw families they sum
                 assert used == {record for record, _m, _by in RECORDED.values()}, asked.asked
-                assert not any(s in e for s in summed for e in asked.asked), asked.asked
-        # What they read: web → api joined (a's and c's client sides), the connections-only edge.
+                assert not any(_asks_raw(s, asked.asked) for s in _RAW), asked.asked
+                # c's (stale) recorded series at their last samples, by its key.
+                assert 'last_over_time(rowkey:deetune_requests_total:sum{key=~"(?:c)\\\\x1f(?s:.*)"}[960s])' \
+                    in asked.asked, asked.asked
+        # What they read: web → api joined (a's and c's client sides), the connections-only edge, d's
+        # cron from 0 (its agent started after `later`).
         edges = {(e["client"], e["server"], e["protocol"]): e for e in expected[(later, until)]["edges"]}
-        assert set(edges) == {("web", "api", "http"), ("web", "10.0.0.9:5432", "tcp")}
+        assert set(edges) == {("web", "api", "http"), ("web", "10.0.0.9:5432", "tcp"),
+                              ("cron", "10.0.0.8:6379", "redis")}
         web = edges[("web", "api", "http")]
         assert (web["requests"], web["errors"], web["connections_opened"], web["connections_failed"]) == (18, 4, 6, 2)
         assert (web["server_side"]["requests"], web["client_hosts"], web["joined"]) == (20, ["a", "c"], True)
         tcp = edges[("web", "10.0.0.9:5432", "tcp")]
         assert (tcp["requests"], tcp["connections_opened"], tcp["connections_failed"]) == (0, 5, 4)
+        cron = edges[("cron", "10.0.0.8:6379", "redis")]
+        assert (cron["requests"], cron["errors"], cron["connections_opened"], cron["joined"]) == (24, 4, 8, False)
         hosts = {h["name"]: h["reporting"] for h in expected[(later, until)]["hosts"]}
-        assert hosts == {"a": True, "b": True, "c": False}
+        assert hosts == {"a": True, "b": True, "c": False, "d": True}
     finally:
         prometheus.stop()
 
 
+def test_a_label_value_holding_the_recorded_keys_separator_sends_the_fleet_to_the_raw_families(tmp_path):
+    """A service named with the separator the recording rules pack labels with: its keys split into
+    more parts than they pack; the fleet is read again from the raw families, the same answer."""
+    t0 = int(time.time()) // 60 * 60 - 1800
+    later, until = (t0 + 270) * NS, (t0 + 1230) * NS
+    expected = {}
+
+    def before_rules(url):
+        expected["graph"] = FleetQueries(Prometheus(url), use_rules=False).graph(later, until)
+
+    prometheus = _backfilled(tmp_path, _fleet_openmetrics(t0, cron="cron\x1fd"), t0, before_rules)
+    try:
+        asked = _Asked(prometheus.url)
+        assert FleetQueries(asked).graph(later, until) == expected["graph"]
+        assert any(record in e for e in asked.asked for record, _m, _by in RECORDED.values()), asked.asked
+        assert all(_asks_raw(s, asked.asked) for s in _RAW), asked.asked
+        edges = {(e["client"], e["server"]): e for e in expected["graph"]["edges"]}
+        cron = edges[("cron\x1fd", "10.0.0.8:6379")]
+        assert (cron["requests"], cron["errors"], cron["connections_opened"], cron["joined"]) == (24, 4, 8, False)
+        assert (edges[("web", "api")]["requests"], len(edges)) == (18, 3)
+    finally:
+        prometheus.stop()
+
+
+def test_a_recorded_key_of_more_parts_than_it_packs_is_refused():
+    with pytest.raises(_Ambiguous):
+        _unpack([({"__name__": "r", "key": "h\x1fweb\x1fapi\x1fx"}, 1.0)], PAIR)
+    assert _unpack([({"key": "h\x1f\x1fapi"}, 1.0, 2.0)], PAIR) == [({"host": "h", "server": "api"}, 1.0, 2.0)]
+    hosts = {"h": Host("h", {}, "", 0, "", True)}
+    pairs: dict = collections.defaultdict(dict)
+    FleetQueries._read_increases("connections_opened", [({"key": "h\x1fweb\x1fapi"}, 2.0, 5.0),
+                                                        ({"key": "g\x1fweb\x1fapi"}, None, 1.0)],
+                                 hosts, pairs, True, True)
+    assert pairs == {("h", "web", "api"): {"connections_opened": 3.0}}
+    with pytest.raises(_Ambiguous):
+        FleetQueries._read_increases("connections_opened", [({"key": "h\x1fweb\x1fapi\x1fx"}, None, 1.0)],
+                                     hosts, pairs, True, True)
+
+
 def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
-    """``each`` is called once per query, in the calling thread, with its answer."""
+    """``each`` is called once per query, in the calling thread, with its answer; its error is raised."""
     import http.server
     import threading
     import urllib.parse
@@ -501,6 +596,7 @@ def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
     class Handler(http.server.BaseHTTPRequestHandler):
         def do_POST(self):
             form = urllib.parse.parse_qs(self.rfile.read(int(self.headers["Content-Length"])).decode())
+            asked.append(form["query"][0])
             if form["query"][0] == "slow":
                 time.sleep(0.2)  # answered after the others, which were asked after it
             body = json.dumps({"status": "success", "data": {"resultType": "vector", "result": [
@@ -513,6 +609,7 @@ def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
         def log_message(self, *args):
             pass
 
+    asked: list[str] = []
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     prom = Prometheus(f"http://127.0.0.1:{server.server_address[1]}", in_flight=2)
@@ -526,6 +623,17 @@ def test_many_hands_each_answer_over_as_it_arrives_and_returns_them_all():
         assert got == {}  # each answer was let go once read
         assert {name: answer for name, answer, _ in seen} == {n: [({"q": n}, 1.0)] for n in ("slow", "a", "b", "c")}
         assert prom.many({"a": ("a", 1.0), "b": ("b", 1.0)}) == {n: [({"q": n}, 1.0)] for n in "ab"}
+        # An error of `each` is raised; the queries not yet asked stay unasked.
+        asked.clear()
+        one = Prometheus(prom.url, in_flight=1, workers=1)
+
+        def refuse(name, answer):
+            raise ValueError(name)
+
+        with pytest.raises(ValueError, match="^a$"):
+            one.many({name: (name, 1.0) for name in ("a", "slow", "c")}, refuse)
+        one._pool.shutdown(wait=True)
+        assert asked[0] == "a" and "c" not in asked, asked  # `slow` may have been asked with a's answer in
     finally:
         prom.close()
         server.shutdown()

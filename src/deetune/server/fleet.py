@@ -12,8 +12,9 @@ How a range's numbers are read
     ``since`` (one range query of those two steps: the series selected once), subtracted here.
     Exact: no extrapolation, unlike ``increase()``.  A host whose agent no longer reports (its series went stale) is read at
     its last sample in the range instead of at ``until``.  Where the server's recording rules
-    (:data:`RECORDED`) cover the range, the sums a whole fleet's shape needs are read as they
-    recorded them (one series per row, nothing to aggregate), else from the raw families.
+    (:data:`RECORDED`) cover the range, the sums and endpoints a whole fleet's shape needs are
+    read as they recorded them (one series per row, its labels packed in one, nothing to
+    aggregate), else from the raw families.
 
 How the halves of an edge are joined
     Each agent counts an exchange once on its host: on the server's side, and on the
@@ -67,15 +68,25 @@ QUANTILE_EDGES = 1000
 #: Read even without detail: an edge of connections only (nothing decoded) is part of the shape.
 SHAPE_COUNTERS = ("connections_opened", "connections_failed")
 #: Recording rules (:func:`recording_rules`, written by the server's Prometheus set-up, docs/fleet.md):
-#: the families a whole fleet's shape reads, summed by the labels it reads them by, so that Prometheus
-#: reads one series per row instead of one per status and method.  Read instead of the raw families
-#: when :data:`RULES_MARKER` (recorded by the same rules) shows them evaluated over the whole range.
-RECORDED = {"requests": ("row:deetune_requests_total:sum", "deetune_requests_total", ROW),
-            "errors": ("row:deetune_request_errors_total:sum", "deetune_request_errors_total", ROW),
-            "connections_opened": ("pair:deetune_connections_opened_total:sum", "deetune_connections_opened_total", PAIR),
-            "connections_failed": ("pair:deetune_connections_failed_total:sum", "deetune_connections_failed_total", PAIR)}
+#: the families a whole fleet's shape reads (and its remote endpoints), summed by the labels it reads
+#: them by, those labels packed into one, ``key`` (joined by :data:`KEY_SEPARATOR`): Prometheus reads
+#: one series of two labels per row instead of one per status and method, each of five or more labels.
+#: Read instead of the raw families by a whole fleet's answers when :data:`RULES_MARKER` (recorded by
+#: the same rules) shows them evaluated over the whole range; (record, raw family, labels packed).
+ENDPOINT = (*PAIR, "address", "port")
+RECORDED = {"requests": ("rowkey:deetune_requests_total:sum", "deetune_requests_total", ROW),
+            "errors": ("rowkey:deetune_request_errors_total:sum", "deetune_request_errors_total", ROW),
+            "connections_opened": ("pairkey:deetune_connections_opened_total:sum", "deetune_connections_opened_total",
+                                   PAIR),
+            "connections_failed": ("pairkey:deetune_connections_failed_total:sum", "deetune_connections_failed_total",
+                                   PAIR),
+            "remote": ("endpointkey:deetune_remote_endpoint:max", "deetune_remote_endpoint", ENDPOINT)}
 RULES_MARKER = "deetune:recording_rules"
-RULES_VERSION = "1"
+RULES_VERSION = "2"
+KEY_LABEL = "key"
+#: ASCII's unit separator.  A label value holding it makes its key split into more parts than the
+#: labels packed: such a key (the only kind two rows could share) sends the answer to the raw families.
+KEY_SEPARATOR = "\x1f"
 EDGE_FIELDS = ("requests", "errors", "latency_p50_ns", "latency_p90_ns", "latency_p99_ns", "latency_avg_ns",
                *CONNECTION_COUNTERS)
 
@@ -115,8 +126,34 @@ def recording_rules() -> list[dict[str, Any]]:
     """The recording rules the server reads (see :data:`RECORDED`), as a rule group's ``rules``."""
     rules: list[dict[str, Any]] = [{"record": RULES_MARKER, "expr": "vector(1)", "labels": {"version": RULES_VERSION}}]
     for record, metric, by in RECORDED.values():
-        rules.append({"record": record, "expr": f"sum by ({', '.join(by)}) ({metric})"})
+        op = "max" if by == ENDPOINT else "sum"  # an endpoint's series is 1 while it is called
+        labels = ", ".join(by)
+        packed = ", ".join(f'"{label}"' for label in by)
+        rules.append({"record": record, "expr": f'{op} by ({KEY_LABEL}) (label_join({op} by ({labels}) ({metric}), '
+                                                f'"{KEY_LABEL}", "\\u001f", {packed}))'})
     return rules
+
+
+class _Ambiguous(Exception):
+    """A recorded key split into more parts than the labels it packs (a label value holds the separator)."""
+
+
+def _unpack(answer: list, by: tuple[str, ...]) -> list:
+    """A recorded family's samples with their labels unpacked from ``key`` (as the raw family's sums'
+    would be: the labels ``by``, an empty one as absent)."""
+    out = []
+    count = len(by)
+    for labels, *values in answer:
+        parts = labels.get(KEY_LABEL, "").split(KEY_SEPARATOR)
+        if len(parts) != count:
+            raise _Ambiguous(labels.get(KEY_LABEL))
+        out.append(({k: v for k, v in zip(by, parts) if v}, *values))
+    return out
+
+
+def _key_regex(first: Iterable[str]) -> str:
+    """A ``key`` regex (inside a PromQL string) matching the keys whose first packed label is one of ``first``."""
+    return f"(?:{quote_regex(first)})\\\\x1f(?s:.*)"
 
 
 def _is_address(text: str) -> bool:
@@ -311,7 +348,9 @@ class FleetQueries:
                  each_pair: Any = None) -> dict[str, list[Sample]]:
         """The named row values over [since, until] (requests, errors, latency_sum, latency_count,
         the quantiles, the connection counters; remote: the endpoint rows), as (labels, value).
-        With ``recorded``, the families of :data:`RECORDED` are read from the rules' sums.
+        With ``recorded`` and no ``extra`` matchers, the families of :data:`RECORDED` are read from
+        the rules' series (their labels unpacked; :class:`_Ambiguous` raised for a key that splits
+        into more parts than it packs).
 
         Each counter family is one query evaluated at ``since`` and at ``until`` (a range query of
         those two steps: its series selected once), its sums at both subtracted here (hosts not
@@ -320,8 +359,9 @@ class FleetQueries:
         as each family's rows are ready (its answers arrived), while Prometheus evaluates the rest,
         instead of returning them;
         with ``each_pair`` too, a counter family that needs no other answer and no restarted host's
-        care goes to ``each_pair(name, [(labels, value at since or None, at until or None), …])``
-        as it arrives instead (and not into the returned rows): see :meth:`_read_increases`."""
+        care goes to ``each_pair(name, [(labels, value at since or None, at until or None), …], packed)``
+        as it arrives instead (and not into the returned rows; ``packed``: its labels still packed
+        in ``key``): see :meth:`_read_increases`."""
         stale = {name for name, host in hosts.items() if not host.reporting}
         rng = _duration(until - since)
         red = {"requests": "deetune_requests_total", "errors": "deetune_request_errors_total",
@@ -332,19 +372,25 @@ class FleetQueries:
         if any(n in QUANTILES for n in names):
             counters.append(("buckets", "deetune_request_duration_seconds_bucket", (*ROW, "le")))
         queries: dict[str, tuple] = {}
+        # The recorded series have only their key to match: read for the whole fleet only.
+        packed = {name for name in names if name in RECORDED} if recorded and not extra else set()
+        stale_keys = f'{{{KEY_LABEL}=~"{_key_regex(stale)}"}}'
         for name, metric, by in counters:
-            if recorded and name in RECORDED:  # already summed by these labels
-                queries[name] = (self._sel(RECORDED[name][0], extra), since, until)
+            if name in packed:  # already summed by these labels
+                queries[name] = (RECORDED[name][0], since, until)
                 if stale:
-                    stale_series = self._sel(RECORDED[name][0], self._and(extra, f'host=~"{quote_regex(stale)}"'))
-                    queries[f"{name}@stale"] = (f"last_over_time({stale_series}[{rng}])", until)
+                    queries[f"{name}@stale"] = (f"last_over_time({RECORDED[name][0]}{stale_keys}[{rng}])", until)
                 continue
             labels = ", ".join(by)
             queries[name] = (f"sum by ({labels}) ({self._sel(metric, extra)})", since, until)
             if stale:
                 stale_series = self._sel(metric, self._and(extra, f'host=~"{quote_regex(stale)}"'))
                 queries[f"{name}@stale"] = (f"sum by ({labels}) (last_over_time({stale_series}[{rng}]))", until)
-        if "remote" in names:
+        if "remote" in packed:
+            queries["remote"] = (RECORDED["remote"][0], until)
+            if stale:
+                queries["remote@stale"] = (f"last_over_time({RECORDED['remote'][0]}{stale_keys}[{rng}])", until)
+        elif "remote" in names:
             queries["remote"] = (self._sel("deetune_remote_endpoint", extra), until)
             if stale:
                 stale_series = self._sel("deetune_remote_endpoint", self._and(extra, f'host=~"{quote_regex(stale)}"'))
@@ -400,12 +446,14 @@ class FleetQueries:
             out[name] = rows
 
         def arrived(name: str, answer: list) -> None:
+            family = name.partition("@")[0]
             if each_pair is not None and name in by_name and name != "buckets" and not restarted \
                     and f"{name}@stale" not in queries:
-                each_pair(name, answer)  # read as it is, in one pass: nothing to set apart first
+                each_pair(name, answer, name in packed)  # read as it is, in one pass: nothing to set apart first
                 return
+            if family in packed:
+                answer = _unpack(answer, RECORDED[family][2])
             got[name] = answer
-            family = name.partition("@")[0]
             if family in got and (f"{family}@stale" not in queries or f"{family}@stale" in got):
                 finish(family)
 
@@ -471,19 +519,29 @@ class FleetQueries:
             else:
                 self._read_rows({name: samples}, hosts, rows)
 
-        def read_pairs(name: str, answer: list) -> None:
+        def read_pairs(name: str, answer: list, packed: bool) -> None:
             self._read_increases(name, answer, hosts, pairs if name in CONNECTION_COUNTERS else rows,
-                                 name in CONNECTION_COUNTERS)
+                                 name in CONNECTION_COUNTERS, packed)
 
-        self._queries(since, until, hosts, names, recorded=recorded, each=read, each_pair=read_pairs)
+        try:
+            self._queries(since, until, hosts, names, recorded=recorded, each=read, each_pair=read_pairs)
+        except _Ambiguous:  # a label value holds the keys' separator: the raw families, read again
+            rows.clear()
+            pairs.clear()
+            remote.clear()
+            self._queries(since, until, hosts, names, each=read, each_pair=read_pairs)
         return Fleet.join(self.idc_label, hosts, rows, pairs, remote, since_ns, until_ns)
 
     @staticmethod
-    def _read_increases(name: str, answer: list, hosts: dict[str, Host], into: dict, pair: bool) -> None:
+    def _read_increases(name: str, answer: list, hosts: dict[str, Host], into: dict, pair: bool,
+                        packed: bool = False) -> None:
         """A counter family's increases (value at until minus at since, as ``_queries`` reads them
         for a range with no host stale or restarted) read into rows (:meth:`_read_rows`) or pairs
-        (:meth:`_read_pairs`) in one pass: the family's largest cost here on a whole fleet."""
+        (:meth:`_read_pairs`) in one pass: the family's largest cost here on a whole fleet.
+        ``packed``: a recorded family's, its labels in ``key`` (:class:`_Ambiguous` if one splits
+        into more parts)."""
         key_of, labels_of = (_pair_key, PAIR) if pair else (_row_key, ROW)
+        count = len(labels_of)
         get = into.get
         for labels, before, value in answer:
             if value is None:  # absent at `until`: not in the range's rows
@@ -491,10 +549,15 @@ class FleetQueries:
             if before is None:
                 before = 0.0
             value = value - before if value >= before else value  # lower: a restart
-            try:
-                key = key_of(labels)
-            except KeyError:  # a label with an empty value: absent
-                key = tuple(labels.get(k, "") for k in labels_of)
+            if packed:
+                key = tuple(labels[KEY_LABEL].split(KEY_SEPARATOR))
+                if len(key) != count:
+                    raise _Ambiguous(labels[KEY_LABEL])
+            else:
+                try:
+                    key = key_of(labels)
+                except KeyError:  # a label with an empty value: absent
+                    key = tuple(labels.get(k, "") for k in labels_of)
             if key[0] not in hosts:
                 continue
             if pair:

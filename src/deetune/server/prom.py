@@ -151,7 +151,8 @@ class Prometheus:
     def _each(self, queries: dict[str, tuple], each: Any, gate: threading.Semaphore) -> dict[str, list]:
         """:meth:`many` with ``each``: the answers go through a queue, not futures, so that each
         is let go once read (its objects freed while Prometheus evaluates the rest, not all after
-        the last); nothing is returned."""
+        the last); nothing is returned.  An error of ``each`` is raised here, the queries not yet
+        asked left unasked."""
         arrived: queue.SimpleQueue = queue.SimpleQueue()
 
         def ask(name: str, args: tuple) -> None:
@@ -167,7 +168,12 @@ class Prometheus:
                 for future in futures:
                     future.cancel()  # those not begun; the others asked already still end
                 raise error
-            each(name, answer)
+            try:
+                each(name, answer)
+            except BaseException:
+                for future in futures:
+                    future.cancel()  # those not begun: nobody reads them
+                raise
             del answer
         return {}
 

@@ -147,7 +147,10 @@ class Run:
         assert len(kept) == errors and all(x["sampling"] == 1 for x in kept)
         # The detail trails the counts (decoded as fast as the agent goes, weighed at the next read).
         weights = settled(lambda: self.weights(since, until, port), quiet=3, timeout=120)
-        assert near(weights, truth, WEIGHT_TOLERANCE), (weights, truth)
+        if not near(weights, truth, WEIGHT_TOLERANCE):
+            self.agent.stop()  # its stop line says what the detail lost or let go early
+            raise AssertionError(f"the detail's weights add up to {weights}, the server counted {truth}; "
+                                 f"the agent's log: {self.agent.log[-1500:]}")
 
     def begin(self, server: str, protocol: str, clients: tuple[str, ...]) -> int:
         """The start of a range: after a quiet moment (counts reach the agent up to a second late)."""

@@ -221,3 +221,32 @@ def test_far_behind_the_exchanges_go_early_with_the_probes_weight_and_the_rest_i
     assert detail_summary([object(), weigher]) == \
         "detail: 5 exchanges weighed before their count was read (over 4 waiting)"
     assert detail_summary([DetailWeigher()]) is None
+
+
+def test_far_behind_sampled_exchanges_go_early_with_their_share_of_the_counts(monkeypatch):
+    """Sampled exchanges let go early stand for their read's count so far, or the side's last
+    weight, never the probe's (1 connection in 1,024 stood for far more than was counted)."""
+    import deetune.detail as detail
+
+    monkeypatch.setattr(detail, "MAX_HELD", 4)
+    weigher = DetailWeigher()
+    for i in range(2):  # a first batch: the side's weight is 50
+        weigher(exchange(ts=i, sampling=1024))
+    weigher(counted(100))
+    weigher.tick()
+    assert [e.sampling for e in settle(weigher)] == [50, 50]
+    weigher.drained(0)  # the rings fall behind: reads wait
+    weigher(counted(300))
+    assert weigher.tick() == []
+    early = []
+    for i in range(3):  # answered before that read
+        early += weigher(exchange(ts=-10**9 + i, sampling=1024))
+    assert early == []
+    early += weigher(exchange(ts=2**60, sampling=1024))  # answered after it
+    early += weigher(exchange(ts=2**60 + 1, sampling=1024))
+    assert [e.sampling for e in early] == [100, 100, 100, 100, 100]  # 300 over 3; then the last weight
+    weigher.drained(2**62)
+    weigher(counted(400, read_ns=2**61 + 5))
+    weigher(late := exchange(ts=2**61, sampling=1024))
+    weigher.tick()
+    assert settle(weigher) == [late] and late.sampling == 200  # 400 less the 200 let go before it

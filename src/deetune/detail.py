@@ -36,8 +36,8 @@ from deetune.accounting import EXCHANGE_OUTCOMES, OUTCOME_ERROR
 from deetune.events import Event, ExchangeEvent, RequestCounts
 from deetune.l7 import KERNEL_COUNTED
 
-#: Exchanges held at most (beyond, all those waiting go at once with the weight they have,
-#: counted as ``released_early``): about half a kilobyte each.  A flood of sampled exchanges
+#: Exchanges held at most (beyond, all those waiting go at once, see _release_early; counted as
+#: ``released_early``): about half a kilobyte each.  A flood of sampled exchanges
 #: (held HOLD_TICKS reads) reached 89,000 held, 43 MB of the agent's memory (bench/soak.py).
 MAX_HELD = 10_000
 #: Reads a batch of sampled exchanges waits for the next batch of its edge side.
@@ -94,6 +94,8 @@ class _Tally:
     held_at: int = 0
     #: Reads since anything happened on this side.
     idle: int = 0
+    #: The last weight given here: what an exchange let go before its count is read stands for.
+    ratio: float = 1.0
 
     def waiting(self) -> int:
         return len(self.fresh) + len(self.held) + sum(len(r.decoded) for r in self.reads)
@@ -208,25 +210,34 @@ class DetailWeigher:
             self._weigh(tally, read.decoded, out)
 
     def _release_early(self) -> list[Event]:
-        """Past MAX_HELD (the agent far behind the kernel): every exchange still waiting for its
-        read goes now with the weight the probe gave it (1 when nothing was sampled: exact), which
-        its read's count is then less; what the read counted beyond is shared as usual."""
+        """Past MAX_HELD (the agent far behind the kernel) every exchange still waiting goes now.
+        One whose read's count is known gets its share of that count so far; one answered after
+        the last read, the side's last weight.  Neither more than the probe's weight (1 when
+        nothing was sampled: exact).  Its read's count, or the next, is then less what it took;
+        what a read counted beyond is shared as usual by those decoded after."""
         out: list[Event] = []
         for tally in self._sides.values():
-            for read in tally.reads:
-                for event in read.decoded:
-                    read.counted -= event.sampling
-                out.extend(read.decoded)
-                read.decoded = []
-            for event in tally.fresh:
-                tally.prepaid += event.sampling
-            out.extend(tally.fresh)
-            tally.fresh = []
             if tally.held:
                 self._weigh(tally, tally.held, out)
                 tally.held = []
+            for read in tally.reads:
+                if read.decoded:
+                    share = max(1.0, read.counted / len(read.decoded))
+                    for event in read.decoded:
+                        read.counted -= self._give(event, min(event.sampling, share))
+                    tally.ratio = share
+                    out.extend(read.decoded)
+                    read.decoded = []
+            for event in tally.fresh:
+                tally.prepaid += self._give(event, min(event.sampling, tally.ratio))
+            out.extend(tally.fresh)
+            tally.fresh = []
         self.stats.released_early += len(out)
         return self._out(out)
+
+    def _give(self, event: ExchangeEvent, weight: float) -> float:
+        self._set_weight(event, int(weight) if weight == int(weight) else weight)
+        return weight
 
     def _release_all(self) -> list[Event]:
         out: list[Event] = []
@@ -244,11 +255,10 @@ class DetailWeigher:
     def _weigh(self, tally: _Tally, batch: list[ExchangeEvent], out: list[Event]) -> None:
         """Shares out what is owed over ``batch``; a weight is never below 1."""
         weight = max(1.0, tally.owed / len(batch))
-        if weight == int(weight):
-            weight = int(weight)
         for event in batch:
-            self._set_weight(event, weight)
+            self._give(event, weight)
         tally.owed -= weight * len(batch)
+        tally.ratio = weight
         out.extend(batch)
 
     def _out(self, out: list[Event]) -> list[Event]:

@@ -20,7 +20,7 @@ from deetune import procnet
 from deetune.accounting import KERNEL_COUNTED  # whose errors the kernel always copies
 from deetune.decoders.base import Decoder, Exchange
 from deetune.decoders.session import State, StreamSession
-from deetune.events import ConnectionEvent, DataEvent, Event, ExchangeEvent
+from deetune.events import ConnectionEvent, DataEvent, Event, ExchangeEvent, exchange_event
 from deetune.recording.capture import ConnLog, RecordingPorts
 
 log = logging.getLogger("deetune.l7")
@@ -266,10 +266,12 @@ class L7Handler:
         if event.error_head:
             return self._on_error_head(event)
         out: list[Event] = []
-        if event.ts_mono_ns > self._data_ns:
-            self._data_ns = event.ts_mono_ns
-        key = conn_key(event)
-        conn = self._conns.get(key)
+        ts_mono = event.ts_mono_ns
+        if ts_mono > self._data_ns:
+            self._data_ns = ts_mono
+        key = event.conn_id or (event.sock_id, event.lport, event.rport, event.raddr)  # conn_key, inlined
+        conns = self._conns
+        conn = conns.get(key)
         if conn is not None and not event.conn_id:
             closing = self._closing.get(key)
             if closing is not None and closing[0] < event.start_mono_ns:
@@ -294,7 +296,7 @@ class L7Handler:
             if event.tls and self.mute is not None:
                 self.mute(event.sock_id)
         else:
-            self._conns.move_to_end(key)
+            conns.move_to_end(key)
         conn.sampling = event.sampling
         if self.emit_data:
             out.append(event)
@@ -304,39 +306,49 @@ class L7Handler:
         egress = event.direction == "egress"
         data, size = event.data, event.size
         # A write starts when the call does; a read completes when the call returns.
-        ts = event.start_mono_ns if egress else event.ts_mono_ns
+        ts = event.start_mono_ns if egress else ts_mono
         resyncs = session.resyncs
         exchanges: list[Exchange] = []
-        if event.seq >= 0:
+        seq = event.seq
+        if seq >= 0:
             expected = conn.next_out if egress else conn.next_in
-            if expected >= 0 and event.seq != expected:
-                if event.seq + size <= expected:
+            if expected >= 0 and seq != expected:
+                if seq + size <= expected:
                     self.stats.reordered += 1
                     return out
-                if event.seq > expected:
+                if seq > expected:
                     # Calls in between were not copied: their bytes are a gap.
-                    gap = event.seq - expected
+                    gap = seq - expected
                     self.stats.gaps += 1
                     self.stats.gap_bytes += gap
                     conn.log = None
                     self._advance(conn, egress, gap)
                     exchanges.extend(session.feed(egress, b"", gap, ts))
                 else:  # overlaps bytes already passed: only the rest is new
-                    cut = expected - event.seq
+                    cut = expected - seq
                     data, size = data[cut:], size - cut
             if egress:
-                conn.next_out = event.seq + event.size
+                conn.next_out = seq + event.size
             else:
-                conn.next_in = event.seq + event.size
+                conn.next_in = seq + event.size
         recording = self.recording
         if recording is not None and (recording.ports or conn.log is not None) and session.active:
             self._record(conn, egress, data, size, recording.ports)
-        self._advance(conn, egress, size)
+        if egress:  # _advance, inlined
+            conn.fed_out += size
+        else:
+            conn.fed_in += size
         if session.active:
-            exchanges.extend(session.feed(egress, data, size, ts))
-        self.stats.resynced += session.resyncs - resyncs
-        out.extend(self._own_events(conn, exchanges))
-        request_chunk = session.role is not None and egress == (session.role == "client")
+            if exchanges:
+                exchanges.extend(session.feed(egress, data, size, ts))
+            else:
+                exchanges = session.feed(egress, data, size, ts)
+        if session.resyncs != resyncs:
+            self.stats.resynced += session.resyncs - resyncs
+        if exchanges:
+            out.extend(self._own_events(conn, exchanges))
+        role = session.role
+        request_chunk = role is not None and egress == (role == "client")
         conn.answered_last = not request_chunk and (bool(exchanges) or conn.answered_last)
         if session.counts:
             # Bytes were skipped (an unsolicited response, a resync …): the stream positions of the
@@ -606,24 +618,25 @@ class L7Handler:
                 self.stats.payload_misaligned += 1
             else:
                 request_payload, response_payload = taken
-        event = ExchangeEvent.from_exchange(
+        # ExchangeEvent.from_exchange, its arguments in order (this runs once per exchange).
+        event = exchange_event(
             x,
-            clock_offset=conn.clock_offset,
-            pid=conn.pid,
-            comm=conn.comm,
-            role=conn.session.role or "unknown",
-            laddr=conn.laddr,
-            lport=conn.lport,
-            raddr=conn.raddr,
-            rport=conn.rport,
-            sock_id=conn.sock_id,
-            cgroup_id=conn.cgroup_id,
-            conn_id=conn.conn_id,
+            conn.clock_offset,
+            conn.pid,
+            conn.comm,
+            conn.session.role or "unknown",  # role
+            conn.laddr,
+            conn.lport,
+            conn.raddr,
+            conn.rport,
+            conn.sock_id,
+            conn.cgroup_id,
+            conn.conn_id,
             # Errors of the kernel-counted protocols are all decoded (the kernel copies the heads of
             # those on connections it does not copy): each stands for itself.
-            sampling=1 if x.error and x.protocol in KERNEL_COUNTED else conn.sampling,
-            request_payload=request_payload,
-            response_payload=response_payload,
+            1 if x.error and x.protocol in KERNEL_COUNTED else conn.sampling,  # sampling
+            request_payload,
+            response_payload,
         )
         if conn.tls:
             event.attributes["tls"] = True

@@ -331,8 +331,9 @@ class Pipeline:
             events.sort(key=_mono_time)
         if all(getattr(ring, "caught_up", True) for _, ring in rings):
             self._drained_ns = began_ns  # every record written before then is read (DetailWeigher)
+        emit = self._emit_from
         for event in events:
-            self.emit(event)
+            emit(0, (event,))  # emit(event)
         return len(events)
 
     def _read_counts_of_probes(self, rings=()) -> None:
@@ -366,9 +367,15 @@ class Pipeline:
         """Pass one event through the handlers to the sinks."""
         self._emit_from(0, [event])
 
-    def _emit_from(self, first_handler: int, pending: list[Event]) -> None:
+    def _emit_from(self, first_handler: int, pending: Sequence[Event]) -> None:
         for handler in self.handlers[first_handler:] if first_handler else self.handlers:
-            pending = [out for item in pending for out in handler(item)]
+            if len(pending) == 1:
+                # One event (the usual case): what the handler returns, unless it is not a sequence.
+                pending = handler(pending[0])
+                if type(pending) is not list and type(pending) is not tuple:
+                    pending = list(pending)
+            else:
+                pending = [out for item in pending for out in handler(item)]
             if not pending:
                 return  # (most payload records end in the L7 handler)
         for item in pending:

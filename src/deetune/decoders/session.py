@@ -32,7 +32,10 @@ import enum
 import logging
 from typing import Iterable, Mapping, Sequence
 
+import attrs
+
 from deetune.decoders.base import Chunk, Decoder, Direction, Exchange, Undecodable
+from deetune.events import positional_builder
 
 log = logging.getLogger("deetune.decoders")
 
@@ -111,7 +114,8 @@ class StreamSession:
 
     @property
     def active(self) -> bool:
-        return self.state in (State.DETECTING, State.DECODING, State.RESYNCING)
+        state = self.state
+        return state is _DECODING or state is _DETECTING or state is _RESYNCING
 
     def set_role(self, role: str) -> None:
         if self.role is None:
@@ -127,13 +131,14 @@ class StreamSession:
         """Bytes this side wrote (``egress``) or read; ``size`` >= len(data) moved.  A chunk
         with no data and a ``size`` is a gap: bytes that moved but were not seen.  ``peer``: on a
         datagram socket, the datagram's other end (see :attr:`Chunk.peer`)."""
-        size = max(size, len(data))
+        if size < len(data):
+            size = len(data)
         if not size:
             return []
         state = self.state
-        if state is State.DECODING:
+        if state is _DECODING:
             return self._decode(egress, data, size, ts_ns, peer)
-        if state is State.DETECTING or state is State.RESYNCING:
+        if state is _DETECTING or state is _RESYNCING:
             return self._look(egress, data, size, ts_ns, peer)
         return []
 
@@ -259,9 +264,12 @@ class StreamSession:
     def _decode(self, egress: bool, data: bytes, size: int, ts_ns: int, peer: object = None) -> list[Exchange]:
         decoder = self.decoder
         assert decoder is not None
-        chunk = Chunk(self._direction(egress), data, size, ts_ns, peer)
+        # As _direction says, inlined (this runs once per chunk); Chunk positionally (see
+        # deetune.events.positional_builder).
+        chunk = _build_chunk(_REQUEST if egress == (self.role == "client") else _RESPONSE, data, size, ts_ns, peer)
         try:
-            out = list(decoder.feed(chunk))
+            out = decoder.feed(chunk)
+            out = list(out) if out else []
         except Undecodable as exc:
             return self._resync(exc.exchanges, exc.reason, str(exc), ts_ns)
         except Exception as exc:
@@ -322,6 +330,15 @@ class StreamSession:
         self._held = []
         self._starts = {True: [], False: []}
         log.debug("stream %s: %s", state.value, reason)
+
+
+_DECODING = State.DECODING
+_DETECTING = State.DETECTING
+_RESYNCING = State.RESYNCING
+_REQUEST = Direction.REQUEST
+_RESPONSE = Direction.RESPONSE
+_build_chunk = positional_builder(Chunk)
+assert [f.name for f in attrs.fields(Chunk)] == ["direction", "data", "size", "ts_ns", "peer"]
 
 
 def _safe_detect(cls: type[Decoder], direction: Direction, data: bytes) -> bool:

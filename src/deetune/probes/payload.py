@@ -8,8 +8,10 @@ import struct
 import threading
 from typing import Iterable
 
+import attrs
+
 from deetune import accounting, records
-from deetune.events import DataEvent, Event, format_address
+from deetune.events import DataEvent, Event, format_address, positional_builder
 from deetune.libbpf import BpfObject, num_possible_cpus
 from deetune.probes.base import Probe, ProbeOptions
 from deetune.probes.overload import DEFAULT_BUSY_CPU, OverloadSampling
@@ -39,6 +41,20 @@ _SYSCALLS = {
 }
 _AF_INET6 = 10
 _DATAGRAM = _L.DT_DATA_DATAGRAM
+_DATA_KIND = _L.DT_REC_DATA
+_ERROR_HEAD = _L.DT_DATA_ERROR_HEAD
+_ALSO_COPIED = _L.DT_DATA_ALSO_COPIED
+_AFTER_ERROR = _L.DT_DATA_AFTER_ERROR
+_INGRESS = _L.DT_INGRESS
+_COMMS = records._COMMS
+#: IPv4 addresses of records (their 16 raw bytes) → text.
+_ADDRESSES4: dict[bytes, str] = {}
+_build_data_event = positional_builder(DataEvent)
+assert [f.name for f in attrs.fields(DataEvent)] == [
+    "ts", "ts_mono_ns", "pid", "tid", "comm", "fd", "sock_id", "direction", "syscall", "size", "data",
+    "start_mono_ns", "laddr", "lport", "raddr", "rport", "family", "cgroup_id", "conn_id", "sampling", "error_head",
+    "also_copied", "after_error", "seq", "transport", "tls",
+], "PayloadProbe.decode passes DataEvent's fields positionally: update it"
 _U64 = struct.Struct("<Q")
 _U32 = struct.Struct("<I")
 _ZERO = _U32.pack(0)
@@ -165,39 +181,64 @@ class PayloadProbe(OverloadSampling, Probe):
     def decode(self, raw: bytes) -> Iterable[DataEvent]:
         (kind, pid, ts_mono, sock_id, conn_id, cgroup_id, seq, tid, fd, size, captured, family, lport, rport,
          direction, syscall, sample_key, sample_shift, flags, laddr, raddr, comm) = _FIXED.unpack_from(raw)  # fmt: skip
-        if kind != _L.DT_REC_DATA:
+        if kind != _DATA_KIND:
             return ()
         self._read += 1
-        error_head = bool(flags & _L.DT_DATA_ERROR_HEAD)
-        if not error_head and self._left_out_as_read(sample_key):
+        error_head = flags & _ERROR_HEAD
+        if not error_head and sample_key & self._mask and self._left_out_as_read(sample_key):
             return ()
-        family = 6 if family == _AF_INET6 else 4
+        # Positional, in DataEvent's field order (see events.positional_builder): this runs once per record.
+        if family == _AF_INET6:
+            family = 6
+            laddr_text = format_address(6, laddr)
+            raddr_text = format_address(6, raddr)
+        else:
+            family = 4
+            laddr_text = _ADDRESSES4.get(laddr)
+            if laddr_text is None:
+                laddr_text = _address4(laddr)
+            raddr_text = _ADDRESSES4.get(raddr)
+            if raddr_text is None:
+                raddr_text = _address4(raddr)
+        name = _COMMS.get(comm)
+        if name is None:
+            name = records.comm(comm)
         return (
-            DataEvent(
-                ts=ts_mono + self.clock.offset_ns,
-                ts_mono_ns=ts_mono,
-                pid=pid,
-                tid=tid,
-                comm=records.comm(comm),
-                fd=fd,
-                sock_id=sock_id,
-                direction="ingress" if direction == _L.DT_INGRESS else "egress",
-                syscall=_SYSCALLS.get(syscall, str(syscall)),
-                size=size,
-                data=raw[_DATA_OFFSET : _DATA_OFFSET + captured],
-                start_mono_ns=ts_mono,
-                laddr=format_address(family, laddr),
-                lport=lport,
-                raddr=format_address(family, raddr),
-                rport=rport,
-                family=family,
-                cgroup_id=cgroup_id,
-                conn_id=conn_id,
-                seq=-1 if error_head else seq,
-                sampling=1 if error_head else max(1 << sample_shift, self.sampling),
-                error_head=error_head,
-                also_copied=bool(flags & _L.DT_DATA_ALSO_COPIED),
-                after_error=bool(flags & _L.DT_DATA_AFTER_ERROR),
-                transport="udp" if flags & _DATAGRAM else "tcp",
+            _build_data_event(
+                ts_mono + self.clock.offset_ns,  # ts
+                ts_mono,  # ts_mono_ns
+                pid,
+                tid,
+                name,  # comm
+                fd,
+                sock_id,
+                "ingress" if direction == _INGRESS else "egress",
+                _SYSCALLS.get(syscall) or str(syscall),
+                size,
+                raw[_DATA_OFFSET : _DATA_OFFSET + captured],  # data
+                ts_mono,  # start_mono_ns
+                laddr_text,
+                lport,
+                raddr_text,
+                rport,
+                family,
+                cgroup_id,
+                conn_id,
+                1 if error_head else max(1 << sample_shift, self.sampling),  # sampling
+                bool(error_head),
+                bool(flags & _ALSO_COPIED),
+                bool(flags & _AFTER_ERROR),
+                -1 if error_head else seq,
+                "udp" if flags & _DATAGRAM else "tcp",  # transport
+                False,  # tls
             ),
         )
+
+
+def _address4(raw: bytes) -> str:
+    """format_address(4, raw), kept in a dict of its own (a lookup there costs less than the
+    lru_cache's call); cleared when it holds as many as format_address's cache."""
+    if len(_ADDRESSES4) >= 8192:
+        _ADDRESSES4.clear()
+    text = _ADDRESSES4[raw] = format_address(4, raw)
+    return text

@@ -77,13 +77,17 @@ def main(argv=None) -> None:
     parser.add_argument("scenario", choices=["conn", "http", "redis"])
     parser.add_argument("--rate", type=float, default=10000)
     parser.add_argument("--seconds", type=float, default=8)
-    parser.add_argument("--profiler", choices=["py-spy", "cprofile"], default="py-spy")
+    parser.add_argument("--profiler", choices=["py-spy", "cprofile", "none"], default="py-spy",
+                        help="none: no profile, only the agent's CPU per record (to compare two builds, "
+                             "DEETUNE_BENCH_SOURCE=DIR for the other)")
     args = parser.parse_args(argv)
     common.require_root()
     gen = common.loadgen()
     common.RESULTS.mkdir(parents=True, exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     out_file = str(common.RESULTS / f"profile-{args.scenario}-{args.profiler}-{stamp}.{'txt' if args.profiler == 'py-spy' else 'pstats'}")
+    if args.profiler == "none":
+        out_file = ""
     with tempfile.TemporaryDirectory(prefix="deetune-prof-") as tmp:
         server = None
         if args.scenario == "conn":
@@ -129,8 +133,11 @@ def main(argv=None) -> None:
     print(f"scenario {args.scenario}: {result}")
     print(f"agent: cpu {window['oncpu_cores']} cores over the load, run-queue wait {window['runq_wait_s']} s, "
           f"summary {stopped.get('summary')}, CPU per record {stopped.get('cpu_us_per_record')} µs "
-          f"(under {args.profiler}: {'sampling adds a little' if args.profiler == 'py-spy' else 'cProfile inflates it several times'})")
+          + ("" if args.profiler == "none" else f"(under {args.profiler}: "
+             f"{'sampling adds a little' if args.profiler == 'py-spy' else 'cProfile inflates it several times'})"))
     print(f"agent resident memory at the end of the load, MiB by mapping: {memory}")
+    if args.profiler == "none":
+        return
     print(fold_report(out_file) if args.profiler == "py-spy" else cprofile_report(out_file))
     print(f"raw profile: {out_file}")
 

@@ -141,11 +141,12 @@ class DetailWeigher:
             return (event,)
         if event.error:
             return (event,)  # every error is decoded: each stands for itself (L7Handler says 1)
-        key = _side(event)
+        role = event.role  # _side(event) and _answered_at(event), inlined: this runs once per exchange
+        key = (role, event.pid, event.raddr, event.lport if role == "server" else event.rport, event.protocol)
         tally = self._sides.get(key)
         if tally is None:
             tally = self._sides[key] = _Tally()
-        answered = _answered_at(event)
+        answered = event.ts_mono_ns + (event.duration_ns or 0)
         for read in tally.reads:  # a read still waiting for the rings: the exchange is its if before its end
             if answered <= read.end_ns:
                 read.decoded.append(event)

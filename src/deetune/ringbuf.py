@@ -56,6 +56,9 @@ class RingBuffer:
         self._consumer = mmap.mmap(self.fd, page, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE, offset=0)
         self._producer = mmap.mmap(self.fd, page + self.size, mmap.MAP_SHARED, mmap.PROT_READ, offset=page)
         self._data = memoryview(self._producer)[page:]
+        #: The data area as u32 words: a record's length is one index (no unpack, no tuple).
+        self._words = self._data.cast("I")
+        self._page = page
         # One aligned 8-byte load or store each (see the module docstring).
         self._consumer_pos = memoryview(self._consumer)[:8].cast("Q")
         self._producer_pos = memoryview(self._producer)[:8].cast("Q")
@@ -68,17 +71,21 @@ class RingBuffer:
         once ``max_bytes`` are taken (a bounded batch keeps the reader's memory flat when
         it falls behind; what is left is taken by the next call)."""
         records: list[bytes] = []
+        append = records.append
         consumer = self._consumer_pos[0]
         producer = self._producer_pos[0]
         data = self._data
+        words = self._words
+        mapped = self._producer  # the data area starts a page into it: slicing the mmap gives bytes at once
+        page = self._page
         mask = self._mask
         size = self.size
-        unpack_len = _U32.unpack_from
         start = consumer
         stop_at = consumer + max_bytes
-        while consumer < producer and len(records) < limit and consumer < stop_at:
+        taken = 0
+        while consumer < producer and taken < limit and consumer < stop_at:
             offset = consumer & mask
-            length = unpack_len(data, offset)[0]
+            length = words[offset >> 2]  # the header's u32 len (offset: 8-byte aligned)
             if length & _BUSY:
                 break  # the producer is still writing this one
             consumer += (length & ~_DISCARD) + _HEADER + 7 & ~7
@@ -86,9 +93,10 @@ class RingBuffer:
                 begin = offset + _HEADER
                 end = begin + length
                 if end <= size:
-                    records.append(bytes(data[begin:end]))
+                    append(mapped[page + begin : page + end])
                 else:  # wraps around the end of the ring (headers never do: 8-byte aligned)
-                    records.append(bytes(data[begin:size]) + bytes(data[: end - size]))
+                    append(bytes(data[begin:size]) + bytes(data[: end - size]))
+                taken += 1
         if consumer != start:
             self._consumer_pos[0] = consumer
         #: Every record written before this call began was taken.
@@ -116,6 +124,7 @@ class RingBuffer:
         if self._epoll.closed:
             return
         self._epoll.close()
+        self._words.release()
         self._data.release()
         self._consumer_pos.release()
         self._producer_pos.release()

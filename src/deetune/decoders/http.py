@@ -449,7 +449,8 @@ class HttpDecoder(Decoder):
         odd: list[str] = anomalies or []
         value = _header(headers, lowered, b"\nhost", odd)
         host = None if value is None else value.decode("utf-8", "backslashreplace")
-        value = _header(headers, lowered, b"\ntraceparent", odd)
+        # A header most heads lack is looked for by `in` first (a call to _header costs more).
+        value = _header(headers, lowered, b"\ntraceparent", odd) if b"\ntraceparent" in lowered else None
         traceparent = None if value is None else value.decode("utf-8", "backslashreplace")
         pending = _Pending(method, target, version, host, traceparent, side.start_ns)
         if side.anomalies:
@@ -469,9 +470,10 @@ class HttpDecoder(Decoder):
             side.state = _BODY
             side.remaining = side.body = 0
             return
-        coding = _header(headers, lowered, b"\ntransfer-encoding", odd)
-        length_value = _header(headers, lowered, b"\ncontent-length", odd)
-        _note_all(pending, odd)
+        coding = _header(headers, lowered, b"\ntransfer-encoding", odd) if b"\ntransfer-encoding" in lowered else None
+        length_value = _header(headers, lowered, b"\ncontent-length", odd) if b"\ncontent-length" in lowered else None
+        if odd:
+            _note_all(pending, odd)
         if coding is not None:
             coding = coding.lower()
             if b"chunked" in coding:
@@ -534,7 +536,7 @@ class HttpDecoder(Decoder):
             return
         lowered = headers.lower()
         odd: list[str] = []
-        coding = _header(headers, lowered, b"\ntransfer-encoding", odd)
+        coding = _header(headers, lowered, b"\ntransfer-encoding", odd) if b"\ntransfer-encoding" in lowered else None
         if coding is not None:
             _note_all(pending, odd)
             coding = coding.lower()
@@ -546,7 +548,8 @@ class HttpDecoder(Decoder):
                 side.state = _UNTIL_CLOSE
             return
         length_value = _header(headers, lowered, b"\ncontent-length", odd)
-        _note_all(pending, odd)
+        if odd:
+            _note_all(pending, odd)
         if length_value is None:
             side.state = _UNTIL_CLOSE
             return

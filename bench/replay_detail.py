@@ -22,7 +22,7 @@ import tempfile
 import time
 
 from deetune import records
-from deetune.agent import build_parser, build_pipeline
+from deetune.agent import _tune_gc, build_parser, build_pipeline
 from deetune.plugins import Plugins
 from deetune.probes.payload import PayloadProbe
 
@@ -79,6 +79,7 @@ def main(argv=None) -> None:
     listener.bind(("127.0.0.1", args.port))
     listener.listen()
     port = listener.getsockname()[1]
+    _tune_gc()  # as the agent does
     best = None
     with tempfile.TemporaryDirectory(prefix="deetune-replay-") as tmp:
         for round_ in range(args.rounds):

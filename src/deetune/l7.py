@@ -39,6 +39,9 @@ ERROR_HEAD_WALL_WAIT_NS = 5_000_000_000
 #: Errors waiting so, at most; the oldest is reported beyond.
 MAX_PARKED_ERRORS = 4096
 
+#: The states of a session that decodes (StreamSession.active), the usual one first.
+_ACTIVE = (State.DECODING, State.DETECTING, State.RESYNCING)
+
 #: Live chunks are whole syscalls: a write usually ends where a message ends,
 #: so when a capture gap hides HTTP framing the decoder may assume just that.
 LIVE_DECODER_OPTIONS = {"http": {"trust_syscall_boundaries": True}, "http2": {"trust_syscall_boundaries": True}}
@@ -301,7 +304,7 @@ class L7Handler:
         if self.emit_data:
             out.append(event)
         session = conn.session
-        if not session.active:
+        if session.state not in _ACTIVE:  # not session.active (the property, inlined here)
             return out
         egress = event.direction == "egress"
         data, size = event.data, event.size
@@ -332,13 +335,13 @@ class L7Handler:
             else:
                 conn.next_in = seq + event.size
         recording = self.recording
-        if recording is not None and (recording.ports or conn.log is not None) and session.active:
+        if recording is not None and (recording.ports or conn.log is not None) and session.state in _ACTIVE:
             self._record(conn, egress, data, size, recording.ports)
         if egress:  # _advance, inlined
             conn.fed_out += size
         else:
             conn.fed_in += size
-        if session.active:
+        if session.state in _ACTIVE:
             if exchanges:
                 exchanges.extend(session.feed(egress, data, size, ts))
             else:
@@ -357,7 +360,7 @@ class L7Handler:
             conn.rep_req = conn.rep_resp = -1
             conn.log = None
             self._take_counts(session)
-        if not session.active:
+        if session.state not in _ACTIVE:
             conn.log = None
             self._on_gave_up(session, conn)
         return out

@@ -850,7 +850,9 @@ def _find_head_end(buf: bytes | bytearray, begin: int, resume: int, stop: int,
     eol = buf.find(b"\n", begin, stop)
     if eol < 0:
         return -1, -1
-    if is_request and _is_simple_request(buf, begin, eol):
+    # _is_simple_request's usual answer (a version before the line end: no) without the call.
+    if is_request and not (eol > begin and buf[eol - 1] == 13 and buf[eol - 9 : eol - 4] == b"HTTP/") \
+            and _is_simple_request(buf, begin, eol):
         return (eol - 1 if eol > begin and buf[eol - 1] == 13 else eol), eol + 1
     if eol > begin and buf[eol - 1] == 13:  # 13: "\r"
         blank = buf.find(b"\r\n\r\n", max(resume, eol - 1), stop)

@@ -114,8 +114,7 @@ class StreamSession:
 
     @property
     def active(self) -> bool:
-        state = self.state
-        return state is _DECODING or state is _DETECTING or state is _RESYNCING
+        return self.state in _ACTIVE
 
     def set_role(self, role: str) -> None:
         if self.role is None:
@@ -335,6 +334,7 @@ class StreamSession:
 _DECODING = State.DECODING
 _DETECTING = State.DETECTING
 _RESYNCING = State.RESYNCING
+_ACTIVE = (State.DECODING, State.DETECTING, State.RESYNCING)  # the usual one first
 _REQUEST = Direction.REQUEST
 _RESPONSE = Direction.RESPONSE
 _build_chunk = positional_builder(Chunk)

@@ -224,7 +224,8 @@ class PayloadProbe(OverloadSampling, Probe):
                 family,
                 cgroup_id,
                 conn_id,
-                1 if error_head else max(1 << sample_shift, self.sampling),  # sampling
+                # sampling: the sparser of the record's and ours (ours is 1 or more: no max() when 1 << 0)
+                1 if error_head else max(1 << sample_shift, self.sampling) if sample_shift else self.sampling,
                 bool(error_head),
                 bool(flags & _ALSO_COPIED),
                 bool(flags & _AFTER_ERROR),

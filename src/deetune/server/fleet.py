@@ -138,17 +138,20 @@ class _Ambiguous(Exception):
     """A recorded key split into more parts than the labels it packs (a label value holds the separator)."""
 
 
+def _split_key(labels: dict, count: int) -> list[str]:
+    """The ``count`` label values packed in a recorded series' ``key`` (:class:`_Ambiguous` if it
+    splits into more or fewer)."""
+    parts = labels.get(KEY_LABEL, "").split(KEY_SEPARATOR)
+    if len(parts) != count:
+        raise _Ambiguous(labels.get(KEY_LABEL))
+    return parts
+
+
 def _unpack(answer: list, by: tuple[str, ...]) -> list:
     """A recorded family's samples with their labels unpacked from ``key`` (as the raw family's sums'
     would be: the labels ``by``, an empty one as absent)."""
-    out = []
     count = len(by)
-    for labels, *values in answer:
-        parts = labels.get(KEY_LABEL, "").split(KEY_SEPARATOR)
-        if len(parts) != count:
-            raise _Ambiguous(labels.get(KEY_LABEL))
-        out.append(({k: v for k, v in zip(by, parts) if v}, *values))
-    return out
+    return [({k: v for k, v in zip(by, _split_key(labels, count)) if v}, *values) for labels, *values in answer]
 
 
 def _key_regex(first: Iterable[str]) -> str:
@@ -550,9 +553,7 @@ class FleetQueries:
                 before = 0.0
             value = value - before if value >= before else value  # lower: a restart
             if packed:
-                key = tuple(labels[KEY_LABEL].split(KEY_SEPARATOR))
-                if len(key) != count:
-                    raise _Ambiguous(labels[KEY_LABEL])
+                key = tuple(_split_key(labels, count))
             else:
                 try:
                     key = key_of(labels)

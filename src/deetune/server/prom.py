@@ -163,16 +163,14 @@ class Prometheus:
 
         futures = [self._pool.submit(ask, name, args) for name, args in queries.items()]
         for _ in futures:
-            name, answer, error = arrived.get()
-            if error is not None:
-                for future in futures:
-                    future.cancel()  # those not begun; the others asked already still end
-                raise error
             try:
+                name, answer, error = arrived.get()
+                if error is not None:
+                    raise error
                 each(name, answer)
             except BaseException:
                 for future in futures:
-                    future.cancel()  # those not begun: nobody reads them
+                    future.cancel()  # those not begun: nobody reads them (those begun still end)
                 raise
             del answer
         return {}

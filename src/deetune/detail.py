@@ -51,12 +51,6 @@ IDLE_TICKS = 60
 SETTLE_NS = 250_000_000
 
 
-def _side(event: ExchangeEvent) -> tuple:
-    """The kernel's key of the edge side that saw this exchange (without method and status)."""
-    port = event.lport if event.role == "server" else event.rport
-    return event.role, event.pid, event.raddr, port, event.protocol
-
-
 def _answered_at(event: ExchangeEvent) -> int:
     """When the kernel counted it: its response (the end of the exchange), in kernel time."""
     return event.ts_mono_ns + (event.duration_ns or 0)
@@ -141,7 +135,9 @@ class DetailWeigher:
             return (event,)
         if event.error:
             return (event,)  # every error is decoded: each stands for itself (L7Handler says 1)
-        role = event.role  # _side(event) and _answered_at(event), inlined: this runs once per exchange
+        # The kernel's key of the edge side that saw it (without method and status), as the counts'
+        # (RequestCounts above); it and _answered_at(event) inlined: this runs once per exchange.
+        role = event.role
         key = (role, event.pid, event.raddr, event.lport if role == "server" else event.rport, event.protocol)
         tally = self._sides.get(key)
         if tally is None:

@@ -308,21 +308,11 @@ class ExchangeEvent(Event):
         """The event for a decoder's :class:`~deetune.decoders.base.Exchange`, seen by one side
         (``clock_offset``: wall clock minus the exchange's clock).  Its text is redacted here, once
         for every sink (passwords in statements, credentials in URLs: deetune.redaction)."""
+        event = exchange_event(x, clock_offset, pid, comm, role, laddr, lport, raddr, rport, sock_id, cgroup_id,
+                               conn_id, sampling, request_payload, response_payload)
         if not extra and cls is ExchangeEvent:
-            return exchange_event(x, clock_offset, pid, comm, role, laddr, lport, raddr, rport, sock_id, cgroup_id,
-                                  conn_id, sampling, request_payload, response_payload)
-        start = x.request_start_ns
-        end = x.response_end_ns
-        protocol = x.protocol
-        target, error_message = redact_exchange_text(protocol, x.target, x.error_message)
-        return cls(
-            ts=start + clock_offset, ts_mono_ns=start, protocol=protocol, pid=pid, comm=comm, role=role,
-            laddr=laddr, lport=lport, raddr=raddr, rport=rport, method=x.method, target=target,
-            status=x.status, error=x.error, error_message=error_message, latency_ns=x.latency_ns,
-            duration_ns=None if end is None else end - start, request_bytes=x.request_bytes,
-            response_bytes=x.response_bytes, sock_id=sock_id, cgroup_id=cgroup_id, conn_id=conn_id,
-            sampling=sampling, request_payload=request_payload, response_payload=response_payload,
-            attributes=dict(x.attributes), **extra)
+            return event
+        return cls(**{**attrs.asdict(event, recurse=False), **extra})  # a subclass, or fields given beside
 
 
 def exchange_event(x: Any, clock_offset: int, pid: int, comm: str, role: str, laddr: str, lport: int, raddr: str,

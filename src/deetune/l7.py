@@ -19,7 +19,7 @@ import attrs
 from deetune import procnet
 from deetune.accounting import KERNEL_COUNTED  # whose errors the kernel always copies
 from deetune.decoders.base import Decoder, Exchange
-from deetune.decoders.session import State, StreamSession
+from deetune.decoders.session import ACTIVE_STATES, State, StreamSession
 from deetune.events import ConnectionEvent, DataEvent, Event, ExchangeEvent, exchange_event
 from deetune.recording.capture import ConnLog, RecordingPorts
 
@@ -38,9 +38,6 @@ ERROR_HEAD_WAIT_NS = 1_000_000_000
 ERROR_HEAD_WALL_WAIT_NS = 5_000_000_000
 #: Errors waiting so, at most; the oldest is reported beyond.
 MAX_PARKED_ERRORS = 4096
-
-#: The states of a session that decodes (StreamSession.active), the usual one first.
-_ACTIVE = (State.DECODING, State.DETECTING, State.RESYNCING)
 
 #: Live chunks are whole syscalls: a write usually ends where a message ends,
 #: so when a capture gap hides HTTP framing the decoder may assume just that.
@@ -304,7 +301,7 @@ class L7Handler:
         if self.emit_data:
             out.append(event)
         session = conn.session
-        if session.state not in _ACTIVE:  # not session.active (the property, inlined here)
+        if session.state not in ACTIVE_STATES:  # not session.active (the property, inlined here)
             return out
         egress = event.direction == "egress"
         data, size = event.data, event.size
@@ -335,13 +332,13 @@ class L7Handler:
             else:
                 conn.next_in = seq + event.size
         recording = self.recording
-        if recording is not None and (recording.ports or conn.log is not None) and session.state in _ACTIVE:
+        if recording is not None and (recording.ports or conn.log is not None) and session.state in ACTIVE_STATES:
             self._record(conn, egress, data, size, recording.ports)
         if egress:  # _advance, inlined
             conn.fed_out += size
         else:
             conn.fed_in += size
-        if session.state in _ACTIVE:
+        if session.state in ACTIVE_STATES:
             if exchanges:
                 exchanges.extend(session.feed(egress, data, size, ts))
             else:
@@ -360,7 +357,7 @@ class L7Handler:
             conn.rep_req = conn.rep_resp = -1
             conn.log = None
             self._take_counts(session)
-        if session.state not in _ACTIVE:
+        if session.state not in ACTIVE_STATES:
             conn.log = None
             self._on_gave_up(session, conn)
         return out

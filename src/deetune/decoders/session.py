@@ -114,7 +114,7 @@ class StreamSession:
 
     @property
     def active(self) -> bool:
-        return self.state in _ACTIVE
+        return self.state in ACTIVE_STATES
 
     def set_role(self, role: str) -> None:
         if self.role is None:
@@ -334,7 +334,8 @@ class StreamSession:
 _DECODING = State.DECODING
 _DETECTING = State.DETECTING
 _RESYNCING = State.RESYNCING
-_ACTIVE = (State.DECODING, State.DETECTING, State.RESYNCING)  # the usual one first
+#: The states of a session that decodes (:attr:`StreamSession.active`), the usual one first.
+ACTIVE_STATES = (State.DECODING, State.DETECTING, State.RESYNCING)
 _REQUEST = Direction.REQUEST
 _RESPONSE = Direction.RESPONSE
 _build_chunk = positional_builder(Chunk)
